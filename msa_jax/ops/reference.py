@@ -1,0 +1,188 @@
+"""The oracle: MSA written as plainly as possible, to be read next to MSA_SPEC.md.
+
+Every quantity is materialised with explicit masks ([T, T] per head, [T, n_blocks] per group), in
+float32. That costs O(T^2) memory, so this module is for tests and small sizes only; `xla.py` is
+the path that scales. Arguments are validated by `msa_jax.ops` before they reach here.
+
+Shapes (see DESIGN.md): q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx];
+ik [B, T, D_idx]; block_idx int32 [B, T, H_kv, top_k], valid ids first, -1 padding after.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def _num_blocks(T: int, block_size: int) -> int:
+    return -(-T // block_size)
+
+
+def _causal_mask(T: int) -> jax.Array:
+    """[T, T] bool: query i sees key j iff j <= i."""
+    pos = jnp.arange(T)
+    return pos[None, :] <= pos[:, None]
+
+
+def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
+    """[B, T, H_q, D] -> [B, T, H_kv, G, D]: heads h = r * G + g belong to group r."""
+    B, T, H_q, D = q.shape
+    return q.reshape(B, T, n_kv, H_q // n_kv, D)
+
+
+def index_scores(iq: jax.Array, ik: jax.Array) -> jax.Array:
+    """Token scores s[b, r, i, j] = <iq[i, r], ik[j]> / sqrt(D_idx), -inf where j > i."""
+    scale = iq.shape[-1] ** -0.5
+    s = jnp.einsum("bird,bjd->brij", iq.astype(jnp.float32), ik.astype(jnp.float32)) * scale
+    return jnp.where(_causal_mask(iq.shape[1]), s, NEG_INF)
+
+
+def block_scores(iq: jax.Array, ik: jax.Array, block_size: int) -> jax.Array:
+    """bs[b, r, i, blk] = max over visible tokens j of block blk of s[b, r, i, j] (-inf if none)."""
+    s = index_scores(iq, ik)
+    B, R, T, _ = s.shape
+    nb = _num_blocks(T, block_size)
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - T)), constant_values=NEG_INF)
+    return s.reshape(B, R, T, nb, block_size).max(axis=-1)
+
+
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0) -> jax.Array:
+    """Spec section 3, literally: rank the visible blocks of each (query, group) and keep top_k.
+
+    Ranking key, best first: the local block, then the sink blocks (ablation; lower id first),
+    then the block score, then the lower block id (ties). A block is selected when it is visible
+    (finite score, or forced) and fewer than top_k blocks rank above it.
+    """
+    bs = block_scores(iq, ik, block_size)  # [B, R, T, nb]
+    B, R, T, nb = bs.shape
+    blk = jnp.arange(nb)
+    local = (jnp.arange(T) // block_size)[:, None]  # [T, 1]
+    visible = blk[None, :] <= local  # [T, nb]; a block is visible iff it starts at or before i
+    # Priority classes: 2 = local block, 1 = sink block, 0 = ranked by score.
+    prio = jnp.where(blk[None, :] == local, 2, jnp.where(blk[None, :] < sink_blocks, 1, 0))
+    prio = jnp.where(visible, prio, -1)  # invisible blocks rank last and are never selected
+
+    # outranks[..., a, c]: block a ranks above block c.
+    pa, pc = prio[:, :, None], prio[:, None, :]
+    sa, sc = bs[..., :, None], bs[..., None, :]
+    ia, ic = blk[:, None], blk[None, :]
+    score_wins = (pa == 0) & ((sa > sc) | ((sa == sc) & (ia < ic)))
+    sink_wins = (pa == 1) & (ia < ic)
+    outranks = (pa > pc) | ((pa == pc) & (sink_wins | score_wins))
+    rank = outranks.sum(axis=-2)  # [B, R, T, nb]: how many blocks rank above each block
+    candidate = visible & ((prio > 0) | jnp.isfinite(bs))
+    selected = candidate & (rank < top_k)  # [B, R, T, nb]
+
+    # Output format: selected ids in ascending order, then -1 padding, width top_k.
+    order_key = jnp.where(selected, blk, nb + blk)
+    ids = jnp.argsort(order_key, axis=-1)[..., :top_k]
+    ids = jnp.where(jnp.take_along_axis(selected, ids, axis=-1), ids, -1)
+    if top_k > nb:
+        ids = jnp.pad(ids, ((0, 0), (0, 0), (0, 0), (0, top_k - nb)), constant_values=-1)
+    return ids.transpose(0, 2, 1, 3).astype(jnp.int32)  # [B, T, R, top_k]
+
+
+def support_mask(block_idx: jax.Array | None, T: int, block_size: int) -> jax.Array:
+    """[B, R, T, T] bool: key j is in the support of query i for group r.
+
+    With block_idx: j lies in one of the selected blocks and j <= i. With None: j <= i.
+    """
+    causal = _causal_mask(T)
+    if block_idx is None:
+        return causal[None, None]
+    key_block = jnp.arange(T) // block_size  # [T]
+    # in_sel[b, i, r, j]: block of key j is one of the ids block_idx[b, i, r, :]
+    in_sel = (block_idx[..., None, :] == key_block[:, None]).any(axis=-1)  # [B, T, R, T]
+    return in_sel.transpose(0, 2, 1, 3) & causal
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis restricted to mask; rows with an empty mask give all zeros."""
+    logits = jnp.where(mask, logits, NEG_INF)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def _head_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Main-branch attention probabilities [B, R, G, T, T] over the support mask [B|1, R|1, T, T]."""
+    n_kv = k.shape[2]
+    qg = _group_queries(q.astype(jnp.float32), n_kv)  # [B, T, R, G, D]
+    logits = jnp.einsum("birgd,bjrd->brgij", qg, k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    return _masked_softmax(logits, mask[:, :, None])
+
+
+def _attend(q, k, v, mask):
+    p = _head_probs(q, k, mask)  # [B, R, G, T, T]
+    out = jnp.einsum("brgij,bjrd->birgd", p, v.astype(jnp.float32))
+    B, T, H_q, D = q.shape
+    return out.reshape(B, T, H_q, D).astype(q.dtype)
+
+
+def sparse_attention(q, k, v, block_idx, *, block_size: int) -> jax.Array:
+    """Spec section 4: exact softmax attention over the tokens of the selected blocks, j <= i."""
+    return _attend(q, k, v, support_mask(block_idx, q.shape[1], block_size))
+
+
+def dense_attention(q, k, v) -> jax.Array:
+    """Causal GQA softmax attention."""
+    return _attend(q, k, v, support_mask(None, q.shape[1], 1))
+
+
+def msa_attention(q, k, v, iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
+    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    return sparse_attention(q, k, v, block_idx, block_size=block_size), block_idx
+
+
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int) -> jax.Array:
+    """Spec 6.1: mean over (b, i, r) of KL(teacher || student) on the support U.
+
+    Teacher: the group's heads softmaxed separately over U and averaged as probabilities, with
+    stop_gradient. Student: softmax over U of the index scores.
+    """
+    T = q.shape[1]
+    mask = support_mask(block_idx, T, block_size)  # [B|1, R, T, T]
+    teacher = _head_probs(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), mask).mean(axis=2)
+    s = index_scores(iq, ik)  # [B, R, T, T]
+    log_student = jax.nn.log_softmax(jnp.where(mask, s, NEG_INF), axis=-1)
+    log_teacher = jnp.log(jnp.where(teacher > 0, teacher, 1.0))
+    kl = jnp.where(teacher > 0, teacher * (log_teacher - jnp.where(mask, log_student, 0.0)), 0.0)
+    return kl.sum(axis=-1).mean()
+
+
+def selection_recall(q, k, block_idx, *, block_size: int, top_k: int):
+    """Spec 6.4: block and score recall of block_idx against the top blocks by attention mass.
+
+    I* = the min(top_k, visible) blocks with the most dense causal attention mass (heads of the
+    group averaged; ties to the lower id). Averaged over (b, i, r) for queries that see more than
+    top_k blocks (project choice: for the others every selection is complete, recall is 1).
+    Returns (1.0, 1.0) when no query sees more than top_k blocks.
+    """
+    B, T = q.shape[:2]
+    nb = _num_blocks(T, block_size)
+    probs = _head_probs(q, k, support_mask(None, T, 1)).mean(axis=2)  # [B, R, T, T]
+    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - T)))
+    mass = probs.reshape(*probs.shape[:3], nb, block_size).sum(-1)  # [B, R, T, nb]
+
+    blk = jnp.arange(nb)
+    n_visible = jnp.arange(T) // block_size + 1  # [T]
+    visible = blk[None, :] < n_visible[:, None]  # [T, nb]
+    key = jnp.where(visible, mass, -1.0)  # invisible blocks rank last
+    ka, kc = key[..., :, None], key[..., None, :]
+    outranks = (ka > kc) | ((ka == kc) & (blk[:, None] < blk[None, :]))
+    rank = outranks.sum(axis=-2)
+    best = visible & (rank < top_k)  # I*: [B, R, T, nb]
+
+    chosen = (block_idx[..., None] == blk).any(axis=-2).transpose(0, 2, 1, 3)  # I^: [B, R, T, nb]
+    hit = best & chosen
+    block_recall = hit.sum(-1) / best.sum(-1)
+    score_recall = jnp.where(hit, mass, 0.0).sum(-1) / jnp.where(best, mass, 0.0).sum(-1)
+
+    counted = jnp.broadcast_to(n_visible > top_k, block_recall.shape)
+    n = counted.sum()
+    mean = lambda x: jnp.where(n > 0, jnp.where(counted, x, 0.0).sum() / jnp.maximum(n, 1), 1.0)
+    return mean(block_recall), mean(score_recall)

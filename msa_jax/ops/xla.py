@@ -1,0 +1,256 @@
+"""MSA in pure JAX with memory linear in T: the default path on CPU and the kernels' fallback.
+
+Queries are processed in chunks of C positions with `lax.map` (a scan: no Python loop over T).
+Per chunk the largest tensor is [B, C, heads, keys] (a bounded slice of the score matrix), or,
+for the sparse main branch, the gathered keys of the selected blocks [B, C, H_kv, top_k *
+block_size, D]. Each chunk body is wrapped in `jax.checkpoint`, so `grad` keeps only the inputs
+and recomputes the gathers instead of storing them for every chunk.
+
+Accumulation is in float32; outputs come back in the caller's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+# Largest per-chunk intermediate, in elements (~128 MiB of float32). The chunk length is the
+# largest power of two that keeps the biggest [C, ...] tensor under it.
+CHUNK_BUDGET = 1 << 25
+MAX_CHUNK = 1024
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _chunk_len(T: int, per_query: int, q_chunk: int | None) -> int:
+    if q_chunk is not None:
+        return q_chunk
+    c = min(_pow2_floor(CHUNK_BUDGET // max(per_query, 1)), MAX_CHUNK)
+    return max(1, min(c, 1 << (T - 1).bit_length()))  # no longer than T rounded up to a power of 2
+
+
+def _num_blocks(T: int, block_size: int) -> int:
+    return -(-T // block_size)
+
+
+def _pad_time(x, length: int, value=0):
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _map_chunks(body, T: int, C: int, *xs):
+    """Apply body(q_pos [C], *chunks) to consecutive query chunks of xs (time on axis 1).
+
+    Returns body's outputs stacked on a leading chunk axis. Inputs are padded to a multiple of C
+    (block_idx with -1); padded query positions are >= T and their outputs must be dropped.
+    """
+    n = -(-T // C)
+
+    def split(x):
+        x = _pad_time(x, n * C, -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0)
+        return jnp.moveaxis(x.reshape(x.shape[0], n, C, *x.shape[2:]), 1, 0)
+
+    starts = jnp.arange(n, dtype=jnp.int32) * C
+    step = jax.checkpoint(lambda args: body(args[0] + jnp.arange(C, dtype=jnp.int32), *args[1:]))
+    return jax.lax.map(step, (starts, *map(split, xs)))
+
+
+def _unchunk(y, T: int):
+    """[n, B, C, ...] -> [B, T, ...]."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :T]
+
+
+def _blocks(x, block_size: int):
+    """[B, T, ...] -> [B, n_blocks, block_size, ...] (the last block zero-padded)."""
+    nb = _num_blocks(x.shape[1], block_size)
+    x = _pad_time(x, nb * block_size)
+    return x.reshape(x.shape[0], nb, block_size, *x.shape[2:])
+
+
+def _gather_blocks(x_blocks, ids):
+    """Gather the selected blocks of x for every (query, group).
+
+    x_blocks [B, nb, bs, R, D] (per-group keys) or [B, nb, bs, D] (shared index keys);
+    ids [B, C, R, K] (-1 allowed, clamped; mask separately) -> [B, C, R, K * bs, D].
+    """
+    B, C, R, K = ids.shape
+    b = jnp.arange(B)[:, None, None, None]
+    ids = jnp.maximum(ids, 0)
+    if x_blocks.ndim == 5:
+        r = jnp.arange(R)[None, None, :, None]
+        out = x_blocks.transpose(0, 3, 1, 2, 4)[b, r, ids]  # [B, C, R, K, bs, D]
+    else:
+        out = x_blocks[b, ids]  # [B, C, R, K, bs, D]
+    return out.reshape(B, C, R, K * x_blocks.shape[2], x_blocks.shape[-1])
+
+
+def _support(ids, q_pos, block_size: int):
+    """Key positions [B, C, R, K*bs] of the selected blocks and their validity.
+
+    A key is in the support when its slot holds a valid id seen for the first time (duplicate
+    ids count once), and it is causal (pos <= q_pos, which also excludes padding past T).
+    """
+    K = ids.shape[-1]
+    earlier = jnp.arange(K)[:, None] > jnp.arange(K)[None, :]  # [s, t]: t comes before s
+    dup = ((ids[..., :, None] == ids[..., None, :]) & earlier).any(-1)
+    slot_ok = (ids >= 0) & ~dup
+    pos = ids[..., None] * block_size + jnp.arange(block_size)  # [B, C, R, K, bs]
+    ok = slot_ok[..., None] & (pos <= q_pos[None, :, None, None, None])
+    return pos.reshape(*ids.shape[:-1], -1), ok.reshape(*ids.shape[:-1], -1)
+
+
+def _softmax(logits, mask):
+    """Masked softmax over the last axis in float32; empty rows give zeros. Also returns log p."""
+    logits = jnp.where(mask, logits, NEG_INF)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = e.sum(-1, keepdims=True)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    logp = jnp.where(mask, logits - m - jnp.log(safe), 0.0)
+    return e / safe, logp
+
+
+def _group(q, n_kv: int):
+    B, C, H_q, D = q.shape
+    return q.reshape(B, C, n_kv, H_q // n_kv, D)
+
+
+def _mm(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- index branch
+
+
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_chunk: int | None = None):
+    B, T, R, Di = iq.shape
+    nb = _num_blocks(T, block_size)
+    kk = min(top_k, nb)
+    ik_pad = _pad_time(ik, nb * block_size)
+    C = _chunk_len(T, B * R * nb * block_size, q_chunk)
+    forced_sink = jnp.finfo(jnp.float32).max  # sinks rank above any score, below the local block
+
+    def body(q_pos, iq_c):
+        s = _mm("bcrd,bjd->brcj", iq_c, ik_pad) * Di**-0.5  # [B, R, C, nb*bs]
+        s = jnp.where(jnp.arange(nb * block_size) <= q_pos[:, None], s, NEG_INF)
+        bs = s.reshape(B, R, C, nb, block_size).max(-1)  # block max: exp-free scores
+        blk = jnp.arange(nb)
+        local = (q_pos // block_size)[:, None]
+        key = jnp.where(blk < jnp.minimum(sink_blocks, local + 1), forced_sink, bs)
+        key = jnp.where(blk == local, jnp.inf, key)
+        vals, ids = jax.lax.top_k(key, kk)  # stable: ties go to the lower block id
+        ids = jnp.where(vals > NEG_INF, ids, -1)
+        return ids.transpose(0, 2, 1, 3)  # [B, C, R, kk]
+
+    ids = _unchunk(_map_chunks(body, T, C, iq), T)
+    if top_k > kk:
+        ids = jnp.pad(ids, ((0, 0), (0, 0), (0, 0), (0, top_k - kk)), constant_values=-1)
+    return ids.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- main branch
+
+
+def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None):
+    B, T, H_q, D = q.shape
+    R, K = k.shape[2], block_idx.shape[-1]
+    kb, vb = _blocks(k, block_size), _blocks(v, block_size)
+    C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
+
+    def body(q_pos, q_c, ids):
+        _, ok = _support(ids, q_pos, block_size)
+        k_sel, v_sel = _gather_blocks(kb, ids), _gather_blocks(vb, ids)  # [B, C, R, S, D]
+        logits = _mm("bcrgd,bcrsd->bcrgs", _group(q_c, R), k_sel) * D**-0.5
+        p, _ = _softmax(logits, ok[:, :, :, None])
+        out = _mm("bcrgs,bcrsd->bcrgd", p.astype(v.dtype), v_sel)
+        return out.reshape(B, C, H_q, D).astype(q.dtype)
+
+    return _unchunk(_map_chunks(body, T, C, q, block_idx), T)
+
+
+def dense_attention(q, k, v, *, q_chunk: int | None = None):
+    B, T, H_q, D = q.shape
+    R = k.shape[2]
+    C = _chunk_len(T, B * H_q * T, q_chunk)
+
+    def body(q_pos, q_c):
+        logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k) * D**-0.5
+        p, _ = _softmax(logits, jnp.arange(T) <= q_pos[None, :, None, None, None])
+        out = _mm("bcrgj,bjrd->bcrgd", p.astype(v.dtype), v)
+        return out.reshape(B, C, H_q, D).astype(q.dtype)
+
+    return _unchunk(_map_chunks(body, T, C, q), T)
+
+
+# ----------------------------------------------------------------------------- training signals
+
+
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | None = None):
+    B, T, H_q, D = q.shape
+    R, Di = k.shape[2], iq.shape[-1]
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)  # the teacher is detached
+
+    def kl(teacher_logits, student_logits, mask, q_pos):
+        teacher, _ = _softmax(teacher_logits, mask[:, :, :, None])
+        teacher = teacher.mean(3)  # heads softmaxed separately, averaged as probabilities
+        _, log_student = _softmax(student_logits, mask)
+        log_teacher = jnp.log(jnp.where(teacher > 0, teacher, 1.0))
+        per_query = jnp.where(teacher > 0, teacher * (log_teacher - log_student), 0.0).sum(-1)
+        return jnp.where(q_pos[None, :, None] < T, per_query, 0.0).sum()
+
+    if block_idx is None:  # full causal support (dense warmup)
+        C = _chunk_len(T, B * T * (H_q + R), q_chunk)
+
+        def body(q_pos, q_c, iq_c):
+            mask = jnp.broadcast_to(jnp.arange(T) <= q_pos[:, None, None], (C, R, T))[None]
+            t_logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k) * D**-0.5
+            s_logits = _mm("bcrd,bjd->bcrj", iq_c, ik) * Di**-0.5
+            return kl(t_logits, s_logits, mask, q_pos)
+
+        total = _map_chunks(body, T, C, q, iq).sum()
+    else:
+        K = block_idx.shape[-1]
+        kb, ikb = _blocks(k, block_size), _blocks(ik, block_size)
+        C = _chunk_len(T, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
+
+        def body(q_pos, q_c, iq_c, ids):
+            _, ok = _support(ids, q_pos, block_size)
+            t_logits = _mm("bcrgd,bcrsd->bcrgs", _group(q_c, R), _gather_blocks(kb, ids)) * D**-0.5
+            s_logits = _mm("bcrd,bcrsd->bcrs", iq_c, _gather_blocks(ikb, ids)) * Di**-0.5
+            return kl(t_logits, s_logits, ok, q_pos)
+
+        total = _map_chunks(body, T, C, q, iq, block_idx).sum()
+    return total / (B * T * R)
+
+
+def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: int | None = None):
+    B, T, H_q, D = q.shape
+    R = k.shape[2]
+    nb = _num_blocks(T, block_size)
+    kk = min(top_k, nb)
+    k_pad = _pad_time(k, nb * block_size)
+    C = _chunk_len(T, B * H_q * nb * block_size, q_chunk)
+
+    def body(q_pos, q_c, ids):
+        logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k_pad) * D**-0.5
+        p, _ = _softmax(logits, jnp.arange(nb * block_size) <= q_pos[None, :, None, None, None])
+        mass = p.mean(3).reshape(B, C, R, nb, block_size).sum(-1)  # [B, C, R, nb]
+        visible = jnp.arange(nb) <= (q_pos // block_size)[None, :, None, None]
+        best_mass, best = jax.lax.top_k(jnp.where(visible, mass, -1.0), kk)  # I*, ties to lower id
+        in_best = best_mass >= 0  # fewer than kk visible blocks: the rest are padding
+        hit = in_best & (best[..., :, None] == ids[..., None, :]).any(-1)
+        block_recall = hit.sum(-1) / in_best.sum(-1)
+        score_recall = jnp.where(hit, best_mass, 0.0).sum(-1) / jnp.where(in_best, best_mass, 0.0).sum(-1)
+        counted = ((q_pos // block_size + 1 > top_k) & (q_pos < T))[None, :, None]
+        total = lambda x: jnp.where(counted, x, 0.0).sum()
+        return total(block_recall), total(score_recall), jnp.broadcast_to(counted, block_recall.shape).sum()
+
+    br, sr, n = (x.sum() for x in _map_chunks(body, T, C, q, block_idx))
+    mean = lambda x: jnp.where(n > 0, x / jnp.maximum(n, 1), 1.0)
+    return mean(br), mean(sr)

@@ -1,0 +1,1 @@
+"""GPU kernels for MSA (Pallas). The kernels land with the Pallas issues; see DESIGN.md."""
