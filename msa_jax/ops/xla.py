@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
-# Largest per-chunk intermediate, in elements (~128 MiB of float32). The chunk length is the
-# largest power of two that keeps the biggest [C, ...] tensor under it.
-CHUNK_BUDGET = 1 << 25
+# Largest per-chunk intermediate, in elements: ~128 MiB of float32 on CPU, ~1 GiB on an
+# accelerator (fewer, larger chunks keep it busy). The chunk length is the largest power of two
+# that keeps the biggest [C, ...] tensor under it.
+CHUNK_BUDGET = {"cpu": 1 << 25}
+DEFAULT_BUDGET = 1 << 28
 MAX_CHUNK = 1024
 
 
@@ -28,7 +30,8 @@ def _pow2_floor(n: int) -> int:
 def _chunk_len(T: int, per_query: int, q_chunk: int | None) -> int:
     if q_chunk is not None:
         return q_chunk
-    c = min(_pow2_floor(CHUNK_BUDGET // max(per_query, 1)), MAX_CHUNK)
+    budget = CHUNK_BUDGET.get(jax.default_backend(), DEFAULT_BUDGET)
+    c = min(_pow2_floor(budget // max(per_query, 1)), MAX_CHUNK)
     return max(1, min(c, 1 << (T - 1).bit_length()))  # no longer than T rounded up to a power of 2
 
 

@@ -1,0 +1,199 @@
+"""Flax NNX layers: RMSNorm, RoPE, SwiGLU MLP, GQA attention and MSA attention (MSA_SPEC.md 3-6).
+
+`MSAAttention` subclasses `GQAAttention`, so the main branch of an MSA layer has exactly the
+parameter names of a dense layer (`wq`, `wk`, `wv`, `wo`) and a dense checkpoint loads into an MSA
+model; the only extra sub-module is `index` (the Index Branch). All attention math lives in
+`msa_jax.ops`; these layers only project, normalise, rotate and route.
+
+Both attention kinds return `(out, aux)`. A dense layer has no index branch, so its `aux` is the
+empty dict `{}`; an MSA layer's `aux` holds `"kl"` (and the recall metrics when asked). The model
+aggregates `aux` over MSA layers only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from msa_jax import ops
+from msa_jax.config import ModelConfig
+
+
+def _dtype(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def _linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    """Bias-free projection; params in float32, matmul in the compute dtype."""
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=_dtype(cfg), param_dtype=jnp.float32, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """Gemma-style RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, w initialised to zero.
+
+    Computed in float32 (the mean of squares underflows/overflows in bf16), returned in x.dtype.
+    Normalises the last axis, so on [B, T, H, D] it is a per-head norm with weights shared by heads.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs | None = None):
+        del rngs  # zero init: no randomness; the argument keeps the usual NNX constructor shape
+        self.eps = eps
+        self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...])).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, rope_dim: int, theta: float) -> jax.Array:
+    """Partial NeoX-style rotary embedding of the first `rope_dim` dims of the last axis.
+
+    Within those dims the two halves are rotated against each other (rotate-half, as in GPT-NeoX
+    and MiniMax-M3); the remaining `D - rope_dim` dims pass through untouched.
+    x: [B, T, H, D] or [B, T, D]; positions: [T] or [B, T] (integer token positions).
+    """
+    if rope_dim == 0:
+        return x
+    if rope_dim % 2 or rope_dim > x.shape[-1]:
+        raise ValueError(f"rope_dim: expected an even int <= {x.shape[-1]}, got {rope_dim!r}")
+    half = rope_dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rope_dim)  # [half]
+    pos = jnp.asarray(positions, jnp.float32)
+    if pos.ndim == 1:
+        pos = pos[None, :]
+    angle = pos[..., None] * inv_freq  # [B|1, T, half]
+    if x.ndim == 4:
+        angle = angle[:, :, None, :]  # broadcast over heads
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    xf = x.astype(jnp.float32)
+    x1, x2, rest = xf[..., :half], xf[..., half:rope_dim], xf[..., rope_dim:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: `w_down(silu(w_gate x) * w_up x)`, no biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.w_gate = _linear(cfg.d_model, cfg.d_ff, cfg, rngs)
+        self.w_up = _linear(cfg.d_model, cfg.d_ff, cfg, rngs)
+        self.w_down = _linear(cfg.d_ff, cfg.d_model, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class GQAAttention(nnx.Module):
+    """Dense causal grouped-query attention with partial RoPE on q and k.
+
+    `__call__(x, positions, *, sparse=True, with_recall=False) -> (out, {})`: `sparse` and
+    `with_recall` are accepted and ignored so that every layer kind is called the same way.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, D = cfg.d_model, cfg.head_dim
+        self.wq = _linear(d, cfg.n_heads * D, cfg, rngs)
+        self.wk = _linear(d, cfg.n_kv_heads * D, cfg, rngs)
+        self.wv = _linear(d, cfg.n_kv_heads * D, cfg, rngs)
+        self.wo = _linear(cfg.n_heads * D, d, cfg, rngs)
+
+    def qkv(self, x: jax.Array, positions: jax.Array):
+        """Post-RoPE q [B,T,H_q,D] and k, v [B,T,H_kv,D]: exactly what the main branch attends with."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.wk(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = self.wv(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q = rope(q, positions, cfg.rope_dim, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_dim, cfg.rope_theta)
+        return q, k, v
+
+    def project_out(self, o: jax.Array) -> jax.Array:
+        B, T = o.shape[:2]
+        return self.wo(o.reshape(B, T, -1))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, *, sparse: bool = True, with_recall: bool = False):
+        del sparse, with_recall
+        q, k, v = self.qkv(x, positions)
+        return self.project_out(ops.dense_attention(q, k, v, impl=self.cfg.impl)), {}
+
+
+class IndexBranch(nnx.Module):
+    """MSA Index Branch (spec 3): iq = X W_q_idx (one head per GQA group), ik = X W_k_idx (shared).
+
+    Optional Gemma RMSNorm on iq and on ik (separate weights, shared across heads) and the same
+    partial RoPE as the main branch (int(index_dim * rope_fraction) rotated dims). The input is
+    `stop_gradient(x)` (spec 6.2): the KL trains only these projections, never the backbone.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D_idx = cfg.msa.index_dim
+        self.wq_idx = _linear(cfg.d_model, cfg.n_kv_heads * D_idx, cfg, rngs)
+        self.wk_idx = _linear(cfg.d_model, D_idx, cfg, rngs)
+        if cfg.msa.index_norm:
+            self.iq_norm = RMSNorm(D_idx, cfg.norm_eps)
+            self.ik_norm = RMSNorm(D_idx, cfg.norm_eps)
+        self.rope_dim = int(D_idx * cfg.rope_fraction) if cfg.msa.index_rope else 0
+
+    def __call__(self, x: jax.Array, positions: jax.Array):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        x = jax.lax.stop_gradient(x)
+        iq = self.wq_idx(x).reshape(B, T, cfg.n_kv_heads, cfg.msa.index_dim)
+        ik = self.wk_idx(x)
+        if cfg.msa.index_norm:
+            iq, ik = self.iq_norm(iq), self.ik_norm(ik)
+        iq = rope(iq, positions, self.rope_dim, cfg.rope_theta)
+        ik = rope(ik, positions, self.rope_dim, cfg.rope_theta)
+        return iq, ik
+
+
+class MSAAttention(GQAAttention):
+    """MiniMax Sparse Attention layer: the GQA main branch plus an `index` branch.
+
+    The main-branch params are inherited from `GQAAttention` (same names and init order). The index
+    branch draws its params from the `index` RNG stream when `rngs` has one, so adding it does not
+    shift the keys of any other weight (a dense and an MSA model with one seed share weights).
+
+    `__call__(x, positions, *, sparse=True, with_recall=False) -> (out, aux)`:
+      sparse=True   top-k block routing (spec 3-4); KL over the selected support (6.1).
+      sparse=False  dense warmup (6.3): full causal attention, KL over the full causal support.
+      aux = {"kl": f32 scalar} (+ "block_recall", "score_recall" when `with_recall`; the selection
+      is computed even in warmup so that recall can be tracked before routing turns on).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        index_rngs = nnx.Rngs(params=rngs.index()) if "index" in rngs else rngs
+        self.index = IndexBranch(cfg, rngs=index_rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, *, sparse: bool = True, with_recall: bool = False):
+        cfg, m = self.cfg, self.cfg.msa
+        q, k, v = self.qkv(x, positions)
+        iq, ik = self.index(x, positions)
+        if sparse:
+            o, block_idx = ops.msa_attention(
+                q, k, v, iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl
+            )
+            kl = ops.index_kl_loss(q, k, iq, ik, block_idx, block_size=m.block_size, impl=cfg.impl)
+        else:
+            o = ops.dense_attention(q, k, v, impl=cfg.impl)
+            kl = ops.index_kl_loss(q, k, iq, ik, None, block_size=m.block_size, impl=cfg.impl)
+            block_idx = None
+        aux = {"kl": kl.astype(jnp.float32)}
+        if with_recall:
+            if block_idx is None:
+                block_idx = ops.select_blocks(
+                    iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl
+                )
+            sg = jax.lax.stop_gradient
+            block_recall, score_recall = ops.selection_recall(
+                sg(q), sg(k), block_idx, block_size=m.block_size, top_k=m.top_k, impl=cfg.impl
+            )
+            aux["block_recall"] = block_recall.astype(jnp.float32)
+            aux["score_recall"] = score_recall.astype(jnp.float32)
+        return self.project_out(o), aux

@@ -1,0 +1,107 @@
+"""Decoder-only LM (Flax NNX) that switches between dense GQA and MSA with `ModelConfig.attention`.
+
+Layout: token embedding -> n_layers pre-norm blocks (RMSNorm -> attention -> residual; RMSNorm ->
+SwiGLU -> residual) -> final RMSNorm -> tied (`embed.attend`) or untied `lm_head`.
+
+Weight sharing between the two modes: every non-index weight is drawn from the `params` RNG
+stream in the same order in both modes, and the index branches draw from a separate `index`
+stream. So `DecoderLM(dense_cfg, seed=s)` and `DecoderLM(msa_cfg, seed=s)` have bit-identical
+non-index weights, and a dense checkpoint is an MSA checkpoint minus the `index` sub-modules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from msa_jax.config import ModelConfig
+from msa_jax.layers import MLP, GQAAttention, MSAAttention, RMSNorm
+
+# Filters over the model state: index-branch params (trained only by the KL) and the rest.
+INDEX_PARAMS = nnx.All(nnx.Param, nnx.PathContains("index"))
+MAIN_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("index")))
+
+_INDEX_STREAM_SALT = 0x15D7  # any fixed constant: the index stream just must differ from `params`
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        attn_cls = MSAAttention if cfg.is_msa_layer(layer) else GQAAttention
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = attn_cls(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, *, sparse: bool = True, with_recall: bool = False):
+        h, aux = self.attn(self.attn_norm(x), positions, sparse=sparse, with_recall=with_recall)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, aux
+
+
+class DecoderLM(nnx.Module):
+    """`__call__(tokens [B,T] int32, *, sparse=True, with_recall=False) -> (logits f32 [B,T,V], aux)`.
+
+    aux["kl"]: sum over MSA layers of the index KL (spec 6.1); 0.0 for a dense model.
+    aux["block_recall"], aux["score_recall"]: mean over MSA layers, only when `with_recall` and the
+    model has MSA layers (absent for a dense model: there is no selection to score).
+    `sparse=False` is the dense warmup of spec 6.3 (ignored by a dense model).
+
+    Activations are computed in cfg.dtype (params stay float32); logits are returned in float32.
+    The embedding is scaled by sqrt(d_model) on input (Gemma) and initialised with std
+    1/sqrt(d_model), so both the residual stream and the tied-head logits start at unit scale.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0):
+        self.cfg = cfg
+        rngs = nnx.Rngs(params=seed, index=jax.random.fold_in(jax.random.key(seed), _INDEX_STREAM_SALT))
+        dtype = jnp.dtype(cfg.dtype)
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(stddev=cfg.d_model**-0.5),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+            )
+
+    def __call__(self, tokens: jax.Array, *, sparse: bool = True, with_recall: bool = False):
+        cfg = self.cfg
+        T = tokens.shape[1]
+        positions = jnp.arange(T, dtype=jnp.int32)
+        x = self.embed(tokens) * jnp.asarray(cfg.d_model**0.5, jnp.dtype(cfg.dtype))
+        kl = jnp.zeros((), jnp.float32)
+        recalls = {"block_recall": [], "score_recall": []}
+        for block in self.blocks:
+            x, layer_aux = block(x, positions, sparse=sparse, with_recall=with_recall)
+            if "kl" in layer_aux:
+                kl = kl + layer_aux["kl"]
+            for name in recalls:
+                if name in layer_aux:
+                    recalls[name].append(layer_aux[name])
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        aux = {"kl": kl}
+        for name, values in recalls.items():
+            if values:
+                aux[name] = jnp.mean(jnp.stack(values))
+        return logits.astype(jnp.float32), aux
+
+
+def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
+    """Number of scalars in the model's variables matching `wrt` (e.g. INDEX_PARAMS)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
+    """(index-branch params, all other params) as two nnx.State trees."""
+    return nnx.state(model, INDEX_PARAMS, MAIN_PARAMS)

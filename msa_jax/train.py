@@ -1,0 +1,117 @@
+"""Single-device training: losses, AdamW optimiser with warmup-cosine LR, jitted train/eval steps.
+
+Loss (spec 6.1): L = L_LM + kl_weight * sum over MSA layers of L_KL. Gradient routing (spec 6.2)
+is done by the layers (stop_gradient on the index input, the KL op stops its teacher), so one
+`value_and_grad` over all params is correct: L_LM reaches only the backbone, L_KL only the index
+branches. The dense -> sparse warmup (spec 6.3) is `sparse=use_sparse(step, msa)`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from msa_jax.config import MSAConfig, TrainConfig
+
+
+def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup 0 -> learning_rate over lr_warmup_steps, cosine to lr*min_lr_ratio at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tcfg.learning_rate,
+        warmup_steps=tcfg.lr_warmup_steps,
+        decay_steps=max(tcfg.steps, tcfg.lr_warmup_steps + 1),
+        end_value=tcfg.learning_rate * tcfg.min_lr_ratio,
+    )
+
+
+def _path_names(path) -> set:
+    return {getattr(p, "key", getattr(p, "name", None)) for p in path}
+
+
+def _decay_mask(params):
+    """Weight-decay only matrices (ndim >= 2) outside the embedding: no decay on norms/embeddings."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim >= 2 and "embed" not in _path_names(path), params)
+
+
+def _group_labels(params):
+    """"index" for index-branch params, "main" for the rest (the two groups of spec 6.2)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: "index" if "index" in _path_names(path) else "main", params)
+
+
+@functools.lru_cache(maxsize=32)
+def make_tx(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) -> AdamW(b1, b2, weight_decay, warmup-cosine LR), per group.
+
+    The index branch and the backbone are clipped separately: with one global clip, a KL gradient
+    spike would shrink the backbone's update, the leak that spec 6.2 detaches the KL to prevent.
+    With separate groups the backbone's update does not depend on the KL at all.
+    Cached per (frozen, hashable) TrainConfig: the same tx object gives the same optimizer graph,
+    so a new optimizer for an equal config reuses the compiled train_step instead of recompiling.
+    """
+
+    def group():
+        return optax.chain(
+            optax.clip_by_global_norm(tcfg.grad_clip),
+            optax.adamw(lr_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=_decay_mask),
+        )
+
+    return optax.multi_transform({"main": group(), "index": group()}, _group_labels)
+
+
+def make_optimizer(model: nnx.Module, tcfg: TrainConfig) -> nnx.Optimizer:
+    """nnx.Optimizer over every nnx.Param of `model` with `make_tx(tcfg)`."""
+    return nnx.Optimizer(model, make_tx(tcfg), wrt=nnx.Param)
+
+
+def use_sparse(step: int, msa: MSAConfig) -> bool:
+    """Dense warmup for the first msa.warmup_steps steps (spec 6.3), top-k routing after."""
+    return step >= msa.warmup_steps
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean token cross-entropy in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def loss_fn(model: nnx.Module, tokens: jax.Array, *, sparse: bool, kl_weight: float, with_recall: bool = False):
+    """tokens [B, T+1] int32 -> (loss, metrics {"loss", "lm_loss", "kl"}); next-token prediction."""
+    logits, aux = model(tokens[:, :-1], sparse=sparse, with_recall=with_recall)
+    lm = lm_loss(logits, tokens[:, 1:])
+    kl = aux["kl"]
+    loss = lm + kl_weight * kl if kl_weight else lm
+    metrics = {"loss": loss, "lm_loss": lm, "kl": kl}
+    metrics.update({k: v for k, v in aux.items() if k != "kl"})
+    return loss, metrics
+
+
+@nnx.jit(static_argnames=("sparse", "kl_weight"))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *, sparse: bool, kl_weight: float):
+    """One AdamW step on `tokens` [B, T+1].
+
+    Returns metrics: loss, lm_loss, kl, grad_norm (all params, before clipping) and, for a model
+    with index branches, index_grad_norm (index params only; the KL's gradient).
+    """
+
+    def f(m):
+        return loss_fn(m, tokens, sparse=sparse, kl_weight=kl_weight)
+
+    (_, metrics), grads = nnx.value_and_grad(f, has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    index_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "index" in _path_names(path)]
+    if index_grads:
+        metrics["index_grad_norm"] = optax.tree.norm(index_grads)
+    return metrics
+
+
+@nnx.jit(static_argnames=("sparse", "with_recall"))
+def eval_step(model: nnx.Module, tokens: jax.Array, *, sparse: bool, with_recall: bool = False):
+    """Metrics on `tokens` [B, T+1]: lm_loss, kl (+ block_recall, score_recall for an MSA model)."""
+    _, metrics = loss_fn(model, tokens, sparse=sparse, kl_weight=0.0, with_recall=with_recall)
+    del metrics["loss"]
+    return metrics
