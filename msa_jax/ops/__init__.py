@@ -9,6 +9,8 @@ block_idx int32 [B, T, H_kv, top_k] with valid ids first and -1 padding after.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +41,12 @@ def _backend(impl: str):
     if impl not in _CHOICES:
         _fail("impl", f"one of {_CHOICES}", repr(impl))
     return reference if impl == "reference" else xla
+
+
+@functools.cache
+def _jit(fn, *static: str):
+    """fn jitted with its config kwargs static: eager calls compile once per shape, not per op."""
+    return jax.jit(fn, static_argnames=static)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -115,7 +123,8 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
     _check_int("block_size", block_size, 1)
     _check_int("top_k", top_k, 1)
     _check_int("sink_blocks", sink_blocks, 0)
-    return backend.select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    fn = _jit(backend.select_blocks, "block_size", "top_k", "sink_blocks")
+    return fn(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
 
 
 def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, impl: str = "auto"):
@@ -124,7 +133,7 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, impl: str = "
     _check_qkv(q, k, v)
     _check_block_idx(block_idx, k)
     _check_int("block_size", block_size, 1)
-    return backend.sparse_attention(q, k, v, block_idx.astype(jnp.int32), block_size=block_size)
+    return _jit(backend.sparse_attention, "block_size")(q, k, v, block_idx.astype(jnp.int32), block_size=block_size)
 
 
 def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, impl: str = "auto"):
@@ -142,7 +151,7 @@ def dense_attention(q, k, v, *, impl: str = "auto"):
     _check_qkv(q, k, v)
     if impl == "auto" and _cudnn_ok(q):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return backend.dense_attention(q, k, v)
+    return _jit(backend.dense_attention)(q, k, v)
 
 
 def _cudnn_ok(q) -> bool:
@@ -161,7 +170,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, impl: str =
         _check_block_idx(block_idx, k)
         block_idx = block_idx.astype(jnp.int32)
     _check_int("block_size", block_size, 1)
-    return backend.index_kl_loss(q, k, iq, ik, block_idx, block_size=block_size)
+    return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, block_size=block_size)
 
 
 def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16, impl: str = "auto"):
@@ -175,4 +184,5 @@ def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16,
     _check_int("block_size", block_size, 1)
     _check_int("top_k", top_k, 1)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    return backend.selection_recall(q, k, block_idx.astype(jnp.int32), block_size=block_size, top_k=top_k)
+    fn = _jit(backend.selection_recall, "block_size", "top_k")
+    return fn(q, k, block_idx.astype(jnp.int32), block_size=block_size, top_k=top_k)
