@@ -57,9 +57,12 @@ def _map_chunks(body, T: int, C: int, *xs):
         x = _pad_time(x, n * C, -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0)
         return jnp.moveaxis(x.reshape(x.shape[0], n, C, *x.shape[2:]), 1, 0)
 
+    chunks = tuple(map(split, xs))
+    if n == 1:  # one chunk: no loop and no rematerialisation needed, memory is bounded already
+        return jax.tree.map(lambda y: y[None], body(jnp.arange(C, dtype=jnp.int32), *(x[0] for x in chunks)))
     starts = jnp.arange(n, dtype=jnp.int32) * C
     step = jax.checkpoint(lambda args: body(args[0] + jnp.arange(C, dtype=jnp.int32), *args[1:]))
-    return jax.lax.map(step, (starts, *map(split, xs)))
+    return jax.lax.map(step, (starts, *chunks))
 
 
 def _unchunk(y, T: int):
