@@ -15,11 +15,13 @@ B, H_Q, H_KV, D, D_IDX, BLOCK, TOP_K, CHUNK = 1, 4, 2, 16, 16, 64, 4, 256
 
 def _programs():
     sparse = lambda q, k, v, iq, ik, idx: xla.sparse_attention(q, k, v, idx, block_size=BLOCK, q_chunk=CHUNK)
+    masked = lambda q, k, v, iq, ik, idx: xla.sparse_attention(q, k, v, idx, block_size=BLOCK, q_chunk=CHUNK, strategy="mask")
     kl = lambda q, k, v, iq, ik, idx: xla.index_kl_loss(q, k, iq, ik, idx, block_size=BLOCK, q_chunk=CHUNK)
     return {
         "select_blocks": lambda q, k, v, iq, ik, idx: xla.select_blocks(iq, ik, block_size=BLOCK, top_k=TOP_K, q_chunk=CHUNK),
         "sparse_attention": sparse,
         "sparse_attention_grad": lambda q, k, v, iq, ik, idx: jax.grad(lambda q, k, v: sparse(q, k, v, iq, ik, idx).sum(), (0, 1, 2))(q, k, v),
+        "sparse_attention_mask_grad": lambda q, k, v, iq, ik, idx: jax.grad(lambda q, k, v: masked(q, k, v, iq, ik, idx).sum(), (0, 1, 2))(q, k, v),
         "index_kl_loss_grad": lambda q, k, v, iq, ik, idx: jax.grad(lambda iq, ik: kl(q, k, v, iq, ik, idx), (0, 1))(iq, ik),
         "index_kl_loss_dense_grad": lambda q, k, v, iq, ik, idx: jax.grad(
             lambda iq, ik: xla.index_kl_loss(q, k, iq, ik, None, block_size=BLOCK, q_chunk=CHUNK), (0, 1))(iq, ik),

@@ -1,10 +1,10 @@
 """MSA in pure JAX with memory linear in T: the default path on CPU and the kernels' fallback.
 
 Queries are processed in chunks of C positions with `lax.map` (a scan: no Python loop over T).
-Per chunk the largest tensor is [B, C, heads, keys] (a bounded slice of the score matrix), or,
-for the sparse main branch, the gathered keys of the selected blocks [B, C, H_kv, top_k *
+Per chunk the largest tensor is [B, C, heads, T] (a bounded slice of the score matrix), or, for
+the sparse main branch at long T, the gathered keys of the selected blocks [B, C, H_kv, top_k *
 block_size, D]. Each chunk body is wrapped in `jax.checkpoint`, so `grad` keeps only the inputs
-and recomputes the gathers instead of storing them for every chunk.
+and recomputes the chunk instead of storing its intermediates for every chunk.
 
 Accumulation is in float32; outputs come back in the caller's dtype.
 """
@@ -161,43 +161,74 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
 
 
 # ----------------------------------------------------------------------------- main branch
+#
+# Two ways to restrict a chunk's queries to their selected blocks, same result:
+#   "gather": copy the top_k selected blocks per (query, group), attend over top_k * block_size
+#             keys. Work O(T * top_k * block_size); but its gradient is a scatter-add per
+#             (query, block), which accelerators serialise.
+#   "mask":   attend over all T keys with the selection as a mask. Work O(T^2) like dense, but
+#             plain matmuls forward and backward. Faster while T is a few times top_k * block_size.
+MASK_FACTOR = 4  # "mask" when T <= MASK_FACTOR * top_k * block_size
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None):
+def _strategy(T: int, top_k: int, block_size: int, strategy: str | None) -> str:
+    if strategy is None:
+        return "mask" if T <= MASK_FACTOR * top_k * block_size else "gather"
+    if strategy not in ("mask", "gather"):
+        raise ValueError(f"strategy: expected 'mask' or 'gather', got {strategy!r}")
+    return strategy
+
+
+def _key_mask(ids, q_pos, T: int, block_size: int):
+    """[B, C, R, T] bool: key j is causal for the query and (ids given) lies in a selected block."""
+    causal = jnp.arange(T) <= q_pos[None, :, None, None]
+    if ids is None:
+        return causal
+    nb = _num_blocks(T, block_size)
+    selected = (ids[..., None] == jnp.arange(nb)).any(-2)  # [B, C, R, nb]; -1 and duplicates drop out
+    return causal & selected[..., jnp.arange(T) // block_size]
+
+
+def _attend(q_c, keys, values, mask, per_query_keys: bool):
+    """Softmax attention of a query chunk [B, C, H_q, D] over keys [B, T, R, D] (shared by the
+    chunk) or [B, C, R, S, D] (per query); mask [B|1, C, R, S|T]. Returns [B, C, H_q, D]."""
+    B, C, H_q, D = q_c.shape
+    R = keys.shape[2]
+    spec = "bcrsd" if per_query_keys else "bsrd"
+    logits = _mm(f"bcrgd,{spec}->bcrgs", _group(q_c, R), keys) * D**-0.5
+    p, _ = _softmax(logits, mask[:, :, :, None])
+    out = _mm(f"bcrgs,{spec}->bcrgd", p.astype(values.dtype), values)
+    return out.reshape(B, C, H_q, D).astype(q_c.dtype)
+
+
+def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None):
     B, T, H_q, D = q.shape
     R, K = k.shape[2], block_idx.shape[-1]
-    kb, vb = _blocks(k, block_size), _blocks(v, block_size)
-    C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
+    if _strategy(T, K, block_size, strategy) == "mask":
+        C = _chunk_len(T, B * H_q * T, q_chunk)
+        body = lambda q_pos, q_c, ids: _attend(q_c, k, v, _key_mask(ids, q_pos, T, block_size), False)
+    else:
+        kb, vb = _blocks(k, block_size), _blocks(v, block_size)
+        C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
 
-    def body(q_pos, q_c, ids):
-        _, ok = _support(ids, q_pos, block_size)
-        k_sel, v_sel = _gather_blocks(kb, ids), _gather_blocks(vb, ids)  # [B, C, R, S, D]
-        logits = _mm("bcrgd,bcrsd->bcrgs", _group(q_c, R), k_sel) * D**-0.5
-        p, _ = _softmax(logits, ok[:, :, :, None])
-        out = _mm("bcrgs,bcrsd->bcrgd", p.astype(v.dtype), v_sel)
-        return out.reshape(B, C, H_q, D).astype(q.dtype)
+        def body(q_pos, q_c, ids):
+            _, ok = _support(ids, q_pos, block_size)
+            return _attend(q_c, _gather_blocks(kb, ids), _gather_blocks(vb, ids), ok, True)
 
     return _unchunk(_map_chunks(body, T, C, q, block_idx), T)
 
 
 def dense_attention(q, k, v, *, q_chunk: int | None = None):
     B, T, H_q, D = q.shape
-    R = k.shape[2]
     C = _chunk_len(T, B * H_q * T, q_chunk)
-
-    def body(q_pos, q_c):
-        logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k) * D**-0.5
-        p, _ = _softmax(logits, jnp.arange(T) <= q_pos[None, :, None, None, None])
-        out = _mm("bcrgj,bjrd->bcrgd", p.astype(v.dtype), v)
-        return out.reshape(B, C, H_q, D).astype(q.dtype)
-
+    body = lambda q_pos, q_c: _attend(q_c, k, v, _key_mask(None, q_pos, T, 1), False)
     return _unchunk(_map_chunks(body, T, C, q), T)
 
 
 # ----------------------------------------------------------------------------- training signals
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | None = None):
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None):
     B, T, H_q, D = q.shape
     R, Di = k.shape[2], iq.shape[-1]
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)  # the teacher is detached
@@ -210,18 +241,17 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | No
         per_query = jnp.where(teacher > 0, teacher * (log_teacher - log_student), 0.0).sum(-1)
         return jnp.where(q_pos[None, :, None] < T, per_query, 0.0).sum()
 
-    if block_idx is None:  # full causal support (dense warmup)
+    K = 1 if block_idx is None else block_idx.shape[-1]
+    if block_idx is None or _strategy(T, K, block_size, strategy) == "mask":
+        # All keys, masked: the full causal support (dense warmup) or the selected blocks.
         C = _chunk_len(T, B * T * (H_q + R), q_chunk)
 
-        def body(q_pos, q_c, iq_c):
-            mask = jnp.broadcast_to(jnp.arange(T) <= q_pos[:, None, None], (C, R, T))[None]
+        def body(q_pos, q_c, iq_c, ids=None):
+            mask = _key_mask(ids, q_pos, T, block_size)
             t_logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k) * D**-0.5
             s_logits = _mm("bcrd,bjd->bcrj", iq_c, ik) * Di**-0.5
             return kl(t_logits, s_logits, mask, q_pos)
-
-        total = _map_chunks(body, T, C, q, iq).sum()
     else:
-        K = block_idx.shape[-1]
         kb, ikb = _blocks(k, block_size), _blocks(ik, block_size)
         C = _chunk_len(T, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
 
@@ -231,8 +261,8 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | No
             s_logits = _mm("bcrd,bcrsd->bcrs", iq_c, _gather_blocks(ikb, ids)) * Di**-0.5
             return kl(t_logits, s_logits, ok, q_pos)
 
-        total = _map_chunks(body, T, C, q, iq, block_idx).sum()
-    return total / (B * T * R)
+    xs = (q, iq) if block_idx is None else (q, iq, block_idx)
+    return _map_chunks(body, T, C, *xs).sum() / (B * T * R)
 
 
 def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: int | None = None):
