@@ -1,0 +1,423 @@
+"""Long-context retrieval tasks in the style of RULER, generated in-process at the byte level.
+
+Every example is one byte sequence of exactly `context_len` tokens (`np.int32`, vocabulary 256):
+
+    [ haystack of real code with needle lines inserted ][ query ][ answer ]["\\n"]
+
+- **Haystack**: a contiguous window of a corpus array (`np.uint8`, e.g. `load_corpus().val`) taken
+  at a seeded random offset and trimmed so that the needles, the query, the answer and the final
+  newline fit exactly in `context_len`. The window is nudged (to the nearest line start) so that
+  the queried needle lands on a line boundary of the code; the other needles are snapped to line
+  starts of the window as well. Needles therefore never split a line of code when the corpus has
+  newlines where they are needed (it falls back to the raw offset only when it has none).
+- **Depth**: the queried ("primary") needle starts at token `needle_pos = round(depth * span)`, where
+  `span = context_len - len(query) - len(answer) - 1 - len(primary needle) - len(needles that must
+  follow it)`, i.e. `span` is the last position where it can start. Depth 0 puts it at token 0;
+  depth 1 puts it (and whatever must follow it) right before the query.
+- **Answer**: `answer` is the answer bytes (digits), `tokens[answer_start:answer_start + len(answer)]`;
+  the final token is `"\\n"` (not part of the answer), so `answer_start = context_len - 1 - len(answer)`.
+
+Tasks (`TASKS`; formats exactly as generated, `\\n` marks a newline):
+
+1. `"passkey"`: needle `# the pass key is 48213. remember it.\\n`; query
+   `\\n# what is the pass key? the pass key is ` then the answer `48213`.
+2. `"multikey"`: `n_keys` (default 4) needles `qxzvbm = 58213\\n` with distinct random 6-letter
+   lowercase keys (no Python keywords) and distinct 5-digit values; one of them (the primary) is
+   queried, the others are distractors at random other depths, before or after it. Query:
+   `\\n# what is the value of qxzvbm? the value of qxzvbm is ` then `58213`.
+3. `"variable_tracking"`: a chain of `n_hops` (default 4) assignments with distinct random 5-letter
+   uppercase names, `QWERT = 71632\\n`, `ASDFG = QWERT\\n`, `ZXCVB = ASDFG\\n`, ... The first one is the
+   primary needle (at `depth`); the later hops follow it in order at random line starts between it
+   and the query. Query (the value of the *last* variable of the chain):
+   `\\n# what is the value of ZXCVB? the value of ZXCVB is ` then `71632`.
+
+All values are 5-digit numbers in [10000, 99999]. Everything is a deterministic function of the
+seed (`rng` may be an int seed or an `np.random.Generator`).
+
+Batches and scoring (next-token alignment):
+
+- `make_batch` returns `tokens int32 [n, context_len]` and `answer_mask bool [n, context_len]` where
+  `answer_mask[i, t]` is True iff `tokens[i, t + 1]` is an answer byte, i.e. iff the logits the model
+  produces at position `t` must predict an answer byte. `answer_mask[:, -1]` is always False. So with
+  the usual split `inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`, `answer_mask[:, :-1]` aligns
+  with `targets`; and with logits computed on the full `tokens`, `answer_mask` aligns with the logits.
+- `exact_match(logits_fn, tokens, answer_mask)` runs `logits_fn` on the full `tokens` (`[n, T]`,
+  causal, so the last token changes no prediction that is scored) and counts an example correct when
+  `argmax logits[i, t] == tokens[i, t + 1]` at every masked `t`: teacher-forced greedy exact match,
+  which equals greedy decoding of the answer.
+- `evaluate` sweeps tasks x context lengths x depths and returns rows for a heatmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+NEWLINE = 0x0A
+_LOWER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+_UPPER = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RetrievalExample:
+    """One retrieval example.
+
+    tokens: int32 [context_len], the whole sequence prompt + answer + "\\n".
+    answer_start: index in `tokens` of the first answer byte.
+    answer: the answer bytes (ASCII digits).
+    needle_pos: index in `tokens` where the queried needle starts (= round(depth * span)).
+    task: task name.
+    needle: the queried needle's bytes (`tokens[needle_pos:needle_pos + len(needle)]`).
+    needles: every inserted needle as `(position in tokens, bytes)`, in sequence order (primary
+      included; for variable tracking the chain in order; for multikey the distractors as well).
+    span: the largest possible `needle_pos` for this task and length (`needle_pos = round(depth*span)`).
+    haystack_start: offset in the source array of the first haystack byte.
+    """
+
+    tokens: np.ndarray
+    answer_start: int
+    answer: bytes
+    needle_pos: int
+    task: str
+    needle: bytes = b""
+    needles: tuple[tuple[int, bytes], ...] = ()
+    span: int = 0
+    haystack_start: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_rng(rng) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise ValueError(f"rng: expected an int seed or a np.random.Generator, got {rng!r}")
+
+
+def _check_args(source, context_len, depth) -> np.ndarray:
+    src = np.asarray(source)
+    if src.ndim != 1 or src.dtype != np.uint8:
+        raise ValueError(f"source: expected a 1-D np.uint8 array, got {src.dtype} of shape {src.shape}")
+    if not isinstance(context_len, (int, np.integer)) or isinstance(context_len, bool) or context_len < 1:
+        raise ValueError(f"context_len: expected an int >= 1, got {context_len!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float, np.integer, np.floating)):
+        raise ValueError(f"depth: expected a float in [0, 1], got {depth!r}")
+    if not 0.0 <= float(depth) <= 1.0:  # also rejects NaN
+        raise ValueError(f"depth: expected a float in [0, 1], got {depth!r}")
+    return src
+
+
+def _value(rng: np.random.Generator, exclude: set[bytes] = frozenset()) -> bytes:
+    while True:
+        v = str(int(rng.integers(10000, 100000))).encode()
+        if v not in exclude:
+            return v
+
+
+def _name(rng: np.random.Generator, alphabet: np.ndarray, length: int, exclude: set[bytes]) -> bytes:
+    while True:
+        name = alphabet[rng.integers(0, alphabet.size, size=length)].tobytes()
+        if name not in exclude and not keyword.iskeyword(name.decode()):
+            return name
+
+
+def _line_starts(arr: np.ndarray) -> np.ndarray:
+    """Sorted offsets that start a line of `arr`: 0 and every index right after a newline."""
+    return np.concatenate([[0], np.flatnonzero(arr == NEWLINE) + 1]).astype(np.int64)
+
+
+def _snap(x: float, candidates: np.ndarray, lo: int, hi: int) -> int:
+    """The candidate in [lo, hi] nearest to x (lo itself when there is none)."""
+    c = candidates[(candidates >= lo) & (candidates <= hi)]
+    if c.size == 0:
+        return lo
+    return int(c[np.argmin(np.abs(c - x))])
+
+
+def _choose_window(src: np.ndarray, H: int, a_p: int, o: int) -> int:
+    """Start `s` of an H-byte window near `o` with a line start of `src` at window offset `a_p`."""
+    starts = _line_starts(src)
+    lo, hi = a_p, src.size - H + a_p  # line start l -> s = l - a_p must lie in [0, size - H]
+    ok = starts[(starts >= lo) & (starts <= hi)]
+    if ok.size == 0:
+        return o
+    i = int(np.searchsorted(ok, o + a_p))
+    best = [ok[j] for j in (i - 1, i) if 0 <= j < ok.size]
+    l = min(best, key=lambda v: (abs(int(v) - (o + a_p)), int(v)))
+    return int(l) - a_p
+
+
+def _assemble(
+    src: np.ndarray,
+    context_len: int,
+    depth: float,
+    rng: np.random.Generator,
+    task: str,
+    primary: bytes,
+    query: bytes,
+    answer: bytes,
+    free: Sequence[bytes] = (),
+    follow: Sequence[bytes] = (),
+) -> RetrievalExample:
+    """Build one example: the primary needle at round(depth * span), `free` needles (distractors) at
+    random depths on either side of it, `follow` needles after it in order, then query + answer + \\n.
+    """
+    tail = query + answer + b"\n"
+    prefix_len = context_len - len(tail)
+    n_free = sum(map(len, free))
+    n_follow = sum(map(len, follow))
+    H = prefix_len - len(primary) - n_free - n_follow  # haystack bytes
+    if H < 0:
+        need = context_len - H
+        raise ValueError(
+            f"context_len: {context_len} is too short for task {task!r}: its needles and query need {need} bytes"
+        )
+    span = prefix_len - len(primary) - n_follow  # = H + n_free: last possible start of the primary
+    P = int(round(float(depth) * span))
+
+    # Which distractors go before the primary: a prefix (by drawn depth) of them whose total length
+    # B leaves the primary at haystack offset a_p = P - B inside [0, H].
+    d = rng.random(len(free))
+    order = np.argsort(d, kind="stable")
+    lens = np.array([len(free[i]) for i in order], dtype=np.int64)
+    cums = np.concatenate([[0], np.cumsum(lens)])
+    natural = int(np.sum(d * span < P))
+    feasible = [k for k in range(len(free) + 1) if max(0, P - H) <= cums[k] <= P]
+    if not feasible:
+        raise ValueError(
+            f"context_len: {context_len} is too short for task {task!r} at depth {depth}: "
+            "no room to place the distractors around the needle"
+        )
+    k = min(feasible, key=lambda j: (abs(j - natural), j))
+    before, after = list(order[:k]), list(order[k:])
+    a_p = P - int(cums[k])
+
+    if src.size < H:
+        raise ValueError(f"source: expected at least {H} bytes for the haystack, got {src.size}")
+    o = int(rng.integers(0, src.size - H + 1))
+    s = _choose_window(src, H, a_p, o)
+    hay = src[s : s + H]
+    ls = _line_starts(hay)
+    ls = ls[ls <= H]
+
+    # (haystack offset, group, sequence, bytes): group 0 before the primary, 1 primary, 2 after.
+    events = [(a_p, 1, 0, primary)]
+    for i in before:
+        events.append((_snap(d[i] / max(depth, 1e-12) * a_p, ls, 0, a_p), 0, 0, free[i]))
+    for i in after:
+        x = a_p + (d[i] - depth) / max(1.0 - depth, 1e-12) * (H - a_p)
+        events.append((_snap(x, ls, a_p, H), 2, 0, free[i]))
+    if follow:
+        xs = np.sort(rng.random(len(follow))) * (H - a_p) + a_p
+        for x, b in zip(xs, follow):
+            events.append((_snap(x, ls, a_p, H), 2, 0, b))
+    # Stable sort keeps the insertion order of equal keys (the chain order for `follow`).
+    events.sort(key=lambda e: (e[0], e[1]))
+
+    parts, needles, cur, pos = [], [], 0, 0
+    needle_pos = -1
+    for off, group, _, b in events:
+        parts.append(hay[cur:off].tobytes())
+        pos += off - cur
+        if group == 1:
+            needle_pos = pos
+        needles.append((pos, b))
+        parts.append(b)
+        pos += len(b)
+        cur = off
+    parts.append(hay[cur:].tobytes())
+    parts.append(tail)
+    seq = b"".join(parts)
+    assert len(seq) == context_len, (len(seq), context_len)
+    tokens = np.frombuffer(seq, dtype=np.uint8).astype(np.int32)
+    assert needle_pos == P, (needle_pos, P)
+    return RetrievalExample(
+        tokens=tokens,
+        answer_start=context_len - 1 - len(answer),
+        answer=answer,
+        needle_pos=needle_pos,
+        task=task,
+        needle=primary,
+        needles=tuple(needles),
+        span=span,
+        haystack_start=s,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks
+
+
+def passkey(source, context_len: int, depth: float, rng=0) -> RetrievalExample:
+    """`# the pass key is NNNNN. remember it.` at `depth`; query `# what is the pass key? ...`."""
+    src = _check_args(source, context_len, depth)
+    rng = _as_rng(rng)
+    value = _value(rng)
+    needle = b"# the pass key is " + value + b". remember it.\n"
+    query = b"\n# what is the pass key? the pass key is "
+    return _assemble(src, context_len, depth, rng, "passkey", needle, query, value)
+
+
+def multikey(source, context_len: int, depth: float, rng=0, *, n_keys: int = 4) -> RetrievalExample:
+    """`n_keys` needles `key = value`; the one at `depth` is queried, the others are distractors."""
+    src = _check_args(source, context_len, depth)
+    if not isinstance(n_keys, (int, np.integer)) or isinstance(n_keys, bool) or n_keys < 1:
+        raise ValueError(f"n_keys: expected an int >= 1, got {n_keys!r}")
+    rng = _as_rng(rng)
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    for _ in range(n_keys):
+        keys.append(_name(rng, _LOWER, 6, set(keys)))
+        values.append(_value(rng, set(values)))
+    needles = [k + b" = " + v + b"\n" for k, v in zip(keys, values)]
+    query = b"\n# what is the value of " + keys[0] + b"? the value of " + keys[0] + b" is "
+    return _assemble(src, context_len, depth, rng, "multikey", needles[0], query, values[0], free=needles[1:])
+
+
+def variable_tracking(source, context_len: int, depth: float, rng=0, *, n_hops: int = 4) -> RetrievalExample:
+    """Chain `V1 = NNNNN`, `V2 = V1`, ..., `Vn = V(n-1)` from `depth` on; query the value of `Vn`."""
+    src = _check_args(source, context_len, depth)
+    if not isinstance(n_hops, (int, np.integer)) or isinstance(n_hops, bool) or n_hops < 1:
+        raise ValueError(f"n_hops: expected an int >= 1, got {n_hops!r}")
+    rng = _as_rng(rng)
+    value = _value(rng)
+    names: list[bytes] = []
+    for _ in range(n_hops):
+        names.append(_name(rng, _UPPER, 5, set(names)))
+    chain = [names[0] + b" = " + value + b"\n"]
+    chain += [names[i] + b" = " + names[i - 1] + b"\n" for i in range(1, n_hops)]
+    last = names[-1]
+    query = b"\n# what is the value of " + last + b"? the value of " + last + b" is "
+    return _assemble(src, context_len, depth, rng, "variable_tracking", chain[0], query, value, follow=chain[1:])
+
+
+TASKS: dict[str, Callable[..., RetrievalExample]] = {
+    "passkey": passkey,
+    "multikey": multikey,
+    "variable_tracking": variable_tracking,
+}
+
+
+def get_task(task) -> Callable[..., RetrievalExample]:
+    """A task function from its name (or the function itself)."""
+    if callable(task):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task]
+
+
+# ----------------------------------------------------------------------------------------------
+# batches and scoring
+
+
+def answer_mask_of(ex: RetrievalExample) -> np.ndarray:
+    """bool [context_len]: True at t iff tokens[t + 1] is an answer byte (aligned with logits[t])."""
+    T = ex.tokens.size
+    mask = np.zeros(T, dtype=bool)
+    mask[ex.answer_start - 1 : ex.answer_start - 1 + len(ex.answer)] = True
+    return mask
+
+
+def make_examples(task, source, context_len: int, depth: float, n: int, seed: int = 0, **task_kwargs):
+    """`n` examples; example i uses `np.random.default_rng([seed, i])` (same haystack/keys across
+    depths for a given (seed, i), up to the line-start nudge of the window)."""
+    fn = get_task(task)
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return [fn(source, context_len, depth, np.random.default_rng([seed, i]), **task_kwargs) for i in range(n)]
+
+
+def make_batch(
+    task, source, context_len: int, depth: float, n: int, seed: int = 0, **task_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [n, context_len], answer_mask bool [n, context_len]).
+
+    `answer_mask[i, t]` is True iff `tokens[i, t + 1]` is an answer byte: it aligns with logits
+    computed on the full `tokens` (logits[t] predicts tokens[t + 1]), and `answer_mask[:, :-1]`
+    aligns with targets `tokens[:, 1:]`. The last column is always False.
+    """
+    exs = make_examples(task, source, context_len, depth, n, seed, **task_kwargs)
+    tokens = np.stack([e.tokens for e in exs])
+    mask = np.stack([answer_mask_of(e) for e in exs])
+    return tokens, mask
+
+
+def exact_match(
+    logits_fn: Callable, tokens: np.ndarray, answer_mask: np.ndarray, *, batch_size: int | None = None
+) -> np.ndarray:
+    """bool [n]: teacher-forced greedy exact match of the answer.
+
+    `logits_fn(int32 [b, T]) -> logits [b, T, V]` is applied to the full `tokens` (in chunks of
+    `batch_size` rows if given); example i is correct iff `argmax logits[i, t] == tokens[i, t + 1]`
+    at every t with `answer_mask[i, t]`. Examples with an empty mask count as correct.
+    """
+    tokens = np.asarray(tokens)
+    answer_mask = np.asarray(answer_mask, dtype=bool)
+    if tokens.ndim != 2 or answer_mask.shape != tokens.shape:
+        raise ValueError(
+            f"tokens/answer_mask: expected equal 2-D shapes, got {tokens.shape} and {answer_mask.shape}"
+        )
+    if answer_mask[:, -1].any():
+        raise ValueError("answer_mask: the last column must be False (there is no next token to predict)")
+    n = tokens.shape[0]
+    bs = n if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
+    out = np.zeros(n, dtype=bool)
+    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
+    for i in range(0, n, bs):
+        logits = logits_fn(tokens[i : i + bs].astype(np.int32))
+        pred = np.asarray(np.argmax(np.asarray(logits), axis=-1))
+        if pred.shape != tokens[i : i + bs].shape:
+            raise ValueError(f"logits_fn: expected logits of shape [b, T, V], got {np.shape(logits)}")
+        ok = (pred == targets[i : i + bs]) | ~answer_mask[i : i + bs]
+        out[i : i + bs] = ok.all(axis=1)
+    return out
+
+
+def evaluate(
+    logits_fn: Callable,
+    source,
+    tasks: Iterable = ("passkey", "multikey", "variable_tracking"),
+    context_lens: Iterable[int] = (1024,),
+    depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    n: int = 16,
+    seed: int = 0,
+    *,
+    batch_size: int | None = None,
+    task_kwargs: dict | None = None,
+) -> list[dict]:
+    """Exact-match accuracy per (task, context_len, depth).
+
+    Returns rows `{"task", "context_len", "depth", "accuracy", "n"}` (accuracy in [0, 1]) in
+    task-major, then context length, then depth order. `task_kwargs` maps a task name to extra
+    keyword arguments of that task (e.g. `{"multikey": {"n_keys": 8}}`).
+    """
+    task_kwargs = task_kwargs or {}
+    rows = []
+    for task in tasks:
+        fn = get_task(task)
+        name = task if isinstance(task, str) else getattr(task, "__name__", str(task))
+        kw = task_kwargs.get(name, {})
+        for T in context_lens:
+            for depth in depths:
+                tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
+                correct = exact_match(logits_fn, tokens, mask, batch_size=batch_size)
+                rows.append(
+                    {
+                        "task": name,
+                        "context_len": int(T),
+                        "depth": float(depth),
+                        "accuracy": float(correct.mean()),
+                        "n": int(n),
+                    }
+                )
+    return rows
