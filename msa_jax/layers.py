@@ -190,9 +190,8 @@ class MSAAttention(GQAAttention):
                 block_idx = ops.select_blocks(
                     iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl
                 )
-            sg = jax.lax.stop_gradient
-            block_recall, score_recall = ops.selection_recall(
-                sg(q), sg(k), block_idx, block_size=m.block_size, top_k=m.top_k, impl=cfg.impl
+            block_recall, score_recall = ops.selection_recall(  # the op detaches q and k itself
+                q, k, block_idx, block_size=m.block_size, top_k=m.top_k, impl=cfg.impl
             )
             aux["block_recall"] = block_recall.astype(jnp.float32)
             aux["score_recall"] = score_recall.astype(jnp.float32)
