@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | devices {jax.devices()} | "
           f"python {platform.python_version()} | {os.cpu_count()} CPU cores")
-    corpus = data.load_corpus(cfg["max_bytes"])
+    corpus = data.load_corpus(cfg["max_bytes"], sources=("stdlib",))
     print(f"corpus: {corpus.summary()}")
     eval_set = data.eval_batches(corpus.val, cfg["batch_size"], cfg["seq_len"], cfg["eval_batches"])
     T, span = cfg["seq_len"], cfg["top_k"] * cfg["block_size"]
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
         config=cfg,
         env=dict(jax=jax.__version__, backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
                  python=platform.python_version(), cpu_count=os.cpu_count()),
-        corpus=dict(source=corpus.source, python_version=corpus.python_version, n_files=corpus.n_files,
+        corpus=dict(sources=corpus.sources, python_version=corpus.python_version, n_files=corpus.n_files,
+                    n_packages=corpus.n_packages, fingerprint=corpus.fingerprint,
                     n_bytes=corpus.n_bytes, train_bytes=int(corpus.train.size), val_bytes=int(corpus.val.size)),
         runs={},
         table=[],

@@ -1,25 +1,29 @@
-"""A real byte-level text corpus (no downloads) and the batch iterators that feed training.
+"""A real byte-level code corpus (no downloads) and the resumable batch iterator that feeds training.
 
-The corpus is the Python standard library's own source code, read from the running interpreter's
-installation (`sysconfig.get_paths()["stdlib"]`): every `*.py` file below it, recursively, tests
-included, with `site-packages` / `dist-packages` left out. That is ~30 MB of real, long-range
-structured text (classes, functions, docstrings, imports far from their use) on every machine that
-has Python, which makes it a good small-scale testbed for long-context attention.
+The corpus is the Python source code installed on the machine: the running interpreter's standard
+library and its site-packages (every `*.py` file, tests included, symlinks skipped). That is tens to
+hundreds of MB of real code with long-range structure (classes, imports far from their use, modules
+that call each other), present on every machine that has Python.
 
-- Tokens are bytes: the vocabulary is the 256 byte values (`VOCAB_SIZE`).
-- Files are split train / val **by file**, deterministically: a file goes to val when a SHA-256 hash
-  of its relative path (POSIX form) falls in the first `val_fraction` of the hash range. The split
-  does not depend on the machine, the file system order or `PYTHONHASHSEED`.
-- Inside a split, files are joined in sorted path order, each followed by the separator byte `SEP`
-  (ASCII "file separator", 0x1C, which occurs in no stdlib source file).
-- `max_bytes` caps the corpus (for tests and quick runs): files are taken in a fixed pseudo-random
-  order (by the same hash) until each split has its share of the budget, then joined in sorted order
-  and cut to the budget. The byte content depends on the Python version that provides the stdlib;
-  `Corpus.python_version` records it.
+- **Documents are packages** (repository-scale context): every top-level directory of a source root
+  is one package (`stdlib/asyncio`, `site-packages/jax`), every top-level module file is one too
+  (`stdlib/os`). A package's document is its files in sorted path order, each introduced by a
+  header line `# <path relative to the root>\\n` and closed by the byte `SEP` (0x1C, ASCII "file
+  separator"); the document is closed by `DOC_SEP` (0x1D, "group separator"). Neither byte occurs
+  in Python sources. A package found under two site-packages roots is taken from the first one.
+- **Tokens are bytes**: the vocabulary is the 256 byte values (`VOCAB_SIZE`).
+- **Split by package**, deterministically: a package goes to val when a SHA-256 hash of its name
+  falls in the first `val_fraction` of the hash range. No package has files on both sides, so val
+  measures generalisation to unseen code bases. The split does not depend on the machine, the file
+  system order or `PYTHONHASHSEED`; *which* packages exist does (see `Corpus.summary()`).
+- Inside a split, documents are joined in a fixed pseudo-random order (another hash of the name);
+  `max_bytes` takes packages in that order until each split has its share, then cuts to the budget.
 
-`batches` yields random training windows `int32 [B, T + 1]` (inputs are `[:, :-1]`, targets
-`[:, 1:]`); the windows of step `s` depend only on `(seed, s)`, so a resumed run can start at any
-step and see exactly the batches it would have seen. `eval_batches` gives fixed, evenly spaced
+`BatchIterator` yields random training windows `int32 [B, T + 1]` (inputs are `[:, :-1]`, targets
+`[:, 1:]`). The windows of step `s` depend only on `(seed, s)`, so the iterator's whole state is
+`{seed, step}` (plus shape and a fingerprint of the data, checked on restore): `state()` goes into
+the checkpoint and `BatchIterator.from_state` resumes exactly. Every process of a multi-host run
+computes the same global batch and keeps its own shard. `eval_batches` gives fixed, evenly spaced
 validation windows.
 """
 
@@ -29,42 +33,21 @@ import dataclasses
 import functools
 import hashlib
 import pathlib
+import site
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 VOCAB_SIZE = 256
-SEP = 0x1C  # ASCII file separator, put after every file
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+SEP = 0x1C  # ASCII file separator: closes every file
+DOC_SEP = 0x1D  # ASCII group separator: closes every package document
+SOURCES = ("stdlib", "site-packages")
+_SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Corpus:
-    """A byte corpus split by file. `train` / `val` are 1-D `np.uint8` arrays."""
-
-    train: np.ndarray
-    val: np.ndarray
-    train_files: tuple[str, ...]  # relative POSIX paths, sorted; the last one may be cut by max_bytes
-    val_files: tuple[str, ...]
-    source: str  # directory the files were read from
-    python_version: str  # the interpreter whose stdlib this is (the content depends on it)
-
-    @property
-    def n_files(self) -> int:
-        return len(self.train_files) + len(self.val_files)
-
-    @property
-    def n_bytes(self) -> int:
-        return int(self.train.size + self.val.size)
-
-    def summary(self) -> str:
-        return (
-            f"Python {self.python_version} stdlib ({self.source}): {self.n_files} files, "
-            f"{self.n_bytes / 1e6:.2f} MB (train {self.train.size / 1e6:.2f} MB / "
-            f"{len(self.train_files)} files, val {self.val.size / 1e6:.2f} MB / {len(self.val_files)} files)"
-        )
+# ------------------------------------------------------------------------------------ packages
 
 
 def stdlib_dir() -> pathlib.Path:
@@ -72,80 +55,175 @@ def stdlib_dir() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_source_files(root: str | pathlib.Path | None = None) -> list[str]:
-    """Relative POSIX paths of every `*.py` file under `root` (default: the stdlib), sorted.
+def site_packages_dirs() -> list[pathlib.Path]:
+    """Existing site-packages / dist-packages directories of this interpreter, in import order."""
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    paths += site.getsitepackages() if hasattr(site, "getsitepackages") else []
+    if site.ENABLE_USER_SITE:
+        paths.append(site.getusersitepackages())
+    out: list[pathlib.Path] = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir() and p.resolve() not in {q.resolve() for q in out}:
+            out.append(p)
+    return out
 
-    Directories named site-packages, dist-packages or __pycache__ are skipped, as are symlinks.
-    """
-    root = pathlib.Path(root) if root is not None else stdlib_dir()
-    if not root.is_dir():
-        raise ValueError(f"root: expected an existing directory, got {str(root)!r}")
+
+def _roots(sources: Sequence[str]) -> list[tuple[str, pathlib.Path]]:
+    """[(label, directory)] for "stdlib", "site-packages" or explicit directories (label = name)."""
+    out = []
+    for src in sources:
+        if src == "stdlib":
+            out.append(("stdlib", stdlib_dir()))
+        elif src == "site-packages":
+            out += [("site-packages", p) for p in site_packages_dirs()]
+        else:
+            path = pathlib.Path(src)
+            if not path.is_dir():
+                raise ValueError(f"sources: {src!r} is neither 'stdlib', 'site-packages' nor an existing directory")
+            out.append((path.name, path))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    """One document of the corpus: `files` (POSIX paths relative to `root`), sorted."""
+
+    name: str  # "<source label>/<top-level directory or module>", e.g. "stdlib/asyncio"
+    root: str
+    files: tuple[str, ...]
+
+    def document(self) -> bytes:
+        parts = []
+        for rel in self.files:
+            parts += [b"# ", rel.encode("utf-8"), b"\n", (pathlib.Path(self.root) / rel).read_bytes(), bytes([SEP])]
+        parts.append(bytes([DOC_SEP]))
+        return b"".join(parts)
+
+    def size(self) -> int:
+        """Bytes of `document()` without reading the files."""
+        root = pathlib.Path(self.root)
+        return 1 + sum(len(rel.encode("utf-8")) + 4 + (root / rel).stat().st_size for rel in self.files)
+
+
+def _source_files(root: pathlib.Path) -> list[str]:
     out = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if _EXCLUDED_DIRS & set(rel.parts[:-1]) or path.is_symlink() or not path.is_file():
+        if _SKIP_DIRS & set(rel.parts[:-1]) or path.is_symlink() or not path.is_file():
+            continue
+        if any(part.endswith((".dist-info", ".egg-info")) for part in rel.parts[:-1]):
             continue
         out.append(rel.as_posix())
     return sorted(out)
 
 
-def _hash_unit(rel_path: str) -> float:
-    """A stable number in [0, 1) from a relative path (SHA-256; independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha256(rel_path.encode("utf-8")).digest()
+def list_packages(sources: Sequence[str] = SOURCES) -> list[Package]:
+    """Every package of `sources`, sorted by name. See the module docstring for what a package is.
+
+    `sources` items: "stdlib", "site-packages" or paths of directories (labelled by their name).
+    """
+    if isinstance(sources, str) or not sources:
+        raise ValueError(f"sources: expected a non-empty sequence like {SOURCES}, got {sources!r}")
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for label, root in _roots(sources):
+        seen_here: set[str] = set()
+        for rel in _source_files(root):
+            top = rel.split("/")[0]
+            name = f"{label}/{top[:-3] if top.endswith('.py') else top}"
+            if name in groups and name not in seen_here:
+                continue  # shadowed: the same package under an earlier root wins
+            seen_here.add(name)
+            groups.setdefault(name, (str(root), []))[1].append(rel)
+    return [Package(name, root, tuple(sorted(files))) for name, (root, files) in sorted(groups.items())]
+
+
+def _hash_unit(key: str) -> float:
+    """A stable number in [0, 1) from a string (SHA-256; independent of PYTHONHASHSEED)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def is_val_file(rel_path: str, val_fraction: float = 0.05) -> bool:
-    """Whether a file belongs to the validation split."""
-    return _hash_unit("split:" + rel_path) < val_fraction
+def is_val_package(name: str, val_fraction: float = 0.05) -> bool:
+    """Whether package `name` (e.g. "stdlib/json") belongs to the validation split."""
+    return _hash_unit("split:" + name) < val_fraction
 
 
-def _join(root: pathlib.Path, files: list[str], budget: int | None) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Read `files` (taken in hash order while under `budget`), join them in sorted order."""
-    if budget is not None:
-        chosen, total = [], 0
-        for rel in sorted(files, key=lambda r: _hash_unit("order:" + r)):
-            if total >= budget:
-                break
-            size = (root / rel).stat().st_size + 1
-            chosen.append(rel)
-            total += size
-        files = chosen
-    files = sorted(files)
-    parts = []
-    for rel in files:
-        parts.append((root / rel).read_bytes())
-        parts.append(bytes([SEP]))
-    data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+# -------------------------------------------------------------------------------------- corpus
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+    """A byte corpus split by package. `train` / `val` are read-only 1-D `np.uint8` arrays."""
+
+    train: np.ndarray
+    val: np.ndarray
+    train_packages: tuple[str, ...]  # in corpus order; the last one may be cut by max_bytes
+    val_packages: tuple[str, ...]
+    n_files: int
+    sources: tuple[tuple[str, str], ...]  # (label, directory) read
+    python_version: str  # the interpreter whose stdlib / site-packages these are
+    fingerprint: str  # hash of the bytes: tells whether two machines / runs saw the same corpus
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.train.size + self.val.size)
+
+    @property
+    def n_packages(self) -> int:
+        return len(self.train_packages) + len(self.val_packages)
+
+    def summary(self) -> str:
+        labels = ", ".join(dict.fromkeys(label for label, _ in self.sources))
+        return (
+            f"Python {self.python_version} code ({labels}): {self.n_packages} packages, {self.n_files} files, "
+            f"{self.n_bytes / 1e6:.1f} MB (train {self.train.size / 1e6:.1f} MB / {len(self.train_packages)} "
+            f"packages, val {self.val.size / 1e6:.2f} MB / {len(self.val_packages)} packages) [{self.fingerprint}]"
+        )
+
+
+def _join(packages: list[Package], budget: int | None) -> tuple[np.ndarray, tuple[str, ...], int]:
+    """Documents of `packages` in hash order (while under `budget`), cut to `budget`."""
+    chosen, total = [], 0
+    for pkg in sorted(packages, key=lambda p: _hash_unit("order:" + p.name)):
+        if budget is not None and total >= budget:
+            break
+        chosen.append(pkg)
+        total += pkg.size()
+    data = np.frombuffer(b"".join(p.document() for p in chosen), dtype=np.uint8)
     if budget is not None:
         data = data[:budget]
-    return data.copy(), tuple(files)
+    data = data.copy()
+    data.setflags(write=False)  # shared by the cache: keep it immutable
+    return data, tuple(p.name for p in chosen), sum(len(p.files) for p in chosen)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(root: str, max_bytes: int | None, val_fraction: float) -> Corpus:
-    rootp = pathlib.Path(root)
-    files = list_source_files(rootp)
-    if not files:
-        raise ValueError(f"root: expected a directory with *.py files, found none under {root!r}")
-    val = [f for f in files if is_val_file(f, val_fraction)]
-    train = [f for f in files if not is_val_file(f, val_fraction)]
-    if max_bytes is None:
-        train_budget = val_budget = None
-    else:
-        val_budget = int(round(max_bytes * val_fraction))
-        train_budget = max_bytes - val_budget
-    train_arr, train_files = _join(rootp, train, train_budget)
-    val_arr, val_files = _join(rootp, val, val_budget)
-    for arr in (train_arr, val_arr):
-        arr.setflags(write=False)  # shared by the cache: keep it immutable
+def _load_cached(sources: tuple[str, ...], max_bytes: int | None, val_fraction: float) -> Corpus:
+    packages = list_packages(sources)
+    if not packages:
+        raise ValueError(f"sources: found no *.py files in {sources}")
+    val = [p for p in packages if is_val_package(p.name, val_fraction)]
+    train = [p for p in packages if not is_val_package(p.name, val_fraction)]
+    if not val or not train:
+        raise ValueError(
+            f"sources {sources}: {len(packages)} packages give an empty {'val' if not val else 'train'} split "
+            f"at val_fraction={val_fraction}; add sources or change val_fraction"
+        )
+    val_budget = None if max_bytes is None else int(round(max_bytes * val_fraction))
+    train_budget = None if max_bytes is None else max_bytes - val_budget
+    train_arr, train_names, n_train_files = _join(train, train_budget)
+    val_arr, val_names, n_val_files = _join(val, val_budget)
+    fp = hashlib.blake2b(train_arr.tobytes(), digest_size=8)
+    fp.update(val_arr.tobytes())
     return Corpus(
         train=train_arr,
         val=val_arr,
-        train_files=train_files,
-        val_files=val_files,
-        source=str(rootp),
-        python_version=".".join(map(str, sys.version_info[:3])) if root == str(stdlib_dir()) else "n/a",
+        train_packages=train_names,
+        val_packages=val_names,
+        n_files=n_train_files + n_val_files,
+        sources=tuple((label, str(path)) for label, path in _roots(sources)),
+        python_version=".".join(map(str, sys.version_info[:3])),
+        fingerprint=fp.hexdigest(),
     )
 
 
@@ -153,22 +231,25 @@ def load_corpus(
     max_bytes: int | None = None,
     *,
     val_fraction: float = 0.05,
-    root: str | pathlib.Path | None = None,
+    sources: Iterable[str] = SOURCES,
 ) -> Corpus:
-    """Load the byte corpus (default: this interpreter's stdlib sources; cached per arguments).
+    """Load the byte corpus (cached per arguments).
 
     Args:
       max_bytes: cap on train + val bytes (val gets `round(max_bytes * val_fraction)` of it);
-        `None` reads everything (~30 MB).
-      val_fraction: share of *files* that go to the validation split (by a stable path hash).
-      root: read `*.py` files from this directory instead of the stdlib.
+        `None` reads everything.
+      val_fraction: share of *packages* that go to the validation split (by a stable name hash).
+      sources: "stdlib", "site-packages" and/or directories to read `*.py` files from.
     """
     if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 2):
         raise ValueError(f"max_bytes: expected None or an int >= 2, got {max_bytes!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: expected a float in (0, 1), got {val_fraction!r}")
-    root = stdlib_dir() if root is None else pathlib.Path(root)
-    return _load_cached(str(root), max_bytes, float(val_fraction))
+    sources = (sources,) if isinstance(sources, (str, pathlib.Path)) else tuple(sources)
+    return _load_cached(tuple(map(str, sources)), max_bytes, float(val_fraction))
+
+
+# ------------------------------------------------------------------------------------- batches
 
 
 def _check_window(data: np.ndarray, batch_size: int, seq_len: int) -> None:
@@ -196,21 +277,59 @@ def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step
     return data[idx].astype(np.int32)
 
 
-def batches(
-    data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, start_step: int = 0
-) -> Iterator[np.ndarray]:
-    """Infinite iterator of training batches, `int32 [batch_size, seq_len + 1]` each.
+def _data_fingerprint(data: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=8).hexdigest()
 
-    Inputs are `batch[:, :-1]`, next-byte targets `batch[:, 1:]`. Batch `s` (counting from 0) is
-    `batch_at(..., step=s)`, so `batches(..., start_step=s)` resumes a run exactly at step `s`.
+
+class BatchIterator:
+    """Infinite, resumable iterator of training batches `int32 [batch_size, seq_len + 1]`.
+
+    Batch `s` (counting from 0) is `batch_at(data, ..., seed=seed, step=s)`; `step` is the number
+    of batches taken so far. `state()` is a small JSON-able dict for the checkpoint, and
+    `BatchIterator.from_state(data, state)` continues exactly where it stopped; it raises
+    ValueError when `data` is not the array the state was taken on (fingerprint mismatch).
     """
-    _check_window(data, batch_size, seq_len)
-    if start_step < 0:
+
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, step: int = 0):
+        _check_window(data, batch_size, seq_len)
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step: expected an int >= 0, got {step!r}")
+        self.data, self.batch_size, self.seq_len = data, int(batch_size), int(seq_len)
+        self.seed, self.step = int(seed), int(step)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        batch = batch_at(self.data, self.batch_size, self.seq_len, seed=self.seed, step=self.step)
+        self.step += 1
+        return batch
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return _data_fingerprint(self.data)
+
+    def state(self) -> dict:
+        return dict(seed=self.seed, step=self.step, batch_size=self.batch_size, seq_len=self.seq_len,
+                    n_tokens=int(self.data.size), fingerprint=self.fingerprint)
+
+    @classmethod
+    def from_state(cls, data: np.ndarray, state: dict) -> BatchIterator:
+        it = cls(data, state["batch_size"], state["seq_len"], seed=state["seed"], step=state["step"])
+        if int(state["n_tokens"]) != data.size or state["fingerprint"] != it.fingerprint:
+            raise ValueError(
+                f"data: the iterator state was saved on another corpus ({state['n_tokens']} tokens, fingerprint "
+                f"{state['fingerprint']}; now {data.size} tokens, {it.fingerprint}). Different Python "
+                "packages installed, or another --max-bytes?"
+            )
+        return it
+
+
+def batches(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, start_step: int = 0) -> BatchIterator:
+    """`BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step)`."""
+    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
-    step = int(start_step)
-    while True:
-        yield batch_at(data, batch_size, seq_len, seed=seed, step=step)
-        step += 1
+    return BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step)
 
 
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, n: int) -> list[np.ndarray]:
@@ -229,6 +348,7 @@ def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, n: int) -> lis
 
 
 def decode(tokens) -> str:
-    """Bytes -> text (invalid UTF-8 replaced; the file separator shown as a form feed)."""
+    """Bytes -> text (invalid UTF-8 replaced; file / package separators shown as form feeds)."""
     arr = np.asarray(tokens, dtype=np.uint8).ravel()
-    return arr.tobytes().decode("utf-8", errors="replace").replace(chr(SEP), "\f")
+    text = arr.tobytes().decode("utf-8", errors="replace")
+    return text.replace(chr(SEP), "\f").replace(chr(DOC_SEP), "\f")

@@ -25,6 +25,7 @@ specs, so the layout cannot drift over many steps.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -217,11 +218,46 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(tokens, mesh: Mesh) -> jax.Array:
-    """device_put `tokens` [B, T] with `batch_sharding(mesh)` (B must divide data * fsdp)."""
+    """A global batch `tokens` [B, ...] as a jax.Array split by `batch_sharding(mesh)`.
+
+    Every process passes the same global host array and contributes the rows of its own devices
+    (`make_array_from_callback`), so this works unchanged on one host and on several. B must be a
+    multiple of data * fsdp.
+    """
+    tokens = np.asarray(tokens)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if tokens.shape[0] % n:
         raise ValueError(f"batch size {tokens.shape[0]} is not divisible by data*fsdp = {n}")
-    return jax.device_put(tokens, batch_sharding(mesh))
+    sharding = NamedSharding(mesh, P(BATCH_AXES, *([None] * (tokens.ndim - 1))))
+    return jax.make_array_from_callback(tokens.shape, sharding, lambda idx: tokens[idx])
+
+
+# ---------------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Call `jax.distributed.initialize` when this process is one of several; True if it did.
+
+    Multi-process when `coordinator` (host:port of process 0) is given or the environment sets
+    `JAX_COORDINATOR_ADDRESS` (then `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` give the other two
+    unless passed), or when SLURM / Open MPI launched more than one task (jax detects those
+    settings itself). Must run before anything touches a device. On CPU, collectives between
+    processes go through gloo.
+    """
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    launched = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if coordinator is None and not launched:
+        return False
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- steps

@@ -136,3 +136,28 @@ def test_kl_never_changes_the_backbone_update():
         np.testing.assert_array_equal(index0[path], init[path], err_msg=path)  # no KL: frozen
         if path.endswith("['kernel'].value"):
             assert not np.array_equal(index1[path], init[path]), path  # KL: trained
+
+
+def test_kl_support_follows_the_warmup_switch():
+    """Warmup: KL over the full causal support; after the switch: over the selected blocks (spec 6.3)."""
+    from msa_jax import ops
+    from msa_jax.layers import MSAAttention
+
+    cfg = make_cfg("msa")
+    layer = MSAAttention(cfg, rngs=nnx.Rngs(params=3, index=4))
+    x = jax.random.normal(jax.random.key(5), (2, T, cfg.d_model))
+    pos = jnp.arange(T)
+    q, k, _ = layer.qkv(x, pos)
+    iq, ik = layer.index(x, pos)
+    m = cfg.msa
+    full = ops.index_kl_loss(q, k, iq, ik, None, block_size=m.block_size)
+    idx = ops.select_blocks(iq, ik, block_size=m.block_size, top_k=m.top_k)
+    selected = ops.index_kl_loss(q, k, iq, ik, idx, block_size=m.block_size)
+    kl_warm = layer(x, pos, sparse=False)[1]["kl"]
+    kl_sparse = layer(x, pos, sparse=True)[1]["kl"]
+    np.testing.assert_allclose(kl_warm, full, rtol=1e-5)
+    np.testing.assert_allclose(kl_sparse, selected, rtol=1e-5)
+    assert abs(float(full) - float(selected)) > 1e-3  # T=24 > dense span 8: the supports differ
+    # The step counter decides the mode: dense for steps < warmup_steps, sparse from then on.
+    msa = MSAConfig(block_size=4, top_k=2, index_dim=16, warmup_steps=3)
+    assert [use_sparse(s, msa) for s in range(5)] == [False, False, False, True, True]
