@@ -7,7 +7,8 @@ on), and reports teacher-forced greedy exact match by task, context length and n
 
 Output (under --out, default runs/retrieval):
   results.json   every (run, task, context_len, depth) accuracy, plus the runs' configs
-  retrieval.png  heatmaps: one row per run, one column per task, depth x context length
+  retrieval.png  heatmaps of exact match: one row per run, one column per task, depth x length
+  retrieval_bytes.png  the same for the share of answer bytes right (partial credit)
 
   python experiments/eval_retrieval.py runs/tiny_dense runs/tiny_msa
   python experiments/eval_retrieval.py runs/gpu_msa --lengths 8192,16384 --n 32 --batch-size 8
@@ -58,8 +59,12 @@ def _floats(text: str, name: str) -> list[float]:
 
 def load_run(run_dir: pathlib.Path, step: int | None, impl: str | None):
     """(model with restored weights, config dict, step) of a train_lm.py run directory."""
+    import absl.logging
+
     from msa_jax.checkpoint import Checkpointer
     from train_lm import checkpoint_dir, model_from_config
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax warns that a read-only manager is read-only
 
     ckpt_dir = checkpoint_dir(run_dir)
     if not ckpt_dir.is_dir():
@@ -74,19 +79,19 @@ def load_run(run_dir: pathlib.Path, step: int | None, impl: str | None):
     return model, cfg, step
 
 
-def format_table(rows: list[dict], depths: list[float]) -> str:
+def format_table(rows: list[dict], depths: list[float], metric: str = "accuracy") -> str:
     head = ["run", "task", "length"] + [f"d={d:g}" for d in depths] + ["mean"]
     table = [head]
     keys = dict.fromkeys((r["run"], r["task"], r["context_len"]) for r in rows)
     for run, task, T in keys:
-        accs = [r["accuracy"] for r in rows if (r["run"], r["task"], r["context_len"]) == (run, task, T)]
+        accs = [r[metric] for r in rows if (r["run"], r["task"], r["context_len"]) == (run, task, T)]
         table.append([run, task, str(T)] + [f"{a:.2f}" for a in accs] + [f"{sum(accs) / len(accs):.2f}"])
     widths = [max(len(line[i]) for line in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in table]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
-def plot(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path) -> bool:
+def plot(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path, metric: str = "accuracy") -> bool:
     try:
         import matplotlib
     except ImportError:
@@ -101,7 +106,7 @@ def plot(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path
             sub = [r for r in rows if r["run"] == run and r["task"] == task]
             lengths = sorted({r["context_len"] for r in sub})
             depths = sorted({r["depth"] for r in sub})
-            grid = np.array([[next(r["accuracy"] for r in sub if r["context_len"] == T and r["depth"] == d)
+            grid = np.array([[next(r[metric] for r in sub if r["context_len"] == T and r["depth"] == d)
                               for d in depths] for T in lengths])
             ax = axes[i, j]
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
@@ -113,7 +118,7 @@ def plot(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path
             if j == 0:
                 ax.set_ylabel(f"{run}\ncontext length")
             if i == 0:
-                ax.set_title(task)
+                ax.set_title(f"{task} ({'exact match' if metric == 'accuracy' else 'answer bytes right'})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -157,12 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(dict(run=name, attention=cfg["attention"], step=step, **r))
         print(f"  {time.perf_counter() - t0:.0f}s")
     table = format_table(rows, depths)
+    byte_table = format_table(rows, depths, "byte_accuracy")
     print(f"\nexact match (teacher-forced greedy), {args.n} examples per cell:\n{table}")
+    print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{byte_table}")
     results = dict(rows=rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed,
-                   jax=jax.__version__, device=jax.devices()[0].device_kind, table=table)
+                   jax=jax.__version__, device=jax.devices()[0].device_kind, table=table, byte_table=byte_table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plotted = plot(rows, names, tasks, out / "retrieval.png")
-    print(f"wrote {out / 'results.json'}" + (f" and {out / 'retrieval.png'}" if plotted else ""))
+    plot(rows, names, tasks, out / "retrieval_bytes.png", "byte_accuracy")
+    print(f"wrote {out / 'results.json'}" + (f", {out / 'retrieval.png'} and {out / 'retrieval_bytes.png'}" if plotted else ""))
     return results
 
 

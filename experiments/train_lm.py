@@ -134,7 +134,7 @@ def resolve(args: argparse.Namespace) -> dict:
     cfg["msa_warmup_steps"] = min(cfg["msa_warmup_steps"], cfg["steps"])
     cfg.update(preset=args.preset, attention=args.attention, impl=args.impl, seed=args.seed,
                kl_weight=args.kl_weight, keep=args.keep, mesh=args.mesh, init_from=args.init_from,
-               init_step=args.init_step, stop_at=args.stop_at, plot=args.plot)
+               init_step=args.init_step, init_loaded_step=None, stop_at=args.stop_at, plot=args.plot)
     cfg["lr_warmup_steps"] = max(1, round(0.05 * cfg["steps"]))
     for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
         if cfg[key] < 1:
@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg["keep"])
     start = 0
     if ckpt.latest_step() is not None:
-        changed = check_resume(ckpt.restore_meta()["config"], cfg)
+        saved_cfg = ckpt.restore_meta()["config"]
+        cfg["init_loaded_step"] = saved_cfg.get("init_loaded_step")
+        changed = check_resume(saved_cfg, cfg)
         meta = ckpt.restore(model, optimizer)  # into the current (sharded) layout
         start = int(meta["step"])
         batches = data.BatchIterator.from_state(corpus.train, meta["data"])
@@ -355,8 +357,11 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg["init_from"]:
             src = checkpoint_dir(cfg["init_from"])
             loaded = load_dense_into_msa(src, model, step=cfg["init_step"])
+            with Checkpointer(src, read_only=True) as dense_ckpt:
+                cfg["init_loaded_step"] = dense_ckpt.resolve_step(cfg["init_step"])
             S.shard_model(model, mesh)  # loading placed the weights on the default device
-            say(f"initialised {len(loaded)} non-index weights from {src} (index branches fresh)")
+            say(f"initialised {len(loaded)} non-index weights from {src} step {cfg['init_loaded_step']} "
+                "(index branches fresh)")
         batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=cfg["seed"])
         if log.path.exists() and is_main:
             log.path.unlink()  # no checkpoint to continue from: start the log over

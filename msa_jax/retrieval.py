@@ -45,6 +45,7 @@ Batches and scoring (next-token alignment):
   causal, so the last token changes no prediction that is scored) and counts an example correct when
   `argmax logits[i, t] == tokens[i, t + 1]` at every masked `t`: teacher-forced greedy exact match,
   which equals greedy decoding of the answer.
+- `answer_accuracy` also gives the share of answer bytes predicted right (partial credit).
 - `evaluate` sweeps tasks x context lengths x depths and returns rows for a heatmap.
 """
 
@@ -350,14 +351,16 @@ def make_batch(
     return tokens, mask
 
 
-def exact_match(
+def answer_accuracy(
     logits_fn: Callable, tokens: np.ndarray, answer_mask: np.ndarray, *, batch_size: int | None = None
-) -> np.ndarray:
-    """bool [n]: teacher-forced greedy exact match of the answer.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(exact bool [n], byte accuracy float [n]) of the teacher-forced greedy answers.
 
     `logits_fn(int32 [b, T]) -> logits [b, T, V]` is applied to the full `tokens` (in chunks of
-    `batch_size` rows if given); example i is correct iff `argmax logits[i, t] == tokens[i, t + 1]`
-    at every t with `answer_mask[i, t]`. Examples with an empty mask count as correct.
+    `batch_size` rows if given). At every t with `answer_mask[i, t]` the prediction is
+    `argmax logits[i, t]` against `tokens[i, t + 1]`. `exact[i]`: all answer bytes right (empty
+    mask: True); `byte accuracy[i]`: the share of answer bytes right (a graded signal for models
+    too small to get whole answers; chance is about 1/10 per digit).
     """
     tokens = np.asarray(tokens)
     answer_mask = np.asarray(answer_mask, dtype=bool)
@@ -371,16 +374,31 @@ def exact_match(
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
-    out = np.zeros(n, dtype=bool)
+    exact = np.zeros(n, dtype=bool)
+    byte_acc = np.ones(n, dtype=np.float64)
     targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
     for i in range(0, n, bs):
         logits = logits_fn(tokens[i : i + bs].astype(np.int32))
         pred = np.asarray(np.argmax(np.asarray(logits), axis=-1))
         if pred.shape != tokens[i : i + bs].shape:
             raise ValueError(f"logits_fn: expected logits of shape [b, T, V], got {np.shape(logits)}")
-        ok = (pred == targets[i : i + bs]) | ~answer_mask[i : i + bs]
-        out[i : i + bs] = ok.all(axis=1)
-    return out
+        m = answer_mask[i : i + bs]
+        hit = pred == targets[i : i + bs]
+        exact[i : i + bs] = (hit | ~m).all(axis=1)
+        counts = m.sum(axis=1)
+        byte_acc[i : i + bs] = np.where(counts > 0, (hit & m).sum(axis=1) / np.maximum(counts, 1), 1.0)
+    return exact, byte_acc
+
+
+def exact_match(
+    logits_fn: Callable, tokens: np.ndarray, answer_mask: np.ndarray, *, batch_size: int | None = None
+) -> np.ndarray:
+    """bool [n]: teacher-forced greedy exact match of the answer (see `answer_accuracy`).
+
+    Example i is correct iff `argmax logits[i, t] == tokens[i, t + 1]` at every t with
+    `answer_mask[i, t]`. Examples with an empty mask count as correct.
+    """
+    return answer_accuracy(logits_fn, tokens, answer_mask, batch_size=batch_size)[0]
 
 
 def evaluate(
@@ -397,7 +415,8 @@ def evaluate(
 ) -> list[dict]:
     """Exact-match accuracy per (task, context_len, depth).
 
-    Returns rows `{"task", "context_len", "depth", "accuracy", "n"}` (accuracy in [0, 1]) in
+    Returns rows `{"task", "context_len", "depth", "accuracy", "byte_accuracy", "n"}` (exact-match
+    accuracy and mean share of answer bytes right, both in [0, 1]) in
     task-major, then context length, then depth order. `task_kwargs` maps a task name to extra
     keyword arguments of that task (e.g. `{"multikey": {"n_keys": 8}}`).
     """
@@ -410,13 +429,14 @@ def evaluate(
         for T in context_lens:
             for depth in depths:
                 tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
-                correct = exact_match(logits_fn, tokens, mask, batch_size=batch_size)
+                correct, byte_acc = answer_accuracy(logits_fn, tokens, mask, batch_size=batch_size)
                 rows.append(
                     {
                         "task": name,
                         "context_len": int(T),
                         "depth": float(depth),
                         "accuracy": float(correct.mean()),
+                        "byte_accuracy": float(byte_acc.mean()),
                         "n": int(n),
                     }
                 )

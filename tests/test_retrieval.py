@@ -177,6 +177,11 @@ def test_exact_match_oracle_and_wrong(source):
         return lg
 
     assert retrieval.exact_match(one_wrong, tokens, mask).tolist() == [True, True, False, True, True]
+    exact, byte_acc = retrieval.answer_accuracy(one_wrong, tokens, mask)
+    n_answer = mask[2].sum()
+    np.testing.assert_allclose(byte_acc, [1, 1, (n_answer - 1) / n_answer, 1, 1])
+    assert exact.tolist() == [True, True, False, True, True]
+    assert retrieval.answer_accuracy(shifted, tokens, mask)[1].max() < 1.0
 
 
 def test_evaluate_tiny_decoder_lm(source):
@@ -198,7 +203,7 @@ def test_evaluate_tiny_decoder_lm(source):
         assert r["context_len"] == 256 and r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0
     # The oracle gets everything right through the same path.
     rows = retrieval.evaluate(oracle, source, TASKS, [256], [0.5], n=3, seed=1)
-    assert all(r["accuracy"] == 1.0 for r in rows)
+    assert all(r["accuracy"] == 1.0 and r["byte_accuracy"] == 1.0 for r in rows)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -210,6 +210,7 @@ def test_eval_retrieval_on_trained_runs(full, tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 and r["attention"] == "msa" for r in res["rows"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == res["rows"] and "passkey" in saved["table"]
-    assert (out / "retrieval.png").stat().st_size > 10_000
+    assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
+    assert all(0.0 <= r["byte_accuracy"] <= 1.0 for r in res["rows"])
     with pytest.raises(SystemExit, match="checkpoints"):
         eval_retrieval.main([str(tmp_path / "nothing")])
