@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 ATTENTION_KINDS = ("dense", "msa")
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 def _require(ok: bool, name: str, expected: str, got) -> None:
@@ -72,7 +72,7 @@ class ModelConfig:
     rope_fraction: float = 1.0  # share of head dims rotated (M3: 0.5, NeoX-style halves)
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    impl: str = "auto"  # ops backend: auto | reference | xla
+    impl: str = "auto"  # ops backend: auto | reference | xla | pallas
     dtype: str = "float32"  # activation / compute dtype (params stay float32)
 
     def __post_init__(self):

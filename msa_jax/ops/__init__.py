@@ -1,7 +1,9 @@
 """Public functional MSA ops: one signature each, validated, dispatched on `impl`.
 
 impl: "reference" (the oracle, O(T^2) memory, small sizes), "xla" (memory linear in T, any
-backend), "auto" (xla for now; dense attention uses cuDNN on a GPU for 16-bit inputs).
+backend), "pallas" (the GPU kernels of `pallas/`; interpret mode off a GPU), "auto" (pallas on a
+GPU when the kernels support the block size, xla elsewhere; dense attention uses cuDNN on a GPU
+for 16-bit inputs).
 Shapes (batch-major, head-last, like jax.nn.dot_product_attention):
 q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx]; ik [B, T, D_idx];
 block_idx int32 [B, T, H_kv, top_k] with valid ids first and -1 padding after.
@@ -14,9 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from msa_jax.ops import reference, xla
+from msa_jax.ops import pallas_backend, reference, xla
 
-IMPLS = ("xla",)  # concrete backends tested against the oracle
+IMPLS = ("xla", "pallas")  # concrete backends tested against the oracle
 _CHOICES = ("auto", "reference") + IMPLS
 
 __all__ = [
@@ -37,10 +39,13 @@ def _fail(name: str, expected: str, got) -> None:
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
-def _backend(impl: str):
+def _backend(impl: str, block_size: int | None = None):
     if impl not in _CHOICES:
         _fail("impl", f"one of {_CHOICES}", repr(impl))
-    return reference if impl == "reference" else xla
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return pallas_backend if on_gpu and pallas_backend.supports(block_size) else xla
+    return {"reference": reference, "xla": xla, "pallas": pallas_backend}[impl]
 
 
 @functools.cache
@@ -118,7 +123,7 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
 
     Returns int32 [B, T, H_kv, top_k]: valid ids first (order unspecified), -1 padding after.
     """
-    backend = _backend(impl)
+    backend = _backend(impl, block_size)
     _check_index_alone(iq, ik)
     _check_int("block_size", block_size, 1)
     _check_int("top_k", top_k, 1)
@@ -129,7 +134,7 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
 
 def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, impl: str = "auto"):
     """Main branch: exact causal softmax attention over the tokens of the selected blocks."""
-    backend = _backend(impl)
+    backend = _backend(impl, block_size)
     _check_qkv(q, k, v)
     _check_block_idx(block_idx, k)
     _check_int("block_size", block_size, 1)

@@ -1,0 +1,242 @@
+"""MSA prefill on the GPU: the Pallas indexer + main branch against dense cuDNN, by context length.
+
+For each T: dense causal GQA (cuDNN, bf16) timed in the same process; MSA with `impl="xla"` (up to
+--xla-max-T); MSA with `impl="pallas"` split into the indexer (fused scores + block max + top-k)
+and the main branch, the latter on two selection patterns (PERF.md):
+  indexer  the block ids the indexer picks on random inputs (scattered, a few recent blocks);
+  skewed   every query picks the first `--hot` blocks (hot blocks, the hard case for KV-outer
+           kernels), its local block, and random others.
+Reported: times, speedup over dense (indexer + main vs dense), effective TFLOP/s of each part
+(indexer: H_kv * D_idx * T^2 FLOPs as in MSA_SPEC eq. 12; main branch: 4 * H_q * D per (query,
+visible selected key) pair, counted from the actual selection, so causal padding is not counted),
+and the FLOP-ratio bound of MSA_SPEC section 5. Before timing, every backend is checked against
+the oracle on a small slice, and the pallas main branch against xla on the first query chunk.
+
+    python experiments/bench_prefill.py --preset cpu           # tiny smoke run (interpret mode off a GPU)
+    python experiments/bench_prefill.py --preset paper         # H100: 64/4/128, T 8K .. 1M
+
+Writes --out/results.json (rewritten after every length), --out/speedup.png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+try:
+    import msa_jax  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import ops
+
+PRESETS = {
+    "cpu": dict(batch=1, heads=4, kv_heads=1, head_dim=32, index_dim=32, block_size=16, top_k=4,
+                seq_lens=[128, 256]),
+    "paper": dict(batch=1, heads=64, kv_heads=4, head_dim=128, index_dim=128, block_size=128, top_k=16,
+                  seq_lens=[8192, 32768, 131072, 524288, 1048576]),
+}
+PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's lengths")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions (median); fewer where one run is long")
+    p.add_argument("--time-budget", type=float, default=20.0, help="seconds of timed runs per measurement at most")
+    p.add_argument("--xla-max-T", type=int, default=131072, help="time impl=xla up to this length")
+    p.add_argument("--hot", type=int, default=4, help="hot blocks in the skewed pattern")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, f32 off it")
+    p.add_argument("--out", default="runs/bench_prefill")
+    return p.parse_args(argv)
+
+
+def inputs(key, cfg, T, dtype):
+    B, Hq, R, D, Di = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["index_dim"]
+    shapes = [(B, T, Hq, D), (B, T, R, D), (B, T, R, D), (B, T, R, Di), (B, T, Di)]
+    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
+
+
+def skewed_selection(key, cfg, T, hot):
+    """block ids [B, T, H_kv, top_k]: the local block, the first `hot` blocks, then random visible
+    blocks, the first top_k distinct ones in that priority order (-1 padding if fewer)."""
+    B, R, bs, k = cfg["batch"], cfg["kv_heads"], cfg["block_size"], cfg["top_k"]
+    local = jnp.broadcast_to((jnp.arange(T) // bs)[None, :, None, None], (B, T, R, 1))
+    hot_ids = jnp.minimum(jnp.arange(hot)[None, None, None, :], local)
+    rand = jax.random.randint(key, (B, T, R, 3 * k), 0, local + 1)
+    cand = jnp.concatenate([local, hot_ids, rand], axis=-1)  # priority = position
+    L = cand.shape[-1]
+    srt = jnp.sort(cand * L + jnp.arange(L), axis=-1)  # by id, then priority
+    ids, prio = srt // L, srt % L
+    first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], axis=-1)
+    order = jnp.argsort(jnp.where(first, prio, L + prio), axis=-1)[..., :k]
+    picked = jnp.take_along_axis(ids, order, axis=-1)
+    valid = jnp.take_along_axis(first, order, axis=-1)
+    return jnp.where(valid, picked, -1).astype(jnp.int32)
+
+
+def support_pairs(block_idx, block_size):
+    """Number of (query, visible selected key) pairs per group, summed over batch and groups."""
+    B, T = block_idx.shape[:2]
+    i = jnp.arange(T)[None, :, None, None]
+    n = jnp.clip(i - block_idx * block_size + 1, 0, block_size)
+    return float(jnp.sum(jnp.where(block_idx >= 0, n, 0).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)))
+
+
+def timeit(fn, *args, reps, budget):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))  # compile + first run
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    n = max(1, min(reps, int(budget / max(one, 1e-6))))
+    times = [one]
+    for _ in range(n - 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times), first
+
+
+def check_small(cfg, dtype_name):
+    """Max |impl - oracle| of msa_attention, and select_blocks set agreement, on fresh small inputs."""
+    small = dict(cfg, batch=2)
+    T = 3 * cfg["block_size"] + 5
+    q, k, v, iq, ik = inputs(jax.random.key(int(time.time())), small, T, jnp.float32)
+    kw = dict(block_size=cfg["block_size"], top_k=min(cfg["top_k"], 3))
+    out = {}
+    with jax.default_matmul_precision("highest"):  # the GPU's default f32 matmuls are TF32
+        ref, ref_idx = ops.msa_attention(q, k, v, iq, ik, impl="reference", **kw)
+    for impl in ("xla", "pallas"):
+        with jax.default_matmul_precision("highest"):
+            o, idx = ops.msa_attention(q, k, v, iq, ik, impl=impl, **kw)
+        same = np.sort(np.asarray(idx), -1) == np.sort(np.asarray(ref_idx), -1)
+        out[impl] = dict(max_err=float(jnp.abs(o - ref).max()), select_match=float(same.all(-1).mean()))
+    return out
+
+
+def bound(cfg, T):
+    Hq, R, D, Di, bs, k = (cfg[x] for x in ("heads", "kv_heads", "head_dim", "index_dim", "block_size", "top_k"))
+    return (2 * Hq * D * T * T) / (R * Di * T * T + 4 * Hq * D * T * k * bs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    if args.seq_lens:
+        cfg["seq_lens"] = args.seq_lens
+    on_gpu = jax.default_backend() == "gpu"
+    dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
+    dtype = jnp.dtype(dtype_name)
+    device = jax.devices()[0].device_kind
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"device: {device} | jax {jax.__version__} | {dtype_name} | {cfg}")
+    checks = check_small(cfg, dtype_name)
+    print(f"oracle check (f32, T={3 * cfg['block_size'] + 5}): {checks}")
+    bs, topk = cfg["block_size"], cfg["top_k"]
+    kw = dict(block_size=bs, top_k=topk)
+    result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rows=[])
+
+    dense_fn = jax.jit(lambda q, k, v: ops.dense_attention(q, k, v))
+    sel_fn = jax.jit(lambda iq, ik: ops.select_blocks(iq, ik, impl="pallas", **kw))
+    main_fn = jax.jit(lambda q, k, v, idx: ops.sparse_attention(q, k, v, idx, block_size=bs, impl="pallas"))
+    xla_fn = jax.jit(lambda q, k, v, iq, ik: ops.msa_attention(q, k, v, iq, ik, impl="xla", **kw)[0])
+    main_xla = jax.jit(lambda q, k, v, idx: ops.sparse_attention(q, k, v, idx, block_size=bs, impl="xla"))
+
+    for T in cfg["seq_lens"]:
+        q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, dtype)
+        tm = dict(reps=args.reps, budget=args.time_budget)
+        row = dict(T=T, flop_bound=bound(cfg, T))
+        f_dense = cfg["batch"] * 2 * cfg["heads"] * cfg["head_dim"] * T * T
+        t, n, _ = timeit(dense_fn, q, k, v, **tm)
+        row["dense"] = dict(ms=t * 1e3, tflops=f_dense / t / 1e12, reps=n)
+
+        idx = sel_fn(iq, ik)
+        f_index = cfg["batch"] * cfg["kv_heads"] * cfg["index_dim"] * T * T
+        t_sel, n, _ = timeit(sel_fn, iq, ik, **tm)
+        row["indexer"] = dict(ms=t_sel * 1e3, tflops=f_index / t_sel / 1e12, reps=n)
+        patterns = {"indexer": idx, "skewed": skewed_selection(jax.random.key(T + 1), cfg, T, args.hot)}
+        for name, sel in patterns.items():
+            pairs = support_pairs(sel, bs) * (cfg["heads"] // cfg["kv_heads"])
+            f_main = 4 * cfg["head_dim"] * pairs
+            t_main, n, _ = timeit(main_fn, q, k, v, sel, **tm)
+            total = t_sel + t_main
+            row[f"main_{name}"] = dict(ms=t_main * 1e3, tflops=f_main / t_main / 1e12, reps=n,
+                                       total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
+        # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
+        Tc = min(T, 8192)
+        sl = lambda x: x[:, :Tc]
+        err = jnp.abs(main_fn(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)
+                      - main_xla(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)).max()
+        row["pallas_vs_xla_max_err"] = float(err)
+        if T <= args.xla_max_T:
+            t, n, _ = timeit(xla_fn, q, k, v, iq, ik, **tm)
+            row["xla"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n)
+        result["rows"].append(row)
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)
+        del q, k, v, iq, ik, idx, patterns
+
+    print_table(result)
+    if plot(result, out / "speedup.png"):
+        print(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
+    return result
+
+
+def print_table(result):
+    hdr = (f"{'T':>8} | {'dense ms':>9} {'TF/s':>5} | {'indexer ms':>10} {'TF/s':>5} | {'main ms':>8} {'TF/s':>5} "
+           f"{'speedup':>7} | {'skewed main':>11} {'TF/s':>5} {'speedup':>7} | {'xla':>7} | {'bound':>5}")
+    print(f"\n{result['device']}, jax {result['jax']}, {result['dtype']}\n{hdr}\n{'-' * len(hdr)}")
+    for r in result["rows"]:
+        a, b = r["main_indexer"], r["main_skewed"]
+        xla = f"{r['xla']['speedup']:>6.2f}x" if "xla" in r else f"{'-':>7}"
+        print(f"{r['T']:>8} | {r['dense']['ms']:>9.2f} {r['dense']['tflops']:>5.0f} | {r['indexer']['ms']:>10.2f} "
+              f"{r['indexer']['tflops']:>5.0f} | {a['ms']:>8.2f} {a['tflops']:>5.0f} {a['speedup']:>6.2f}x | "
+              f"{b['ms']:>11.2f} {b['tflops']:>5.0f} {b['speedup']:>6.2f}x | {xla} | {r['flop_bound']:>4.1f}x")
+
+
+def plot(result, path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    T = [r["T"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(T, [r["flop_bound"] for r in rows], "k--", label="FLOP-ratio bound (MSA_SPEC 5)")
+    ax.plot(T, [r["main_indexer"]["speedup"] for r in rows], "o-", label="pallas (indexer selection)")
+    ax.plot(T, [r["main_skewed"]["speedup"] for r in rows], "s-", label="pallas (skewed, hot blocks)")
+    xs = [r for r in rows if "xla" in r]
+    if xs:
+        ax.plot([r["T"] for r in xs], [r["xla"]["speedup"] for r in xs], "^-", label="xla")
+    ax.plot([1 << 20], [PAPER_SPEEDUP_1M], "r*", ms=12, label="paper, 1M (H800)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set(xlabel="context length T", ylabel="speedup over dense cuDNN (prefill fwd)",
+           title=f"MSA prefill, {result['device']}, {result['dtype']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    main()

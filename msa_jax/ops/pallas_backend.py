@@ -1,0 +1,65 @@
+"""impl="pallas": the Pallas kernels of the top-level `pallas/` package behind the ops' signatures.
+
+- `select_blocks`: `pallas.index_topk` (fused index scores, causal block max and a streaming top-k;
+  the [T, T / block_size] score matrix never goes to memory).
+- `sparse_attention`: the forward kernel of `pallas.sparse_attention` (online softmax over the
+  selected blocks). Its gradient is, for now, the VJP of the `xla` path (a recompute): the backward
+  kernel is issue 5's. `jax.grad` therefore works and is exact, just not fast.
+- `msa_attention`: both kernels.
+- `dense_attention`, `index_kl_loss`, `selection_recall`: the `xla` implementations (no kernels).
+
+Off a GPU the kernels run in Pallas interpret mode (slow, but the real kernel code), so the shared
+test suite checks them on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from msa_jax.ops import xla
+from pallas import index_topk as _index_topk
+from pallas import sparse_attention as _sparse_attention
+
+def supports(block_size: int | None) -> bool:
+    """Whether the GPU kernels take this block size (the Triton tiles need a power of two >= 8)."""
+    return block_size is None or (block_size >= 8 and block_size & (block_size - 1) == 0)
+
+
+dense_attention = xla.dense_attention
+index_kl_loss = xla.index_kl_loss
+selection_recall = xla.selection_recall
+
+
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
+    # The selection is integer-valued: no gradient flows through it (pallas_call has no JVP rule).
+    iq, ik = jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik)
+    return _index_topk.select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sparse(q, k, v, block_idx, block_size):
+    return _sparse_attention.sparse_attention_fwd(q, k, v, block_idx, block_size=block_size)[0]
+
+
+def _sparse_fwd(q, k, v, block_idx, block_size):
+    return _sparse(q, k, v, block_idx, block_size), (q, k, v, block_idx)
+
+
+def _sparse_bwd(block_size, res, g):
+    q, k, v, block_idx = res
+    _, vjp = jax.vjp(lambda q, k, v: xla.sparse_attention(q, k, v, block_idx, block_size=block_size), q, k, v)
+    return (*vjp(g), None)
+
+
+_sparse.defvjp(_sparse_fwd, _sparse_bwd)
+
+
+def sparse_attention(q, k, v, block_idx, *, block_size: int):
+    return _sparse(q, k, v, block_idx, block_size)
+
+
+def msa_attention(q, k, v, iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
+    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    return sparse_attention(q, k, v, block_idx, block_size=block_size), block_idx
