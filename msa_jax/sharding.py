@@ -232,6 +232,42 @@ def shard_batch(tokens, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(tokens.shape, sharding, lambda idx: tokens[idx])
 
 
+# ------------------------------------------------------------------------------ kernels
+
+
+def kernel_shard_map(fn, *args, specs, out_specs):
+    """`fn(*args)`, per shard, inside `jax.shard_map` over the active mesh (`jax.set_mesh`).
+
+    For the Pallas kernels: a `pallas_call` has no GSPMD partitioning rule, so under a sharded jit
+    XLA would gather its operands onto every device. The kernels are independent per (batch row,
+    KV group), so each device can run them on its own rows and heads. `specs` / `out_specs` give,
+    per array, one logical role per dim: "batch" (split over data x fsdp), "heads" (split over
+    tensor) or None. Without an active multi-device mesh, or when a dim does not divide its mesh
+    axes, `fn` runs unsharded (GSPMD then replicates, which is correct, just slower).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return fn(*args)
+    roles = {"batch": tuple(a for a in BATCH_AXES if mesh.shape[a] > 1),
+             "heads": tuple(a for a in ("tensor",) if mesh.shape[a] > 1)}
+
+    def spec(role_dims, shape):
+        out = []
+        for role, size in zip(role_dims, shape, strict=True):
+            axes = roles[role] if role else ()
+            if axes and size % math.prod(mesh.shape[a] for a in axes):
+                return None
+            out.append((axes if len(axes) > 1 else axes[0]) if axes else None)
+        return P(*out)
+
+    in_specs = [spec(r, a.shape) for r, a in zip(specs, args, strict=True)]
+    if any(s is None for s in in_specs):
+        return fn(*args)
+    outs = jax.eval_shape(fn, *args)
+    out_tree = jax.tree.map(lambda r, o: spec(r, o.shape), out_specs, outs, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_tree, check_vma=False)(*args)
+
+
 # ---------------------------------------------------------------------------------- multi-host
 
 
@@ -274,7 +310,8 @@ def sharded_train_step(model, optimizer, tokens, *, mesh: Mesh, sparse: bool, kl
     Same math and metrics as `train.train_step` (it is called inside); the only addition is a
     sharding constraint on the new params and optimizer state, so they keep the rule layout.
     """
-    return _sharded_train_step(model, optimizer, tokens, mesh=mesh, sparse=sparse, kl_weight=kl_weight)
+    with jax.set_mesh(mesh):  # the active mesh lets kernels run per shard (kernel_shard_map)
+        return _sharded_train_step(model, optimizer, tokens, mesh=mesh, sparse=sparse, kl_weight=kl_weight)
 
 
 @nnx.jit(static_argnames=("mesh", "sparse", "kl_weight"))
@@ -289,4 +326,5 @@ def _sharded_train_step(model, optimizer, tokens, *, mesh, sparse, kl_weight):
 
 def sharded_eval_step(model, tokens, *, mesh: Mesh, sparse: bool, with_recall: bool = False):
     """`train.eval_step` with the batch placed by `batch_sharding(mesh)` (GSPMD does the rest)."""
-    return _train.eval_step(model, shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall)
+    with jax.set_mesh(mesh):
+        return _train.eval_step(model, shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall)

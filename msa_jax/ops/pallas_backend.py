@@ -9,7 +9,8 @@
 - `dense_attention`, `index_kl_loss`, `selection_recall`: the `xla` implementations (no kernels).
 
 Off a GPU the kernels run in Pallas interpret mode (slow, but the real kernel code), so the shared
-test suite checks them on CPU.
+test suite checks them on CPU. Under an active mesh (`jax.set_mesh`, as the sharded train/eval
+steps do) each device runs the kernels on its own batch rows and KV groups (`kernel_shard_map`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import functools
 import jax
 
 from msa_jax.ops import xla
+from msa_jax.sharding import kernel_shard_map
 from pallas import index_topk as _index_topk
 from pallas import sparse_attention as _sparse_attention
+
+_BTH_ = ("batch", None, "heads", None)  # [B, T, heads, last]: kernels are independent per row and head
+
 
 def supports(block_size: int | None) -> bool:
     """Whether the GPU kernels take this block size (the Triton tiles need a power of two >= 8)."""
@@ -35,12 +40,14 @@ selection_recall = xla.selection_recall
 def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
     # The selection is integer-valued: no gradient flows through it (pallas_call has no JVP rule).
     iq, ik = jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik)
-    return _index_topk.select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    fn = functools.partial(_index_topk.select_blocks, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    return kernel_shard_map(fn, iq, ik, specs=(_BTH_, ("batch", None, None)), out_specs=_BTH_)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _sparse(q, k, v, block_idx, block_size):
-    return _sparse_attention.sparse_attention_fwd(q, k, v, block_idx, block_size=block_size)[0]
+    fn = lambda *a: _sparse_attention.sparse_attention_fwd(*a, block_size=block_size)[0]  # noqa: E731
+    return kernel_shard_map(fn, q, k, v, block_idx, specs=(_BTH_,) * 4, out_specs=_BTH_)
 
 
 def _sparse_fwd(q, k, v, block_idx, block_size):
