@@ -21,6 +21,7 @@ Writes --out/results.json (rewritten after every length), --out/speedup.png, and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import pathlib
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--xla-max-T", type=int, default=131072, help="time impl=xla up to this length")
     p.add_argument("--hot", type=int, default=4, help="hot blocks in the skewed pattern")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, f32 off it")
+    p.add_argument("--variants", nargs="*", default=["sparse_attention", "sparse_attention_kv"],
+                   help="main-branch kernel modules of pallas/ also timed one by one (each must define sparse_attention_fwd)")
     p.add_argument("--out", default="runs/bench_prefill")
     return p.parse_args(argv)
 
@@ -64,7 +67,8 @@ def parse_args(argv=None):
 def inputs(key, cfg, T, dtype):
     B, Hq, R, D, Di = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["index_dim"]
     shapes = [(B, T, Hq, D), (B, T, R, D), (B, T, R, D), (B, T, R, Di), (B, T, Di)]
-    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
+    # drawn in the target dtype: a float32 draw of q alone is 34 GB at T = 1M
+    return [jax.random.normal(k, s, dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
 
 
 def skewed_selection(key, cfg, T, hot):
@@ -156,43 +160,77 @@ def main(argv=None):
     main_xla = jax.jit(lambda q, k, v, idx: ops.sparse_attention(q, k, v, idx, block_size=bs, impl="xla"))
 
     for T in cfg["seq_lens"]:
-        q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, dtype)
-        tm = dict(reps=args.reps, budget=args.time_budget)
-        row = dict(T=T, flop_bound=bound(cfg, T))
-        f_dense = cfg["batch"] * 2 * cfg["heads"] * cfg["head_dim"] * T * T
-        t, n, _ = timeit(dense_fn, q, k, v, **tm)
-        row["dense"] = dict(ms=t * 1e3, tflops=f_dense / t / 1e12, reps=n)
-
-        idx = sel_fn(iq, ik)
-        f_index = cfg["batch"] * cfg["kv_heads"] * cfg["index_dim"] * T * T
-        t_sel, n, _ = timeit(sel_fn, iq, ik, **tm)
-        row["indexer"] = dict(ms=t_sel * 1e3, tflops=f_index / t_sel / 1e12, reps=n)
-        patterns = {"indexer": idx, "skewed": skewed_selection(jax.random.key(T + 1), cfg, T, args.hot)}
-        for name, sel in patterns.items():
-            pairs = support_pairs(sel, bs) * (cfg["heads"] // cfg["kv_heads"])
-            f_main = 4 * cfg["head_dim"] * pairs
-            t_main, n, _ = timeit(main_fn, q, k, v, sel, **tm)
-            total = t_sel + t_main
-            row[f"main_{name}"] = dict(ms=t_main * 1e3, tflops=f_main / t_main / 1e12, reps=n,
-                                       total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
-        # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
-        Tc = min(T, 8192)
-        sl = lambda x: x[:, :Tc]
-        err = jnp.abs(main_fn(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)
-                      - main_xla(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)).max()
-        row["pallas_vs_xla_max_err"] = float(err)
-        if T <= args.xla_max_T:
-            t, n, _ = timeit(xla_fn, q, k, v, iq, ik, **tm)
-            row["xla"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n)
+        try:
+            row = bench_length(cfg, T, dtype, args, fns=(dense_fn, sel_fn, main_fn, xla_fn, main_xla))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at the longest lengths: record, go on
+            row = dict(T=T, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"T={T}: {row['error']}", flush=True)
+            result.setdefault("errors", []).append(row)
+            continue
         result["rows"].append(row)
         (out / "results.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(row), flush=True)
-        del q, k, v, iq, ik, idx, patterns
 
     print_table(result)
+    for r in result["rows"]:
+        for mod_name, res in r.get("variants", {}).items():
+            cells = ", ".join(f"{p}: " + (f"{m['ms']:.2f} ms {m['tflops']:.0f} TF/s" if "ms" in m else m["error"])
+                              for p, m in res.items())
+            print(f"  T={r['T']:>8} main kernel {mod_name}: {cells}")
     if plot(result, out / "speedup.png"):
         print(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
     return result
+
+
+def bench_length(cfg, T, dtype, args, fns):
+    """One row of the table: every timing at context length T."""
+    dense_fn, sel_fn, main_fn, xla_fn, main_xla = fns
+    bs = cfg["block_size"]
+    q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, dtype)
+    tm = dict(reps=args.reps, budget=args.time_budget)
+    row = dict(T=T, flop_bound=bound(cfg, T))
+    f_dense = cfg["batch"] * 2 * cfg["heads"] * cfg["head_dim"] * T * T
+    t, n, _ = timeit(dense_fn, q, k, v, **tm)
+    row["dense"] = dict(ms=t * 1e3, tflops=f_dense / t / 1e12, reps=n)
+
+    idx = sel_fn(iq, ik)
+    f_index = cfg["batch"] * cfg["kv_heads"] * cfg["index_dim"] * T * T
+    t_sel, n, _ = timeit(sel_fn, iq, ik, **tm)
+    row["indexer"] = dict(ms=t_sel * 1e3, tflops=f_index / t_sel / 1e12, reps=n)
+    patterns = {"indexer": idx, "skewed": skewed_selection(jax.random.key(T + 1), cfg, T, args.hot)}
+    for name, sel in patterns.items():
+        pairs = support_pairs(sel, bs) * (cfg["heads"] // cfg["kv_heads"])
+        f_main = 4 * cfg["head_dim"] * pairs
+        t_main, n, _ = timeit(main_fn, q, k, v, sel, **tm)
+        total = t_sel + t_main
+        row[f"main_{name}"] = dict(ms=t_main * 1e3, tflops=f_main / t_main / 1e12, reps=n,
+                                   total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
+    for mod_name in args.variants:
+        try:
+            mod = importlib.import_module(f"pallas.{mod_name}")
+        except Exception as e:  # noqa: BLE001
+            row.setdefault("variants", {})[mod_name] = {"import": dict(error=f"{type(e).__name__}: {e}")}
+            continue
+        fn = jax.jit(lambda q, k, v, idx, mod=mod: mod.sparse_attention_fwd(q, k, v, idx, block_size=bs)[0])
+        res = {}
+        for name, sel in patterns.items():
+            f_main = 4 * cfg["head_dim"] * support_pairs(sel, bs) * (cfg["heads"] // cfg["kv_heads"])
+            try:
+                t_v, n, _ = timeit(fn, q, k, v, sel, **tm)
+                res[name] = dict(ms=t_v * 1e3, tflops=f_main / t_v / 1e12, reps=n)
+            except Exception as e:  # noqa: BLE001 - a variant may not support a size: record why
+                res[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        row.setdefault("variants", {})[mod_name] = res
+    # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
+    Tc = min(T, 8192)
+    sl = lambda x: x[:, :Tc]
+    err = jnp.abs(main_fn(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)
+                  - main_xla(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)).max()
+    row["pallas_vs_xla_max_err"] = float(err)
+    if T <= args.xla_max_T:
+        t, n, _ = timeit(xla_fn, q, k, v, iq, ik, **tm)
+        row["xla"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n)
+    return row
 
 
 def print_table(result):

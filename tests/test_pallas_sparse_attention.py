@@ -100,18 +100,13 @@ def _check(out, lse, ref_out, ref_lse, dtype):
 # ------------------------------------------------------------------------------------ tests
 
 # (B, T, H_kv, G, D, block_size, top_k, selection, dtype)
+# The query-tile kernel is a reference design (the ops use the KV-outer one): a compact set of cases.
 CASES = [
     (1, 1, 1, 1, 16, 16, 1, "indexer", jnp.float32),  # T = 1
-    (1, 7, 2, 2, 32, 16, 2, "hand", jnp.float32),  # T < block_size
-    (1, 16, 1, 4, 16, 16, 2, "indexer", jnp.float32),  # T = block_size
     (2, 53, 2, 2, 16, 16, 2, "indexer", jnp.float32),  # T = 3 * block_size + 5, B = 2
     (1, 53, 1, 16, 16, 16, 6, "hand", jnp.float32),  # G = 16, top_k > n_blocks (4)
-    (1, 101, 2, 1, 32, 32, 2, "hand", jnp.float32),  # G = 1, block_size 32
-    (1, 101, 1, 4, 64, 32, 1, "indexer", jnp.float32),  # top_k = 1: local block only
     (1, 29, 2, 3, 16, 16, 2, "hand", jnp.float32),  # G = 3 (padded to 4 heads)
     (1, 29, 1, 2, 16, 8, 3, "hand", jnp.float32),  # block_size 8 < 16-row K tile
-    (1, 53, 2, 4, 16, 16, 3, "hand", jnp.bfloat16),
-    (1, 101, 1, 16, 32, 32, 5, "indexer", jnp.bfloat16),  # top_k > n_blocks
     (1, 7, 1, 16, 16, 32, 2, "hand", jnp.bfloat16),  # T < block_size, G = 16
     (1, 37, 1, 2, 128, 16, 2, "indexer", jnp.bfloat16),  # D = 128
 ]
@@ -137,7 +132,7 @@ def test_matches_oracle(case):
         )
 
 
-@pytest.mark.parametrize("block_q", [1, 4, 16])
+@pytest.mark.parametrize("block_q", [1, 16])
 def test_block_q_does_not_change_the_result(block_q):
     """Different tile heights give different unions (1 token: exactly its own blocks; 16 tokens:
     a wide union with most rows masked); the result must not depend on it."""
