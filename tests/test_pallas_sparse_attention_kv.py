@@ -243,17 +243,23 @@ def test_jit_and_vmap():
 
 def test_default_chunk_at_paper_scale():
     """T = 128K, paper heads: the partial buffer of a chunk stays under 2**30 elements (int32
-    offsets of the Triton kernel) with ~16 balanced chunks and little segment padding."""
+    offsets of the Triton kernel), the chunks divide T (no padded copy of q) and the segment
+    padding stays small."""
     T, BH, top_k, bs, G_pad, D_pad = 131072, 4, 16, 128, 16, 128
     n_blocks = T // bs
     bq = kv_mod._default_block_q(T, G_pad)
     assert bq * G_pad == 128
     tc = kv_mod._default_chunk(T, BH, top_k, n_blocks, bq, G_pad, D_pad)
     n_chunks = -(-T // tc)
-    assert 8 <= n_chunks <= 32 and n_chunks * tc - T < n_chunks
+    assert 8 <= n_chunks <= 32 and n_chunks * tc == T
     rows = kv_mod._partial_rows(tc, top_k, n_blocks, bq)
     assert BH * rows * G_pad * D_pad <= 2**30
-    assert rows < 1.07 * tc * top_k
+    assert rows < 1.15 * tc * top_k
+    # A length with no divisor in range falls back to balanced chunks (padding < one per chunk).
+    T = 131071
+    tc = kv_mod._default_chunk(T, BH, top_k, -(-T // bs), bq, G_pad, D_pad)
+    n_chunks = -(-T // tc)
+    assert 0 <= n_chunks * tc - T < n_chunks
 
 
 def test_bad_arguments():
