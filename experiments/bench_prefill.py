@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import pathlib
 import statistics
 import sys

@@ -27,10 +27,8 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM / Open MPI), see the RE
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import os
 import pathlib
 import platform
 import signal

@@ -66,16 +66,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas.common import next_pow2 as _next_pow2
+
 __all__ = ["select_blocks"]
 
 _INF = float("inf")
 _DEFAULT_BLOCK_Q = 64
 _MIN_DOT = 16  # Triton dots need >= 16 rows / columns / contraction
 _MAX_CALL_ELEMS = 2**31 - 1  # per operand of one pallas_call (int32 offsets in the lowering)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:

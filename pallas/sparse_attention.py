@@ -86,7 +86,6 @@ f32 is TF32). Forward only (no custom VJP yet).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -94,22 +93,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas.common import LN2 as _LN2
+from pallas.common import LOG2E as _LOG2E
+from pallas.common import MASK_VALUE, check_attention_args
+from pallas.common import MIN_DOT as _MIN_DOT
+from pallas.common import is_pow2 as _is_pow2
+from pallas.common import next_pow2 as _next_pow2
+
 __all__ = ["sparse_attention_fwd"]
-
-# Finite "minus infinity" for masked logits (as jax's Pallas attention.py): keeps the running max
-# finite for rows that have seen nothing yet, so exp2(m_prev - m_next) never becomes NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-_MIN_DOT = 16  # Triton dots need >= 16 rows / columns
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 # --------------------------------------------------------------------------------------- kernel
@@ -300,23 +291,7 @@ def sparse_attention_fwd(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     interpret = bool(interpret)
-    for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("block_idx", block_idx, 4)):
-        if getattr(x, "ndim", None) != nd:
-            raise ValueError(f"{name}: expected a {nd}-d array, got {getattr(x, 'shape', type(x))}")
-    B, T, H_q, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(f"k, v: expected shape [B={B}, T={T}, H_kv, D={D}], got {k.shape}, {v.shape}")
-    H_kv = k.shape[2]
-    if H_q % H_kv:
-        raise ValueError(f"H_q={H_q} must be a multiple of H_kv={H_kv}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"q, k, v: expected one dtype, bfloat16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if block_idx.shape[:3] != (B, T, H_kv) or block_idx.shape[3] < 1:
-        raise ValueError(f"block_idx: expected [B={B}, T={T}, H_kv={H_kv}, top_k>=1], got {block_idx.shape}")
-    if not jnp.issubdtype(block_idx.dtype, jnp.integer):
-        raise ValueError(f"block_idx: expected an integer dtype, got {block_idx.dtype}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
+    B, T, H_q, D, H_kv, top_k = check_attention_args(q, k, v, block_idx, block_size)
     G_pad = _next_pow2(H_q // H_kv)
     if block_q is None:
         block_q = _default_block_q(T, G_pad)

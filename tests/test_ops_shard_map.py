@@ -2,7 +2,6 @@
 split over a 'data' axis and every shard computes MSA on its own sequences."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P

@@ -15,7 +15,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
