@@ -4,8 +4,9 @@
   the [T, T / block_size] score matrix never goes to memory).
 - `sparse_attention`: the KV-outer forward kernel of `pallas.sparse_attention_kv` (reverse index
   from blocks to the queries that chose them, per-slot partial outputs + LSE, a combine; 3x faster
-  on an H100 than the query-tile kernel `pallas.sparse_attention`, which stays as a reference design). Its gradient is, for now, the VJP of the `xla` path (a recompute): the backward
-  kernel is issue 5's. `jax.grad` therefore works and is exact, just not fast.
+  on an H100 than the query-tile kernel `pallas.sparse_attention`, which stays as a reference
+  design). Its gradient is, for now, the VJP of the `xla` path (a recompute): the backward kernel
+  is issue 5's. `jax.grad` therefore works and is exact, just not fast.
 - `msa_attention`: both kernels.
 - `dense_attention`, `index_kl_loss`, `selection_recall`: the `xla` implementations (no kernels).
 
@@ -23,6 +24,7 @@ import jax
 from msa_jax.ops import xla
 from msa_jax.sharding import kernel_shard_map
 from pallas import index_topk as _index_topk
+from pallas.common import is_pow2
 from pallas import sparse_attention_kv as _sparse_attention
 
 _BTH_ = ("batch", None, "heads", None)  # [B, T, heads, last]: kernels are independent per row and head
@@ -30,7 +32,7 @@ _BTH_ = ("batch", None, "heads", None)  # [B, T, heads, last]: kernels are indep
 
 def supports(block_size: int | None) -> bool:
     """Whether the GPU kernels take this block size (the Triton tiles need a power of two >= 8)."""
-    return block_size is None or (block_size >= 8 and block_size & (block_size - 1) == 0)
+    return block_size is None or (block_size >= 8 and is_pow2(block_size))
 
 
 dense_attention = xla.dense_attention
