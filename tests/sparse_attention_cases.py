@@ -1,0 +1,84 @@
+"""Inputs, selections, the oracle and the tolerance check shared by the main-branch kernel tests."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax.ops import reference
+
+TOL = {
+    jnp.float32: dict(out=(2e-5, 1e-5), lse=(2e-5, 1e-5)),  # (atol, rtol)
+    jnp.bfloat16: dict(out=(2e-2, 2e-2), lse=(1e-4, 1e-5)),
+}
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _qkv(seed, B, T, H_kv, G, D, dtype):
+    """Random normal q, k, v (numpy RNG: no per-shape jit compile, which dominates on CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(B, T, H_kv * G, D), (B, T, H_kv, D), (B, T, H_kv, D)]
+    return tuple(jnp.asarray(rng.standard_normal(s, np.float32).astype(dtype)) for s in shapes)
+
+
+@functools.partial(jax.jit, static_argnums=range(1, 7))
+def _indexer_ids(seed, B, T, H_kv, block_size, top_k, D_idx=16):
+    """The oracle's indexer (select_blocks) on random index queries / keys."""
+    ks = jax.random.split(jax.random.key(seed + 1000), 2)
+    iq = jax.random.normal(ks[0], (B, T, H_kv, D_idx))
+    ik = jax.random.normal(ks[1], (B, T, D_idx))
+    return reference.select_blocks(iq, ik, block_size=block_size, top_k=top_k)
+
+
+def _hand_ids(seed, B, T, H_kv, block_size, top_k, dup=False):
+    """Random selections: the local block plus a random subset (random size) of earlier blocks,
+    shuffled, then -1 padding. dup=True: the padding is filled with repeats of selected ids."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((B, T, H_kv, top_k), -1, np.int32)
+    for b in range(B):
+        for i in range(T):
+            local = i // block_size
+            for r in range(H_kv):
+                n_extra = rng.integers(0, min(top_k - 1, local) + 1)
+                chosen = [local] + list(rng.choice(local, size=n_extra, replace=False))
+                if dup:
+                    chosen += list(rng.choice(chosen, size=top_k - len(chosen)))
+                rng.shuffle(chosen)
+                ids[b, i, r, : len(chosen)] = chosen
+    return jnp.asarray(ids)
+
+
+@functools.cache
+def _oracle_fn(block_size):
+    def f(q, k, v, ids):
+        with jax.default_matmul_precision("highest"):
+            out = reference.sparse_attention(q, k, v, ids, block_size=block_size)
+            B, T, H_q, D = q.shape
+            H_kv = k.shape[2]
+            mask = reference.support_mask(ids, T, block_size)  # [B, R, T, T]
+            qg = q.astype(jnp.float32).reshape(B, T, H_kv, H_q // H_kv, D)
+            logits = jnp.einsum("birgd,bjrd->brgij", qg, k.astype(jnp.float32)) * D**-0.5
+            logits = jnp.where(mask[:, :, None], logits, -jnp.inf)
+            lse = jax.nn.logsumexp(logits, axis=-1)  # [B, R, G, T]
+            lse = lse.transpose(0, 3, 1, 2).reshape(B, T, H_q)
+        return out, lse
+
+    return jax.jit(f)
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    out, lse = np.asarray(out, np.float32), np.asarray(lse)  # numpy: no per-shape compiles
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    atol, rtol = TOL[dtype]["out"]
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=atol, rtol=rtol
+    )
+    atol, rtol = TOL[dtype]["lse"]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=atol, rtol=rtol)
