@@ -176,10 +176,12 @@ class MSAAttention(GQAAttention):
         q, k, v = self.qkv(x, positions)
         iq, ik = self.index(x, positions)
         if sparse:
-            o, block_idx = ops.msa_attention(
-                q, k, v, iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl
+            o, block_idx, lse = ops.msa_attention(
+                q, k, v, iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks,
+                return_lse=True, impl=cfg.impl,
             )
-            kl = ops.index_kl_loss(q, k, iq, ik, block_idx, block_size=m.block_size, impl=cfg.impl)
+            # The main branch's LSE is the teacher's normaliser (spec 6.1): a fused KL reuses it.
+            kl = ops.index_kl_loss(q, k, iq, ik, block_idx, block_size=m.block_size, lse=lse, impl=cfg.impl)
         else:
             o = ops.dense_attention(q, k, v, impl=cfg.impl)
             kl = ops.index_kl_loss(q, k, iq, ik, None, block_size=m.block_size, impl=cfg.impl)

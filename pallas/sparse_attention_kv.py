@@ -379,8 +379,8 @@ def _sparse_attention_fwd(q, k, v, block_idx, *, block_size, bq, t_chunk, interp
     return out[:, :T], lse[:, :T]
 
 
-def _default_block_q(T: int, G_pad: int) -> int:
-    bq = max(1, _TARGET_M // G_pad)  # M = BQ * G_pad = 128 rows
+def _default_block_q(T: int, G_pad: int, target_m: int = _TARGET_M) -> int:
+    bq = max(1, target_m // G_pad)  # M = BQ * G_pad = 128 rows
     floor = max(1, _MIN_DOT // G_pad)  # keep M >= 16
     return max(floor, min(bq, _next_pow2(T)))
 
@@ -421,7 +421,8 @@ def sparse_attention_fwd(
     """MSA main branch forward, KV-outer: (out [B, T, H_q, D] in q.dtype, lse float32 [B, T, H_q]).
 
     block_q: query tokens per tile (BQ, a power of two; M = BQ * G_pad MMA rows); default
-      128 // G_pad, shrunk for short T, never below 16 // G_pad.
+      128 // G_pad (64 // G_pad for float32: shared memory), shrunk for short T, never below
+      16 // G_pad.
     interpret: None = interpret unless jax.default_backend() == "gpu".
     query_chunk: query tokens per kernel call (the partial buffer holds one chunk); default: the
       largest balanced chunk with a partial buffer of <= 2**30 elements.
@@ -440,7 +441,8 @@ def sparse_attention_fwd(
     BH = B * H_kv
     n_blocks = -(-T // block_size)
     if block_q is None:
-        block_q = _default_block_q(T, G_pad)
+        # float32 tiles of 128 rows exceed the H100's shared memory at D = 128: 64 rows
+        block_q = _default_block_q(T, G_pad, _TARGET_M if q.dtype != jnp.float32 else _TARGET_M // 2)
     elif not isinstance(block_q, int) or not _is_pow2(block_q):
         raise ValueError(f"block_q: expected a power of two, got {block_q!r}")
     if query_chunk is None:

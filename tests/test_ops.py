@@ -783,6 +783,67 @@ def test_grads_index_kl(impl, use_idx):
         assert_close(g[3], g_ref[1], 1e-5, msg="d ik vs reference")
 
 
+def jnp_lse(q, k, mask):
+    """[B, T, H_q] log-sum-exp of the logits over the mask [B, T, H_kv, T] (independent jnp)."""
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    G = q.shape[2] // k.shape[2]
+    logits = jnp.einsum("bihd,bjhd->bihj", q, jnp.repeat(k, G, axis=2)) / math.sqrt(q.shape[-1])
+    return jax.nn.logsumexp(jnp.where(jnp.repeat(mask, G, axis=2), logits, -jnp.inf), axis=-1)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("cfg_name", ["g1_partial", "g8_topk_gt_blocks", "g2_4groups"])
+def test_sparse_attention_return_lse(impl, cfg_name):
+    """return_lse=True: the same output, the log-sum-exp of the logits over the support, and the
+    gradient of a loss that uses both (d lse / d logits = P: the pallas backward folds it into its
+    delta), against an independent jnp version."""
+    cfg = CONFIGS[cfg_name]
+    q, k, v, iq, ik = make_inputs(cfg, seed=131)
+    ct = jnp.asarray(_normal(np.random.default_rng(132), q.shape))
+    ct_lse = jnp.asarray(_normal(np.random.default_rng(133), q.shape[:3]))
+    idx = jops.select_blocks(iq, ik, block_size=cfg.bs, top_k=cfg.topk, impl="reference")
+    smask = support_mask(idx, cfg.T, cfg.bs)
+    out, lse = jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, return_lse=True, impl=impl)
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, impl=impl)))
+    assert_close(lse, jnp_lse(q, k, smask), 1e-5)
+    out2, idx2, lse2 = jops.msa_attention(q, k, v, iq, ik, block_size=cfg.bs, top_k=cfg.topk, return_lse=True, impl=impl)
+    np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v)[0].astype(jnp.float32) * ct) + jnp.sum(f(q, k, v)[1] * ct_lse)
+
+    f_impl = lambda q, k, v: jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, return_lse=True, impl=impl)
+    f_ind = lambda q, k, v: (jnp_masked_attention(q, k, v, smask), jnp_lse(q, k, smask))
+    g = jax.grad(loss(f_impl), argnums=(0, 1, 2))(q, k, v)
+    g_ind = jax.jit(jax.grad(loss(f_ind), argnums=(0, 1, 2)))(q, k, v)
+    for a, b, n in zip(g, g_ind, "qkv"):
+        assert_close(a, b, 1e-4, msg=f"d{n}")
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_index_kl_loss_given_lse(impl):
+    """Handing the main branch's LSE to index_kl_loss changes neither the value nor the gradients;
+    two backward runs give the same bits (the pallas kernels sum in a fixed order)."""
+    cfg = CONFIGS["g2_4groups"]
+    q, k, v, iq, ik = make_inputs(cfg, seed=141)
+    idx = jops.select_blocks(iq, ik, block_size=cfg.bs, top_k=cfg.topk, impl="reference")
+    _, lse = jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, return_lse=True, impl=impl)
+
+    def grads(lse_arg):
+        f = lambda iq, ik: ops.index_kl_loss(q, k, iq, ik, idx, block_size=cfg.bs, lse=lse_arg, impl=impl)
+        return jax.value_and_grad(f, argnums=(0, 1))(iq, ik)
+
+    (v0, g0), (v1, g1), (v2, g2) = grads(None), grads(lse), grads(lse)
+    assert_close(v1, v0, 1e-6)
+    for a, b in zip(g1, g0):
+        assert_close(a, b, 1e-5)
+    for a, b in zip(g1, g2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="lse"):
+        ops.index_kl_loss(q, k, iq, ik, idx, block_size=cfg.bs, lse=lse[:, :, :1], impl=impl)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grads_bf16_vs_reference(impl):
     cfg = CONFIGS["g2_batch2"]

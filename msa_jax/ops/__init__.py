@@ -132,22 +132,28 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
     return fn(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, impl: str = "auto"):
-    """Main branch: exact causal softmax attention over the tokens of the selected blocks."""
+def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, return_lse: bool = False, impl: str = "auto"):
+    """Main branch: exact causal softmax attention over the tokens of the selected blocks.
+
+    return_lse=True also returns the float32 log-sum-exp [B, T, H_q] of the logits over the support
+    (the teacher's normaliser of the KL loss, spec 6.1: pass it to `index_kl_loss(lse=...)`)."""
     backend = _backend(impl, block_size)
     _check_qkv(q, k, v)
     _check_block_idx(block_idx, k)
     _check_int("block_size", block_size, 1)
-    return _jit(backend.sparse_attention, "block_size")(q, k, v, block_idx.astype(jnp.int32), block_size=block_size)
+    fn = _jit(backend.sparse_attention, "block_size", "return_lse")
+    return fn(q, k, v, block_idx.astype(jnp.int32), block_size=block_size, return_lse=bool(return_lse))
 
 
-def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, impl: str = "auto"):
-    """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx)."""
+def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0,
+                  return_lse: bool = False, impl: str = "auto"):
+    """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx) (+ lse with return_lse)."""
     _backend(impl)
     _check_qkv(q, k, v)
     _check_index(iq, ik, k)
     block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, impl=impl)
-    return sparse_attention(q, k, v, block_idx, block_size=block_size, impl=impl), block_idx
+    out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, impl=impl)
+    return (out[0], block_idx, out[1]) if return_lse else (out, block_idx)
 
 
 def dense_attention(q, k, v, *, impl: str = "auto"):
@@ -163,10 +169,13 @@ def _cudnn_ok(q) -> bool:
     return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, impl: str = "auto"):
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, lse=None, impl: str = "auto"):
     """KL(stop_grad(teacher) || student) on the support, mean over (batch, query, group).
 
     block_idx=None takes the full causal support (dense warmup). Gradients reach iq and ik only.
+    lse: optional float32 [B, T, H_q], the main branch's log-sum-exp over the same support
+    (`sparse_attention(..., return_lse=True)`), which is the teacher's normaliser (spec 6.1): the
+    fused pallas KL reuses it instead of recomputing it; the other backends do not need it.
     """
     backend = _backend(impl)
     _check_qkv(q, k)
@@ -175,7 +184,11 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, impl: str =
         _check_block_idx(block_idx, k)
         block_idx = block_idx.astype(jnp.int32)
     _check_int("block_size", block_size, 1)
-    return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, block_size=block_size)
+    if lse is not None:
+        if getattr(lse, "shape", None) != q.shape[:3]:
+            _fail("lse", f"shape {q.shape[:3]} ([B, T, H_q])", getattr(lse, "shape", type(lse)))
+        lse = jax.lax.stop_gradient(jnp.asarray(lse, jnp.float32))
+    return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, block_size=block_size, lse=lse)
 
 
 def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16, impl: str = "auto"):

@@ -123,9 +123,24 @@ def _attend(q, k, v, mask):
     return out.reshape(B, T, H_q, D).astype(q.dtype)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int) -> jax.Array:
-    """Spec section 4: exact softmax attention over the tokens of the selected blocks, j <= i."""
-    return _attend(q, k, v, support_mask(block_idx, q.shape[1], block_size))
+def _lse(q, k, mask):
+    """Natural log of the softmax denominator over the support, float32 [B, T, H_q] (-inf: empty)."""
+    n_kv = k.shape[2]
+    qg = _group_queries(q.astype(jnp.float32), n_kv)
+    logits = jnp.einsum("birgd,bjrd->brgij", qg, k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    lse = jax.nn.logsumexp(jnp.where(mask[:, :, None], logits, NEG_INF), axis=-1)  # [B, R, G, T]
+    B, T, H_q, _ = q.shape
+    return lse.transpose(0, 3, 1, 2).reshape(B, T, H_q)
+
+
+def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False):
+    """Spec section 4: exact softmax attention over the tokens of the selected blocks, j <= i.
+
+    return_lse: also return the log-sum-exp of the logits over the support (the KL's teacher
+    normaliser, spec 6.1)."""
+    mask = support_mask(block_idx, q.shape[1], block_size)
+    out = _attend(q, k, v, mask)
+    return (out, _lse(q, k, mask)) if return_lse else out
 
 
 def dense_attention(q, k, v) -> jax.Array:
@@ -133,13 +148,16 @@ def dense_attention(q, k, v) -> jax.Array:
     return _attend(q, k, v, support_mask(None, q.shape[1], 1))
 
 
-def msa_attention(q, k, v, iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
+def msa_attention(q, k, v, iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, return_lse: bool = False):
     block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
-    return sparse_attention(q, k, v, block_idx, block_size=block_size), block_idx
+    out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse)
+    return (out[0], block_idx, out[1]) if return_lse else (out, block_idx)
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int) -> jax.Array:
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None) -> jax.Array:
     """Spec 6.1: mean over (b, i, r) of KL(teacher || student) on the support U.
+
+    lse (the main branch's normaliser) is accepted for a uniform signature and not needed here.
 
     Teacher: the group's heads softmaxed separately over U and averaged as probabilities, with
     stop_gradient. Student: softmax over U of the index scores.

@@ -189,33 +189,41 @@ def _key_mask(ids, q_pos, T: int, block_size: int):
     return causal & selected[..., jnp.arange(T) // block_size]
 
 
-def _attend(q_c, keys, values, mask, per_query_keys: bool):
+def _attend(q_c, keys, values, mask, per_query_keys: bool, return_lse: bool = False):
     """Softmax attention of a query chunk [B, C, H_q, D] over keys [B, T, R, D] (shared by the
-    chunk) or [B, C, R, S, D] (per query); mask [B|1, C, R, S|T]. Returns [B, C, H_q, D]."""
+    chunk) or [B, C, R, S, D] (per query); mask [B|1, C, R, S|T]. Returns [B, C, H_q, D] (and the
+    float32 log-sum-exp [B, C, H_q] of the logits over the mask, -inf where it is empty)."""
     B, C, H_q, D = q_c.shape
     R = keys.shape[2]
     spec = "bcrsd" if per_query_keys else "bsrd"
     logits = _mm(f"bcrgd,{spec}->bcrgs", _group(q_c, R), keys) * D**-0.5
     p, _ = _softmax(logits, mask[:, :, :, None])
     out = _mm(f"bcrgs,{spec}->bcrgd", p.astype(values.dtype), values)
-    return out.reshape(B, C, H_q, D).astype(q_c.dtype)
+    out = out.reshape(B, C, H_q, D).astype(q_c.dtype)
+    if not return_lse:
+        return out
+    lse = jax.nn.logsumexp(jnp.where(mask[:, :, :, None], logits, NEG_INF), axis=-1)
+    return out, lse.reshape(B, C, H_q)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None):
+def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None,
+                     return_lse: bool = False):
     B, T, H_q, D = q.shape
     R, K = k.shape[2], block_idx.shape[-1]
     if _strategy(T, K, block_size, strategy) == "mask":
         C = _chunk_len(T, B * H_q * T, q_chunk)
-        body = lambda q_pos, q_c, ids: _attend(q_c, k, v, _key_mask(ids, q_pos, T, block_size), False)
+
+        def body(q_pos, q_c, ids):
+            return _attend(q_c, k, v, _key_mask(ids, q_pos, T, block_size), False, return_lse)
     else:
         kb, vb = _blocks(k, block_size), _blocks(v, block_size)
         C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
 
         def body(q_pos, q_c, ids):
             _, ok = _support(ids, q_pos, block_size)
-            return _attend(q_c, _gather_blocks(kb, ids), _gather_blocks(vb, ids), ok, True)
+            return _attend(q_c, _gather_blocks(kb, ids), _gather_blocks(vb, ids), ok, True, return_lse)
 
-    return _unchunk(_map_chunks(body, T, C, q, block_idx), T)
+    return jax.tree.map(lambda y: _unchunk(y, T), _map_chunks(body, T, C, q, block_idx))
 
 
 def dense_attention(q, k, v, *, q_chunk: int | None = None):
@@ -228,7 +236,9 @@ def dense_attention(q, k, v, *, q_chunk: int | None = None):
 # ----------------------------------------------------------------------------- training signals
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None):
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk: int | None = None,
+                  strategy: str | None = None):
+    del lse  # the teacher is recomputed per chunk; its normaliser comes with it
     B, T, H_q, D = q.shape
     R, Di = k.shape[2], iq.shape[-1]
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)  # the teacher is detached
