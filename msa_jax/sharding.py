@@ -242,7 +242,8 @@ def kernel_shard_map(fn, *args, specs, out_specs):
     XLA would gather its operands onto every device. The kernels are independent per (batch row,
     KV group), so each device can run them on its own rows and heads. `specs` / `out_specs` give,
     per array, one logical role per dim: "batch" (split over data x fsdp), "heads" (split over
-    tensor) or None. Without an active multi-device mesh, or when a dim does not divide its mesh
+    tensor) or None; `out_specs` is one such tuple, or a tuple of them for several outputs. Without
+    an active multi-device mesh, or when a dim does not divide its mesh
     axes, `fn` runs unsharded (GSPMD then replicates, which is correct, just slower).
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -264,7 +265,8 @@ def kernel_shard_map(fn, *args, specs, out_specs):
     if any(s is None for s in in_specs):
         return fn(*args)
     outs = jax.eval_shape(fn, *args)
-    out_tree = jax.tree.map(lambda r, o: spec(r, o.shape), out_specs, outs, is_leaf=lambda x: isinstance(x, tuple))
+    is_roles = lambda x: isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)  # noqa: E731
+    out_tree = jax.tree.map(lambda r, o: spec(r, o.shape), out_specs, outs, is_leaf=is_roles)
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_tree, check_vma=False)(*args)
 
 

@@ -34,7 +34,7 @@ ALL_IMPLS = ("reference",) + tuple(i for i in IMPLS if i != "reference")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 HYP = settings(
-    max_examples=6,
+    max_examples=4,
     deadline=None,
     derandomize=True,
     database=None,
@@ -642,6 +642,8 @@ BF16_CONFIGS = ("g2_batch2", "g16", "g2_4groups")
     ids=[f"{c}-f32" for c in CONFIGS] + [f"{c}-bf16" for c in BF16_CONFIGS],
 )
 def test_impl_matches_reference_configs(impl, cfg_name, dtype):
+    if impl == "pallas" and dtype == jnp.bfloat16 and cfg_name != "g16":
+        pytest.skip("bf16 kernels: tests/test_pallas_*.py cover them; one config here (interpret mode is slow)")
     _compare_all_ops(impl, CONFIGS[cfg_name], seed=71 + list(CONFIGS).index(cfg_name), dtype=dtype)
 
 
@@ -792,7 +794,7 @@ def jnp_lse(q, k, mask):
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("cfg_name", ["g1_partial", "g8_topk_gt_blocks", "g2_4groups"])
+@pytest.mark.parametrize("cfg_name", ["g1_partial", "g2_4groups"])
 def test_sparse_attention_return_lse(impl, cfg_name):
     """return_lse=True: the same output, the log-sum-exp of the logits over the support, and the
     gradient of a loss that uses both (d lse / d logits = P: the pallas backward folds it into its
@@ -842,6 +844,33 @@ def test_index_kl_loss_given_lse(impl):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="lse"):
         ops.index_kl_loss(q, k, iq, ik, idx, block_size=cfg.bs, lse=lse[:, :, :1], impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_grads_of_shared_keys_sum_in_f32(impl):
+    """bf16 inputs, a sink block every query selects (plus each local block): dk, dv and d ik sum
+    over hundreds of queries. Summed in bf16 (a scatter-add or a chunk loop carrying bf16) they
+    drift 3-8% from the float32 gradient; every impl must stay within the bf16 rounding (~0.5%)."""
+    B, T, H, R, D, Di, bs, K = 1, 1024, 8, 2, 32, 16, 16, 4
+    rng = np.random.default_rng(151)
+    q, k, v = (jnp.asarray(_normal(rng, s)) for s in ((B, T, H, D), (B, T, R, D), (B, T, R, D)))
+    iq, ik = jnp.asarray(_normal(rng, (B, T, R, Di))), jnp.asarray(_normal(rng, (B, T, Di)))
+    ct = jnp.asarray(_normal(rng, q.shape))
+    idx = jops.select_blocks(iq, ik, block_size=bs, top_k=K, sink_blocks=1, impl="xla")
+
+    def grads(impl, dtype):
+        def f(q, k, v, iq, ik):
+            o = ops.sparse_attention(q, k, v, idx, block_size=bs, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * ct) + 100 * ops.index_kl_loss(q, k, iq, ik, idx, block_size=bs, impl=impl)
+
+        args = (x.astype(dtype) for x in (q, k, v, iq, ik))
+        return [np.asarray(g, np.float32) for g in jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*args)]
+
+    with jax.default_matmul_precision("highest"):
+        ref = grads("xla", jnp.float32)
+    for name, g, r in zip(["dq", "dk", "dv", "diq", "dik"], grads(impl, jnp.bfloat16), ref):
+        rel = np.linalg.norm(g - r) / np.linalg.norm(r)
+        assert rel < 0.012, f"{name}: relative error {rel:.4f} of the bf16 gradient"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -117,7 +117,6 @@ CASES = [
     (1, 53, 1, 4, 32, 16, 16, 6, "hand", jnp.float32, None),  # T = 3 bs + 5, top_k > n_blocks (4)
     (1, 29, 1, 16, 16, 16, 8, 5, "hot", jnp.float32, None),  # G = 16 (BQ = 8), top_k > n_blocks
     (1, 53, 2, 4, 32, 16, 16, 3, "indexer", jnp.bfloat16, None),
-    (1, 29, 1, 16, 16, 32, 8, 3, "dup", jnp.bfloat16, None),  # G = 16
     (1, 29, 2, 3, 16, 16, 8, 6, "messy", jnp.bfloat16, None),  # G = 3
 ]
 
@@ -173,7 +172,7 @@ def test_grad_of_mean_matches_reference_loss():
 
 
 def test_backward_is_deterministic():
-    case = CASES[7]
+    case = CASES[-1]  # bf16, G = 3
     bs = case[6]
     q, k, iq, ik, ids, lse, g = _setup(case)
     kl, res = index_kl_fwd(q, k, iq, ik, ids, lse, block_size=bs)

@@ -76,7 +76,7 @@ def _sparse_bwd(block_size, res, cts):
     fn = functools.partial(_sparse_attention_bwd.sparse_attention_bwd, block_size=block_size)
     dq, dk, dv = kernel_shard_map(
         fn, q, k, v, block_idx, out, lse, dout, dlse,
-        specs=(_BTH_,) * 6 + (_BTH_, _BTH), out_specs=(_BTH_,) * 3,
+        specs=(_BTH_,) * 5 + (_BTH, _BTH_, _BTH), out_specs=(_BTH_,) * 3,  # q k v idx out | lse dout dlse
     )
     return dq, dk, dv, None
 
