@@ -103,6 +103,7 @@ Forward only.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -335,30 +336,52 @@ def _chunk_fwd(q0, qc, idc, kg, vg, *, block_size, bq, n_blocks, n_tiles, G_pad,
     return out, lse
 
 
+class _Sizes(NamedTuple):
+    """Padded sizes of one call, shared by the KV-outer wrappers (forward, backward)."""
+
+    B: int
+    T: int
+    H_q: int
+    D: int
+    H_kv: int
+    top_k: int
+    BH: int  # rows of the kernels' grids: B * H_kv
+    G_pad: int  # query heads per group, padded to a power of two
+    D_pad: int
+    kv_tile: int  # K/V rows loaded per block (>= 16 for the dots)
+    n_blocks: int
+    T_kv_pad: int
+    n_chunks: int
+    T_pad: int  # n_chunks * t_chunk
+
+    def kv_layout(self, x):
+        """[B, T, H_kv, D] -> [B*H_kv, T_kv_pad, D_pad] (zero padding)."""
+        x = jnp.pad(x, ((0, 0), (0, self.T_kv_pad - self.T), (0, 0), (0, self.D_pad - self.D)))
+        return x.transpose(0, 2, 1, 3).reshape(self.BH, self.T_kv_pad, self.D_pad)
+
+
+def _sizes(q, k, block_idx, block_size: int, t_chunk: int) -> _Sizes:
+    B, T, H_q, D = q.shape
+    H_kv = k.shape[2]
+    kv_tile = max(block_size, _MIN_DOT)
+    n_blocks = -(-T // block_size)
+    n_chunks = -(-T // t_chunk)
+    return _Sizes(B, T, H_q, D, H_kv, block_idx.shape[-1], B * H_kv, _next_pow2(H_q // H_kv),
+                  max(_MIN_DOT, _next_pow2(D)), kv_tile, n_blocks, n_blocks * block_size + kv_tile - block_size,
+                  n_chunks, n_chunks * t_chunk)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "bq", "t_chunk", "interpret", "num_warps", "num_stages", "tiles_per_program"),
 )
 def _sparse_attention_fwd(q, k, v, block_idx, *, block_size, bq, t_chunk, interpret, num_warps=None,
                           num_stages=None, tiles_per_program=1):
-    B, T, H_q, D = q.shape
-    H_kv = k.shape[2]
-    top_k = block_idx.shape[-1]
-    G_pad = _next_pow2(H_q // H_kv)
-    D_pad = max(_MIN_DOT, _next_pow2(D))
-    kv_tile = max(block_size, _MIN_DOT)
-    n_blocks = -(-T // block_size)
-    T_kv_pad = n_blocks * block_size + (kv_tile - block_size)
-    BH = B * H_kv
-    n_chunks = -(-T // t_chunk)
-    T_pad = n_chunks * t_chunk
+    sz = _sizes(q, k, block_idx, block_size, t_chunk)
+    B, T, H_q, D, H_kv, top_k = sz.B, sz.T, sz.H_q, sz.D, sz.H_kv, sz.top_k
+    G_pad, D_pad, kv_tile, n_blocks, n_chunks, T_pad = sz.G_pad, sz.D_pad, sz.kv_tile, sz.n_blocks, sz.n_chunks, sz.T_pad
     n_tiles = _n_tiles(t_chunk, top_k, n_blocks, bq, tiles_per_program)
-
-    def kv_layout(x):  # [B, T, H_kv, D] -> [B*H_kv, T_kv_pad, D_pad]
-        x = jnp.pad(x, ((0, 0), (0, T_kv_pad - T), (0, 0), (0, D_pad - D)))
-        return x.transpose(0, 2, 1, 3).reshape(BH, T_kv_pad, D_pad)
-
-    kg, vg = kv_layout(k), kv_layout(v)
+    kg, vg = sz.kv_layout(k), sz.kv_layout(v)
     ids = _clean_ids(block_idx, block_size)
     qp = jnp.pad(q, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)))
     ids = jnp.pad(ids, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)), constant_values=-1)

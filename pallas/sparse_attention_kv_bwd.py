@@ -54,7 +54,7 @@ from pallas.common import check_attention_args
 from pallas.common import is_pow2 as _is_pow2
 from pallas.common import next_pow2 as _next_pow2
 from pallas.sparse_attention_kv import _INT32_LIMIT, _clean_ids, _default_block_q, _default_chunk
-from pallas.sparse_attention_kv import _n_tiles, _reverse_index
+from pallas.sparse_attention_kv import _n_tiles, _reverse_index, _sizes
 
 __all__ = ["sparse_attention_bwd"]
 
@@ -293,25 +293,12 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, idc, kg, vg, *, block_size, bq, n_bloc
 )
 def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_size, bq, t_chunk, tiles_per_unit,
                           interpret, num_warps=None, num_stages=None):
-    B, T, H_q, D = q.shape
-    H_kv = k.shape[2]
-    top_k = block_idx.shape[-1]
-    G_pad = _next_pow2(H_q // H_kv)
-    D_pad = max(_MIN_DOT, _next_pow2(D))
-    kv_tile = max(block_size, _MIN_DOT)
-    n_blocks = -(-T // block_size)
-    T_kv_pad = n_blocks * block_size + (kv_tile - block_size)
-    BH = B * H_kv
-    n_chunks = -(-T // t_chunk)
-    T_pad = n_chunks * t_chunk
-    n_tiles = _n_tiles(t_chunk, top_k, n_blocks, bq)
+    sz = _sizes(q, k, block_idx, block_size, t_chunk)
+    B, T, H_q, D, H_kv, n_blocks, n_chunks = sz.B, sz.T, sz.H_q, sz.D, sz.H_kv, sz.n_blocks, sz.n_chunks
+    D_pad, BH, T_pad = sz.D_pad, sz.BH, sz.T_pad
+    n_tiles = _n_tiles(t_chunk, sz.top_k, n_blocks, bq)
     U = n_units(n_tiles, n_blocks, tiles_per_unit)
-
-    def kv_layout(x):  # [B, T, H_kv, D] -> [B*H_kv, T_kv_pad, D_pad]
-        x = jnp.pad(x, ((0, 0), (0, T_kv_pad - T), (0, 0), (0, D_pad - D)))
-        return x.transpose(0, 2, 1, 3).reshape(BH, T_kv_pad, D_pad)
-
-    kg, vg = kv_layout(k), kv_layout(v)
+    kg, vg = sz.kv_layout(k), sz.kv_layout(v)
     dout = dout.astype(q.dtype)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, H_q]
     if dlse is not None:  # d lse / d s = P: the lse cotangent enters dS = P * (dP - delta + dlse)
@@ -322,7 +309,7 @@ def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_siz
     qp, dop, lsep, deltap, ids = pad_t(q), pad_t(dout), pad_t(lse), pad_t(delta), pad_t(ids, -1)
     chunk = functools.partial(
         _chunk_bwd, kg=kg, vg=vg, block_size=block_size, bq=bq, n_blocks=n_blocks, n_tiles=n_tiles,
-        n_units_=U, tiles_per_unit=tiles_per_unit, G_pad=G_pad, D_pad=D_pad, kv_tile=kv_tile,
+        n_units_=U, tiles_per_unit=tiles_per_unit, G_pad=sz.G_pad, D_pad=D_pad, kv_tile=sz.kv_tile,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages,
     )
     if n_chunks == 1:

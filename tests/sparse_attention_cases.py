@@ -53,6 +53,16 @@ def _hand_ids(seed, B, T, H_kv, block_size, top_k, dup=False):
     return jnp.asarray(ids)
 
 
+def _hot_ids(seed, B, T, H_kv, block_size, top_k):
+    """Every query picks block 0 (a hot block, split over many tiles) and its local block (both 0
+    for the first block: a duplicate that must count once), then random repeats of its ids."""
+    ids = np.array(_hand_ids(seed, B, T, H_kv, block_size, top_k, dup=True))
+    ids[..., 0] = 0
+    if top_k > 1:
+        ids[..., 1] = (np.arange(T) // block_size)[None, :, None]
+    return jnp.asarray(ids)
+
+
 @functools.cache
 def _oracle_fn(block_size):
     def f(q, k, v, ids):

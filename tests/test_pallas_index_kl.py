@@ -23,7 +23,7 @@ from msa_jax.ops import reference
 from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, teacher_lse
 from pallas.sparse_attention_kv import sparse_attention_fwd
 
-from sparse_attention_cases import _hand_ids, _indexer_ids
+from sparse_attention_cases import _hand_ids, _hot_ids, _indexer_ids
 
 # (kl atol, kl rtol, gradient tolerance relative to the largest |gradient|)
 TOL = {jnp.float32: (2e-5, 1e-5, 1e-5), jnp.bfloat16: (1e-4, 1e-4, 2e-2)}
@@ -39,15 +39,6 @@ def _inputs(seed, B, T, H_kv, G, D, Di, dtype):
     q, k, iq, ik = (jnp.asarray(rng.standard_normal(s, np.float32).astype(dtype)) for s in shapes)
     g = jnp.asarray(rng.standard_normal((B, T, H_kv), np.float32))
     return q, k, iq, ik, g
-
-
-def _hot_ids(seed, B, T, H_kv, block_size, top_k):
-    """Every query picks block 0 (a hot block: many tiles, several units) and its local block."""
-    ids = np.array(_hand_ids(seed, B, T, H_kv, block_size, top_k, dup=True))
-    ids[..., 0] = 0
-    if top_k > 1:
-        ids[..., 1] = (np.arange(T) // block_size)[None, :, None]
-    return jnp.asarray(ids)
 
 
 def _messy_ids(seed, B, T, H_kv, block_size, top_k):

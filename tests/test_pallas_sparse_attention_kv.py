@@ -22,20 +22,10 @@ import pytest
 from pallas import sparse_attention_kv as kv_mod
 from pallas.sparse_attention_kv import sparse_attention_fwd
 
-from sparse_attention_cases import _check, _hand_ids, _indexer_ids, _oracle_fn, _qkv
+from sparse_attention_cases import _check, _hand_ids, _hot_ids, _indexer_ids, _oracle_fn, _qkv
 
 
 # ------------------------------------------------------------------------------------ tests
-
-def _hot_ids(seed, B, T, H_kv, block_size, top_k):
-    """Every query picks block 0 (a hot block, split over many tiles) and its local block (both 0
-    for the first block: a duplicate that must count once), then random repeats of its ids."""
-    ids = np.array(_hand_ids(seed, B, T, H_kv, block_size, top_k, dup=True))
-    ids[..., 0] = 0
-    if top_k > 1:
-        ids[..., 1] = (np.arange(T) // block_size)[None, :, None]
-    return jnp.asarray(ids)
-
 
 def _messy_ids(seed, B, T, H_kv, block_size, top_k):
     """Hand-made selections (top_k - 5 slots) plus 5 columns of junk the kernel must ignore or
