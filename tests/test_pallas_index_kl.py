@@ -107,7 +107,6 @@ CASES = [
     (1, 29, 2, 3, 16, 32, 8, 6, "messy", jnp.float32, 8),  # G = 3, junk / empty rows, 4 chunks
     (1, 53, 1, 4, 32, 16, 16, 6, "hand", jnp.float32, None),  # T = 3 bs + 5, top_k > n_blocks (4)
     (1, 29, 1, 16, 16, 16, 8, 5, "hot", jnp.float32, None),  # G = 16 (BQ = 8), top_k > n_blocks
-    (1, 53, 2, 4, 32, 16, 16, 3, "indexer", jnp.bfloat16, None),
     (1, 29, 2, 3, 16, 16, 8, 6, "messy", jnp.bfloat16, None),  # G = 3
 ]
 

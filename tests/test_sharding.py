@@ -205,7 +205,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     po2 = make_optimizer(p2, tcfg)
     r1 = train_step(p1, po1, tok, sparse=True, kl_weight=1.0)
     r2 = S.sharded_train_step(p2, po2, S.shard_batch(tok, mesh), mesh=mesh, sparse=True, kl_weight=1.0)
-    for k in ("loss", "lm_loss", "kl", "grad_norm"):
+    # index_grad_norm: d ik (shared by the KV groups) sums over the tensor shards' groups
+    for k in ("loss", "lm_loss", "kl", "grad_norm", "index_grad_norm"):
         np.testing.assert_allclose(r2[k], r1[k], rtol=1e-5, atol=1e-5, err_msg=k)
     iq = jax.random.normal(jax.random.key(5), (8, 32, 2, 8))
     ik = jax.random.normal(jax.random.key(6), (8, 32, 8))
