@@ -277,9 +277,11 @@ def evaluate(model, eval_set, mesh, *, is_msa: bool) -> dict:
     """Mean val metrics over the fixed windows; an MSA model is evaluated sparse, with recall."""
     import jax
 
+    from msa_jax.train import sharded_eval_step
+
     totals: dict[str, float] = {}
     for batch in eval_set:
-        m = jax.device_get(S.sharded_eval_step(model, batch, mesh=mesh, sparse=is_msa, with_recall=is_msa))
+        m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=is_msa, with_recall=is_msa))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     out = {k: v / len(eval_set) for k, v in totals.items()}
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from msa_jax.checkpoint import Checkpointer, load_dense_into_msa
     from msa_jax.model import count_params
-    from msa_jax.train import lr_schedule, make_optimizer, use_sparse
+    from msa_jax.train import lr_schedule, make_optimizer, sharded_train_step, use_sparse
 
     mcfg, tcfg = make_configs(cfg)  # validates every size
     is_main = jax.process_index() == 0
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
             sparse = bool(is_msa and use_sparse(step, mcfg.msa))
             batch = S.shard_batch(next(batches), mesh)
             t0 = time.perf_counter()
-            metrics = S.sharded_train_step(model, optimizer, batch, mesh=mesh, sparse=sparse,
+            metrics = sharded_train_step(model, optimizer, batch, mesh=mesh, sparse=sparse,
                                            kl_weight=mcfg.msa.kl_weight)
             if sparse not in seen_modes:  # first step of a mode compiles: keep it out of tokens/s
                 jax.block_until_ready(metrics)

@@ -18,8 +18,8 @@ Training reuses `msa_jax.train.train_step` / `eval_step` unchanged: they are `nn
 explicit shardings, so once the model, optimizer and batch are placed with `shard_model`,
 `shard_optimizer` and `shard_batch`, XLA's GSPMD propagates the input shardings through the step
 (the mesh uses `AxisType.Auto` for that reason; jax's default for `make_mesh` is Explicit).
-`sharded_train_step` additionally re-constrains the updated params / optimizer state to their
-specs, so the layout cannot drift over many steps.
+`msa_jax.train.sharded_train_step` additionally re-constrains the updated params / optimizer state
+to their specs, so the layout cannot drift over many steps.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from msa_jax import train as _train
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from msa_jax.config import BATCH_AXES, MESH_AXES
 
 # Parameter path regex (searched at the end of the "/"-joined path) -> logical axes, one per dim.
 # Ordered: the first matching rule wins. Norm scales and anything unmatched are replicated.
@@ -232,44 +229,6 @@ def shard_batch(tokens, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(tokens.shape, sharding, lambda idx: tokens[idx])
 
 
-# ------------------------------------------------------------------------------ kernels
-
-
-def kernel_shard_map(fn, *args, specs, out_specs):
-    """`fn(*args)`, per shard, inside `jax.shard_map` over the active mesh (`jax.set_mesh`).
-
-    For the Pallas kernels: a `pallas_call` has no GSPMD partitioning rule, so under a sharded jit
-    XLA would gather its operands onto every device. The kernels are independent per (batch row,
-    KV group), so each device can run them on its own rows and heads. `specs` / `out_specs` give,
-    per array, one logical role per dim: "batch" (split over data x fsdp), "heads" (split over
-    tensor) or None; `out_specs` is one such tuple, or a tuple of them for several outputs. Without
-    an active multi-device mesh, or when a dim does not divide its mesh
-    axes, `fn` runs unsharded (GSPMD then replicates, which is correct, just slower).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
-        return fn(*args)
-    roles = {"batch": tuple(a for a in BATCH_AXES if mesh.shape[a] > 1),
-             "heads": tuple(a for a in ("tensor",) if mesh.shape[a] > 1)}
-
-    def spec(role_dims, shape):
-        out = []
-        for role, size in zip(role_dims, shape, strict=True):
-            axes = roles[role] if role else ()
-            if axes and size % math.prod(mesh.shape[a] for a in axes):
-                return None
-            out.append((axes if len(axes) > 1 else axes[0]) if axes else None)
-        return P(*out)
-
-    in_specs = [spec(r, a.shape) for r, a in zip(specs, args, strict=True)]
-    if any(s is None for s in in_specs):
-        return fn(*args)
-    outs = jax.eval_shape(fn, *args)
-    is_roles = lambda x: isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)  # noqa: E731
-    out_tree = jax.tree.map(lambda r, o: spec(r, o.shape), out_specs, outs, is_leaf=is_roles)
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_tree, check_vma=False)(*args)
-
-
 # ---------------------------------------------------------------------------------- multi-host
 
 
@@ -296,37 +255,3 @@ def maybe_initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return True
-
-
-# ---------------------------------------------------------------------------------------- steps
-
-
-def _constrain(node, mesh: Mesh) -> None:
-    state = nnx.state(node)
-    nnx.update(node, jax.lax.with_sharding_constraint(state, tree_shardings(state, mesh)))
-
-
-def sharded_train_step(model, optimizer, tokens, *, mesh: Mesh, sparse: bool, kl_weight: float):
-    """`train.train_step` on a sharded model / optimizer / batch, with the updated state pinned.
-
-    Same math and metrics as `train.train_step` (it is called inside); the only addition is a
-    sharding constraint on the new params and optimizer state, so they keep the rule layout.
-    """
-    with jax.set_mesh(mesh):  # the active mesh lets kernels run per shard (kernel_shard_map)
-        return _sharded_train_step(model, optimizer, tokens, mesh=mesh, sparse=sparse, kl_weight=kl_weight)
-
-
-@nnx.jit(static_argnames=("mesh", "sparse", "kl_weight"))
-def _sharded_train_step(model, optimizer, tokens, *, mesh, sparse, kl_weight):
-    tokens = jax.lax.with_sharding_constraint(tokens, batch_sharding(mesh))
-    # train_step is itself an nnx.jit; nested inside this jit it is simply inlined.
-    metrics = _train.train_step(model, optimizer, tokens, sparse=sparse, kl_weight=kl_weight)
-    _constrain(model, mesh)
-    _constrain(optimizer, mesh)
-    return metrics
-
-
-def sharded_eval_step(model, tokens, *, mesh: Mesh, sparse: bool, with_recall: bool = False):
-    """`train.eval_step` with the batch placed by `batch_sharding(mesh)` (GSPMD does the rest)."""
-    with jax.set_mesh(mesh):
-        return _train.eval_step(model, shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall)

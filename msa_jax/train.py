@@ -1,4 +1,4 @@
-"""Single-device training: losses, AdamW optimiser with warmup-cosine LR, jitted train/eval steps.
+"""Training: losses, AdamW optimiser with warmup-cosine LR, jitted train/eval steps (one device or a mesh).
 
 Loss (spec 6.1): L = L_LM + kl_weight * sum over MSA layers of L_KL. Gradient routing (spec 6.2)
 is done by the layers (stop_gradient on the index input, the KL op stops its teacher), so one
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from msa_jax import sharding
 from msa_jax.config import MSAConfig, TrainConfig
 
 
@@ -115,3 +116,37 @@ def eval_step(model: nnx.Module, tokens: jax.Array, *, sparse: bool, with_recall
     _, metrics = loss_fn(model, tokens, sparse=sparse, kl_weight=0.0, with_recall=with_recall)
     del metrics["loss"]
     return metrics
+
+
+# ------------------------------------------------------------------------------- sharded steps
+
+
+def _constrain(node, mesh: jax.sharding.Mesh) -> None:
+    state = nnx.state(node)
+    nnx.update(node, jax.lax.with_sharding_constraint(state, sharding.tree_shardings(state, mesh)))
+
+
+def sharded_train_step(model, optimizer, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, kl_weight: float):
+    """`train.train_step` on a sharded model / optimizer / batch, with the updated state pinned.
+
+    Same math and metrics as `train.train_step` (it is called inside); the only addition is a
+    sharding constraint on the new params and optimizer state, so they keep the rule layout.
+    """
+    with jax.set_mesh(mesh):  # the active mesh lets the kernels run per shard (msa_jax.ops.shard)
+        return _sharded_train_step(model, optimizer, tokens, mesh=mesh, sparse=sparse, kl_weight=kl_weight)
+
+
+@nnx.jit(static_argnames=("mesh", "sparse", "kl_weight"))
+def _sharded_train_step(model, optimizer, tokens, *, mesh, sparse, kl_weight):
+    tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
+    # train_step is itself an nnx.jit; nested inside this jit it is simply inlined.
+    metrics = train_step(model, optimizer, tokens, sparse=sparse, kl_weight=kl_weight)
+    _constrain(model, mesh)
+    _constrain(optimizer, mesh)
+    return metrics
+
+
+def sharded_eval_step(model, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, with_recall: bool = False):
+    """`train.eval_step` with the batch placed by `sharding.batch_sharding(mesh)` (GSPMD does the rest)."""
+    with jax.set_mesh(mesh):
+        return eval_step(model, sharding.shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall)

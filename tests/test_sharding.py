@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from msa_jax import sharding as S
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.model import DecoderLM
+from msa_jax.train import sharded_eval_step, sharded_train_step
 
 CFG = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -121,7 +122,7 @@ def test_one_device_mesh_replicates_and_runs():
     assert model.blocks[0].attn.wq.kernel[...].sharding.mesh == mesh
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 1, 64, dtype=jnp.int32)
     assert S.shard_batch(tokens, mesh).sharding == S.batch_sharding(mesh)
-    metrics = S.sharded_eval_step(model, tokens, mesh=mesh, sparse=True)
+    metrics = sharded_eval_step(model, tokens, mesh=mesh, sparse=True)
     assert jnp.isfinite(metrics["lm_loss"])
 
 
@@ -135,7 +136,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     from msa_jax import sharding as S
     from msa_jax.config import ModelConfig, MSAConfig, TrainConfig
     from msa_jax.model import DecoderLM
-    from msa_jax.train import eval_step, make_optimizer, train_step
+    from msa_jax.train import eval_step, make_optimizer, sharded_train_step, train_step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -188,7 +189,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
     # second step: sharded_train_step (layout pinned) vs plain train_step on 1 device
     r1 = train_step(m1, o1, tok2, sparse=True, kl_weight=1.0)
-    r2 = S.sharded_train_step(m2, o2, S.shard_batch(tok2, mesh), mesh=mesh, sparse=True, kl_weight=1.0)
+    r2 = sharded_train_step(m2, o2, S.shard_batch(tok2, mesh), mesh=mesh, sparse=True, kl_weight=1.0)
     np.testing.assert_allclose(r2["loss"], r1["loss"], rtol=1e-5, atol=1e-5)
     assert spec(m2.blocks[1].mlp.w_gate.kernel[...]) == P("fsdp", "tensor")
     mu = [x for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(o2))
@@ -204,7 +205,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     p2 = S.shard_model(DecoderLM(pcfg, seed=3), mesh)
     po2 = make_optimizer(p2, tcfg)
     r1 = train_step(p1, po1, tok, sparse=True, kl_weight=1.0)
-    r2 = S.sharded_train_step(p2, po2, S.shard_batch(tok, mesh), mesh=mesh, sparse=True, kl_weight=1.0)
+    r2 = sharded_train_step(p2, po2, S.shard_batch(tok, mesh), mesh=mesh, sparse=True, kl_weight=1.0)
     # index_grad_norm: d ik (shared by the KV groups) sums over the tensor shards' groups
     for k in ("loss", "lm_loss", "kl", "grad_norm", "index_grad_norm"):
         np.testing.assert_allclose(r2[k], r1[k], rtol=1e-5, atol=1e-5, err_msg=k)

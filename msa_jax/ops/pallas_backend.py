@@ -26,7 +26,7 @@ import functools
 import jax
 
 from msa_jax.ops import xla
-from msa_jax.sharding import kernel_shard_map
+from msa_jax.ops.shard import kernel_shard_map
 from pallas import index_kl as _index_kl
 from pallas import index_topk as _index_topk
 from pallas.common import is_pow2
