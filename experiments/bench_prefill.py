@@ -2,18 +2,18 @@
 
 For each T: dense causal GQA (cuDNN, bf16) timed in the same process; MSA with `impl="xla"` (up to
 --xla-max-T); MSA with `impl="pallas"` split into the indexer (fused scores + block max + top-k)
-and the main branch, the latter on two selection patterns (PERF.md):
+and the main branch, the latter on two selection patterns (docs/benchmarking.md):
   indexer  the block ids the indexer picks on random inputs (scattered, a few recent blocks);
   skewed   every query picks the first `--hot` blocks (hot blocks, the hard case for KV-outer
            kernels), its local block, and random others.
 Reported: times, speedup over dense (indexer + main vs dense), effective TFLOP/s of each part
-(indexer: H_kv * D_idx * T^2 FLOPs as in MSA_SPEC eq. 12; main branch: 4 * H_q * D per (query,
+(indexer: H_kv * D_idx * T^2 FLOPs as in docs/algorithm.md §5; main branch: 4 * H_q * D per (query,
 visible selected key) pair, counted from the actual selection, so causal padding is not counted),
-and the FLOP-ratio bound of MSA_SPEC section 5. Before timing, every backend is checked against
+and the FLOP-ratio bound of docs/algorithm.md §5. Before timing, every backend is checked against
 the oracle on a small slice, and the pallas main branch against xla on the first query chunk.
 
     python experiments/bench_prefill.py --preset cpu           # tiny smoke run (interpret mode off a GPU)
-    python experiments/bench_prefill.py --preset paper         # H100: 64/4/128, T 8K .. 1M
+    python experiments/bench_prefill.py --preset paper         # GPU: 64/4/128, T 8K .. 1M
 
 Writes --out/results.json (rewritten after every length), --out/speedup.png, and prints a table.
 """
@@ -21,95 +21,33 @@ Writes --out/results.json (rewritten after every length), --out/speedup.png, and
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import pathlib
-import statistics
-import sys
 import time
-
-try:
-    import msa_jax  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops
+from msa_jax.bench import flop_bound, inputs, skewed_selection, support_pairs, timeit
+from msa_jax.presets import BENCH_SHAPES
 
-PRESETS = {
-    "cpu": dict(batch=1, heads=4, kv_heads=1, head_dim=32, index_dim=32, block_size=16, top_k=4,
-                seq_lens=[128, 256]),
-    "paper": dict(batch=1, heads=64, kv_heads=4, head_dim=128, index_dim=128, block_size=128, top_k=16,
-                  seq_lens=[8192, 32768, 131072, 524288, 1048576]),
-}
+SEQ_LENS = {"cpu": [128, 256], "paper": [8192, 32768, 131072, 524288, 1048576]}
 PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="cpu", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's lengths")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median); fewer where one run is long")
     p.add_argument("--time-budget", type=float, default=20.0, help="seconds of timed runs per measurement at most")
     p.add_argument("--xla-max-T", type=int, default=131072, help="time impl=xla up to this length")
     p.add_argument("--hot", type=int, default=4, help="hot blocks in the skewed pattern")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, f32 off it")
-    p.add_argument("--variants", nargs="*", default=["sparse_attention", "sparse_attention_kv"],
-                   help="main-branch kernel modules of pallas/ also timed one by one (each must define sparse_attention_fwd)")
     p.add_argument("--out", default="runs/bench_prefill")
     return p.parse_args(argv)
-
-
-def inputs(key, cfg, T, dtype):
-    B, Hq, R, D, Di = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["index_dim"]
-    shapes = [(B, T, Hq, D), (B, T, R, D), (B, T, R, D), (B, T, R, Di), (B, T, Di)]
-    # drawn in the target dtype: a float32 draw of q alone is 34 GB at T = 1M
-    return [jax.random.normal(k, s, dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
-
-
-def skewed_selection(key, cfg, T, hot):
-    """block ids [B, T, H_kv, top_k]: the local block, the first `hot` blocks, then random visible
-    blocks, the first top_k distinct ones in that priority order (-1 padding if fewer)."""
-    B, R, bs, k = cfg["batch"], cfg["kv_heads"], cfg["block_size"], cfg["top_k"]
-    local = jnp.broadcast_to((jnp.arange(T) // bs)[None, :, None, None], (B, T, R, 1))
-    hot_ids = jnp.minimum(jnp.arange(hot)[None, None, None, :], local)
-    rand = jax.random.randint(key, (B, T, R, 3 * k), 0, local + 1)
-    cand = jnp.concatenate([local, hot_ids, rand], axis=-1)  # priority = position
-    L = cand.shape[-1]
-    srt = jnp.sort(cand * L + jnp.arange(L), axis=-1)  # by id, then priority
-    ids, prio = srt // L, srt % L
-    first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], axis=-1)
-    order = jnp.argsort(jnp.where(first, prio, L + prio), axis=-1)[..., :k]
-    picked = jnp.take_along_axis(ids, order, axis=-1)
-    valid = jnp.take_along_axis(first, order, axis=-1)
-    return jnp.where(valid, picked, -1).astype(jnp.int32)
-
-
-def support_pairs(block_idx, block_size):
-    """Number of (query, visible selected key) pairs per group, summed over batch and groups."""
-    B, T = block_idx.shape[:2]
-    i = jnp.arange(T)[None, :, None, None]
-    n = jnp.clip(i - block_idx * block_size + 1, 0, block_size)
-    return float(jnp.sum(jnp.where(block_idx >= 0, n, 0).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)))
-
-
-def timeit(fn, *args, reps, budget):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # compile + first run
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    n = max(1, min(reps, int(budget / max(one, 1e-6))))
-    times = [one]
-    for _ in range(n - 1):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times), first
 
 
 def check_small(cfg, dtype_name):
@@ -129,16 +67,9 @@ def check_small(cfg, dtype_name):
     return out
 
 
-def bound(cfg, T):
-    Hq, R, D, Di, bs, k = (cfg[x] for x in ("heads", "kv_heads", "head_dim", "index_dim", "block_size", "top_k"))
-    return (2 * Hq * D * T * T) / (R * Di * T * T + 4 * Hq * D * T * k * bs)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    cfg = dict(PRESETS[args.preset])
-    if args.seq_lens:
-        cfg["seq_lens"] = args.seq_lens
+    cfg = dict(BENCH_SHAPES[args.preset], seq_lens=args.seq_lens or SEQ_LENS[args.preset])
     on_gpu = jax.default_backend() == "gpu"
     dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
     dtype = jnp.dtype(dtype_name)
@@ -171,11 +102,6 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     print_table(result)
-    for r in result["rows"]:
-        for mod_name, res in r.get("variants", {}).items():
-            cells = ", ".join(f"{p}: " + (f"{m['ms']:.2f} ms {m['tflops']:.0f} TF/s" if "ms" in m else m["error"])
-                              for p, m in res.items())
-            print(f"  T={r['T']:>8} main kernel {mod_name}: {cells}")
     if plot(result, out / "speedup.png"):
         print(f"wrote {out / 'results.json'} and {out / 'speedup.png'}")
     return result
@@ -187,7 +113,7 @@ def bench_length(cfg, T, dtype, args, fns):
     bs = cfg["block_size"]
     q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, dtype)
     tm = dict(reps=args.reps, budget=args.time_budget)
-    row = dict(T=T, flop_bound=bound(cfg, T))
+    row = dict(T=T, flop_bound=flop_bound(cfg, T))
     f_dense = cfg["batch"] * 2 * cfg["heads"] * cfg["head_dim"] * T * T
     t, n, _ = timeit(dense_fn, q, k, v, **tm)
     row["dense"] = dict(ms=t * 1e3, tflops=f_dense / t / 1e12, reps=n)
@@ -204,22 +130,6 @@ def bench_length(cfg, T, dtype, args, fns):
         total = t_sel + t_main
         row[f"main_{name}"] = dict(ms=t_main * 1e3, tflops=f_main / t_main / 1e12, reps=n,
                                    total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
-    for mod_name in args.variants:
-        try:
-            mod = importlib.import_module(f"pallas.{mod_name}")
-        except Exception as e:  # noqa: BLE001
-            row.setdefault("variants", {})[mod_name] = {"import": dict(error=f"{type(e).__name__}: {e}")}
-            continue
-        fn = jax.jit(lambda q, k, v, idx, mod=mod: mod.sparse_attention_fwd(q, k, v, idx, block_size=bs)[0])
-        res = {}
-        for name, sel in patterns.items():
-            f_main = 4 * cfg["head_dim"] * support_pairs(sel, bs) * (cfg["heads"] // cfg["kv_heads"])
-            try:
-                t_v, n, _ = timeit(fn, q, k, v, sel, **tm)
-                res[name] = dict(ms=t_v * 1e3, tflops=f_main / t_v / 1e12, reps=n)
-            except Exception as e:  # noqa: BLE001 - a variant may not support a size: record why
-                res[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-        row.setdefault("variants", {})[mod_name] = res
     # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
     Tc = min(T, 8192)
     sl = lambda x: x[:, :Tc]
@@ -255,7 +165,7 @@ def plot(result, path) -> bool:
     rows = result["rows"]
     T = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(T, [r["flop_bound"] for r in rows], "k--", label="FLOP-ratio bound (MSA_SPEC 5)")
+    ax.plot(T, [r["flop_bound"] for r in rows], "k--", label="FLOP-ratio bound (docs/algorithm.md §5)")
     ax.plot(T, [r["main_indexer"]["speedup"] for r in rows], "o-", label="pallas (indexer selection)")
     ax.plot(T, [r["main_skewed"]["speedup"] for r in rows], "s-", label="pallas (skewed, hot blocks)")
     xs = [r for r in rows if "xla" in r]

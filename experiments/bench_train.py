@@ -9,19 +9,19 @@ a fixed random cotangent dout, so its gradient is exactly the attention backward
            KL fwd+bwd w.r.t. iq, ik) and as one jit (total). speedup = dense fwd+bwd / MSA total.
   Effective TFLOP/s: dense 3.5 x the causal forward (2 * H_q * D * T^2; backward = 2.5 x forward);
   main branch 3.5 x 4 * H_q * D per (query, visible selected key) pair, counted from the actual
-  block_idx as bench_prefill does; indexer H_kv * D_idx * T^2 (MSA_SPEC eq. 12).
+  block_idx as bench_prefill does; indexer H_kv * D_idx * T^2 (docs/algorithm.md §5).
   Before timing, every impl's loss gradients are checked against impl="xla" (and xla against the
   reference) in float32 on fresh small inputs, and again at each T on the first --check-T tokens
   of the benchmark inputs in the benchmark dtype; both with one shared selection, so a near-tie
   that flips a block does not show up as a gradient error (the selections' agreement is reported).
 
 Part 2, whole train steps (msa_jax.train.train_step: model fwd+bwd + AdamW) on synthetic tokens:
-a train_lm.py preset model (--train-model; gpu-small for paper, tiny for cpu) at --train-T, dense
+the model of a run preset (--train-model; gpu-small for paper, tiny for cpu) at --train-T, dense
 (attention="dense", impl="auto": cuDNN on a GPU) against MSA (attention="msa", sparse=True, each
 impl of --impls). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio.
 
     python experiments/bench_train.py --preset cpu      # tiny smoke run (interpret mode off a GPU)
-    python experiments/bench_train.py --preset paper    # H100: 64/4/128, T 8K .. 128K; train T 32K
+    python experiments/bench_train.py --preset paper    # GPU: 64/4/128, T 8K .. 128K; train T 32K
 
 Writes --out/results.json (rewritten after every measurement), --out/speedup.png, prints a
 Markdown table per part. A measurement that runs out of memory is recorded as "oom" and skipped.
@@ -30,37 +30,31 @@ Markdown table per part. A measurement that runs out of memory is recorded as "o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
-import sys
 import time
-
-if importlib.util.find_spec("msa_jax") is None:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # sibling scripts (bench_prefill, train_lm)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_prefill import inputs, support_pairs, timeit
 from msa_jax import ops
+from msa_jax.bench import cell, fmt, guarded, inputs, is_oom, log, support_pairs, timeit
+from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
 
-PRESETS = {
-    "cpu": dict(batch=1, heads=4, kv_heads=1, head_dim=32, index_dim=32, block_size=16, top_k=4,
-                seq_lens=[128, 256], train_T=256, train_model="tiny"),
-    "paper": dict(batch=1, heads=64, kv_heads=4, head_dim=128, index_dim=128, block_size=128, top_k=16,
-                  seq_lens=[8192, 32768, 131072], train_T=32768, train_model="gpu-small"),
+# Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
+DEFAULTS = {
+    "cpu": dict(seq_lens=[128, 256], train_T=256, train_model="tiny"),
+    "paper": dict(seq_lens=[8192, 32768, 131072], train_T=32768, train_model="gpu-small"),
 }
-TARGET_T, TARGET_SPEEDUP = 131072, 8.0  # PERF.md: training attention fwd+bwd + KL >= 8x dense at 128K
+TARGET_T, TARGET_SPEEDUP = 131072, 8.0  # docs/benchmarking.md: training attention fwd+bwd + KL >= 8x dense at 128K
 BWD_FACTOR = 3.5  # fwd + bwd FLOPs = (1 + 2.5) x the forward's
 CHECK_TOL_F32 = 1e-3  # relative gradient error allowed in the float32 check (the test uses it too)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="cpu", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's lengths (part 1)")
     p.add_argument("--impls", nargs="+", choices=["pallas", "xla", "auto"], default=["pallas"],
                    help="MSA backends timed against dense (parts 1 and 2)")
@@ -73,54 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip part 2")
     p.add_argument("--train-T", type=int, help="sequence length of part 2 (default: the preset's)")
     p.add_argument("--train-batch", type=int, default=1, help="batch size of part 2")
-    p.add_argument("--train-model", choices=["tiny", "gpu-small", "gpu"],
-                   help="train_lm.py preset whose model part 2 builds (default: the preset's)")
+    p.add_argument("--train-model", choices=sorted(RUN_PRESETS),
+                   help="run preset (msa_jax.presets) whose model part 2 builds (default: tiny for cpu, gpu-small for paper)")
     p.add_argument("--train-dense-layers", type=int, default=0,
                    help="leading dense layers of the MSA model in part 2 (0: every layer MSA; a dense layer of an "
                         "impl=pallas model runs the xla dense attention, not cuDNN)")
     p.add_argument("--out", default="runs/bench_train")
     return p.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    """Progress line, prefixed with the seconds since the script started, flushed."""
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
-
-
-def is_oom(e: BaseException) -> bool:
-    s = f"{type(e).__name__}: {e}"
-    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
-
-
-def guarded(what: str, fn):
-    """fn() -> dict; an exception becomes {"status": "oom" | "error", "error": ...} (printed), never raised."""
-    try:
-        res = fn()
-        res.setdefault("status", "ok")
-        return res
-    except Exception as e:  # noqa: BLE001 - out of memory at the longest lengths: record, go on
-        status = "oom" if is_oom(e) else "error"
-        res = dict(status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-        log(f"{what}: {status.upper()} {res['error'][:200]}")
-        return res
-
-
-def fmt(x, width=8):
-    """3 significant digits, fixed width (CPU TFLOP/s are ~1e-3, GPU ones ~1e2)."""
-    if x is None:
-        return f"{'-':>{width}}"
-    if isinstance(x, str):
-        return f"{x:>{width}}"
-    return f"{x:>{width}.3g}"
-
-
-def cell(m: dict, key: str = "ms"):
-    return m.get(key) if m.get("status") == "ok" else m.get("status", "-")
 
 
 # ---------------------------------------------------------------------------------- the losses
@@ -135,7 +88,7 @@ def msa_loss(q, k, v, iq, ik, dout, block_idx, *, impl, block_size):
     """The MSA training loss given a selection: main branch against dout + index KL. -> (loss, (main, kl)).
 
     As the MSA layer does it: the main branch's LSE is handed to the KL as the teacher's
-    normaliser (spec 6.1), so a fused KL does not recompute it.
+    normaliser (docs/algorithm.md §6.1), so a fused KL does not recompute it.
     """
     o, lse = ops.sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=True, impl=impl)
     main = out_loss(o, dout)
@@ -310,13 +263,10 @@ def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result):
 
 
 def train_configs(args, cfg, dtype_name, attention, impl):
-    import train_lm
-
-    c = dict(train_lm.PRESETS[args.train_model or cfg["train_model"]])
-    c.update(attention=attention, impl=impl, dtype=dtype_name, seq_len=args.train_T or cfg["train_T"],
-             batch_size=args.train_batch, kl_weight=1.0, msa_warmup_steps=0, lr_warmup_steps=1, seed=0,
-             n_dense_layers=args.train_dense_layers)
-    return train_lm.make_configs(c)
+    run = run_config(args.train_model or cfg["train_model"], attention=attention, impl=impl, dtype=dtype_name,
+                     seq_len=args.train_T or cfg["train_T"], batch_size=args.train_batch, kl_weight=1.0,
+                     msa_warmup_steps=0, lr_warmup_steps=1, seed=0, n_dense_layers=args.train_dense_layers)
+    return run.model_config(), run.train_config()
 
 
 def bench_train_step(args, cfg, dtype_name, attention, impl, tokens):
@@ -400,7 +350,7 @@ def plot(result, path) -> bool:
         if pts:
             ax.plot(*zip(*pts), marker + "-", label=f"{impl}: indexer + main + KL, fwd+bwd")
     if max((r["T"] for r in result["attention"]), default=0) * 4 >= TARGET_T:  # not on a CPU smoke run's axes
-        ax.plot([TARGET_T], [TARGET_SPEEDUP], "r*", ms=12, label=f"PERF.md target ({TARGET_SPEEDUP:g}x at 128K)")
+        ax.plot([TARGET_T], [TARGET_SPEEDUP], "r*", ms=12, label=f"docs/benchmarking.md target ({TARGET_SPEEDUP:g}x at 128K)")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
@@ -419,7 +369,7 @@ def plot(result, path) -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = dict(PRESETS[args.preset])
+    cfg = dict(BENCH_SHAPES[args.preset], **DEFAULTS[args.preset])
     if args.seq_lens:
         cfg["seq_lens"] = args.seq_lens
     if args.check_T is None:

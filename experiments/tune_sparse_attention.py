@@ -14,19 +14,13 @@ import argparse
 import itertools
 import json
 import pathlib
-import sys
-
-try:
-    import msa_jax  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 
-from bench_prefill import PRESETS, inputs, support_pairs, timeit
 from msa_jax import ops
+from msa_jax.bench import inputs, support_pairs, timeit
+from msa_jax.presets import BENCH_SHAPES
 from pallas import sparse_attention_kv as kv
 
 
@@ -53,7 +47,7 @@ def time_parts(q, k, idx, bs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="paper", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--block-q", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
@@ -65,7 +59,7 @@ def main(argv=None):
                    help="also time the reverse index and the combine of one query chunk alone (default tiles)")
     p.add_argument("--out", default="runs/tune_sparse_attention")
     args = p.parse_args(argv)
-    cfg, T = PRESETS[args.preset], args.seq_len
+    cfg, T = BENCH_SHAPES[args.preset], args.seq_len
     q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     bs = cfg["block_size"]
     idx = ops.select_blocks(iq, ik, block_size=bs, top_k=cfg["top_k"])

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a model + optimizer + JSON metadata, and dense -> MSA conversion (spec 6.3).
+"""Orbax checkpoints of a model + optimizer + JSON metadata, and dense -> MSA conversion (docs/algorithm.md §6.3).
 
 A checkpoint is one step directory `<directory>/<step>/` with three items:
   - "model": `nnx.state(model)` (every variable of the model),
@@ -16,6 +16,8 @@ saved values into them (their current state is the target that gives shapes and 
 
 `load_dense_into_msa` starts continued pre-training (CPT) of an MSA model from a dense checkpoint:
 every non-index weight is copied, the index branches keep the MSA model's fresh initialisation.
+`load_run(run_dir)` rebuilds the model of a training run directory (`msa_jax.loop`) from its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from msa_jax.model import MAIN_PARAMS
+from msa_jax.config import RunConfig
+from msa_jax.model import MAIN_PARAMS, DecoderLM
 
 _ITEMS = ("model", "optimizer", "meta")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax names a step being written `<step>.orbax-checkpoint-tmp-*`
@@ -158,7 +161,7 @@ def _flat(tree) -> dict[str, object]:
 
 
 def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *, step: int | None = None) -> list[str]:
-    """Copy every non-index weight of a dense checkpoint into `msa_model` (CPT start, spec 6.3).
+    """Copy every non-index weight of a dense checkpoint into `msa_model` (CPT start, docs/algorithm.md §6.3).
 
     `directory` is a `Checkpointer` directory; `step` defaults to its latest step. The index branches
     of `msa_model` keep their current (fresh) values. Index weights found in the checkpoint (when it
@@ -196,3 +199,30 @@ def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *,
 
     nnx.update(msa_model, jax.tree_util.tree_map_with_path(load, target))
     return sorted(wanted)
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """A run directory's `checkpoints/` (or `path` itself when it is already a checkpoint directory)."""
+    path = pathlib.Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str | None = None):
+    """(model, run config, step) of a training run directory, weights restored from `step` (default:
+    the latest checkpoint). `impl` overrides the ops backend the run was trained with."""
+    import dataclasses
+
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax warns that a read-only manager is read-only
+    ckpt_dir = checkpoint_dir(run_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (is it a training run directory?)")
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        step = ckpt.resolve_step(step)
+        run = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
+        if impl:
+            run = dataclasses.replace(run, impl=impl)
+        model = DecoderLM(run.model_config(), seed=run.seed)
+        ckpt.restore(model, step=step)
+    return model, run, step

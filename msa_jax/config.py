@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses.
 
-`MSAConfig` holds the MSA hyper-parameters (names from MSA_SPEC.md), `ModelConfig` the decoder LM
+`MSAConfig` holds the MSA hyper-parameters (names from docs/algorithm.md), `ModelConfig` the decoder LM
 and the dense/MSA switch, `TrainConfig` the optimiser and schedule. Every field is checked in
 `__post_init__`; a bad value raises `ValueError` that names the field and what was expected.
 """
@@ -91,9 +91,10 @@ class ModelConfig:
         _require(self.norm_eps > 0, "norm_eps", "a float > 0", self.norm_eps)
         _require(self.impl in IMPLS, "impl", f"one of {IMPLS}", self.impl)
         _require(self.dtype in ("float32", "bfloat16"), "dtype", "'float32' or 'bfloat16'", self.dtype)
-        if self.attention == "msa" and self.msa.index_rope:
-            idx_rope = int(self.msa.index_dim * self.rope_fraction)
-            _require(idx_rope % 2 == 0, "msa.index_dim", f"a size whose rotated share (rope_fraction={self.rope_fraction}) is even", self.msa.index_dim)
+        if self.attention == "msa" and self.msa.index_rope:  # the index branch rotates the main q/k's dims
+            _require(self.msa.index_dim >= self.rope_dim, "msa.index_dim",
+                     f">= the rotated dims of the main q/k (rope_dim={self.rope_dim}), or index_rope=False",
+                     self.msa.index_dim)
 
     @property
     def rope_dim(self) -> int:
@@ -133,3 +134,106 @@ class TrainConfig:
         _require(0.0 <= self.b1 < 1.0, "b1", "a float in [0, 1)", self.b1)
         _require(0.0 <= self.b2 < 1.0, "b2", "a float in [0, 1)", self.b2)
         _require(self.grad_clip > 0, "grad_clip", "a float > 0", self.grad_clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run: model sizes, optimiser, MSA recipe, data and the run's cadence.
+
+    Flat on purpose: it is what `config.json` of a run directory and every checkpoint's metadata
+    hold, and what `--flags` override (`msa_jax.presets`). `model_config()` and `train_config()`
+    build the validated library configs from it. Fields in `RESUMABLE` may differ when a run is
+    resumed (how it is executed); every other field must match the run being resumed.
+    """
+
+    preset: str = "tiny"
+    attention: Literal["dense", "msa"] = "msa"
+    impl: str = "auto"
+    seed: int = 0
+    # optimisation
+    steps: int = 100
+    batch_size: int = 2
+    seq_len: int = 512
+    lr: float = 3e-3
+    lr_warmup_steps: int | None = None  # None: 5% of the steps (at least 1)
+    # model
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_ff: int = 192
+    n_dense_layers: int = 0
+    dtype: str = "float32"
+    # MSA
+    block_size: int = 32
+    top_k: int = 4
+    index_dim: int = 16
+    msa_warmup_steps: int = 20  # dense warmup steps (capped at `steps`)
+    kl_weight: float = 1.0
+    # data
+    max_bytes: int | None = 4_000_000
+    sources: str = "stdlib,site-packages"
+    # cadence and outputs
+    eval_every: int = 25
+    eval_batches: int = 2
+    log_every: int = 5
+    ckpt_every: int = 50  # 0: only at the end and on an interrupt
+    keep: int = 3
+    plot: bool = True
+    mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2"; None: data=<all devices>
+    stop_at: int | None = None  # stop (with a checkpoint) after this step
+    # dense -> MSA conversion (continued pre-training)
+    init_from: str | None = None  # a dense run directory (or its checkpoints/)
+    init_step: int | None = None  # step of init_from to load (None: its latest)
+    init_loaded_step: int | None = None  # filled in by the loop: the step actually loaded
+
+    RESUMABLE = frozenset({"steps", "eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "mesh",
+                           "init_from", "init_step", "plot", "impl", "stop_at"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep"):
+            _positive_int(name, getattr(self, name))
+        for name in ("ckpt_every", "msa_warmup_steps"):
+            _non_negative_int(name, getattr(self, name))
+        if self.lr_warmup_steps is not None:
+            _non_negative_int("lr_warmup_steps", self.lr_warmup_steps)
+        _require(self.attention in ATTENTION_KINDS, "attention", f"one of {ATTENTION_KINDS}", self.attention)
+        if self.stop_at is not None:
+            _non_negative_int("stop_at", self.stop_at)
+        _require(self.init_from is None or self.attention == "msa", "init_from",
+                 "None unless attention='msa' (it converts a dense checkpoint into an MSA model)", self.init_from)
+        self.model_config(), self.train_config()  # validates every size
+
+    @property
+    def warmup_steps(self) -> int:
+        """Dense warmup steps actually used: msa_warmup_steps, at most `steps`."""
+        return min(self.msa_warmup_steps, self.steps)
+
+    def model_config(self) -> ModelConfig:
+        msa = MSAConfig(block_size=self.block_size, top_k=self.top_k, index_dim=self.index_dim,
+                        kl_weight=self.kl_weight, warmup_steps=self.warmup_steps)
+        return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                           n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_ff=self.d_ff,
+                           attention=self.attention, n_dense_layers=self.n_dense_layers, msa=msa, impl=self.impl,
+                           dtype=self.dtype)
+
+    def train_config(self) -> TrainConfig:
+        warm = max(1, round(0.05 * self.steps)) if self.lr_warmup_steps is None else self.lr_warmup_steps
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                           learning_rate=self.lr, lr_warmup_steps=min(warm, self.steps), seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """From `to_dict()` output (a run's config.json); unknown keys raise a ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        _require(not unknown, "run config", f"only the fields of RunConfig", f"unknown keys {unknown}")
+        return cls(**d)
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Names of the fields whose values differ."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]

@@ -1,4 +1,4 @@
-"""Flax NNX layers: RMSNorm, RoPE, SwiGLU MLP, GQA attention and MSA attention (MSA_SPEC.md 3-6).
+"""Flax NNX layers: RMSNorm, RoPE, SwiGLU MLP, GQA attention and MSA attention (docs/algorithm.md §3-6).
 
 `MSAAttention` subclasses `GQAAttention`, so the main branch of an MSA layer has exactly the
 parameter names of a dense layer (`wq`, `wk`, `wv`, `wo`) and a dense checkpoint loads into an MSA
@@ -122,11 +122,12 @@ class GQAAttention(nnx.Module):
 
 
 class IndexBranch(nnx.Module):
-    """MSA Index Branch (spec 3): iq = X W_q_idx (one head per GQA group), ik = X W_k_idx (shared).
+    """MSA Index Branch (docs/algorithm.md §3): iq = X W_q_idx (one head per GQA group), ik = X W_k_idx (shared).
 
     Optional Gemma RMSNorm on iq and on ik (separate weights, shared across heads) and the same
-    partial RoPE as the main branch (int(index_dim * rope_fraction) rotated dims). The input is
-    `stop_gradient(x)` (spec 6.2): the KL trains only these projections, never the backbone.
+    partial RoPE as the main q/k: the first `cfg.rope_dim` dims rotated at the same frequencies
+    (so index_dim >= rope_dim; the rest pass through). The input is `stop_gradient(x)`
+    (docs/algorithm.md §6.2): the KL trains only these projections, never the backbone.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -137,7 +138,7 @@ class IndexBranch(nnx.Module):
         if cfg.msa.index_norm:
             self.iq_norm = RMSNorm(D_idx, cfg.norm_eps)
             self.ik_norm = RMSNorm(D_idx, cfg.norm_eps)
-        self.rope_dim = int(D_idx * cfg.rope_fraction) if cfg.msa.index_rope else 0
+        self.rope_dim = cfg.rope_dim if cfg.msa.index_rope else 0  # the main q/k's rotation
 
     def __call__(self, x: jax.Array, positions: jax.Array):
         cfg = self.cfg
@@ -160,8 +161,8 @@ class MSAAttention(GQAAttention):
     shift the keys of any other weight (a dense and an MSA model with one seed share weights).
 
     `__call__(x, positions, *, sparse=True, with_recall=False) -> (out, aux)`:
-      sparse=True   top-k block routing (spec 3-4); KL over the selected support (6.1).
-      sparse=False  dense warmup (6.3): full causal attention, KL over the full causal support.
+      sparse=True   top-k block routing (§3-4); KL over the selected support (§6.1).
+      sparse=False  dense warmup (§6.3): full causal attention, KL over the full causal support.
       aux = {"kl": f32 scalar} (+ "block_recall", "score_recall" when `with_recall`; the selection
       is computed even in warmup so that recall can be tracked before routing turns on).
     """
@@ -180,7 +181,7 @@ class MSAAttention(GQAAttention):
                 q, k, v, iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks,
                 return_lse=True, impl=cfg.impl,
             )
-            # The main branch's LSE is the teacher's normaliser (spec 6.1): a fused KL reuses it.
+            # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
             kl = ops.index_kl_loss(q, k, iq, ik, block_idx, block_size=m.block_size, lse=lse, impl=cfg.impl)
         else:
             o = ops.dense_attention(q, k, v, impl=cfg.impl)

@@ -45,10 +45,10 @@ class Block(nnx.Module):
 class DecoderLM(nnx.Module):
     """`__call__(tokens [B,T] int32, *, sparse=True, with_recall=False) -> (logits f32 [B,T,V], aux)`.
 
-    aux["kl"]: sum over MSA layers of the index KL (spec 6.1); 0.0 for a dense model.
+    aux["kl"]: sum over MSA layers of the index KL (docs/algorithm.md §6.1); 0.0 for a dense model.
     aux["block_recall"], aux["score_recall"]: mean over MSA layers, only when `with_recall` and the
     model has MSA layers (absent for a dense model: there is no selection to score).
-    `sparse=False` is the dense warmup of spec 6.3 (ignored by a dense model).
+    `sparse=False` is the dense warmup of docs/algorithm.md §6.3 (ignored by a dense model).
 
     Activations are computed in cfg.dtype (params stay float32); logits are returned in float32.
     The embedding is scaled by sqrt(d_model) on input (Gemma) and initialised with std

@@ -1,9 +1,9 @@
 """Training: losses, AdamW optimiser with warmup-cosine LR, jitted train/eval steps (one device or a mesh).
 
-Loss (spec 6.1): L = L_LM + kl_weight * sum over MSA layers of L_KL. Gradient routing (spec 6.2)
+Loss (docs/algorithm.md §6.1): L = L_LM + kl_weight * sum over MSA layers of L_KL. Gradient routing (docs/algorithm.md §6.2)
 is done by the layers (stop_gradient on the index input, the KL op stops its teacher), so one
 `value_and_grad` over all params is correct: L_LM reaches only the backbone, L_KL only the index
-branches. The dense -> sparse warmup (spec 6.3) is `sparse=use_sparse(step, msa)`.
+branches. The dense -> sparse warmup (docs/algorithm.md §6.3) is `sparse=use_sparse(step, msa)`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _decay_mask(params):
 
 
 def _group_labels(params):
-    """"index" for index-branch params, "main" for the rest (the two groups of spec 6.2)."""
+    """"index" for index-branch params, "main" for the rest (the two groups of docs/algorithm.md §6.2)."""
     return jax.tree_util.tree_map_with_path(lambda path, x: "index" if "index" in _path_names(path) else "main", params)
 
 
@@ -49,7 +49,7 @@ def make_tx(tcfg: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) -> AdamW(b1, b2, weight_decay, warmup-cosine LR), per group.
 
     The index branch and the backbone are clipped separately: with one global clip, a KL gradient
-    spike would shrink the backbone's update, the leak that spec 6.2 detaches the KL to prevent.
+    spike would shrink the backbone's update, the leak that docs/algorithm.md §6.2 detaches the KL to prevent.
     With separate groups the backbone's update does not depend on the KL at all.
     Cached per (frozen, hashable) TrainConfig: the same tx object gives the same optimizer graph,
     so a new optimizer for an equal config reuses the compiled train_step instead of recompiling.
@@ -70,7 +70,7 @@ def make_optimizer(model: nnx.Module, tcfg: TrainConfig) -> nnx.Optimizer:
 
 
 def use_sparse(step: int, msa: MSAConfig) -> bool:
-    """Dense warmup for the first msa.warmup_steps steps (spec 6.3), top-k routing after."""
+    """Dense warmup for the first msa.warmup_steps steps (docs/algorithm.md §6.3), top-k routing after."""
     return step >= msa.warmup_steps
 
 

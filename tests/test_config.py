@@ -47,3 +47,28 @@ def test_msa_layers_follow_n_dense_layers():
     assert [cfg.is_msa_layer(i) for i in range(5)] == [False, False, True, True, True]
     assert cfg.n_msa_layers == 3
     assert ModelConfig(attention="dense", n_layers=3).n_msa_layers == 0
+
+
+def test_run_config_round_trips_and_validates():
+    from msa_jax.config import RunConfig
+    from msa_jax.presets import RUN_PRESETS, run_config
+
+    for name in RUN_PRESETS:
+        run = run_config(name)
+        assert RunConfig.from_dict(run.to_dict()) == run
+        mcfg, tcfg = run.model_config(), run.train_config()
+        assert mcfg.attention == run.attention and tcfg.seq_len == run.seq_len
+        assert mcfg.msa.warmup_steps == min(run.msa_warmup_steps, run.steps)
+        if name != "tiny":  # every preset but the smoke-test one is really sparse at its context
+            assert mcfg.msa.dense_span < tcfg.seq_len
+    assert run_config("tiny", steps=10).train_config().lr_warmup_steps == 1  # 5% of the steps, at least 1
+    with pytest.raises(ValueError, match="preset"):
+        run_config("huge")
+    with pytest.raises(ValueError, match="unknown keys"):
+        RunConfig.from_dict({**RunConfig().to_dict(), "typo": 1})
+    with pytest.raises(ValueError, match="init_from"):
+        RunConfig(attention="dense", init_from="runs/x")
+    with pytest.raises(ValueError, match="n_heads"):  # the model config's own checks run too
+        RunConfig(n_heads=5, n_kv_heads=2)
+    a, b = RunConfig(), RunConfig(steps=7, d_model=32)
+    assert a.differences(b) == ["steps", "d_model"] and "steps" in RunConfig.RESUMABLE

@@ -161,6 +161,20 @@ def test_index_branch_options():
     # Gemma RMSNorm with zero init: every index head has unit RMS.
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(ik**2, -1)), 1.0, rtol=1e-4)
 
+    # index_dim != head_dim: the index branch rotates exactly the main q/k's dims at their frequencies
+    # (rope_dim = 8 of head_dim 16), not a share of index_dim.
+    wide = dict(block_size=8, top_k=4, index_dim=32)
+    on = IndexBranch(make_cfg("msa", rope_fraction=0.5, msa=MSAConfig(**wide)), rngs=nnx.Rngs(0))
+    unrotated = IndexBranch(make_cfg("msa", rope_fraction=0.5, msa=MSAConfig(**wide, index_rope=False)), rngs=nnx.Rngs(0))
+    x2 = rand(9, (1, T, 32))
+    (iq_on, ik_on), (iq_off, ik_off) = on(x2, pos), unrotated(x2, pos)
+    cfg = on.cfg
+    np.testing.assert_allclose(ik_on, rope(ik_off, pos, cfg.rope_dim, cfg.rope_theta), atol=1e-5)
+    np.testing.assert_allclose(iq_on, rope(iq_off, pos, cfg.rope_dim, cfg.rope_theta), atol=1e-5)
+    np.testing.assert_allclose(ik_on[..., cfg.rope_dim:], ik_off[..., cfg.rope_dim:], atol=1e-6)
+    with pytest.raises(ValueError, match="msa.index_dim"):  # too few index dims to rotate like q/k
+        make_cfg("msa", rope_fraction=1.0, msa=MSAConfig(block_size=8, top_k=4, index_dim=8))
+
     off = make_cfg("msa", msa=MSAConfig(block_size=8, top_k=4, index_dim=16, index_norm=False, index_rope=False))
     branch = IndexBranch(off, rngs=nnx.Rngs(0))
     assert not hasattr(branch, "iq_norm")

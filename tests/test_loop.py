@@ -1,8 +1,9 @@
-"""experiments/train_lm.py and eval_retrieval.py as a user runs them: resume, interrupts, meshes, hosts.
+"""The training loop (`msa_jax.loop.train_and_evaluate`): outputs, resume, interrupts, meshes, hosts.
 
-The reference is one uninterrupted tiny run (in-process `main(argv)`, the same argv the CLI parses).
-Every other way of getting to the same step (--stop-at + rerun, SIGTERM + rerun, a resume on an
-8-device 2x2x2 mesh, two processes of four devices each) must give the same metrics.jsonl.
+The reference is one uninterrupted tiny run, in-process. Every other way of getting to the same
+step (stop_at + rerun in-process; through `experiments/train_lm.py`: SIGTERM + rerun, a resume on an
+8-device 2x2x2 mesh, two processes of four devices each) must give the same metrics.jsonl. The
+scripts that read run directories (eval_retrieval.py, compare_runs.py) run on it too.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from msa_jax.checkpoint import Checkpointer, load_run
+from msa_jax.loop import train_and_evaluate
+from msa_jax.presets import run_config
 
-import eval_retrieval  # noqa: E402
-import train_lm  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 STEPS = 8
 # T=256 with block 32 x top-4 (dense span 128) is really sparse; warmup 3 -> steps 1-3 dense.
+SIZES = dict(steps=STEPS, seq_len=256, batch_size=4, eval_every=4, eval_batches=1, ckpt_every=3, log_every=2,
+             msa_warmup_steps=3, max_bytes=600000, plot=False)
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--seq-len", "256", "--batch-size", "4", "--eval-every", "4",
         "--eval-batches", "1", "--ckpt-every", "3", "--log-every", "2", "--msa-warmup-steps", "3",
-        "--max-bytes", "600000", "--no-plot"]
+        "--max-bytes", "600000", "--no-plot"]  # the same run through train_lm.py's flags
+
+
+def train(run_dir, **changes) -> dict:
+    return train_and_evaluate(run_config("tiny", **{**SIZES, **changes}), run_dir, progress=False)
 
 
 def rows(run_dir) -> list[dict]:
@@ -57,27 +64,21 @@ def assert_rows_close(a: list[dict], b: list[dict], rtol: float) -> None:
 
 
 def run_cli(args, env=None, **kw) -> subprocess.Popen:
+    return run_script("train_lm.py", args, env, **kw)
+
+
+def run_script(script, args, env=None, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "experiments" / "train_lm.py"), *args], env=env,
+    return subprocess.Popen([sys.executable, str(ROOT / "experiments" / script), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp("full")
-    summary = train_lm.main(ARGS + ["--run-dir", str(run_dir)])
+    summary = train(run_dir)
     assert summary["steps"] == STEPS
     return run_dir
-
-
-def test_help_runs():
-    for script in ("train_lm.py", "eval_retrieval.py"):
-        out = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--help"], capture_output=True,
-                             text=True, check=True).stdout
-        assert "usage" in out
-    for flag in ("--attention", "--impl", "--steps", "--seed", "--run-dir", "--ckpt-every", "--mesh", "--init-from",
-                 "--msa-warmup-steps", "--kl-weight", "--eval-every", "--seq-len", "--batch-size", "--preset"):
-        assert flag in train_lm.build_parser().format_help(), flag
 
 
 def test_full_run_outputs(full):
@@ -86,6 +87,7 @@ def test_full_run_outputs(full):
     evals = [r for r in rs if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert [r["step"] for r in evals] == [4, 8]
+    assert [r["sparse"] for r in evals] == [True, True]  # the mode of the step just taken
     assert [r["sparse"] for r in train] == [False] * 3 + [True] * 5  # the warmup switch, at the configured step
     for r in train:
         assert np.isfinite(r["loss"]) and r["kl"] > 0 and r["lr"] >= 0 and r["index_grad_norm"] > 0
@@ -95,8 +97,6 @@ def test_full_run_outputs(full):
         assert 0 <= r["block_recall"] <= 1 and 0 <= r["score_recall"] <= 1 and np.isfinite(r["val_loss"])
     cfg = json.loads((full / "config.json").read_text())
     assert cfg["attention"] == "msa" and cfg["seq_len"] == 256
-    from msa_jax.checkpoint import Checkpointer
-
     with Checkpointer(full / "checkpoints", read_only=True) as ckpt:
         assert ckpt.all_steps() == [3, 6, 8]
         meta = ckpt.restore_meta()
@@ -105,10 +105,10 @@ def test_full_run_outputs(full):
 
 def test_stop_at_then_rerun_equals_uninterrupted(full, tmp_path):
     run_dir = tmp_path / "run"
-    out = train_lm.main(ARGS + ["--run-dir", str(run_dir), "--stop-at", "5"])
+    out = train(run_dir, stop_at=5)
     assert out["stopped"] and out["steps"] == 5
     assert max(r["step"] for r in rows(run_dir)) == 5
-    train_lm.main(ARGS + ["--run-dir", str(run_dir)])  # the same command again: resumes at 5
+    train(run_dir)  # the same run again: resumes at 5
     assert values(rows(run_dir)) == values(rows(full))  # bit for bit
 
 
@@ -126,19 +126,17 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(full, tmp_path):
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, output[-2000:]
-    assert "SIGTERM" in output and "Re-run the same command" in output
+    assert "SIGTERM" in output and "Run again to resume" in output
     last = max(r["step"] for r in rows(run_dir))
-    from msa_jax.checkpoint import Checkpointer
-
     with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == last < STEPS
-    train_lm.main(ARGS + ["--run-dir", str(run_dir)])
+    train(run_dir)
     assert values(rows(run_dir)) == values(rows(full))
 
 
 def test_resume_on_an_8_device_mesh_gives_the_single_device_losses(full, tmp_path):
     run_dir = tmp_path / "run"
-    train_lm.main(ARGS + ["--run-dir", str(run_dir), "--stop-at", "3"])  # one device
+    train(run_dir, stop_at=3)  # one device, in-process
     proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--mesh", "data=2,fsdp=2,tensor=2"],
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     output = proc.communicate(timeout=600)[0]
@@ -169,48 +167,73 @@ def test_two_processes_give_the_single_process_losses(full, tmp_path):
 
 def test_init_from_dense_converts_then_warms_up(tmp_path):
     from msa_jax import data
-    from msa_jax.checkpoint import Checkpointer
     from msa_jax.train import loss_fn
 
     dense_dir, cpt_dir = tmp_path / "dense", tmp_path / "cpt"
-    common = ARGS + ["--steps", "4", "--eval-every", "4"]
-    train_lm.main(common + ["--attention", "dense", "--run-dir", str(dense_dir)])
-    with pytest.raises(SystemExit, match="--attention msa"):
-        train_lm.main(common + ["--attention", "dense", "--init-from", str(dense_dir), "--run-dir", str(cpt_dir)])
-    train_lm.main(common + ["--init-from", str(dense_dir), "--run-dir", str(cpt_dir)])
+    train(dense_dir, attention="dense", steps=4)
+    with pytest.raises(ValueError, match="init_from"):
+        run_config("tiny", attention="dense", init_from=str(dense_dir))
+    train(cpt_dir, steps=4, init_from=str(dense_dir))
     # Step 1 of the converted run (dense warmup, before its first update) sees the dense model's weights:
     # its LM loss equals the trained dense model's loss on batch 0.
-    cfg = json.loads((dense_dir / "config.json").read_text())
-    dense = train_lm.model_from_config(cfg)
-    with Checkpointer(dense_dir / "checkpoints", read_only=True) as ckpt:
-        ckpt.restore(dense)
-    corpus = data.load_corpus(cfg["max_bytes"], sources=tuple(cfg["sources"].split(",")))
-    batch = data.batch_at(corpus.train, cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"], step=0)
+    dense, cfg, step = load_run(dense_dir)
+    assert step == 4 and cfg.attention == "dense"
+    corpus = data.load_corpus(cfg.max_bytes, sources=tuple(cfg.sources.split(",")))
+    batch = data.batch_at(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=0)
     _, m = loss_fn(dense, jnp.asarray(batch), sparse=False, kl_weight=0.0)
     first = rows(cpt_dir)[0]
     np.testing.assert_allclose(first["loss"], float(m["lm_loss"]), rtol=1e-5)
     assert first["kl"] > 0 and not first["sparse"]
     assert [r["sparse"] for r in rows(cpt_dir) if r["kind"] == "train"] == [False] * 3 + [True]
+    assert json.loads((cpt_dir / "config.json").read_text())["init_loaded_step"] == 4
 
 
 def test_resume_refuses_a_different_run(full, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(full, run_dir)
     with pytest.raises(SystemExit, match="d_model"):
-        train_lm.main(ARGS + ["--run-dir", str(run_dir), "--d-model", "32"])
+        train(run_dir, d_model=32)
     with pytest.raises(ValueError, match="devices"):
-        train_lm.main(ARGS + ["--run-dir", str(tmp_path / "x"), "--mesh", f"data={jax.device_count() + 1}"])
+        train(tmp_path / "x", mesh=f"data={jax.device_count() + 1}")
 
 
-def test_eval_retrieval_on_trained_runs(full, tmp_path):
+def test_load_run_restores_the_trained_model(full):
+    from msa_jax import data
+    from msa_jax.train import eval_step
+
+    model, cfg, step = load_run(full)
+    assert step == STEPS and cfg == run_config("tiny", **SIZES)
+    corpus = data.load_corpus(cfg.max_bytes, sources=tuple(cfg.sources.split(",")))
+    (batch,) = data.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, 1)
+    m = eval_step(model, jnp.asarray(batch), sparse=True, with_recall=True)
+    last = [r for r in rows(full) if r["kind"] == "eval"][-1]
+    np.testing.assert_allclose(float(m["lm_loss"]), last["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(float(m["block_recall"]), last["block_recall"], rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        load_run(full / "nothing")
+
+
+def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     out = tmp_path / "ret"
-    res = eval_retrieval.main([str(full), "--lengths", "256,384", "--depths", "0,1", "--n", "2", "--out", str(out)])
-    assert len(res["rows"]) == 3 * 2 * 2  # tasks x lengths x depths
-    assert {r["task"] for r in res["rows"]} == {"passkey", "multikey", "variable_tracking"}
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 and r["attention"] == "msa" for r in res["rows"])
+    proc = run_script("eval_retrieval.py", [str(full), "--lengths", "256,384", "--depths", "0,1", "--n", "2",
+                                            "--out", str(out)])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
     saved = json.loads((out / "results.json").read_text())
-    assert saved["rows"] == res["rows"] and "passkey" in saved["table"]
+    assert len(saved["rows"]) == 3 * 2 * 2  # tasks x lengths x depths
+    assert {r["task"] for r in saved["rows"]} == {"passkey", "multikey", "variable_tracking"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 and r["attention"] == "msa" for r in saved["rows"])
+    assert all(0.0 <= r["byte_accuracy"] <= 1.0 for r in saved["rows"])
+    assert "passkey" in saved["table"] and "exact match" in output
     assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
-    assert all(0.0 <= r["byte_accuracy"] <= 1.0 for r in res["rows"])
-    with pytest.raises(SystemExit, match="checkpoints"):
-        eval_retrieval.main([str(tmp_path / "nothing")])
+    proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0 and "checkpoints" in output
+
+    cmp_out = tmp_path / "cmp"
+    proc = run_script("compare_runs.py", [str(full), str(full), "--out", str(cmp_out)])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    table = json.loads((cmp_out / "compare.json").read_text())["table"]
+    assert len(table) == 2 and table[0]["steps"] == STEPS and table[0]["block_recall"] is not None
+    assert "| run |" in output and (cmp_out / "compare.png").stat().st_size > 10_000

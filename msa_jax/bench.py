@@ -1,0 +1,116 @@
+"""Helpers the benchmark scripts share: inputs, selection patterns, FLOP counts, timing, error capture.
+
+The method (docs/benchmarking.md): fresh random inputs in the benchmark dtype, compile first, the
+median of several timed runs with `jax.block_until_ready`, the dense baseline timed in the same
+process; a measurement that fails (e.g. out of memory at the longest lengths) is recorded, not
+raised, so one bad size does not lose the others.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A progress line, prefixed with the seconds since the process started, flushed."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def inputs(key, shape: dict, T: int, dtype):
+    """q, k, v, iq, ik for a head `shape` (msa_jax.presets.BENCH_SHAPES) at length T, standard normal.
+
+    Drawn directly in `dtype`: a float32 draw of q alone is 34 GB at T = 1M (paper heads)."""
+    B, Hq, R, D, Di = shape["batch"], shape["heads"], shape["kv_heads"], shape["head_dim"], shape["index_dim"]
+    shapes = [(B, T, Hq, D), (B, T, R, D), (B, T, R, D), (B, T, R, Di), (B, T, Di)]
+    return [jax.random.normal(k, s, dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
+
+
+def skewed_selection(key, shape: dict, T: int, hot: int):
+    """block ids [B, T, H_kv, top_k] with hot blocks (the hard case for KV-outer kernels): the local
+    block, the first `hot` blocks, then random visible blocks, the first top_k distinct ones in
+    that priority order (-1 padding if fewer)."""
+    B, R, bs, k = shape["batch"], shape["kv_heads"], shape["block_size"], shape["top_k"]
+    local = jnp.broadcast_to((jnp.arange(T) // bs)[None, :, None, None], (B, T, R, 1))
+    hot_ids = jnp.minimum(jnp.arange(hot)[None, None, None, :], local)
+    rand = jax.random.randint(key, (B, T, R, 3 * k), 0, local + 1)
+    cand = jnp.concatenate([local, hot_ids, rand], axis=-1)  # priority = position
+    L = cand.shape[-1]
+    srt = jnp.sort(cand * L + jnp.arange(L), axis=-1)  # by id, then priority
+    ids, prio = srt // L, srt % L
+    first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], axis=-1)
+    order = jnp.argsort(jnp.where(first, prio, L + prio), axis=-1)[..., :k]
+    picked = jnp.take_along_axis(ids, order, axis=-1)
+    valid = jnp.take_along_axis(first, order, axis=-1)
+    return jnp.where(valid, picked, -1).astype(jnp.int32)
+
+
+def support_pairs(block_idx, block_size: int) -> float:
+    """Number of (query, visible selected key) pairs per group, summed over batch and groups; the
+    main branch's effective FLOPs are 4 * H_q / H_kv * D times this (causal padding not counted)."""
+    T = block_idx.shape[1]
+    i = jnp.arange(T)[None, :, None, None]
+    n = jnp.clip(i - block_idx * block_size + 1, 0, block_size)
+    return float(jnp.sum(jnp.where(block_idx >= 0, n, 0).astype(jnp.float32)))
+
+
+def flop_bound(shape: dict, T: int) -> float:
+    """Dense / MSA FLOP ratio at length T (docs/algorithm.md §5): the ceiling of the prefill speedup."""
+    Hq, R, D, Di, bs, k = (shape[x] for x in ("heads", "kv_heads", "head_dim", "index_dim", "block_size", "top_k"))
+    return (2 * Hq * D * T * T) / (R * Di * T * T + 4 * Hq * D * T * k * bs)
+
+
+def timeit(fn, *args, reps: int, budget: float):
+    """(median seconds, runs timed, seconds of the first call incl. compilation) of fn(*args).
+
+    At most `reps` runs, fewer when they would take more than `budget` seconds."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))  # compile + first run
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    n = max(1, min(reps, int(budget / max(one, 1e-6))))
+    times = [one]
+    for _ in range(n - 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times), first
+
+
+def is_oom(e: BaseException) -> bool:
+    s = f"{type(e).__name__}: {e}"
+    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower()
+
+
+def guarded(what: str, fn) -> dict:
+    """fn() -> dict; an exception becomes {"status": "oom" | "error", "error": ...} (logged), never raised."""
+    try:
+        res = fn()
+        res.setdefault("status", "ok")
+        return res
+    except Exception as e:  # noqa: BLE001 - record and go on
+        status = "oom" if is_oom(e) else "error"
+        res = dict(status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+        log(f"{what}: {status.upper()} {res['error'][:200]}")
+        return res
+
+
+def fmt(x, width: int = 8) -> str:
+    """3 significant digits, fixed width (CPU TFLOP/s are ~1e-3, GPU ones ~1e2); strings as they are."""
+    if x is None:
+        return f"{'-':>{width}}"
+    if isinstance(x, str):
+        return f"{x:>{width}}"
+    return f"{x:>{width}.3g}"
+
+
+def cell(m: dict, key: str = "ms"):
+    """m[key] of a guarded measurement, or its status ("oom", "error", ...)."""
+    return m.get(key) if m.get("status") == "ok" else m.get("status", "-")

@@ -1,0 +1,303 @@
+"""The training loop: `train_and_evaluate(run, run_dir)` trains one model (dense or MSA), resumably.
+
+Run directory:
+  config.json     the RunConfig (a resumed run must match it, but for `RunConfig.RESUMABLE` fields)
+  metrics.jsonl   one JSON object per line: a "train" row per step (step, loss = LM loss in
+                  nats/byte, kl, lr, grad_norm, index_grad_norm, tokens_per_s, sparse, total_loss)
+                  and an "eval" row per evaluation (step, sparse, val_loss, val_bpb, val_kl,
+                  block_recall, score_recall, eval_s)
+  loss.png        train / val loss, KL and recall curves (redrawn at every eval)
+  summary.json    written when the run reaches its last step
+  checkpoints/    Orbax checkpoints: params, optimizer, step, data iterator state, seed, config
+
+The MSA recipe (docs/algorithm.md §6): loss = LM + kl_weight * the index KL summed over MSA
+layers; `msa_warmup_steps` of dense attention with the KL over the full causal support, then top-k
+routing with the KL over the selected blocks; `init_from` starts an MSA model from a dense run's
+weights (fresh index projections: continued pre-training). Evaluations run in the mode in force at
+that step (dense during the warmup, sparse after; the row's `sparse` says which), and an MSA model
+also reports the recall of its index branch's selection in either mode.
+
+Calling it again with the same run directory resumes from the latest checkpoint and gives the
+same losses as an uninterrupted run. Ctrl-C / SIGTERM finish the current step, save and raise
+SystemExit(130); `stop_at` stops cleanly at a step. Multi-host: every process calls it with the
+same arguments after `sharding.maybe_initialize_distributed`; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from msa_jax import data, plots, sharding
+from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
+from msa_jax.config import RunConfig
+from msa_jax.model import DecoderLM, count_params
+from msa_jax.train import lr_schedule, make_optimizer, sharded_eval_step, sharded_train_step, use_sparse
+
+LN2 = math.log(2.0)
+
+
+class MetricsLog:
+    """Append-only JSONL of metric rows, written by process 0; `truncate(step)` drops rows > step."""
+
+    def __init__(self, path: pathlib.Path, enabled: bool = True):
+        self.path, self.enabled = pathlib.Path(path), enabled
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Keep rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        if self.enabled and self.path.exists():
+            kept = [r for r in self.rows() if r["step"] <= step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+
+    def write(self, rows: list[dict]) -> None:
+        if self.enabled and rows:
+            with self.path.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+                f.flush()
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM set a flag checked between steps; a second Ctrl-C raises at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint and stopping "
+              "(Ctrl-C again to abort at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool) -> dict:
+    """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model)."""
+    totals: dict[str, float] = {}
+    for batch in eval_set:
+        m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, with_recall=is_msa))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    out = {k: v / len(eval_set) for k, v in totals.items()}
+    return dict(sparse=sparse, val_loss=out["lm_loss"], val_bpb=out["lm_loss"] / LN2,
+                val_kl=out.get("kl") if is_msa else None, block_recall=out.get("block_recall"),
+                score_recall=out.get("score_recall"))
+
+
+def check_resume(saved: RunConfig, run: RunConfig) -> list[str]:
+    """Fields that differ from the saved run; SystemExit for those that break the resume."""
+    diffs = [k for k in saved.differences(run) if k != "init_loaded_step"]
+    fatal = [k for k in diffs if k not in RunConfig.RESUMABLE]
+    if fatal:
+        lines = [f"  {k}: checkpoint {getattr(saved, k)!r} vs now {getattr(run, k)!r}" for k in fatal]
+        raise SystemExit("cannot resume: the run directory holds a different run:\n" + "\n".join(lines)
+                         + "\nuse another run directory (or delete this one) to start over")
+    return diffs
+
+
+def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
+    """Train `run` into `run_dir` (resuming from its latest checkpoint), evaluate, checkpoint.
+
+    Returns a summary dict: {steps, stopped, run_dir} when it stopped early at `run.stop_at`, else
+    {steps, wall_s, n_params, final_eval, median_tokens_per_s, run_dir, env}. Raises SystemExit(130)
+    after saving a checkpoint when interrupted (Ctrl-C / SIGTERM).
+    """
+    from tqdm.auto import tqdm
+
+    mcfg, tcfg = run.model_config(), run.train_config()
+    is_main = jax.process_index() == 0
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    say = print if is_main else (lambda *a, **k: None)
+
+    mesh = sharding.make_mesh(run.mesh or f"data={jax.device_count()}")
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % n_batch_shards:
+        raise SystemExit(f"batch_size {tcfg.batch_size} must be a multiple of data*fsdp = {n_batch_shards} "
+                         f"(mesh {dict(mesh.shape)})")
+    say(f"jax {jax.__version__} | {jax.process_count()} process(es), {jax.device_count()} device(s) "
+        f"[{jax.devices()[0].device_kind}] | mesh {dict(mesh.shape)} | python {platform.python_version()}")
+
+    corpus = data.load_corpus(run.max_bytes, sources=tuple(run.sources.split(",")))
+    say(f"corpus: {corpus.summary()}")
+    eval_set = data.eval_batches(corpus.val, tcfg.batch_size, tcfg.seq_len, run.eval_batches)
+
+    model = DecoderLM(mcfg, seed=run.seed)
+    optimizer = make_optimizer(model, tcfg)
+    sharding.shard_model(model, mesh)
+    sharding.shard_optimizer(optimizer, mesh)
+    is_msa = mcfg.attention == "msa"
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=run.keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        saved = RunConfig.from_dict(ckpt.restore_meta()["config"])
+        run = dataclasses.replace(run, init_loaded_step=saved.init_loaded_step)
+        changed = check_resume(saved, run)
+        meta = ckpt.restore(model, optimizer)  # into the current (sharded) layout
+        start = int(meta["step"])
+        batches = data.BatchIterator.from_state(corpus.train, meta["data"])
+        log.truncate(start)
+        say(f"resumed from {ckpt.directory}/{start} (step {start}/{tcfg.steps})"
+            + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if "steps" in changed:
+            say("  note: the number of steps changed, so the cosine LR schedule differs from the original run's")
+    else:
+        if run.init_from:
+            src = checkpoint_dir(run.init_from)
+            loaded = load_dense_into_msa(src, model, step=run.init_step)
+            with Checkpointer(src, read_only=True) as dense_ckpt:
+                run = dataclasses.replace(run, init_loaded_step=dense_ckpt.resolve_step(run.init_step))
+            sharding.shard_model(model, mesh)  # loading placed the weights on the default device
+            say(f"initialised {len(loaded)} non-index weights from {src} step {run.init_loaded_step} "
+                "(index branches fresh)")
+        batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed)
+        if log.path.exists() and is_main:
+            log.path.unlink()  # no checkpoint to continue from: start the log over
+    if is_main:
+        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+
+    n_params = count_params(model)
+    T, span = tcfg.seq_len, mcfg.msa.dense_span
+    say(f"model: {run.attention}, {n_params / 1e6:.2f}M params, {mcfg.n_layers} layers "
+        f"({mcfg.n_msa_layers} MSA), d_model {mcfg.d_model}, heads {mcfg.n_heads}/{mcfg.n_kv_heads}, {mcfg.dtype}")
+    if is_msa:
+        say(f"MSA: block {mcfg.msa.block_size} x top-{mcfg.msa.top_k}: a query sees <= {min(span, T)} of {T} keys; "
+            f"dense warmup {mcfg.msa.warmup_steps} steps, kl_weight {mcfg.msa.kl_weight}")
+
+    schedule = lr_schedule(tcfg)
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+
+    def save(step: int) -> None:
+        state = dict(batches.state(), step=step)  # batch s is a function of (seed, s): no other state
+        ckpt.save(step, model, optimizer, meta=dict(step=step, data=state, rng=dict(seed=run.seed),
+                                                   config=run.to_dict(), corpus=corpus.fingerprint))
+
+    def do_eval(step: int) -> dict:
+        t0 = time.perf_counter()
+        sparse = bool(is_msa and use_sparse(step - 1, mcfg.msa))  # the mode of the step just taken
+        row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse))
+        row["eval_s"] = time.perf_counter() - t0
+        log.write([row])
+        if run.plot and is_main:
+            plots.plot_run(log.rows(), run_dir / "loss.png", f"{run.attention} T={T} ({run.preset})")
+        return row
+
+    pending: list[tuple[int, bool, dict]] = []  # steps dispatched but not yet fetched
+    seen_modes: set[bool] = set()
+    interval = dict(t0=time.perf_counter(), steps=0, excluded_s=0.0)
+    last: dict = {}
+
+    def flush() -> None:
+        """Fetch pending metrics (one host sync), write their rows with the interval's tokens/s."""
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, _, m in pending])
+        elapsed = time.perf_counter() - interval["t0"] - interval["excluded_s"]
+        tps = interval["steps"] * tokens_per_step / elapsed if interval["steps"] and elapsed > 0 else None
+        rows = []
+        for (step, sparse, _), m in zip(pending, fetched):
+            m = {k: float(v) for k, v in m.items()}
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step}: {m}")
+            rows.append(dict(kind="train", step=step, loss=m["lm_loss"], kl=m["kl"], lr=float(schedule(step - 1)),
+                             tokens_per_s=tps, sparse=sparse, grad_norm=m["grad_norm"],
+                             index_grad_norm=m.get("index_grad_norm"), total_loss=m["loss"]))
+        log.write(rows)
+        last.update(rows[-1])
+        pending.clear()
+        interval.update(t0=time.perf_counter(), steps=0, excluded_s=0.0)
+
+    bar = tqdm(total=tcfg.steps, initial=start, desc=run.attention, dynamic_ncols=True, file=sys.stdout,
+               disable=not (is_main and progress))
+    t_run = time.perf_counter()
+    step = start
+    end = tcfg.steps if run.stop_at is None else max(start, min(tcfg.steps, run.stop_at))
+    with StopFlag() as stop:
+        while step < end and not stop.requested:
+            sparse = bool(is_msa and use_sparse(step, mcfg.msa))
+            batch = sharding.shard_batch(next(batches), mesh)
+            t0 = time.perf_counter()
+            metrics = sharded_train_step(model, optimizer, batch, mesh=mesh, sparse=sparse,
+                                         kl_weight=mcfg.msa.kl_weight)
+            if sparse not in seen_modes:  # the first step of a mode compiles: keep it out of tokens/s
+                jax.block_until_ready(metrics)
+                interval["excluded_s"] += time.perf_counter() - t0
+                seen_modes.add(sparse)
+            else:
+                interval["steps"] += 1
+            step += 1
+            pending.append((step, sparse, metrics))
+            eval_now = step % run.eval_every == 0 or step == tcfg.steps
+            ckpt_now = run.ckpt_every and step % run.ckpt_every == 0
+            if step % run.log_every == 0 or eval_now or ckpt_now or stop.requested:
+                flush()
+                post = dict(loss=f"{last['loss']:.3f}", mode="sparse" if sparse else "dense")
+                if is_msa:
+                    post["kl"] = f"{last['kl']:.3f}"
+                if last.get("tokens_per_s"):
+                    post["tok/s"] = f"{last['tokens_per_s']:,.0f}"
+                if "val_bpb" in last:
+                    post["val_bpb"] = f"{last['val_bpb']:.3f}"
+                bar.set_postfix(post, refresh=False)
+            if eval_now:
+                t0 = time.perf_counter()
+                last["val_bpb"] = do_eval(step)["val_bpb"]
+                interval["excluded_s"] += time.perf_counter() - t0
+            if ckpt_now or step == end or stop.requested:
+                t0 = time.perf_counter()
+                save(step)
+                interval["excluded_s"] += time.perf_counter() - t0
+            bar.update(step - bar.n)
+        flush()
+    bar.close()
+    ckpt.close()
+    wall = time.perf_counter() - t_run
+    rows = log.rows() if is_main else []
+    if step < tcfg.steps:
+        if stop.requested:
+            say(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run again to resume.")
+            raise SystemExit(130)
+        say(f"reached stop_at {step}; checkpoint saved in {ckpt.directory}. Run again with a later stop_at "
+            "(or none) to continue.")
+        return dict(steps=step, stopped=True, run_dir=str(run_dir))
+    evals = [r for r in rows if r["kind"] == "eval"]
+    tps = [r["tokens_per_s"] for r in rows if r["kind"] == "train" and r.get("tokens_per_s")]
+    summary = dict(steps=step, wall_s=wall, n_params=int(n_params), final_eval=evals[-1] if evals else None,
+                   median_tokens_per_s=float(np.median(tps)) if tps else None, run_dir=str(run_dir),
+                   env=dict(jax=jax.__version__, device=jax.devices()[0].device_kind, n_devices=jax.device_count()))
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if evals:
+            e = evals[-1]
+            say(f"done: step {step}, val loss {e['val_loss']:.4f} nats/byte ({e['val_bpb']:.3f} bits/byte)"
+                + (f", block recall {e['block_recall']:.3f}, score recall {e['score_recall']:.3f}" if is_msa else "")
+                + (f", {summary['median_tokens_per_s']:,.0f} tokens/s" if tps else "") + f"; {wall:.0f}s this session")
+        say(f"wrote {log.path}" + (f", {run_dir / 'loss.png'}" if run.plot else "") + f", checkpoints in {ckpt.directory}")
+    return summary

@@ -1,0 +1,231 @@
+"""Figures and tables that the scripts (and notebooks) share: training curves, run comparisons,
+retrieval heatmaps. Every figure function returns False instead of failing when matplotlib is not
+installed (it is in the `dev` extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+    return np.convolve(x, np.ones(width) / width, mode="valid")
+
+
+# --------------------------------------------------------------------------------- one run
+
+
+def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
+    """loss.png of one run: LM loss (bits/byte; train smoothed, val), and for MSA the KL and recall."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    has_msa = any(r.get("block_recall") is not None for r in evals)
+    fig, axes = plt.subplots(1, 3 if has_msa else 1, figsize=(15 if has_msa else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        steps = np.array([r["step"] for r in train])
+        loss = np.array([r["loss"] for r in train]) / LN2
+        w = max(1, min(20, loss.size // 10))
+        ax.plot(steps[w - 1:], _smooth(loss, w), lw=1, label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label="val")
+    ax.set(xlabel="step", ylabel="LM loss (bits/byte)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if has_msa:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in train], [r["kl"] for r in train], lw=1, label="train KL (sum over layers)")
+        ax.set(xlabel="step", ylabel="index KL", title="index KL (support changes at the switch)")
+        ax.grid(alpha=0.3)
+        ax = axes[0, 2]
+        ax.plot([r["step"] for r in evals], [r["block_recall"] for r in evals], "o-", label="block recall")
+        ax.plot([r["step"] for r in evals], [r["score_recall"] for r in evals], "s-", label="score recall")
+        ax.set(xlabel="step", ylim=(0, 1.02), title="selection recall (val)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        switch = next((r["step"] for r in train if r.get("sparse")), None)
+        for a in axes[0]:
+            if switch is not None and switch > 1:
+                a.axvline(switch - 1, color="gray", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------- comparing runs
+
+
+def load_run_metrics(run_dir: str | pathlib.Path) -> dict:
+    """{name, cfg, rows, summary, offset} of a run directory; offset = the dense step a converted
+    (init_from) run started from, so that its curves line up with the dense run's."""
+    run_dir = pathlib.Path(run_dir)
+    for name in ("config.json", "metrics.jsonl"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir}: no {name} (is it a training run directory?)")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    offset = int(cfg.get("init_loaded_step") or 0)
+    return dict(name=run_dir.name, cfg=cfg, rows=rows, summary=summary, offset=offset)
+
+
+def summarize(run: dict) -> dict:
+    """One table row of a loaded run: last eval, mean train loss of the last 10% of steps, speed."""
+    train = [r for r in run["rows"] if r["kind"] == "train"]
+    evals = [r for r in run["rows"] if r["kind"] == "eval"]
+    tail = train[-max(1, len(train) // 10):]
+    tps = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+    last = evals[-1] if evals else {}
+    cfg = run["cfg"]
+    return dict(
+        run=run["name"],
+        attention=cfg["attention"],
+        init=f"dense @ {run['offset']}" if cfg.get("init_from") else "scratch",
+        steps=train[-1]["step"] if train else 0,
+        total_steps=(train[-1]["step"] if train else 0) + run["offset"],
+        n_params=run["summary"].get("n_params"),
+        train_loss=float(np.mean([r["loss"] for r in tail])) if tail else None,
+        val_loss=last.get("val_loss"),
+        val_bpb=last.get("val_bpb"),
+        block_recall=last.get("block_recall"),
+        score_recall=last.get("score_recall"),
+        tokens_per_s=float(np.median(tps)) if tps else None,
+        wall_s=run["summary"].get("wall_s"),
+    )
+
+
+def markdown_table(table: list[dict]) -> str:
+    """The rows of `summarize` as a Markdown table (losses in nats per byte)."""
+    def f(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
+    lines = ["| run | attention | init | params | steps (total) | train loss | val loss | val bits/byte | "
+             "block recall | score recall | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        params = "–" if r.get("n_params") is None else f"{r['n_params'] / 1e6:.2f}M"
+        lines.append(f"| {r['run']} | {r['attention']} | {r['init']} | {params} | {r['steps']} ({r['total_steps']}) "
+                     f"| {f(r['train_loss'], '.3f')} | {f(r['val_loss'], '.3f')} | {f(r['val_bpb'], '.3f')} | "
+                     f"{f(r['block_recall'], '.3f')} | {f(r['score_recall'], '.3f')} | {f(r['tokens_per_s'], ',.0f')} |")
+    return "\n".join(lines)
+
+
+def plot_compare(runs: list[dict], path: pathlib.Path, title: str) -> bool:
+    """Loss curves of several loaded runs on one "total steps" axis (+ recall of the MSA runs)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    has_msa = any(r["cfg"]["attention"] == "msa" for r in runs)
+    fig, axes = plt.subplots(1, 2 if has_msa else 1, figsize=(13 if has_msa else 7, 4.5), squeeze=False)
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        train = [r for r in run["rows"] if r["kind"] == "train"]
+        evals = [r for r in run["rows"] if r["kind"] == "eval"]
+        if train:
+            steps = np.array([r["step"] for r in train]) + run["offset"]
+            loss = np.array([r["loss"] for r in train]) / LN2
+            w = max(1, min(20, loss.size // 10))
+            axes[0, 0].plot(steps[w - 1:], _smooth(loss, w), color=color, lw=1, alpha=0.6, label=f"{run['name']} train")
+        if evals:
+            axes[0, 0].plot([r["step"] + run["offset"] for r in evals], [r["val_bpb"] for r in evals], "o-",
+                            color=color, label=f"{run['name']} val")
+        if has_msa and run["cfg"]["attention"] == "msa" and evals:
+            x = [r["step"] + run["offset"] for r in evals]
+            axes[0, 1].plot(x, [r["block_recall"] for r in evals], "o-", color=color, label=f"{run['name']} block")
+            axes[0, 1].plot(x, [r["score_recall"] for r in evals], "s--", color=color, label=f"{run['name']} score")
+        if run["offset"]:
+            axes[0, 0].axvline(run["offset"], color=color, ls=":", lw=1)
+        warm = run["cfg"].get("msa_warmup_steps") if run["cfg"]["attention"] == "msa" else None
+        if warm:
+            axes[0, 0].axvline(min(warm, run["cfg"]["steps"]) + run["offset"], color=color, ls="--", lw=0.8)
+    axes[0, 0].set(xlabel="total steps (a converted run starts at its dense step; dashed: end of MSA warmup)",
+                   ylabel="LM loss (bits/byte)", title=title)
+    axes[0, 0].grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if has_msa:
+        axes[0, 1].set(xlabel="total steps", ylim=(0, 1.02), title="MSA selection recall (val)")
+        axes[0, 1].grid(alpha=0.3)
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare_runs(run_dirs, out: str | pathlib.Path, title: str | None = None) -> dict:
+    """Load runs, write compare.json (+ compare.png) under `out`; returns {table, markdown, plotted}."""
+    runs = [load_run_metrics(r) for r in run_dirs]
+    table = [summarize(r) for r in runs]
+    md = markdown_table(table)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = runs[0]["cfg"]
+    plotted = plot_compare(runs, out / "compare.png", title or f"T={c['seq_len']}, batch {c['batch_size']} ({c['preset']})")
+    (out / "compare.json").write_text(json.dumps(dict(table=table, markdown=md), indent=1))
+    return dict(table=table, markdown=md, plotted=plotted)
+
+
+# ------------------------------------------------------------------------------ retrieval
+
+
+def retrieval_table(rows: list[dict], depths: list[float], metric: str = "accuracy") -> str:
+    """Text table: one line per (run, task, length), one column per needle depth, and the mean."""
+    head = ["run", "task", "length"] + [f"d={d:g}" for d in depths] + ["mean"]
+    table = [head]
+    keys = dict.fromkeys((r["run"], r["task"], r["context_len"]) for r in rows)
+    for run, task, T in keys:
+        accs = [r[metric] for r in rows if (r["run"], r["task"], r["context_len"]) == (run, task, T)]
+        table.append([run, task, str(T)] + [f"{a:.2f}" for a in accs] + [f"{sum(accs) / len(accs):.2f}"])
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in table]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path,
+                   metric: str = "accuracy") -> bool:
+    """Heatmaps of `metric`: one row of panels per run, one column per task, depth x length."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(len(runs), len(tasks), figsize=(4.2 * len(tasks), 2.2 + 1.2 * len(runs)), squeeze=False)
+    for i, run in enumerate(runs):
+        for j, task in enumerate(tasks):
+            sub = [r for r in rows if r["run"] == run and r["task"] == task]
+            lengths = sorted({r["context_len"] for r in sub})
+            depths = sorted({r["depth"] for r in sub})
+            grid = np.array([[next(r[metric] for r in sub if r["context_len"] == T and r["depth"] == d)
+                              for d in depths] for T in lengths])
+            ax = axes[i, j]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            for (a, b), v in np.ndenumerate(grid):
+                ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_yticks(range(len(lengths)), [str(T) for T in lengths])
+            ax.set_xlabel("needle depth")
+            if j == 0:
+                ax.set_ylabel(f"{run}\ncontext length")
+            if i == 0:
+                ax.set_title(f"{task} ({'exact match' if metric == 'accuracy' else 'answer bytes right'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,123 @@
+"""Named presets: the sizes of training runs, and the head shapes of the attention benchmarks.
+
+`RUN_PRESETS[name]` overrides `RunConfig`'s defaults; `run_config(name, **overrides)` builds the
+validated config. `add_run_arguments(parser)` gives a script one `--flag` per `RunConfig` field
+(a flag that is given wins over the preset), and `run_config_from_args(args)` reads them back, so
+every training script takes the same flags with the same meaning.
+
+`BENCH_SHAPES[name]` are the attention shapes the kernel benchmarks use: "paper" is the MSA
+paper's head configuration (docs/algorithm.md §8), "cpu" a tiny one for smoke runs off a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from msa_jax.config import IMPLS, RunConfig
+
+RUN_PRESETS: dict[str, dict] = {
+    # 2 CPU cores: about a minute per model (compilation included).
+    "tiny": dict(),  # RunConfig's defaults
+    # The quickstart: 2 CPU cores, ~7 minutes for a dense and an MSA model. Each query of the MSA
+    # model sees at most 4 x 32 = 128 of up to 1024 keys.
+    "quickstart": dict(
+        steps=180, batch_size=2, seq_len=1024, block_size=32, top_k=4, index_dim=32, d_model=128, n_layers=4,
+        n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, n_dense_layers=1, msa_warmup_steps=36, eval_every=45,
+        eval_batches=4, ckpt_every=0, max_bytes=None, sources="stdlib",
+    ),
+    # One GPU, a few minutes per model (T = 8192: each query sees <= 2048 keys). 25M parameters.
+    "gpu-small": dict(
+        steps=200, batch_size=8, seq_len=8192, block_size=128, top_k=16, index_dim=64, d_model=512, n_layers=8,
+        n_heads=8, n_kv_heads=2, head_dim=64, d_ff=1536, n_dense_layers=1, lr=1e-3, msa_warmup_steps=40,
+        eval_every=50, eval_batches=8, ckpt_every=50, log_every=10, max_bytes=None, dtype="bfloat16",
+    ),
+    # One or more GPUs, longer context and a bigger model (152M parameters).
+    "gpu": dict(
+        steps=2000, batch_size=8, seq_len=32768, block_size=128, top_k=16, index_dim=128, d_model=1024,
+        n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64, d_ff=3072, n_dense_layers=2, lr=6e-4,
+        msa_warmup_steps=200, eval_every=200, eval_batches=8, ckpt_every=200, log_every=10, max_bytes=None,
+        dtype="bfloat16",
+    ),
+}
+
+BENCH_SHAPES: dict[str, dict] = {
+    "cpu": dict(batch=1, heads=4, kv_heads=1, head_dim=32, index_dim=32, block_size=16, top_k=4),
+    "paper": dict(batch=1, heads=64, kv_heads=4, head_dim=128, index_dim=128, block_size=128, top_k=16),
+}
+
+
+def run_config(preset: str = "tiny", **overrides) -> RunConfig:
+    """RunConfig of a named preset with `overrides` (None values are ignored)."""
+    if preset not in RUN_PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(RUN_PRESETS)}, got {preset!r}")
+    values = {**RUN_PRESETS[preset], "preset": preset}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**values)
+
+
+# Flags: (field, type, help). The default of every flag is None ("the preset's value").
+_FLAGS = (
+    ("seed", int, "init and data seed"),
+    ("steps", int, "optimizer steps"),
+    ("batch_size", int, "global batch (all devices)"),
+    ("seq_len", int, "tokens (bytes) per training window"),
+    ("lr", float, "peak learning rate (AdamW, linear warmup, cosine decay)"),
+    ("lr_warmup_steps", int, "learning-rate warmup steps (default: 5%% of --steps)"),
+    ("msa_warmup_steps", int, "MSA: dense warmup steps before top-k routing"),
+    ("kl_weight", float, "MSA: weight of the index KL loss (with Adam and a separate clip for the index branch, only 0 "
+                         "vs > 0 changes its update much)"),
+    ("block_size", int, "MSA: KV block size"),
+    ("top_k", int, "MSA: blocks per query and group, the local block included"),
+    ("index_dim", int, "MSA: index head dim"),
+    ("d_model", int, None),
+    ("n_layers", int, None),
+    ("n_heads", int, "query heads"),
+    ("n_kv_heads", int, "KV heads (GQA groups)"),
+    ("head_dim", int, None),
+    ("d_ff", int, "SwiGLU hidden size"),
+    ("n_dense_layers", int, "leading layers kept dense in an MSA model"),
+    ("eval_every", int, "steps between evaluations (and at the end)"),
+    ("eval_batches", int, "validation batches per evaluation"),
+    ("log_every", int, "steps between host syncs / metric writes"),
+    ("ckpt_every", int, "steps between checkpoints (0: only at the end and on an interrupt)"),
+    ("keep", int, "checkpoints kept"),
+    ("max_bytes", int, "cap on the corpus size in bytes"),
+    ("sources", str, "comma list of stdlib, site-packages or directories of *.py files"),
+    ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 (default: data=<all devices>)"),
+    ("init_from", str, "dense run directory to start an MSA model from (continued pre-training)"),
+    ("init_step", int, "step of --init-from to load (default: its latest)"),
+    ("stop_at", int, "stop after this step with a checkpoint, as on Ctrl-C; for jobs with a time limit"),
+)
+
+
+def _preset_help(field: str) -> str:
+    default = RunConfig()
+    vals = ", ".join(f"{n} {RUN_PRESETS[n].get(field, getattr(default, field))}" for n in RUN_PRESETS)
+    return f"[presets: {vals}]"
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, attention=("dense", "msa"), default_preset: str = "tiny",
+                      default_attention: str = "msa") -> None:
+    """One `--flag` per RunConfig field (default None: the preset's value)."""
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), default=default_preset, help="sizes; flags override them")
+    p.add_argument("--attention", choices=attention, default=default_attention)
+    p.add_argument("--impl", choices=IMPLS, default=None, help="attention ops backend (default: auto)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help=_preset_help("dtype"))
+    for field, typ, text in _FLAGS:
+        text = f"{text} {_preset_help(field)}" if text else _preset_help(field)
+        p.add_argument(f"--{field.replace('_', '-')}", type=typ, default=None, help=text)
+    p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the loss plot")
+
+
+def run_config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
+    """The preset of `args.preset`, overridden by the flags given (and then by `overrides`).
+
+    Invalid values raise SystemExit with the config's message (a command-line error)."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and k != "preset" and v is not None}
+    given.update(overrides)
+    try:
+        return run_config(args.preset, **given)
+    except ValueError as e:
+        raise SystemExit(f"invalid configuration: {e}") from None

@@ -1,0 +1,44 @@
+"""msa_jax.bench: the helpers the benchmark scripts share."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import bench
+from msa_jax.presets import BENCH_SHAPES
+
+
+def test_measurement_errors_are_recorded_not_raised():
+    def oom():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes")
+
+    assert bench.guarded("x", oom)["status"] == "oom"
+    assert bench.guarded("x", lambda: 1 / 0)["status"] == "error"
+    assert bench.guarded("x", lambda: dict(ms=1.0)) == dict(ms=1.0, status="ok")
+    assert bench.cell(dict(status="oom")) == "oom" and bench.cell(dict(status="ok", ms=2.0)) == 2.0
+
+
+def test_skewed_selection_is_valid_and_hot():
+    shape = dict(BENCH_SHAPES["cpu"], batch=2)
+    T, bs, k = 200, shape["block_size"], shape["top_k"]
+    ids = np.asarray(bench.skewed_selection(jax.random.key(0), shape, T, hot=2))
+    assert ids.shape == (2, T, shape["kv_heads"], k)
+    local = np.arange(T) // bs
+    for b in range(2):
+        for i in range(T):
+            row = ids[b, i, 0]
+            valid = row[row >= 0]
+            assert len(set(valid)) == len(valid) and local[i] in valid and (valid <= local[i]).all()
+            assert set(range(min(2, local[i] + 1))) <= set(valid)  # the hot blocks, when visible
+            assert (row[len(valid):] == -1).all()
+
+
+def test_support_pairs_counts_visible_keys():
+    bs = 4
+    ids = jnp.array([[[[0, -1]], [[0, 1]], [[1, 0]]]], jnp.int32)[:, :, :, :]  # [1, 3, 1, 2]
+    # token 0: block 0 -> 1 key; token 1: blocks 0, 1 -> 2 + 0 keys; token 2: 3 + 0 keys
+    assert bench.support_pairs(ids, bs) == 1 + 2 + 3
+    paper = BENCH_SHAPES["paper"]
+    assert abs(bench.flop_bound(paper, 131072) - 16.0) < 1e-9  # docs/algorithm.md §5: 32 N / (N + 131072)
