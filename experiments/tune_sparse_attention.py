@@ -1,6 +1,6 @@
 """Sweep the tile and compiler settings of the KV-outer main-branch kernel on the GPU.
 
-Times `pallas.sparse_attention_kv.sparse_attention_fwd` for every combination of --block-q,
+Times `pallas.sparse_attention.sparse_attention_fwd` (the KV-outer forward) for every combination of --block-q,
 --num-warps, --num-stages and --query-chunk on the paper head config with the indexer's own
 selection (random inputs), and reports effective TFLOP/s (4 * H_q * D per visible selected
 (query, key) pair). Writes --out/tune.json and prints the table, best first.
@@ -21,28 +21,27 @@ import jax.numpy as jnp
 from msa_jax import ops
 from msa_jax.bench import inputs, support_pairs, timeit
 from msa_jax.presets import BENCH_SHAPES
-from pallas import sparse_attention_kv as kv
+from pallas import kv_outer
+from pallas.sparse_attention import sparse_attention_fwd
 
 
 def time_parts(q, k, idx, bs):
-    """ms of the XLA parts of one default query chunk (reverse index; combine), times the chunk count."""
-    B, T, H_q, D = q.shape
-    H_kv, top_k = k.shape[2], idx.shape[3]
-    G_pad, D_pad, n_blocks = kv._next_pow2(H_q // H_kv), max(16, kv._next_pow2(D)), -(-T // bs)
-    bq = kv._default_block_q(T, G_pad)
-    tc = kv._default_chunk(T, B * H_kv, top_k, n_blocks, bq, G_pad, D_pad)
-    n_chunks, n_tiles = -(-T // tc), kv._n_tiles(tc, top_k, n_blocks, bq)
-    ids = kv._clean_ids(idx[:, :tc], bs).transpose(0, 2, 1, 3).reshape(B * H_kv, tc, top_k)
-    rev = jax.jit(lambda i: kv._reverse_index(i, n_blocks=n_blocks, bq=bq, n_tiles=n_tiles))
+    """ms of the XLA parts of the kernel's default query chunk (reverse index; combine), times the
+    chunk count: the settings the forward resolves for these inputs (`kv_outer.KVOuterConfig`)."""
+    sz = kv_outer.sizes(q, k, idx, bs)
+    plan = kv_outer.KVOuterConfig().resolve("fwd", sz, f32=q.dtype == jnp.float32)
+    tc, bq = plan.t_chunk, plan.block_q
+    ids = kv_outer.rows(kv_outer.clean_ids(idx[:, :tc], bs), sz.H_kv)  # [B*H_kv, tc, top_k]
+    rev = jax.jit(lambda i: kv_outer.reverse_index(i, n_blocks=sz.n_blocks, bq=bq, n_tiles=plan.n_tiles))
     t_rev = timeit(rev, ids, reps=5, budget=5.0)[0]
     _, _, inv = rev(ids)
-    P = n_tiles * bq
-    o_part = jnp.ones((B * H_kv, P * G_pad, D_pad), q.dtype)
-    lse_part = jnp.zeros((B * H_kv, P * G_pad), jnp.float32)
-    comb = jax.jit(lambda o, l, i: kv._combine(o, l, i, G_pad=G_pad, D_pad=D_pad))
+    P = plan.n_tiles * bq
+    o_part = jnp.ones((sz.BH, P * sz.G_pad, sz.D_pad), q.dtype)
+    lse_part = jnp.zeros((sz.BH, P * sz.G_pad), jnp.float32)
+    comb = jax.jit(lambda o, l, i: kv_outer.combine_outputs(o, l, i, G_pad=sz.G_pad, D_pad=sz.D_pad))
     t_comb = timeit(comb, o_part, lse_part, inv, reps=5, budget=5.0)[0]
-    return dict(query_chunk=tc, n_chunks=n_chunks, n_tiles=n_tiles, partial_gb=o_part.nbytes / 1e9,
-                reverse_index_ms=t_rev * 1e3 * n_chunks, combine_ms=t_comb * 1e3 * n_chunks)
+    return dict(query_chunk=tc, n_chunks=plan.n_chunks, n_tiles=plan.n_tiles, partial_gb=o_part.nbytes / 1e9,
+                reverse_index_ms=t_rev * 1e3 * plan.n_chunks, combine_ms=t_comb * 1e3 * plan.n_chunks)
 
 
 def main(argv=None):
@@ -68,7 +67,7 @@ def main(argv=None):
     grid = itertools.product(args.block_q, args.num_warps, args.num_stages, args.query_chunk, args.tiles_per_program)
     for bq, nw, ns, qc, nt in grid:
         kw = dict(block_size=bs, block_q=bq, num_warps=nw, num_stages=ns, query_chunk=qc or None, tiles_per_program=nt)
-        fn = jax.jit(lambda q, k, v, i, kw=kw: kv.sparse_attention_fwd(q, k, v, i, **kw)[0])
+        fn = jax.jit(lambda q, k, v, i, kw=kw: sparse_attention_fwd(q, k, v, i, **kw)[0])
         try:
             t, n, _ = timeit(fn, q, k, v, idx, reps=args.reps, budget=10.0)
             row = dict(kw, ms=t * 1e3, tflops=flops / t / 1e12)

@@ -2,7 +2,7 @@
 
 Two kinds of checks:
 
-* against independent computations written here, literally from MSA_SPEC.md (numpy, float64,
+* against independent computations written here, literally from docs/algorithm.md (numpy, float64,
   python loops over query / group on tiny shapes): run for every backend, the oracle
   ``impl="reference"`` included (``ALL_IMPLS``);
 * against the oracle ``impl="reference"``: run for every concrete backend (``ops.IMPLS``).
@@ -155,7 +155,7 @@ def sets_to_idx(sets, top_k):
 
 
 # --------------------------------------------------------------------------------------------
-# Independent numpy oracles, written from MSA_SPEC.md
+# Independent numpy oracles, written from docs/algorithm.md
 # --------------------------------------------------------------------------------------------
 
 
@@ -187,7 +187,7 @@ def forced_blocks(i, block_size, top_k, sink_blocks):
 
 
 def np_select_blocks(iq, ik, block_size, top_k, sink_blocks=0):
-    """Spec section 3, literally. Returns a [B,T,H_kv] object array of frozensets."""
+    """docs/algorithm.md §3, literally. Returns a [B,T,H_kv] object array of frozensets."""
     bsc = np_block_scores(iq, ik, block_size)
     B, T, H, _ = bsc.shape
     out = np.empty((B, T, H), dtype=object)
@@ -280,7 +280,7 @@ def _softmax(x):
 
 
 def np_index_kl(q, k, iq, ik, block_idx, block_size):
-    """Spec 6.1: mean over (b, i, r) of KL(P || P_idx) on the support U."""
+    """docs/algorithm.md §6.1: mean over (b, i, r) of KL(P || P_idx) on the support U."""
     q, k, iq, ik = f64(q), f64(k), f64(iq), f64(ik)
     B, T, Hq, D = q.shape
     Hkv, Di = iq.shape[2], iq.shape[3]

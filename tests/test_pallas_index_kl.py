@@ -1,7 +1,7 @@
 """Pallas fused KL loss of the index branch, KV-outer (`pallas.index_kl`).
 
 Runs in interpret mode on CPU (the same `pl.pallas_call`s, executed by the Pallas interpreter).
-The teacher's LSE comes from the main-branch kernel (`pallas.sparse_attention_kv.sparse_attention_fwd`).
+The teacher's LSE comes from the main-branch kernel (`pallas.sparse_attention.sparse_attention_fwd`).
 Checked against a per-(token, group) oracle written from `msa_jax.ops.reference`'s formulas (and
 its mean against `reference.index_kl_loss`), gradients against `jax.grad` of that oracle under a
 random cotangent, on random normal inputs with block ids from the oracle's indexer and from random
@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import hand_ids, hot_ids, indexer_ids, triton_ir_for_h100
 from msa_jax.ops import reference
 from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, teacher_lse
-from pallas.sparse_attention_kv import sparse_attention_fwd
-
-from sparse_attention_cases import _hand_ids, _hot_ids, _indexer_ids
+from pallas.sparse_attention import sparse_attention_fwd
 
 # (kl atol, kl rtol, gradient tolerance relative to the largest |gradient|)
 TOL = {jnp.float32: (2e-5, 1e-5, 1e-5), jnp.bfloat16: (1e-4, 1e-4, 2e-2)}
@@ -45,7 +44,7 @@ def _messy_ids(seed, B, T, H_kv, block_size, top_k):
     """Hand-made selections with repeats (top_k - 3 slots) plus an out-of-range id, a future block
     and -1, shuffled; a few (token, group) rows are all -1 (empty support: kl = 0)."""
     assert top_k > 3
-    ids = np.asarray(_hand_ids(seed, B, T, H_kv, block_size, top_k - 3, dup=True))
+    ids = np.asarray(hand_ids(seed, B, T, H_kv, block_size, top_k - 3, dup=True))
     n_blocks = -(-T // block_size)
     local = np.broadcast_to((np.arange(T) // block_size)[None, :, None], (B, T, H_kv))
     junk = [np.full_like(local, n_blocks + 2), local + 1, np.full_like(local, -1)]
@@ -56,11 +55,12 @@ def _messy_ids(seed, B, T, H_kv, block_size, top_k):
     return jnp.asarray(ids.astype(np.int32))
 
 
+# as conftest.SELECTIONS, with this file's "messy" (empty rows)
 _SELECTIONS = {
-    "indexer": lambda seed, B, T, H_kv, bs, top_k: _indexer_ids(seed, B, T, H_kv, bs, top_k),
-    "hand": _hand_ids,
-    "dup": functools.partial(_hand_ids, dup=True),
-    "hot": _hot_ids,
+    "indexer": lambda seed, B, T, H_kv, bs, top_k: indexer_ids(seed, B, T, H_kv, bs, top_k),
+    "hand": hand_ids,
+    "dup": functools.partial(hand_ids, dup=True),
+    "hot": hot_ids,
     "messy": _messy_ids,
 }
 
@@ -194,7 +194,7 @@ def test_teacher_lse():
 
 def test_bad_arguments():
     q, k, iq, ik, _ = _inputs(0, 1, 8, 2, 2, 16, 16, jnp.float32)
-    ids = _hand_ids(0, 1, 8, 2, 8, 1)
+    ids = hand_ids(0, 1, 8, 2, 8, 1)
     lse = jnp.zeros(q.shape[:3], jnp.float32)
     kl = functools.partial(index_kl_fwd, block_size=8)
     with pytest.raises(ValueError, match="lse"):
@@ -241,8 +241,6 @@ def test_bad_arguments():
     ],
 )
 def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):
-    ad = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=ad)
     S = jax.ShapeDtypeStruct
     args = (
         S((B, T, H_kv * G, D), dtype), S((B, T, H_kv, D), dtype), S((B, T, H_kv, Di), dtype),
@@ -253,8 +251,7 @@ def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):
         fn = lambda a, b: index_kl(q, k, a, b, ids, lse, block_size=bs, query_chunk=qc, interpret=False).mean()  # noqa: E731
         return jax.value_and_grad(fn, (0, 1))(iq, ik)
 
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(loss_and_grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = triton_ir_for_h100(loss_and_grad, *args)
     assert "__gpu$xla.gpu.triton" in text
     for name in ("msa_index_kl_fwd", "msa_index_kl_bwd", "msa_kv_outer_reduce_units"):
         assert name in text

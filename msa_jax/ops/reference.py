@@ -1,10 +1,10 @@
-"""The oracle: MSA written as plainly as possible, to be read next to MSA_SPEC.md.
+"""The oracle: MSA written as plainly as possible, to be read next to docs/algorithm.md.
 
 Every quantity is materialised with explicit masks ([T, T] per head, [T, n_blocks] per group), in
 float32. That costs O(T^2) memory, so this module is for tests and small sizes only; `xla.py` is
 the path that scales. Arguments are validated by `msa_jax.ops` before they reach here.
 
-Shapes (see DESIGN.md): q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx];
+Shapes (see docs/design.md): q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx];
 ik [B, T, D_idx]; block_idx int32 [B, T, H_kv, top_k], valid ids first, -1 padding after.
 """
 
@@ -49,7 +49,7 @@ def block_scores(iq: jax.Array, ik: jax.Array, block_size: int) -> jax.Array:
 
 
 def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0) -> jax.Array:
-    """Spec section 3, literally: rank the visible blocks of each (query, group) and keep top_k.
+    """docs/algorithm.md §3, literally: rank the visible blocks of each (query, group), keep top_k.
 
     Ranking key, best first: the local block, then the sink blocks (ablation; lower id first),
     then the block score, then the lower block id (ties). A block is selected when it is visible
@@ -134,10 +134,10 @@ def _lse(q, k, mask):
 
 
 def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False):
-    """Spec section 4: exact softmax attention over the tokens of the selected blocks, j <= i.
+    """docs/algorithm.md §4: exact softmax attention over the tokens of the selected blocks, j <= i.
 
     return_lse: also return the log-sum-exp of the logits over the support (the KL's teacher
-    normaliser, spec 6.1)."""
+    normaliser, docs/algorithm.md §6.1)."""
     mask = support_mask(block_idx, q.shape[1], block_size)
     out = _attend(q, k, v, mask)
     return (out, _lse(q, k, mask)) if return_lse else out
@@ -148,14 +148,8 @@ def dense_attention(q, k, v) -> jax.Array:
     return _attend(q, k, v, support_mask(None, q.shape[1], 1))
 
 
-def msa_attention(q, k, v, iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, return_lse: bool = False):
-    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
-    out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse)
-    return (out[0], block_idx, out[1]) if return_lse else (out, block_idx)
-
-
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None) -> jax.Array:
-    """Spec 6.1: mean over (b, i, r) of KL(teacher || student) on the support U.
+    """docs/algorithm.md §6.1: mean over (b, i, r) of KL(teacher || student) on the support U.
 
     lse (the main branch's normaliser) is accepted for a uniform signature and not needed here.
 
@@ -173,7 +167,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None) -> jax.
 
 
 def selection_recall(q, k, block_idx, *, block_size: int, top_k: int):
-    """Spec 6.4: block and score recall of block_idx against the top blocks by attention mass.
+    """docs/algorithm.md §6.4: block and score recall of block_idx against the top blocks by mass.
 
     I* = the min(top_k, visible) blocks with the most dense causal attention mass (heads of the
     group averaged; ties to the lower id). Averaged over (b, i, r) for queries that see more than

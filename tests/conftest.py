@@ -1,4 +1,7 @@
-"""Inputs, selections, the oracle and the tolerance check shared by the main-branch kernel tests."""
+"""Shared test inputs, block selections, the main-branch oracle and its tolerances (kernel tests).
+
+Test files import these names (`from conftest import ...`; pytest puts tests/ on sys.path).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +13,28 @@ import numpy as np
 
 from msa_jax.ops import reference
 
+# (atol, rtol) of the main-branch kernels' out and lse against the float32 oracle
 TOL = {
-    jnp.float32: dict(out=(2e-5, 1e-5), lse=(2e-5, 1e-5)),  # (atol, rtol)
+    jnp.float32: dict(out=(2e-5, 1e-5), lse=(2e-5, 1e-5)),
     jnp.bfloat16: dict(out=(2e-2, 2e-2), lse=(1e-4, 1e-5)),
 }
 
 
-# --------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------- inputs
 
 
-def _qkv(seed, B, T, H_kv, G, D, dtype):
+def qkv(seed, B, T, H_kv, G, D, dtype):
     """Random normal q, k, v (numpy RNG: no per-shape jit compile, which dominates on CPU)."""
     rng = np.random.default_rng(seed)
     shapes = [(B, T, H_kv * G, D), (B, T, H_kv, D), (B, T, H_kv, D)]
     return tuple(jnp.asarray(rng.standard_normal(s, np.float32).astype(dtype)) for s in shapes)
 
 
+# ------------------------------------------------------------------------------- selections
+
+
 @functools.partial(jax.jit, static_argnums=range(1, 7))
-def _indexer_ids(seed, B, T, H_kv, block_size, top_k, D_idx=16):
+def indexer_ids(seed, B, T, H_kv, block_size, top_k, D_idx=16):
     """The oracle's indexer (select_blocks) on random index queries / keys."""
     ks = jax.random.split(jax.random.key(seed + 1000), 2)
     iq = jax.random.normal(ks[0], (B, T, H_kv, D_idx))
@@ -35,7 +42,7 @@ def _indexer_ids(seed, B, T, H_kv, block_size, top_k, D_idx=16):
     return reference.select_blocks(iq, ik, block_size=block_size, top_k=top_k)
 
 
-def _hand_ids(seed, B, T, H_kv, block_size, top_k, dup=False):
+def hand_ids(seed, B, T, H_kv, block_size, top_k, dup=False):
     """Random selections: the local block plus a random subset (random size) of earlier blocks,
     shuffled, then -1 padding. dup=True: the padding is filled with repeats of selected ids."""
     rng = np.random.default_rng(seed)
@@ -53,18 +60,48 @@ def _hand_ids(seed, B, T, H_kv, block_size, top_k, dup=False):
     return jnp.asarray(ids)
 
 
-def _hot_ids(seed, B, T, H_kv, block_size, top_k):
+def hot_ids(seed, B, T, H_kv, block_size, top_k):
     """Every query picks block 0 (a hot block, split over many tiles) and its local block (both 0
     for the first block: a duplicate that must count once), then random repeats of its ids."""
-    ids = np.array(_hand_ids(seed, B, T, H_kv, block_size, top_k, dup=True))
+    ids = np.array(hand_ids(seed, B, T, H_kv, block_size, top_k, dup=True))
     ids[..., 0] = 0
     if top_k > 1:
         ids[..., 1] = (np.arange(T) // block_size)[None, :, None]
     return jnp.asarray(ids)
 
 
+def messy_ids(seed, B, T, H_kv, block_size, top_k):
+    """Hand-made selections (top_k - 5 slots) plus 5 columns of junk the kernel must ignore or
+    count once: a repeat of a selected id, the local block again, an out-of-range id, a future
+    block (all its keys are > i) and -1; then every row is shuffled."""
+    assert top_k > 5
+    ids = np.asarray(hand_ids(seed, B, T, H_kv, block_size, top_k - 5))
+    n_blocks = -(-T // block_size)
+    local = np.broadcast_to((np.arange(T) // block_size)[None, :, None], (B, T, H_kv))
+    junk = [ids[..., 0], local, np.full_like(local, n_blocks + 2), local + 1, np.full_like(local, -1)]
+    ids = np.concatenate([ids, np.stack(junk, axis=-1)], axis=-1)
+    rng = np.random.default_rng(seed)
+    ids = np.take_along_axis(ids, rng.permuted(np.argsort(ids, -1), axis=-1), -1)  # shuffle rows
+    return jnp.asarray(ids.astype(np.int32))
+
+
+# selection name -> fn(seed, B, T, H_kv, block_size, top_k) -> int32 [B, T, H_kv, top_k]
+SELECTIONS = {
+    "indexer": indexer_ids,
+    "hand": hand_ids,
+    "dup": functools.partial(hand_ids, dup=True),
+    "hot": hot_ids,
+    "messy": messy_ids,
+}
+
+
+# ---------------------------------------------------------------------------- oracle, check
+
+
 @functools.cache
-def _oracle_fn(block_size):
+def attention_oracle(block_size):
+    """jitted (q, k, v, ids) -> (out, lse) of the oracle, float32 at the highest matmul precision."""
+
     def f(q, k, v, ids):
         with jax.default_matmul_precision("highest"):
             out = reference.sparse_attention(q, k, v, ids, block_size=block_size)
@@ -81,7 +118,8 @@ def _oracle_fn(block_size):
     return jax.jit(f)
 
 
-def _check(out, lse, ref_out, ref_lse, dtype):
+def check_attention(out, lse, ref_out, ref_lse, dtype):
+    """A kernel's (out, lse) against the oracle's, within TOL[dtype]."""
     assert out.dtype == dtype and lse.dtype == jnp.float32
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     out, lse = np.asarray(out, np.float32), np.asarray(lse)  # numpy: no per-shape compiles
@@ -92,3 +130,15 @@ def _check(out, lse, ref_out, ref_lse, dtype):
     )
     atol, rtol = TOL[dtype]["lse"]
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------- lowering
+
+
+def triton_ir_for_h100(fn, *args) -> str:
+    """Lower jit(fn) on abstract args for an abstract H100 (no GPU needed) through the Pallas Triton
+    lowering; returns the module text. Compiling the IR to PTX and running it still needs the GPU."""
+    ad = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=ad)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -1,4 +1,4 @@
-"""Pallas MSA main-branch backward, KV-outer (`pallas.sparse_attention_kv_bwd.sparse_attention_bwd`).
+"""Pallas MSA main-branch backward, KV-outer (`pallas.sparse_attention_bwd.sparse_attention_bwd`).
 
 Interpret mode on CPU. The gradients (dq, dk, dv) of sum(out * dout) + sum(lse * dlse) are
 checked against jax.vjp of the oracle `msa_jax.ops.reference.sparse_attention` (float32, highest
@@ -6,7 +6,8 @@ precision) on random inputs and the selections of the forward tests (indexer, ha
 a hot block picked by every query, junk ids), with ragged T, T shorter than a block, top_k larger
 than the number of blocks, GQA ratios 1-16 (3: not a power of two), bf16 and f32, query chunks and
 units of one tile (every block split over many programs). Also: the unit table, determinism, the
-Triton lowering for an abstract H100, and argument errors.
+custom_vjp `pallas.sparse_attention.sparse_attention` against the kernels, the Triton lowering for an
+abstract H100, and argument errors.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import SELECTIONS, hand_ids, indexer_ids, qkv, triton_ir_for_h100
 from msa_jax.ops import reference
-from pallas import sparse_attention_kv_bwd as bwd_mod
-from pallas.sparse_attention_kv import sparse_attention_fwd
-from pallas.sparse_attention_kv_bwd import sparse_attention_bwd
-
-from sparse_attention_cases import _hand_ids, _indexer_ids, _qkv
-from test_pallas_sparse_attention_kv import _SELECTIONS
+from pallas import kv_outer
+from pallas.sparse_attention import sparse_attention, sparse_attention_fwd
+from pallas.sparse_attention_bwd import sparse_attention_bwd
 
 
 @functools.cache
@@ -80,8 +79,8 @@ def _case_id(c):
 def test_grads_match_oracle(case):
     B, T, H_kv, G, D, bs, top_k, selection, dtype, qc, w = case
     seed = CASES.index(case)
-    q, k, v = _qkv(seed, B, T, H_kv, G, D, dtype)
-    ids = _SELECTIONS[selection](seed, B, T, H_kv, bs, top_k)
+    q, k, v = qkv(seed, B, T, H_kv, G, D, dtype)
+    ids = SELECTIONS[selection](seed, B, T, H_kv, bs, top_k)
     dout, dlse = _cotangents(seed, q)
     got = _grads(q, k, v, ids, dout, dlse, bs, query_chunk=qc, tiles_per_unit=w)
     _check_grads(got, _oracle_grads(bs)(q, k, v, ids, dout, dlse), dtype)
@@ -90,8 +89,8 @@ def test_grads_match_oracle(case):
 def test_without_dlse_and_deterministic():
     """dlse=None is the plain gradient of sum(out * dout); two runs give the same bits."""
     B, T, H_kv, G, D, bs, top_k = 1, 53, 2, 2, 16, 16, 3
-    q, k, v = _qkv(2, B, T, H_kv, G, D, jnp.float32)
-    ids = _indexer_ids(2, B, T, H_kv, bs, top_k)
+    q, k, v = qkv(2, B, T, H_kv, G, D, jnp.float32)
+    ids = indexer_ids(2, B, T, H_kv, bs, top_k)
     dout, _ = _cotangents(2, q)
     a = _grads(q, k, v, ids, dout, None, bs)
     b = _grads(q, k, v, ids, dout, None, bs)
@@ -104,8 +103,8 @@ def test_dropping_a_selected_block_changes_dk_of_that_block():
     """The check can fail: with one (token, group) no longer selecting block c, dk and dv of block
     c change, and the kernel follows the oracle."""
     B, T, H_kv, G, D, bs, top_k = 1, 53, 2, 2, 16, 16, 3
-    q, k, v = _qkv(5, B, T, H_kv, G, D, jnp.float32)
-    ids = np.asarray(_indexer_ids(5, B, T, H_kv, bs, top_k))
+    q, k, v = qkv(5, B, T, H_kv, G, D, jnp.float32)
+    ids = np.asarray(indexer_ids(5, B, T, H_kv, bs, top_k))
     i, r = 50, 1
     slot = [s for s in range(top_k) if ids[0, i, r, s] not in (-1, i // bs)][0]
     c = ids[0, i, r, slot]
@@ -120,20 +119,31 @@ def test_dropping_a_selected_block_changes_dk_of_that_block():
     _check_grads(g_d, _oracle_grads(bs)(q, k, v, jnp.asarray(dropped), dout, dlse), jnp.float32)
 
 
+def test_custom_vjp_matches_the_kernels():
+    """jax.vjp of the custom_vjp `sparse_attention` gives the forward kernel's (out, lse) and, under
+    cotangents of both outputs, the backward kernel's gradients (bit for bit)."""
+    B, T, H_kv, G, D, bs, top_k = 1, 53, 2, 2, 16, 16, 3  # the shapes above: the kernels' jits are cached
+    q, k, v = qkv(5, B, T, H_kv, G, D, jnp.float32)
+    ids = indexer_ids(5, B, T, H_kv, bs, top_k)
+    dout, dlse = _cotangents(5, q)
+    (out, lse), vjp = jax.vjp(lambda q, k, v: sparse_attention(q, k, v, ids, block_size=bs), q, k, v)
+    for got, want in zip((out, lse, *vjp((dout, dlse))),
+                         (*sparse_attention_fwd(q, k, v, ids, block_size=bs), *_grads(q, k, v, ids, dout, dlse, bs))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("w", [1, 3, 16])
 def test_units_cover_every_tile_once(w):
     """Units hold <= w consecutive tiles of one block; together they cover every used tile once,
     and ustart delimits the units of each block."""
     B, T, H_kv, bs, top_k, bq = 1, 61, 2, 8, 3, 4
     n_blocks = -(-T // bs)
-    from pallas import sparse_attention_kv as kv_mod
-
-    ids = kv_mod._clean_ids(_hand_ids(3, B, T, H_kv, bs, top_k).at[..., 0].set(0), bs)
+    ids = kv_outer.clean_ids(hand_ids(3, B, T, H_kv, bs, top_k).at[..., 0].set(0), bs)
     ids = ids.transpose(0, 2, 1, 3).reshape(B * H_kv, T, top_k)
-    n_tiles = kv_mod._n_tiles(T, top_k, n_blocks, bq)
-    tiles, _, _ = kv_mod._reverse_index(ids, n_blocks=n_blocks, bq=bq, n_tiles=n_tiles)
-    U = bwd_mod.n_units(n_tiles, n_blocks, w)
-    tab, ustart = bwd_mod.units(tiles, n_blocks=n_blocks, tiles_per_unit=w, n_units=U)
+    n_tiles = kv_outer.n_tiles(T, top_k, n_blocks, bq)
+    tiles, _, _ = kv_outer.reverse_index(ids, n_blocks=n_blocks, bq=bq, n_tiles=n_tiles)
+    U = kv_outer.n_units(n_tiles, n_blocks, w)
+    tab, ustart = kv_outer.units(tiles, n_blocks=n_blocks, tiles_per_unit=w, n_units=U)
     tiles, tab, ustart = map(np.asarray, (tiles, tab, ustart))
     for row in range(B * H_kv):
         blk, t0, n = tab[row, :U], tab[row, U : 2 * U], tab[row, 2 * U :]
@@ -151,10 +161,10 @@ def test_units_cover_every_tile_once(w):
 
 
 def test_bad_arguments():
-    q, k, v = _qkv(0, 1, 8, 2, 2, 16, jnp.float32)
-    ids = _hand_ids(0, 1, 8, 2, 16, 1)
+    q, k, v = qkv(0, 1, 8, 2, 2, 16, jnp.float32)
+    ids = hand_ids(0, 1, 8, 2, 16, 1)
     out, lse = sparse_attention_fwd(q, k, v, ids, block_size=16)
-    with pytest.raises(ValueError, match="out, dout"):
+    with pytest.raises(ValueError, match="out"):
         sparse_attention_bwd(q, k, v, ids, out[:, :4], lse, out, block_size=16)
     with pytest.raises(ValueError, match="lse"):
         sparse_attention_bwd(q, k, v, ids, out, lse[..., :1], out, block_size=16)
@@ -174,13 +184,10 @@ def test_bad_arguments():
 def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, bs, top_k, dtype, qc):
     """The Pallas Triton lowering accepts the unit loop (dynamic trip count), the transposed dots,
     the row-range stores and the reduce kernel (compiling to PTX still needs the GPU)."""
-    ad = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=ad)
     q = jax.ShapeDtypeStruct((B, T, H_kv * G, D), dtype)
     kv = jax.ShapeDtypeStruct((B, T, H_kv, D), dtype)
     ids = jax.ShapeDtypeStruct((B, T, H_kv, top_k), jnp.int32)
     lse = jax.ShapeDtypeStruct((B, T, H_kv * G), jnp.float32)
     fn = functools.partial(sparse_attention_bwd, block_size=bs, interpret=False, query_chunk=qc)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(q, kv, kv, ids, q, lse, q, lse).lower(lowering_platforms=("cuda",)).as_text()
-    assert "msa_sparse_attention_kv_bwd" in text and "msa_kv_outer_reduce_units" in text
+    text = triton_ir_for_h100(fn, q, kv, kv, ids, q, lse, q, lse)
+    assert "msa_sparse_attention_bwd" in text and "msa_kv_outer_reduce_units" in text

@@ -1,0 +1,519 @@
+"""The KV-outer substrate of the training kernels (main forward, main backward, KL forward / backward).
+
+docs/algorithm.md §7. A program works on ONE selected KV block c of one (batch row, KV group) = row
+of B*H_kv and multiplies it only with the (token, head) rows that selected it:
+
+* `clean_ids`: ids outside [0, i // block_size] -> -1, each token's ids sorted, repeats -> -1.
+* `reverse_index`: per row, the valid (token, slot) pairs sorted by (block, token), every block's
+  segment padded to a multiple of BQ tokens. Tile t covers padded positions [t*BQ, (t+1)*BQ) of one
+  block: `tiles` (block per tile, -1 unused), `tok` (token per position, -1 padding), `inv`
+  ((token, slot) -> position, -1 empty). A tile is M = BQ * G_pad MMA rows (tokens x group heads).
+* `units`: the backward grids run over units of <= tiles_per_unit consecutive tiles of one block (a
+  hot block becomes many units); `reduce_units` sums a block's unit partials in unit order.
+* The kernels write one partial per padded position; `combine_outputs` (softmax-weighted),
+  `combine_scalars` and `sum_slots` gather them back per token through `inv`, in slot order.
+  Fixed summation orders everywhere, no atomics: runs are bit-identical.
+* Queries run in chunks of t_chunk tokens (`map_chunks` / `scan_chunks`) so that the per-slot
+  partial buffer of one call stays bounded; the chunk start q0 reaches the kernels as an operand.
+* `KVOuterConfig`: the tuning options and their defaults, resolved per call into a `Plan`.
+Limits (Triton path): every operand of one call < 2**31 elements (int32 offsets), checked by
+`KVOuterConfig.resolve` (a vmapped batch axis multiplies the sizes unseen); block_size a power of
+two; M >= 16 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from msa_jax.checks import check_int, check_pow2
+from pallas.common import INT32_LIMIT, MIN_DOT, cdiv, interpret_mode, is_pow2, next_pow2, pad_dim
+
+__all__ = [
+    "TARGET_ROWS",
+    "PARTIAL_ELEMENTS",
+    "TILES_PER_UNIT",
+    "Sizes",
+    "sizes",
+    "Plan",
+    "KVOuterConfig",
+    "default_block_q",
+    "default_chunk",
+    "clean_ids",
+    "n_tiles",
+    "reverse_index",
+    "n_units",
+    "units",
+    "reduce_units",
+    "combine_outputs",
+    "combine_scalars",
+    "sum_slots",
+    "rows",
+    "ungroup",
+    "kv_layout",
+    "pad_time",
+    "map_chunks",
+    "scan_chunks",
+]
+
+TARGET_ROWS = 128  # MMA rows per tile (BQ * G_pad) for 16-bit inputs
+PARTIAL_ELEMENTS = 2**30  # default cap on the partial buffer of one query chunk (elements)
+TILES_PER_UNIT = 16  # backward kernels: tiles one program handles for one KV block
+
+
+# ---------------------------------------------------------------------------------------- sizes
+
+
+class Sizes(NamedTuple):
+    """Sizes of one call, padded for the kernels."""
+
+    B: int
+    T: int
+    H_q: int
+    D: int
+    H_kv: int
+    top_k: int
+    G: int  # query heads per KV group
+    BH: int  # rows of the kernels' grids: B * H_kv
+    G_pad: int  # G padded to a power of two
+    D_pad: int
+    block_size: int
+    kv_tile: int  # K/V rows loaded per block (>= 16 for the dots)
+    n_blocks: int
+    T_kv_pad: int  # K/V rows of the padded layout
+
+
+def sizes(q, k, block_idx, block_size: int) -> Sizes:
+    B, T, H_q, D = q.shape
+    H_kv = k.shape[2]
+    kv_tile = max(block_size, MIN_DOT)
+    n_blocks = cdiv(T, block_size)
+    return Sizes(B, T, H_q, D, H_kv, block_idx.shape[-1], H_q // H_kv, B * H_kv, next_pow2(H_q // H_kv),
+                 pad_dim(D), block_size, kv_tile, n_blocks, n_blocks * block_size + kv_tile - block_size)
+
+
+def default_block_q(T: int, G_pad: int, target_rows: int = TARGET_ROWS) -> int:
+    """target_rows // G_pad query tokens per tile, shrunk for short T, never below 16 // G_pad."""
+    bq = max(1, target_rows // G_pad)
+    floor = max(1, MIN_DOT // G_pad)  # keep M >= 16
+    return max(floor, min(bq, next_pow2(T)))
+
+
+def default_chunk(T, BH, top_k, n_blocks, bq, G_pad, width, cap=PARTIAL_ELEMENTS) -> int:
+    """Largest balanced query chunk whose partial buffer ([BH, positions * G_pad, width]) has <= cap
+    elements (0: none fits); a chunk that divides T when there is one nearby (no padded copy of q)."""
+    per_row = cap // (BH * G_pad * width)  # padded positions a chunk may use
+    t_max = (per_row - n_blocks * (bq - 1) - bq) // min(top_k, n_blocks)
+    if t_max >= T:
+        return T
+    if t_max < 1:
+        return 0
+    n_chunks = -(-T // t_max)
+    for n in range(n_chunks, 2 * n_chunks + 1):
+        if T % n == 0:
+            return T // n
+    return -(-T // n_chunks)
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+class _Kernel(NamedTuple):
+    f32_rows: int | None  # target MMA rows for float32 inputs (None: half the 16-bit default tile)
+    num_stages: int
+    units: bool  # grid over units of tiles (the backward kernels)
+
+
+# float32 tiles are smaller because of the H100's 227 KiB of shared memory at D = 128: the forward's
+# 128-row tiles, the main backward's five [M, D] / [kv, D] operands (~390 KiB at 128 rows). The
+# backward kernels use 1 pipeline stage: their unit loop's gathers are not pipelined anyway, and a
+# second stage only takes shared memory (the KL backward's exceeds it at the paper heads).
+_KERNELS = {
+    "fwd": _Kernel(f32_rows=64, num_stages=2, units=False),
+    "bwd": _Kernel(f32_rows=32, num_stages=1, units=True),
+    "kl_fwd": _Kernel(f32_rows=None, num_stages=2, units=False),
+    "kl_bwd": _Kernel(f32_rows=None, num_stages=1, units=True),
+}
+
+
+class Plan(NamedTuple):
+    """The resolved settings of one call (a static argument of the jitted wrappers)."""
+
+    interpret: bool
+    block_q: int  # BQ: query tokens per tile
+    t_chunk: int  # query tokens per kernel call
+    n_chunks: int
+    n_tiles: int  # static bound on the tiles of one row and chunk
+    tiles_per_program: int  # 1 but for the main forward
+    tiles_per_unit: int  # 0 for the kernels without units (the forward kernels)
+    n_units: int  # static bound on the units of one row and chunk (0: no units)
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KVOuterConfig:
+    """Tuning options of the KV-outer kernels; None = the default of the call (`resolve`).
+
+    block_q: query tokens per tile (a power of two; M = block_q * G_pad MMA rows). Default
+      128 // G_pad, shrunk for short T, never below 16 // G_pad; float32 inputs: 64 // G_pad (main
+      forward), 32 // G_pad (main backward), half the default (KL).
+    query_chunk: query tokens per kernel call (the per-slot partial buffer holds one chunk). Default:
+      the largest balanced chunk whose partial buffer has <= 2**30 elements.
+    tiles_per_unit: backward kernels, tiles one program handles for one KV block (default 16).
+    tiles_per_program: main forward, consecutive tiles one program handles in a loop (default 1), so
+      that Triton can pipeline the next tile's loads behind the current matmuls.
+    num_warps, num_stages: Triton compiler parameters (default 8 warps for M >= 128, else 4; 2
+      stages for the forward kernels, 1 for the backward kernels).
+    """
+
+    block_q: int | None = None
+    query_chunk: int | None = None
+    tiles_per_unit: int | None = None
+    tiles_per_program: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        if self.block_q is not None:
+            check_pow2("block_q", self.block_q)
+        for name in ("query_chunk", "tiles_per_unit", "tiles_per_program", "num_warps", "num_stages"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+
+    def resolve(self, kernel: str, sz: Sizes, *, f32: bool, width: int | None = None,
+                interpret: bool | None = None) -> Plan:
+        """The settings of one call of `kernel` ("fwd", "bwd", "kl_fwd", "kl_bwd") on inputs of sizes
+        `sz` (f32: float32 inputs); width: columns of its per-slot partial rows (default D_pad). On
+        the Triton path (interpret False) also checks the GPU limits."""
+        spec = _KERNELS[kernel]
+        interpret = interpret_mode(interpret)
+        width = sz.D_pad if width is None else width
+        bq = self.block_q
+        if bq is None:
+            bq = default_block_q(sz.T, sz.G_pad)
+            if f32 and spec.f32_rows is not None:
+                bq = default_block_q(sz.T, sz.G_pad, spec.f32_rows)
+            elif f32:
+                bq = max(max(1, MIN_DOT // sz.G_pad), bq // 2)
+        if self.query_chunk is None:
+            t_chunk = default_chunk(sz.T, sz.BH, sz.top_k, sz.n_blocks, bq, sz.G_pad, max(sz.D_pad, width))
+            if t_chunk < 1:
+                raise ValueError(
+                    f"no query chunk fits {PARTIAL_ELEMENTS} partial elements (B*H_kv={sz.BH}, "
+                    f"n_blocks={sz.n_blocks}, block_q={bq}): split the batch"
+                )
+        else:
+            t_chunk = min(self.query_chunk, sz.T)
+        nt = (self.tiles_per_program or 1) if kernel == "fwd" else 1
+        n_t = n_tiles(t_chunk, sz.top_k, sz.n_blocks, bq, nt)
+        w = (self.tiles_per_unit or TILES_PER_UNIT) if spec.units else 0
+        n_u = n_units(n_t, sz.n_blocks, w) if spec.units else 0
+        M = bq * sz.G_pad
+        if not interpret:
+            elems = {
+                "per-slot partials": sz.BH * n_t * bq * sz.G_pad * width,
+                "q chunk": sz.BH * t_chunk * sz.G_pad * sz.D_pad,
+                "k": sz.BH * sz.T_kv_pad * sz.D_pad,
+                "unit partials": sz.BH * n_u * sz.kv_tile * width,
+            }
+            name, n = max(elems.items(), key=lambda item: item[1])
+            if n >= INT32_LIMIT:
+                raise ValueError(
+                    f"{name}: {n} elements in one operand, but the Triton kernel indexes with int32 offsets "
+                    "(< 2**31): use a smaller query_chunk or split the batch"
+                )
+            if not is_pow2(sz.block_size):
+                raise ValueError(f"block_size: the Triton kernel needs a power of two, got {sz.block_size}")
+            if M < MIN_DOT:
+                raise ValueError(f"block_q * G_pad = {bq} * {sz.G_pad} < {MIN_DOT}: Triton dots need >= 16 rows")
+        return Plan(
+            interpret=interpret, block_q=bq, t_chunk=t_chunk, n_chunks=cdiv(sz.T, t_chunk), n_tiles=n_t,
+            tiles_per_program=nt, tiles_per_unit=w, n_units=n_u,
+            num_warps=self.num_warps or (8 if M >= 128 else 4), num_stages=self.num_stages or spec.num_stages,
+        )
+
+
+# -------------------------------------------------------------------------------- reverse index
+
+
+def clean_ids(block_idx: jax.Array, block_size: int) -> jax.Array:
+    """Ids outside [0, i // block_size] -> -1; sort each row; repeated ids -> -1."""
+    T = block_idx.shape[1]
+    ids = block_idx.astype(jnp.int32)
+    local = (jnp.arange(T, dtype=jnp.int32) // block_size)[None, :, None, None]
+    ids = jnp.where((ids >= 0) & (ids <= local), ids, -1)
+    ids = jnp.sort(ids, axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], -1)
+    return jnp.where(dup, -1, ids)
+
+
+def n_tiles(t_chunk: int, top_k: int, n_blocks: int, bq: int, nt: int = 1) -> int:
+    """Static bound on the tiles of one row (every segment padded to a multiple of bq), rounded up
+    to a multiple of nt (tiles per program)."""
+    n_valid = t_chunk * min(top_k, n_blocks)
+    n = max(1, -(-(n_valid + n_blocks * (bq - 1)) // bq))
+    return -(-n // nt) * nt
+
+
+def reverse_index(ids: jax.Array, *, n_blocks: int, bq: int, n_tiles: int):
+    """ids [BH, Tc, top_k] (cleaned, -1 = none) -> tiles [BH, n_tiles], tok [BH, P], inv [BH, Tc, top_k]
+    (P = n_tiles * bq). One argsort per row of the int32 key c * Tc + i (a stable argsort of c when
+    that key would overflow int32)."""
+    BH, Tc, top_k = ids.shape
+    N = Tc * top_k
+    P = n_tiles * bq
+    combined_key = (n_blocks + 1) * Tc < INT32_LIMIT
+
+    def row(x):
+        c = x.reshape(N)
+        ckey = jnp.where(c >= 0, c, n_blocks)  # invalid pairs sort last
+        pair = jnp.arange(N, dtype=jnp.int32)
+        if combined_key:
+            perm = jnp.argsort(ckey * Tc + pair // top_k)
+        else:
+            perm = jnp.argsort(ckey, stable=True)  # pairs are token-major: stable = sorted by i
+        perm = perm.astype(jnp.int32)
+        cs = ckey[perm]  # sorted block ids
+        toks = perm // top_k  # sorted tokens
+        counts = jnp.zeros((n_blocks + 1,), jnp.int32).at[ckey].add(1)
+        ustart = jnp.cumsum(counts) - counts  # segment starts in the sorted list
+        pcounts = (counts[:n_blocks] + bq - 1) // bq * bq
+        pstart = jnp.cumsum(pcounts) - pcounts  # segment starts in the padded list
+        valid = cs < n_blocks
+        cc = jnp.minimum(cs, n_blocks - 1)
+        pos = jnp.where(valid, pstart[cc] + pair - ustart[cc], -1)  # padded position
+        tok = jnp.full((P,), -1, jnp.int32).at[jnp.where(valid, pos, P)].set(toks, mode="drop")
+        first = valid & (pos % bq == 0)
+        tiles = jnp.full((n_tiles,), -1, jnp.int32)
+        tiles = tiles.at[jnp.where(first, pos // bq, n_tiles)].set(cs, mode="drop")
+        inv = jnp.zeros((N,), jnp.int32).at[perm].set(pos, unique_indices=True)
+        return tiles, tok, inv.reshape(Tc, top_k)
+
+    return jax.vmap(row)(ids)
+
+
+# ---------------------------------------------------------------------------------------- units
+
+
+def n_units(n_tiles: int, n_blocks: int, tiles_per_unit: int) -> int:
+    """Static bound on the units of one row: every block's last unit may be partly empty."""
+    return max(1, -(-n_tiles // tiles_per_unit) + n_blocks)
+
+
+def units(tiles: jax.Array, *, n_blocks: int, tiles_per_unit: int, n_units: int):
+    """tiles [BH, n_tiles] (block id per tile, grouped by block, -1 unused) -> unit tables.
+
+    Returns unit_tab int32 [BH, 3 * n_units] = (block id, first tile, tile count) per unit, laid out
+    as three consecutive [n_units] parts (count 0 = unused unit), and ustart int32 [BH, n_blocks + 1]
+    (the units of block c are [ustart[c], ustart[c + 1])).
+    """
+    W = tiles_per_unit
+
+    def row(t):
+        valid = t >= 0
+        cnt = jnp.zeros((n_blocks + 1,), jnp.int32).at[jnp.where(valid, t, n_blocks)].add(1)[:n_blocks]
+        tstart = jnp.cumsum(cnt) - cnt
+        nu = (cnt + W - 1) // W
+        ustart = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(nu)]).astype(jnp.int32)
+        u = jnp.arange(n_units, dtype=jnp.int32)
+        # block of unit u: the last c with ustart[c] <= u (blocks without units are skipped)
+        blk = jnp.searchsorted(ustart[1:], u, side="right").astype(jnp.int32)
+        live = u < ustart[-1]
+        blk = jnp.minimum(blk, n_blocks - 1)
+        t0 = tstart[blk] + (u - ustart[blk]) * W
+        n = jnp.clip(tstart[blk] + cnt[blk] - t0, 0, W)
+        tab = jnp.concatenate([jnp.where(live, blk, -1), jnp.where(live, t0, 0), jnp.where(live, n, 0)])
+        return tab.astype(jnp.int32), ustart
+
+    return jax.vmap(row)(tiles)
+
+
+def _reduce_kernel(ustart_ref, *refs, block_size: int):
+    """One block c: sum its units' partials in unit order."""
+    n_in = len(refs) // 2
+    ins, outs = refs[:n_in], refs[n_in:]
+    c = pl.program_id(0)
+    u0, u1 = ustart_ref[c], ustart_ref[c + 1]
+    shape = outs[0].shape
+
+    def body(u, accs):
+        return tuple(a + x[u, pl.ds(0, block_size), :] for a, x in zip(accs, ins))
+
+    accs = lax.fori_loop(u0, u1, body, tuple(jnp.zeros(shape, jnp.float32) for _ in ins))
+    for o, a in zip(outs, accs):
+        o[...] = a
+
+
+def reduce_units(ustart, parts, *, n_blocks: int, block_size: int, interpret: bool):
+    """ustart [BH, n_blocks + 1]; parts: float32 [BH, n_units, kv_tile, D] each -> [BH, n_blocks *
+    block_size, D] each: per block, the sum of its units (a fixed order: deterministic)."""
+    BH, U, kv_tile, D = parts[0].shape
+    return pl.pallas_call(
+        functools.partial(_reduce_kernel, block_size=block_size),
+        grid=(n_blocks, BH),
+        in_specs=[pl.BlockSpec((None, n_blocks + 1), lambda c, bh: (bh, 0))]
+        + [pl.BlockSpec((None, U, kv_tile, D), lambda c, bh: (bh, 0, 0, 0)) for _ in parts],
+        out_specs=[pl.BlockSpec((None, block_size, D), lambda c, bh: (bh, c, 0)) for _ in parts],
+        out_shape=[jax.ShapeDtypeStruct((BH, n_blocks * block_size, D), jnp.float32) for _ in parts],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="msa_kv_outer_reduce_units",
+    )(ustart, *parts)
+
+
+# -------------------------------------------------------------------------------------- combine
+
+
+def combine_outputs(o_part, lse_part, inv, *, G_pad: int, D_pad: int):
+    """Per-slot attention partials o [BH, P*G_pad, D_pad], lse [BH, P*G_pad] + inv [BH, Tc, top_k] ->
+    out f32 [BH, Tc, G_pad, D_pad], lse [BH, Tc, G_pad]: lse = logsumexp over the slots, out = sum_s
+    exp(lse_s - lse) o_s (a loop over the slots: no [Tc, top_k, G, D] float32 temporary)."""
+    BH, Tc, top_k = inv.shape
+    o_part = o_part.reshape(BH, -1, G_pad, D_pad)
+    lse_part = lse_part.reshape(BH, -1, G_pad)
+
+    def row(o_r, l_r, inv_r):
+        valid = inv_r >= 0
+        idx = jnp.maximum(inv_r, 0)
+        lg = jnp.where(valid[..., None], l_r[idx], -jnp.inf)  # [Tc, top_k, G_pad]
+        m = jnp.max(lg, axis=1)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        w = jnp.exp(lg - m[:, None])  # 0 for empty slots
+        den = jnp.sum(w, axis=1)
+        ok = den > 0.0
+        lse = jnp.where(ok, m + jnp.log(jnp.where(ok, den, 1.0)), -jnp.inf)
+        w = w / jnp.where(ok, den, 1.0)[:, None]
+        acc = jnp.zeros((Tc, G_pad, D_pad), jnp.float32)
+        for s in range(top_k):  # one gather + FMA per slot; no [Tc, top_k, G, D] temporary
+            acc = acc + w[:, s, :, None] * o_r[idx[:, s]].astype(jnp.float32)
+        return acc, lse
+
+    return jax.vmap(row)(o_part, lse_part, inv)
+
+
+def combine_scalars(sum_parts, lse_part, inv):
+    """Per-position float32 partials [BH, P] + inv [BH, Tc, top_k] -> per token float32 [BH, Tc]: the
+    slot sum of each of sum_parts, then the slot logsumexp of lse_part (-inf: no slot), in slot order."""
+    top_k = inv.shape[-1]
+    n = len(sum_parts)
+
+    def row(*args):
+        *parts, z, inv_r = args
+        valid = inv_r >= 0
+        idx = jnp.maximum(inv_r, 0)
+        zg = jnp.where(valid, z[idx], -jnp.inf)  # [Tc, top_k]
+        zm = jnp.max(zg, axis=1)
+        zm = jnp.where(jnp.isfinite(zm), zm, 0.0)
+        sums = [jnp.zeros(inv_r.shape[:1], jnp.float32) for _ in range(n + 1)]
+        for slot in range(top_k):
+            ok = valid[:, slot]
+            terms = tuple(x[idx[:, slot]] for x in parts) + (jnp.exp(zg[:, slot] - zm),)
+            sums = [acc + jnp.where(ok, x, 0.0) for acc, x in zip(sums, terms)]
+        zl = sums[-1]
+        lse = jnp.where(zl > 0.0, zm + jnp.log(jnp.where(zl > 0.0, zl, 1.0)), -jnp.inf)
+        return (*sums[:-1], lse)
+
+    return jax.vmap(row)(*sum_parts, lse_part, inv)
+
+
+def sum_slots(part, inv, *, G_pad: int, D_pad: int):
+    """part [BH, P*G_pad, D_pad], inv [BH, Tc, top_k] -> float32 [BH, Tc, G_pad, D_pad]: per token
+    the sum over its slots (in slot order) of the rows its slots wrote."""
+    BH, Tc, top_k = inv.shape
+    part = part.reshape(BH, -1, G_pad, D_pad)
+
+    def row(p_r, inv_r):
+        idx = jnp.maximum(inv_r, 0)
+        acc = jnp.zeros((Tc, G_pad, D_pad), jnp.float32)
+        for s in range(top_k):
+            acc = acc + jnp.where(inv_r[:, s, None, None] >= 0, p_r[idx[:, s]].astype(jnp.float32), 0.0)
+        return acc
+
+    return jax.vmap(row)(part, inv)
+
+
+# -------------------------------------------------------------------------------------- layouts
+
+
+def rows(x, n_groups: int, G_pad: int = 1, width: int | None = None, fill=0.0):
+    """[B, T, H(, F)] -> [B*n_groups, T*G_pad(, width)]: per KV group, its rows token-major and
+    head-minor (the H = n_groups * G heads padded to G_pad per group, F to width; padding = fill).
+    G = 1, width None: per-group values [B, T, n_groups(, F)] -> [B*n_groups, T(, F)]."""
+    B, T, H = x.shape[:3]
+    G = H // n_groups
+    tail = x.shape[3:]  # () or (F,)
+    x = x.reshape(B, T, n_groups, G, *tail)
+    pad = [(0, 0)] * 3 + [(0, G_pad - G)] + [(0, (width or f) - f) for f in tail]
+    if any(hi for _, hi in pad):
+        x = jnp.pad(x, pad, constant_values=fill)
+    x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(B * n_groups, T * G_pad, *x.shape[4:])
+
+
+def ungroup(x, B: int):
+    """[B*H, T, ...] -> [B, T, H, ...]."""
+    return jnp.moveaxis(x.reshape(B, -1, *x.shape[1:]), 1, 2)
+
+
+def kv_layout(x, T_kv_pad: int, width: int):
+    """Keys in the kernels' layout: [B, T, H, F] -> [B*H, T_kv_pad, width], [B, T, F] -> [B, T_kv_pad,
+    width] (zero padding)."""
+    T, F = x.shape[1], x.shape[-1]
+    x = jnp.pad(x, [(0, 0), (0, T_kv_pad - T)] + [(0, 0)] * (x.ndim - 3) + [(0, width - F)])
+    if x.ndim == 3:
+        return x
+    B, _, H, _ = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B * H, T_kv_pad, width)
+
+
+# --------------------------------------------------------------------------------- query chunks
+
+
+def pad_time(x, T_pad: int, fill=0):
+    """Pad axis 1 (time) to T_pad."""
+    return jnp.pad(x, [(0, 0), (0, T_pad - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def _split(x, n_chunks: int):
+    """[B, n_chunks * t_chunk, ...] -> [n_chunks, B, t_chunk, ...]."""
+    return x.reshape(x.shape[0], n_chunks, -1, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _join(x):
+    """[n_chunks, B, t_chunk, ...] -> [B, n_chunks * t_chunk, ...]."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def map_chunks(fn, xs, n_chunks: int, t_chunk: int):
+    """fn(q0, *chunk) over the query chunks of xs ([B, n_chunks * t_chunk, ...] each; q0 = the chunk's
+    first token): one call, or `lax.map` over the chunks; fn's outputs joined again along time."""
+    if n_chunks == 1:
+        return fn(0, *xs)
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
+    outs = lax.map(lambda a: fn(*a), (starts, *(_split(x, n_chunks) for x in xs)))
+    return jax.tree.map(_join, outs)
+
+
+def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros):
+    """fn(q0, *chunk) -> (per-token output, tuple of per-key terms) over the query chunks of xs, the
+    per-key terms summed over the chunks in chunk order (`lax.scan` from `zeros`). Returns (per-token
+    output joined along time, sums)."""
+    if n_chunks == 1:
+        return fn(0, *xs)
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
+
+    def step(acc, a):
+        out, terms = fn(*a)
+        return tuple(x + y for x, y in zip(acc, terms)), out
+
+    sums, out = lax.scan(step, zeros, (starts, *(_split(x, n_chunks) for x in xs)))
+    return _join(out), sums

@@ -1,0 +1,214 @@
+"""MSA main branch, KV-outer backward kernel: dq, dk, dv from the forward's output and LSE.
+
+    dq, dk, dv = sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse=None, *, block_size)
+
+q, k, v, block_idx as in `pallas.sparse_attention`; out, lse that forward's results, dout (and
+optionally dlse) their cotangents. Returns the gradients of sum(out * dout) + sum(lse * dlse)
+w.r.t. q, k, v in their dtypes. Deterministic: every sum has a fixed order (no floating-point
+atomics), so two runs give the same bits.
+
+Design (docs/algorithm.md §7; the machinery is `pallas.kv_outer`): delta = rowsum(dout * out) - dlse
+(FlashAttention-2's D; since d lse / d logits = P, dlse only shifts it). Grid (units, B*H_kv): a
+program loads K_c, V_c of its unit's block once and loops over the unit's tiles, recomputing P =
+exp(q k^T * scale - lse) from the saved LSE; dV_u += P^T dout, dS = P * (dout V^T - delta),
+dK_u += dS^T q * scale accumulate in float32, and the tile's dq partial dS K_c * scale goes to a
+per-slot buffer in q.dtype. `reduce_units` sums each block's unit partials in unit order and
+`sum_slots` a token's dq partials in slot order; dk, dv are summed over the query chunks in order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from msa_jax.checks import check_block_idx, check_int, check_qkv, check_shape
+from pallas import kv_outer as kvo
+from pallas.common import KERNEL_DTYPES, LOG2E
+
+__all__ = ["sparse_attention_bwd"]
+
+
+def _bwd_kernel(
+    q0_ref,  # [16] int32: absolute position of the chunk's first token
+    unit_ref,  # [3 * U] int32: (block, first tile, tile count) of every unit of this row
+    tok_ref,  # [P] int32: chunk-local token of every padded position, -1 = padding
+    q_ref, do_ref,  # [Tc * G_pad, D_pad]: the chunk's queries / output cotangents, token-major
+    lse_ref, delta_ref,  # [Tc * G_pad] float32 (padded heads: lse = +inf, so P = 0)
+    k_ref, v_ref,  # [T_kv_pad, D_pad]
+    dq_ref,  # [P * G_pad, D_pad]: dq partial of every padded position (rows of its tile)
+    dk_ref, dv_ref,  # [kv_tile, D_pad] float32: this unit's partial dK, dV
+    *,
+    scale: float,
+    block_size: int,
+    kv_tile: int,
+    heads: int,  # G_pad: rows per token
+    bq: int,  # query tokens per tile
+    n_units: int,
+):
+    M = bq * heads
+    u = pl.program_id(0)
+    c = unit_ref[u]
+    t0 = unit_ref[n_units + u]
+    n = unit_ref[2 * n_units + u]
+    precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+    D_pad = k_ref.shape[1]
+    zeros = jnp.zeros((kv_tile, D_pad), jnp.float32)
+
+    @pl.when(n > 0)
+    def _():
+        m_iota = lax.broadcasted_iota(jnp.int32, (M,), 0)
+        start = pl.multiple_of(c * block_size, block_size)
+        k = k_ref[pl.ds(start, kv_tile), :]
+        v = v_ref[pl.ds(start, kv_tile), :]
+        key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
+        q0 = q0_ref[0]
+
+        def tile(j, carry):
+            dk, dv = carry
+            t = t0 + j
+            row_tok = tok_ref[t * bq + m_iota // heads]
+            live = row_tok >= 0
+            rows = jnp.maximum(row_tok, 0) * heads + m_iota % heads
+            q = q_ref[rows]
+            do = do_ref[rows]
+            lse = lse_ref[rows]
+            delta = delta_ref[rows]
+            s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)
+            mask = live[:, None] & (key_pos[None, :] <= (q0 + row_tok)[:, None])
+            if kv_tile > block_size:
+                mask = mask & (key_pos < start + block_size)[None, :]
+            p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+            dp = plgpu.dot(do, v, trans_b=True, precision=precision)
+            ds = (p * (dp - delta[:, None])).astype(q.dtype)
+            dk = dk + plgpu.dot(ds, q, trans_a=True, precision=precision) * scale
+            dq = plgpu.dot(ds, k, precision=precision) * scale
+            dq_ref[pl.ds(pl.multiple_of(t * M, M), M), :] = dq.astype(dq_ref.dtype)
+            return dk, dv
+
+        dk, dv = lax.fori_loop(0, n, tile, (zeros, zeros))
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+
+    @pl.when(n <= 0)
+    def _():
+        dk_ref[...] = zeros
+        dv_ref[...] = zeros
+
+
+def _chunk_bwd(q0, qc, doc, lsec, deltac, idc, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
+    """One query chunk -> dq [B, Tc, H_q, D] (q.dtype), (dk, dv) float32 [BH, n_blocks * bs, D_pad]."""
+    B, Tc, H_q, D = qc.shape
+    G, G_pad, D_pad, BH, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.kv_tile
+    bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
+    M = bq * G_pad
+    P = n_tiles * bq
+    layout = functools.partial(kvo.rows, n_groups=sz.H_kv, G_pad=G_pad)
+    qg, dog = layout(qc, width=D_pad), layout(doc, width=D_pad)
+    lseg, deltag = layout(lsec, fill=jnp.inf), layout(deltac)  # padded heads: P = exp(s - inf) = 0
+    ids = kvo.rows(idc, sz.H_kv)
+    tiles, tok, inv = kvo.reverse_index(ids, n_blocks=sz.n_blocks, bq=bq, n_tiles=n_tiles)
+    unit_tab, ustart = kvo.units(tiles, n_blocks=sz.n_blocks, tiles_per_unit=plan.tiles_per_unit, n_units=U)
+    q0_arr = jnp.full((16,), q0, jnp.int32)
+
+    kernel = functools.partial(
+        _bwd_kernel, scale=D**-0.5, block_size=sz.block_size, kv_tile=kv_tile, heads=G_pad, bq=bq, n_units=U
+    )
+    row = lambda *shape: pl.BlockSpec((None, *shape), lambda u, bh: (bh,) + (0,) * len(shape))  # noqa: E731
+    dq_part, dk_part, dv_part = pl.pallas_call(
+        kernel,
+        grid=(U, BH),
+        in_specs=[
+            pl.BlockSpec((16,), lambda u, bh: (0,)),
+            row(3 * U), row(P),
+            row(Tc * G_pad, D_pad), row(Tc * G_pad, D_pad),
+            row(Tc * G_pad), row(Tc * G_pad),
+            row(kg.shape[1], D_pad), row(vg.shape[1], D_pad),
+        ],
+        out_specs=[
+            row(P * G_pad, D_pad),  # every program writes the rows of its own tiles
+            pl.BlockSpec((None, None, kv_tile, D_pad), lambda u, bh: (bh, u, 0, 0)),
+            pl.BlockSpec((None, None, kv_tile, D_pad), lambda u, bh: (bh, u, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, P * G_pad, D_pad), qc.dtype),
+            jax.ShapeDtypeStruct((BH, U, kv_tile, D_pad), jnp.float32),
+            jax.ShapeDtypeStruct((BH, U, kv_tile, D_pad), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+        interpret=plan.interpret,
+        name=f"msa_sparse_attention_bwd_bq{bq}_g{G_pad}_bs{sz.block_size}_w{plan.tiles_per_unit}",
+    )(q0_arr, unit_tab, tok, qg, dog, lseg, deltag, kg, vg)
+
+    dk, dv = kvo.reduce_units(
+        ustart, [dk_part, dv_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
+    )
+    dq = kvo.sum_slots(dq_part, inv, G_pad=G_pad, D_pad=D_pad)  # [BH, Tc, G_pad, D_pad] f32
+    dq = kvo.ungroup(dq[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
+    return dq.astype(qc.dtype), (dk, dv)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "plan"))
+def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_size: int, plan: kvo.Plan):
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    T_pad = plan.n_chunks * plan.t_chunk
+    kg, vg = (kvo.kv_layout(x, sz.T_kv_pad, sz.D_pad) for x in (k, v))
+    dout = dout.astype(q.dtype)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, H_q]
+    if dlse is not None:  # d lse / d s = P: the lse cotangent enters dS = P * (dP - delta + dlse)
+        delta = delta - dlse.astype(jnp.float32)
+    lse = lse.astype(jnp.float32)
+    ids = kvo.clean_ids(block_idx, block_size)
+    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, dout, lse, delta)) + (kvo.pad_time(ids, T_pad, -1),)
+    chunk = functools.partial(_chunk_bwd, kg=kg, vg=vg, sz=sz, plan=plan)
+    zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, sz.D_pad), jnp.float32)
+    dq, (dk, dv) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros, zeros))
+
+    def kv_back(x):  # [BH, n_blocks * bs, D_pad] -> [B, T, H_kv, D]
+        return kvo.ungroup(x[:, : sz.T, : sz.D], sz.B).astype(k.dtype)
+
+    return dq[:, : sz.T], kv_back(dk), kv_back(dv)
+
+
+def sparse_attention_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_idx: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    dlse: jax.Array | None = None,
+    *,
+    block_size: int,
+    block_q: int | None = None,
+    query_chunk: int | None = None,
+    tiles_per_unit: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dq, dk, dv) of sum(out * dout) (+ sum(lse * dlse)), out, lse =
+    `sparse_attention_fwd(q, k, v, block_idx, block_size=block_size)`.
+
+    block_q, query_chunk, tiles_per_unit, num_warps, num_stages: see `kv_outer.KVOuterConfig`.
+    interpret: None = the Pallas interpreter unless jax.default_backend() == "gpu".
+    """
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES)
+    check_block_idx(block_idx, k)
+    check_int("block_size", block_size, 1)
+    check_shape("out", out, q.shape, "[B, T, H_q, D], as q")
+    check_shape("dout", dout, q.shape, "[B, T, H_q, D], as q")
+    check_shape("lse", lse, q.shape[:3], "[B, T, H_q]")
+    if dlse is not None:
+        check_shape("dlse", dlse, q.shape[:3], "[B, T, H_q]")
+    config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
+                               num_warps=num_warps, num_stages=num_stages)
+    plan = config.resolve("bwd", kvo.sizes(q, k, block_idx, block_size), f32=q.dtype == jnp.float32,
+                          interpret=interpret)
+    return _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size, plan=plan)
