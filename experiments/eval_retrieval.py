@@ -2,8 +2,11 @@
 
 Loads the latest (or `--step`) checkpoint of each training run directory (`train_lm.py`), dense or
 MSA, builds haystacks from the validation packages of the run's own corpus (code it never trained
-on), and reports teacher-forced greedy exact match by task, context length and needle depth
-(`msa_jax.retrieval`). An MSA model is evaluated with top-k routing on.
+on), and reports greedy exact match by task, context length and needle depth
+(`msa_jax.retrieval`): teacher-forced (`--mode teacher-forced`, one forward pass; each answer byte
+predicted from the true earlier ones) or free-running (`--mode generate`: the model writes the
+whole answer itself from the KV + index-key caches, `msa_jax.generate`). An MSA model is
+evaluated with top-k routing on.
 
 Output (under --out, default runs/retrieval):
   results.json   every (run, task, context_len, depth) accuracy, plus the runs' configs
@@ -36,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: each run's latest)")
     p.add_argument("--impl", default=None, help="override the ops backend the runs were trained with")
+    p.add_argument("--mode", choices=("teacher-forced", "generate"), default="teacher-forced",
+                   help="score teacher-forced next-byte predictions, or answers the model generates itself")
+    p.add_argument("--index-cache-dtype", default=None, help="--mode generate: bfloat16, float32 or float8_e4m3fn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/retrieval")
     return p
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from msa_jax import data
     from msa_jax.checkpoint import load_run
+    from msa_jax.generate import generate
 
     @nnx.jit
     def forward(model, tokens):
@@ -84,15 +91,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {cfg.attention} model at step {step}; haystacks from {len(corpus.val_packages)} val "
               f"packages ({corpus.val.size / 1e6:.2f} MB); lengths {Ts}")
         t0 = time.perf_counter()
-        for r in retrieval.evaluate(lambda t: forward(model, jax.numpy.asarray(t)), corpus.val, tasks, Ts, depths,
-                                    args.n, args.seed, batch_size=args.batch_size):
+        logits_fn = lambda t: forward(model, jax.numpy.asarray(t))  # noqa: E731
+        generate_fn = lambda prompts, n: generate(  # noqa: E731
+            model, prompts, max_new_tokens=n, index_cache_dtype=args.index_cache_dtype, stream_every=n).tokens
+        for r in retrieval.evaluate(logits_fn, corpus.val, tasks, Ts, depths, args.n, args.seed,
+                                    batch_size=args.batch_size,
+                                    generate_fn=generate_fn if args.mode == "generate" else None):
             rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
         print(f"  {time.perf_counter() - t0:.0f}s")
     table = plots.retrieval_table(rows, depths)
     byte_table = plots.retrieval_table(rows, depths, "byte_accuracy")
-    print(f"\nexact match (teacher-forced greedy), {args.n} examples per cell:\n{table}")
+    print(f"\nexact match ({args.mode} greedy), {args.n} examples per cell:\n{table}")
     print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{byte_table}")
-    results = dict(rows=rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed,
+    results = dict(rows=rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed, mode=args.mode,
                    jax=jax.__version__, device=jax.devices()[0].device_kind, table=table, byte_table=byte_table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plotted = plots.plot_retrieval(rows, names, tasks, out / "retrieval.png")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from msa_jax import ops
+from msa_jax.cache import LayerCache, dequantize_index_keys, quantize_index_keys, write
 from msa_jax.config import ModelConfig
 
 
@@ -120,6 +121,19 @@ class GQAAttention(nnx.Module):
         q, k, v = self.qkv(x, positions)
         return self.project_out(ops.dense_attention(q, k, v, impl=self.cfg.impl)), {}
 
+    def cached(self, x: jax.Array, q_pos: jax.Array, lc: LayerCache, *, prefill: bool, sparse: bool = True):
+        """Attention of S new tokens x [B, S, d] at positions q_pos [B, S] against the cache, after
+        writing their keys into it. prefill=True: q_pos is arange(S) in every row (a prompt from
+        position 0), so the prompt attends to its own keys with the prefill path. -> (out, cache)."""
+        del sparse
+        q, k, v = self.qkv(x, q_pos)
+        lc = write(lc, q_pos, k, v)
+        if prefill:
+            o = ops.dense_attention(q, k, v, impl=self.cfg.impl)
+        else:
+            o = ops.dense_attention(q, lc.k, lc.v, q_pos=q_pos, impl=self.cfg.impl)
+        return self.project_out(o), lc
+
 
 class IndexBranch(nnx.Module):
     """MSA Index Branch (docs/algorithm.md §3): iq = X W_q_idx (one head per GQA group), ik = X W_k_idx (shared).
@@ -199,3 +213,24 @@ class MSAAttention(GQAAttention):
             aux["block_recall"] = block_recall.astype(jnp.float32)
             aux["score_recall"] = score_recall.astype(jnp.float32)
         return self.project_out(o), aux
+
+    def cached(self, x: jax.Array, q_pos: jax.Array, lc: LayerCache, *, prefill: bool, sparse: bool = True):
+        """As `GQAAttention.cached`, with the index keys cached too and top-k routing (sparse=False:
+        dense attention over the cache, the warmup mode). The selection of a cached query equals
+        `select_blocks` on the whole sequence at its row (docs/algorithm.md §3.6)."""
+        cfg, m = self.cfg, self.cfg.msa
+        q, k, v = self.qkv(x, q_pos)
+        iq, ik = self.index(x, q_pos)
+        lc = write(lc, q_pos, k, v, ik)
+        kw = dict(block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl)
+        if not sparse:
+            o = (ops.dense_attention(q, k, v, impl=cfg.impl) if prefill
+                 else ops.dense_attention(q, lc.k, lc.v, q_pos=q_pos, impl=cfg.impl))
+        elif prefill:
+            # The selection sees the index keys as the cache stores them (fp8: quantised), so that
+            # prompt and decoded tokens are routed alike.
+            ik_seen = dequantize_index_keys(*quantize_index_keys(ik, lc.ik.dtype), dtype=ik.dtype)
+            o, _ = ops.msa_attention(q, k, v, iq, ik_seen, **kw)
+        else:
+            o, _ = ops.msa_attention(q, lc.k, lc.v, iq, lc.ik, q_pos=q_pos, ik_scale=lc.ik_scale, **kw)
+        return self.project_out(o), lc

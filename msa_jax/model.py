@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from msa_jax.cache import Cache
 from msa_jax.config import ModelConfig
 from msa_jax.layers import MLP, GQAAttention, MSAAttention, RMSNorm
 
@@ -40,6 +41,12 @@ class Block(nnx.Module):
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, aux
+
+    def cached(self, x, q_pos, lc, *, prefill: bool, sparse: bool = True):
+        h, lc = self.attn.cached(self.attn_norm(x), q_pos, lc, prefill=prefill, sparse=sparse)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, lc
 
 
 class DecoderLM(nnx.Module):
@@ -75,10 +82,9 @@ class DecoderLM(nnx.Module):
             )
 
     def __call__(self, tokens: jax.Array, *, sparse: bool = True, with_recall: bool = False):
-        cfg = self.cfg
         T = tokens.shape[1]
         positions = jnp.arange(T, dtype=jnp.int32)
-        x = self.embed(tokens) * jnp.asarray(cfg.d_model**0.5, jnp.dtype(cfg.dtype))
+        x = self._embed(tokens)
         kl = jnp.zeros((), jnp.float32)
         recalls = {"block_recall": [], "score_recall": []}
         for block in self.blocks:
@@ -88,13 +94,35 @@ class DecoderLM(nnx.Module):
             for name in recalls:
                 if name in layer_aux:
                     recalls[name].append(layer_aux[name])
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
         aux = {"kl": kl}
         for name, values in recalls.items():
             if values:
                 aux[name] = jnp.mean(jnp.stack(values))
-        return logits.astype(jnp.float32), aux
+        return self._logits(x), aux
+
+    def _embed(self, tokens):
+        return self.embed(tokens) * jnp.asarray(self.cfg.d_model**0.5, jnp.dtype(self.cfg.dtype))
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def forward_cached(self, tokens: jax.Array, q_pos: jax.Array, cache: Cache, *, prefill: bool = False,
+                       sparse: bool = True):
+        """S new tokens [B, S] at positions q_pos [B, S] (-1: padding) through every layer, reading
+        and extending `cache`. -> (logits f32 [B, S, V], the updated cache; lengths unchanged).
+
+        prefill=True: the tokens are a prompt from position 0 (q_pos = arange(S) in every row), so
+        attention runs the prefill path over the prompt's own keys. Positions past a row's real
+        length are harmless: their keys are never visible to that row's later tokens' queries
+        before being overwritten (causality)."""
+        x = self._embed(tokens)
+        layers = []
+        for block, lc in zip(self.blocks, cache.layers):
+            x, lc = block.cached(x, q_pos, lc, prefill=prefill, sparse=sparse)
+            layers.append(lc)
+        return self._logits(x), Cache(layers, cache.lengths)
 
 
 def count_params(model: nnx.Module, wrt=nnx.Param) -> int:

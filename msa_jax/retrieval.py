@@ -401,8 +401,30 @@ def exact_match(
     return answer_accuracy(logits_fn, tokens, answer_mask, batch_size=batch_size)[0]
 
 
+def generated_accuracy(generate_fn: Callable, examples, *, batch_size: int | None = None):
+    """(exact bool [n], byte accuracy float [n]) of free-running answers: the model sees the prompt
+    (`tokens[:answer_start]`) and generates `len(answer)` bytes on its own (its own earlier bytes
+    fed back, unlike teacher forcing). `generate_fn(prompts: list[int32 array], n_bytes) ->
+    list[bytes]` (e.g. greedy `msa_jax.generate.generate`)."""
+    n = len(examples)
+    bs = n if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size: expected None or an int >= 1, got {batch_size!r}")
+    exact = np.zeros(n, dtype=bool)
+    byte_acc = np.zeros(n, dtype=np.float64)
+    for i in range(0, n, bs):
+        chunk = examples[i : i + bs]
+        n_bytes = max(len(e.answer) for e in chunk)
+        outs = generate_fn([e.tokens[: e.answer_start] for e in chunk], n_bytes)
+        for j, (e, out) in enumerate(zip(chunk, outs)):
+            got = bytes(out)[: len(e.answer)]
+            exact[i + j] = got == e.answer
+            byte_acc[i + j] = sum(a == b for a, b in zip(got, e.answer)) / max(len(e.answer), 1)
+    return exact, byte_acc
+
+
 def evaluate(
-    logits_fn: Callable,
+    logits_fn: Callable | None,
     source,
     tasks: Iterable = ("passkey", "multikey", "variable_tracking"),
     context_lens: Iterable[int] = (1024,),
@@ -412,8 +434,12 @@ def evaluate(
     *,
     batch_size: int | None = None,
     task_kwargs: dict | None = None,
+    generate_fn: Callable | None = None,
 ) -> list[dict]:
     """Exact-match accuracy per (task, context_len, depth).
+
+    Teacher-forced with `logits_fn` (`answer_accuracy`), or free-running with `generate_fn`
+    (`generated_accuracy`; then logits_fn may be None).
 
     Returns rows `{"task", "context_len", "depth", "accuracy", "byte_accuracy", "n"}` (exact-match
     accuracy and mean share of answer bytes right, both in [0, 1]) in
@@ -428,8 +454,12 @@ def evaluate(
         kw = task_kwargs.get(name, {})
         for T in context_lens:
             for depth in depths:
-                tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
-                correct, byte_acc = answer_accuracy(logits_fn, tokens, mask, batch_size=batch_size)
+                if generate_fn is not None:
+                    exs = make_examples(fn, source, T, depth, n, seed, **kw)
+                    correct, byte_acc = generated_accuracy(generate_fn, exs, batch_size=batch_size)
+                else:
+                    tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
+                    correct, byte_acc = answer_accuracy(logits_fn, tokens, mask, batch_size=batch_size)
                 rows.append(
                     {
                         "task": name,

@@ -7,6 +7,14 @@ for 16-bit inputs).
 Shapes (batch-major, head-last, like jax.nn.dot_product_attention):
 q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx]; ik [B, T, D_idx];
 block_idx int32 [B, T, H_kv, top_k] with valid ids first and -1 padding after.
+
+Queries at an offset (generation, chunked prefill; docs/algorithm.md §3.6): `select_blocks`,
+`sparse_attention`, `msa_attention` and `dense_attention` take `q_pos` int32 [B, S], the positions
+of S query tokens per sequence (-1: a padding query, output 0), against a cache of L keys: q, iq,
+block_idx have S rows, k, v, ik have L. The selection rules are those of the full sequence at
+each query's row. Index keys may then be float8_e4m3fn with a float32 `ik_scale` per token
+[B, L] or per block [B, L / block_size]. With q_pos, impl="pallas" runs the decode kernels
+(`pallas/decode.py`; no gradient), which need L to be a multiple of block_size.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from msa_jax.checks import check_block_idx, check_index, check_int, check_qkv, check_shape, fail
+from msa_jax.checks import (check_block_idx, check_ik_scale, check_index, check_int, check_q_pos, check_qkv,
+                            check_shape, fail)
 from msa_jax.ops import pallas_backend, reference, xla
 
 IMPLS = ("xla", "pallas")  # concrete backends tested against the oracle
@@ -54,49 +63,84 @@ def _jit(fn, *static: str):
 # ----------------------------------------------------------------------------- public ops
 
 
-def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, impl: str = "auto"):
+def _q_pos(q_pos, B: int, S: int):
+    if q_pos is None:
+        return None
+    check_q_pos(q_pos, B, S)
+    return jnp.asarray(q_pos, jnp.int32)
+
+
+def _dequantize(ik, ik_scale, block_size: int, dtype):
+    """Index keys as the selection sees them: ik * scale (per token, or per block repeated)."""
+    scale = ik_scale.astype(jnp.float32)
+    if scale.shape[1] != ik.shape[1]:  # per block
+        scale = jnp.repeat(scale, block_size, axis=1)[:, : ik.shape[1]]
+    return (ik.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, q_pos=None,
+                  ik_scale=None, impl: str = "auto"):
     """Index branch: per (query, group) the ids of the top_k KV blocks, local block always in.
 
     Returns int32 [B, T, H_kv, top_k]: valid ids first (order unspecified), -1 padding after.
+    q_pos, ik_scale: queries at an offset against a cache of index keys (module docstring).
     """
     backend = _backend(impl, block_size)
-    check_index(iq, ik)
+    cached = q_pos is not None
+    check_index(iq, ik, cached=cached, scaled=ik_scale is not None)
     check_int("block_size", block_size, 1)
     check_int("top_k", top_k, 1)
     check_int("sink_blocks", sink_blocks, 0)
-    fn = _jit(backend.select_blocks, "block_size", "top_k", "sink_blocks")
-    return fn(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    q_pos = _q_pos(q_pos, *iq.shape[:2])
+    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    if ik_scale is not None:
+        check_ik_scale(ik_scale, ik, block_size)
+        if cached and backend is pallas_backend:  # the decode scan reads fp8 keys and their scales
+            return _jit(backend.select_blocks, *kw)(iq, ik, q_pos=q_pos, ik_scale=ik_scale, **kw)
+        ik = _jit(_dequantize, "block_size", "dtype")(ik, ik_scale, block_size=block_size, dtype=iq.dtype)
+    if cached:
+        return _jit(backend.select_blocks, *kw)(iq, ik, q_pos=q_pos, **kw)
+    return _jit(backend.select_blocks, *kw)(iq, ik, **kw)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, return_lse: bool = False, impl: str = "auto"):
+def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, return_lse: bool = False, q_pos=None,
+                     impl: str = "auto"):
     """Main branch: exact causal softmax attention over the tokens of the selected blocks.
 
     return_lse=True also returns the float32 log-sum-exp [B, T, H_q] of the logits over the support
     (the teacher's normaliser of the KL loss, docs/algorithm.md §6.1: pass it to
-    `index_kl_loss(lse=...)`)."""
+    `index_kl_loss(lse=...)`). q_pos: queries at an offset against a cache (module docstring)."""
     backend = _backend(impl, block_size)
-    check_qkv(q, k, v)
-    check_block_idx(block_idx, k)
+    check_qkv(q, k, v, cached=q_pos is not None)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
     check_int("block_size", block_size, 1)
+    kw = dict(block_size=block_size, return_lse=bool(return_lse))
+    if q_pos is not None:
+        kw["q_pos"] = _q_pos(q_pos, *q.shape[:2])
     fn = _jit(backend.sparse_attention, "block_size", "return_lse")
-    return fn(q, k, v, block_idx.astype(jnp.int32), block_size=block_size, return_lse=bool(return_lse))
+    return fn(q, k, v, block_idx.astype(jnp.int32), **kw)
 
 
 def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0,
-                  return_lse: bool = False, impl: str = "auto"):
+                  return_lse: bool = False, q_pos=None, ik_scale=None, impl: str = "auto"):
     """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx) (+ lse with return_lse)."""
     _backend(impl)
-    check_qkv(q, k, v)
-    check_index(iq, ik, k)
-    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, impl=impl)
-    out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, impl=impl)
+    cached = q_pos is not None
+    check_qkv(q, k, v, cached=cached)
+    check_index(iq, ik, k, cached=cached, scaled=ik_scale is not None)
+    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, q_pos=q_pos,
+                              ik_scale=ik_scale, impl=impl)
+    out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, q_pos=q_pos, impl=impl)
     return (out[0], block_idx, out[1]) if return_lse else (out, block_idx)
 
 
-def dense_attention(q, k, v, *, impl: str = "auto"):
-    """Causal GQA softmax attention (the dense baseline). On a GPU, impl="auto" uses cuDNN."""
+def dense_attention(q, k, v, *, q_pos=None, impl: str = "auto"):
+    """Causal GQA softmax attention (the dense baseline). On a GPU, impl="auto" uses cuDNN for
+    prefill and the Pallas split-K decode kernel for queries at an offset (q_pos)."""
     backend = _backend(impl)
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, cached=q_pos is not None)
+    if q_pos is not None:
+        return _jit(backend.dense_attention)(q, k, v, q_pos=_q_pos(q_pos, *q.shape[:2]))
     if impl == "auto" and _cudnn_ok(q):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _jit(backend.dense_attention)(q, k, v)

@@ -6,6 +6,8 @@
 - `index_kl_loss`: the mean of `pallas.index_kl.index_kl` (teacher normalised by the main branch's
   LSE when given, else `teacher_lse`); the dense warmup (block_idx=None) uses the xla path.
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
+- Queries at an offset (q_pos): `pallas.decode` (the index scan with split top-k over an index-key
+  cache, bf16 or fp8; split-KV sparse and dense attention over a KV cache). No gradients.
 
 Each kernel runs inside `kernel_shard_map`: under an active mesh (`jax.set_mesh`) every device runs
 it on its own batch rows and KV groups, gradients included (the custom_vjps run per shard). Off a
@@ -20,15 +22,15 @@ import jax
 
 from msa_jax.ops import xla
 from msa_jax.ops.shard import kernel_shard_map
-from pallas import index_kl, index_topk
+from pallas import decode, index_kl, index_topk
 from pallas import sparse_attention as main_branch
-from pallas.common import is_pow2
+from pallas.common import MIN_DOT, is_pow2
 
 _BTH_ = ("batch", None, "heads", None)  # [B, T, heads, last]: kernels are independent per row and head
 _BTH = ("batch", None, "heads")  # [B, T, heads] (LSE, KL)
 _BT_ = ("batch", None, None)  # [B, T, D_idx] (ik, shared by the heads)
+_BT = ("batch", None)  # [B, S] (q_pos), [B, L] (ik_scale)
 
-dense_attention = xla.dense_attention
 selection_recall = xla.selection_recall
 
 
@@ -37,17 +39,55 @@ def supports(block_size: int | None) -> bool:
     return block_size is None or (block_size >= 8 and is_pow2(block_size))
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0):
+def _pages(x, block_size: int):
+    """A cache [B, L, ...] padded to whole pages of block_size tokens (only when L is not: the
+    model's caches always are; padding costs a copy of the cache)."""
+    L = x.shape[1]
+    if L % block_size == 0:
+        return x
+    return jax.numpy.pad(x, [(0, 0), (0, -L % block_size)] + [(0, 0)] * (x.ndim - 2))
+
+
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_pos=None, ik_scale=None):
     # The selection is integer-valued: no gradient flows through it (pallas_call has no JVP rule).
     iq, ik = jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik)
-    fn = functools.partial(index_topk.select_blocks, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
-    return kernel_shard_map(fn, iq, ik, specs=(_BTH_, _BT_), out_specs=_BTH_)
+    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    if q_pos is None:
+        fn = functools.partial(index_topk.select_blocks, **kw)
+        return kernel_shard_map(fn, iq, ik, specs=(_BTH_, _BT_), out_specs=_BTH_)
+    if ik_scale is not None and ik_scale.shape[1] == ik.shape[1]:
+        ik_scale = _pages(ik_scale, block_size)
+    ik = _pages(ik, block_size)
+    if ik_scale is None:
+        fn = functools.partial(decode.decode_select_blocks, **kw)
+        return kernel_shard_map(fn, iq, ik, q_pos, specs=(_BTH_, _BT_, _BT), out_specs=_BTH_)
+    fn = lambda iq, ik, q_pos, scale: decode.decode_select_blocks(iq, ik, q_pos, ik_scale=scale, **kw)  # noqa: E731
+    return kernel_shard_map(fn, iq, ik, q_pos, ik_scale, specs=(_BTH_, _BT_, _BT, _BT), out_specs=_BTH_)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False):
-    fn = functools.partial(main_branch.sparse_attention, block_size=block_size)
-    out, lse = kernel_shard_map(fn, q, k, v, block_idx, specs=(_BTH_,) * 4, out_specs=(_BTH_, _BTH))
+def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False, q_pos=None):
+    if q_pos is None:
+        fn = functools.partial(main_branch.sparse_attention, block_size=block_size)
+        out, lse = kernel_shard_map(fn, q, k, v, block_idx, specs=(_BTH_,) * 4, out_specs=(_BTH_, _BTH))
+    else:
+        fn = functools.partial(decode.decode_sparse_attention, block_size=block_size)
+        k, v = _pages(k, block_size), _pages(v, block_size)
+        out, lse = kernel_shard_map(fn, q, k, v, block_idx, q_pos, specs=(_BTH_,) * 4 + (_BT,),
+                                    out_specs=(_BTH_, _BTH))
     return (out, lse) if return_lse else out
+
+
+def dense_attention(q, k, v, *, q_pos=None):
+    if q_pos is None:
+        return xla.dense_attention(q, k, v)
+    L = k.shape[1]
+    tile = 128  # the decode kernel's key tile: the largest power of two <= 128 dividing L, >= 16
+    while tile > MIN_DOT and L % tile:
+        tile //= 2
+    fn = functools.partial(decode.decode_dense_attention, block_size=tile)
+    k, v = _pages(k, tile), _pages(v, tile)
+    out, _ = kernel_shard_map(fn, q, k, v, q_pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=(_BTH_, _BTH))
+    return out
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None):

@@ -6,6 +6,10 @@ the path that scales. Arguments are validated by `msa_jax.ops` before they reach
 
 Shapes (see docs/design.md): q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx];
 ik [B, T, D_idx]; block_idx int32 [B, T, H_kv, top_k], valid ids first, -1 padding after.
+Queries at an offset (docs/algorithm.md §3.6): with `q_pos` int32 [B, S] the S queries (q, iq,
+block_idx have S rows) sit at those positions against L keys (k, v, ik have L rows); a query at
+position p sees the keys j <= p; q_pos = -1 is a padding query (no support). q_pos=None is
+prefill: S = L = T and q_pos = arange(T).
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ def _num_blocks(T: int, block_size: int) -> int:
     return -(-T // block_size)
 
 
-def _causal_mask(T: int) -> jax.Array:
-    """[T, T] bool: query i sees key j iff j <= i."""
-    pos = jnp.arange(T)
-    return pos[None, :] <= pos[:, None]
+def _positions(S: int, q_pos) -> jax.Array:
+    """Query positions [B|1, S]: q_pos, or arange(S) for prefill."""
+    return jnp.arange(S)[None] if q_pos is None else q_pos
+
+
+def _causal_mask(S: int, L: int, q_pos=None) -> jax.Array:
+    """[B|1, S, L] bool: the query at position p sees key j iff j <= p."""
+    return jnp.arange(L)[None, None, :] <= _positions(S, q_pos)[:, :, None]
 
 
 def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
@@ -32,40 +40,40 @@ def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
     return q.reshape(B, T, n_kv, H_q // n_kv, D)
 
 
-def index_scores(iq: jax.Array, ik: jax.Array) -> jax.Array:
-    """Token scores s[b, r, i, j] = <iq[i, r], ik[j]> / sqrt(D_idx), -inf where j > i."""
+def index_scores(iq: jax.Array, ik: jax.Array, q_pos=None) -> jax.Array:
+    """Token scores s[b, r, i, j] = <iq[i, r], ik[j]> / sqrt(D_idx), -inf where key j is not visible."""
     scale = iq.shape[-1] ** -0.5
     s = jnp.einsum("bird,bjd->brij", iq.astype(jnp.float32), ik.astype(jnp.float32)) * scale
-    return jnp.where(_causal_mask(iq.shape[1]), s, NEG_INF)
+    return jnp.where(_causal_mask(iq.shape[1], ik.shape[1], q_pos)[:, None], s, NEG_INF)
 
 
-def block_scores(iq: jax.Array, ik: jax.Array, block_size: int) -> jax.Array:
+def block_scores(iq: jax.Array, ik: jax.Array, block_size: int, q_pos=None) -> jax.Array:
     """bs[b, r, i, blk] = max over visible tokens j of block blk of s[b, r, i, j] (-inf if none)."""
-    s = index_scores(iq, ik)
-    B, R, T, _ = s.shape
-    nb = _num_blocks(T, block_size)
-    s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - T)), constant_values=NEG_INF)
-    return s.reshape(B, R, T, nb, block_size).max(axis=-1)
+    s = index_scores(iq, ik, q_pos)
+    B, R, S, L = s.shape
+    nb = _num_blocks(L, block_size)
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - L)), constant_values=NEG_INF)
+    return s.reshape(B, R, S, nb, block_size).max(axis=-1)
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0) -> jax.Array:
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_pos=None) -> jax.Array:
     """docs/algorithm.md §3, literally: rank the visible blocks of each (query, group), keep top_k.
 
     Ranking key, best first: the local block, then the sink blocks (ablation; lower id first),
     then the block score, then the lower block id (ties). A block is selected when it is visible
     (finite score, or forced) and fewer than top_k blocks rank above it.
     """
-    bs = block_scores(iq, ik, block_size)  # [B, R, T, nb]
-    B, R, T, nb = bs.shape
+    bs = block_scores(iq, ik, block_size, q_pos)  # [B, R, S, nb]
+    B, R, S, nb = bs.shape
     blk = jnp.arange(nb)
-    local = (jnp.arange(T) // block_size)[:, None]  # [T, 1]
-    visible = blk[None, :] <= local  # [T, nb]; a block is visible iff it starts at or before i
+    local = (_positions(S, q_pos) // block_size)[:, None, :, None]  # [B|1, 1, S, 1] (-1: padding query)
+    visible = blk <= local  # [B|1, 1, S, nb]; a block is visible iff it starts at or before the query
     # Priority classes: 2 = local block, 1 = sink block, 0 = ranked by score.
-    prio = jnp.where(blk[None, :] == local, 2, jnp.where(blk[None, :] < sink_blocks, 1, 0))
+    prio = jnp.where(blk == local, 2, jnp.where(blk < sink_blocks, 1, 0))
     prio = jnp.where(visible, prio, -1)  # invisible blocks rank last and are never selected
 
     # outranks[..., a, c]: block a ranks above block c.
-    pa, pc = prio[:, :, None], prio[:, None, :]
+    pa, pc = prio[..., :, None], prio[..., None, :]
     sa, sc = bs[..., :, None], bs[..., None, :]
     ia, ic = blk[:, None], blk[None, :]
     score_wins = (pa == 0) & ((sa > sc) | ((sa == sc) & (ia < ic)))
@@ -81,20 +89,22 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0) 
     ids = jnp.where(jnp.take_along_axis(selected, ids, axis=-1), ids, -1)
     if top_k > nb:
         ids = jnp.pad(ids, ((0, 0), (0, 0), (0, 0), (0, top_k - nb)), constant_values=-1)
-    return ids.transpose(0, 2, 1, 3).astype(jnp.int32)  # [B, T, R, top_k]
+    return ids.transpose(0, 2, 1, 3).astype(jnp.int32)  # [B, S, R, top_k]
 
 
-def support_mask(block_idx: jax.Array | None, T: int, block_size: int) -> jax.Array:
-    """[B, R, T, T] bool: key j is in the support of query i for group r.
+def support_mask(block_idx: jax.Array | None, T: int, block_size: int, q_pos=None, L: int | None = None) -> jax.Array:
+    """[B|1, R|1, T, L] bool: key j is in the support of query i for group r.
 
-    With block_idx: j lies in one of the selected blocks and j <= i. With None: j <= i.
+    With block_idx: j lies in one of the selected blocks and j is visible. With None: j is visible.
+    Visible: j <= i (prefill, L = T) or j <= q_pos[b, i] (queries at an offset, L keys).
     """
-    causal = _causal_mask(T)
+    L = T if L is None else L
+    causal = _causal_mask(T, L, q_pos)[:, None]  # [B|1, 1, T, L]
     if block_idx is None:
-        return causal[None, None]
-    key_block = jnp.arange(T) // block_size  # [T]
+        return causal
+    key_block = jnp.arange(L) // block_size  # [L]
     # in_sel[b, i, r, j]: block of key j is one of the ids block_idx[b, i, r, :]
-    in_sel = (block_idx[..., None, :] == key_block[:, None]).any(axis=-1)  # [B, T, R, T]
+    in_sel = (block_idx[..., None, :] == key_block[:, None]).any(axis=-1)  # [B, T, R, L]
     return in_sel.transpose(0, 2, 1, 3) & causal
 
 
@@ -109,7 +119,7 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _head_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Main-branch attention probabilities [B, R, G, T, T] over the support mask [B|1, R|1, T, T]."""
+    """Main-branch attention probabilities [B, R, G, T, L] over the support mask [B|1, R|1, T, L]."""
     n_kv = k.shape[2]
     qg = _group_queries(q.astype(jnp.float32), n_kv)  # [B, T, R, G, D]
     logits = jnp.einsum("birgd,bjrd->brgij", qg, k.astype(jnp.float32)) * q.shape[-1] ** -0.5
@@ -117,7 +127,7 @@ def _head_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _attend(q, k, v, mask):
-    p = _head_probs(q, k, mask)  # [B, R, G, T, T]
+    p = _head_probs(q, k, mask)  # [B, R, G, T, L]
     out = jnp.einsum("brgij,bjrd->birgd", p, v.astype(jnp.float32))
     B, T, H_q, D = q.shape
     return out.reshape(B, T, H_q, D).astype(q.dtype)
@@ -133,19 +143,19 @@ def _lse(q, k, mask):
     return lse.transpose(0, 3, 1, 2).reshape(B, T, H_q)
 
 
-def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False):
+def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = False, q_pos=None):
     """docs/algorithm.md §4: exact softmax attention over the tokens of the selected blocks, j <= i.
 
     return_lse: also return the log-sum-exp of the logits over the support (the KL's teacher
     normaliser, docs/algorithm.md §6.1)."""
-    mask = support_mask(block_idx, q.shape[1], block_size)
+    mask = support_mask(block_idx, q.shape[1], block_size, q_pos, k.shape[1])
     out = _attend(q, k, v, mask)
     return (out, _lse(q, k, mask)) if return_lse else out
 
 
-def dense_attention(q, k, v) -> jax.Array:
+def dense_attention(q, k, v, *, q_pos=None) -> jax.Array:
     """Causal GQA softmax attention."""
-    return _attend(q, k, v, support_mask(None, q.shape[1], 1))
+    return _attend(q, k, v, support_mask(None, q.shape[1], 1, q_pos, k.shape[1]))
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None) -> jax.Array:

@@ -45,11 +45,13 @@ def _pad_time(x, length: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _map_chunks(body, T: int, C: int, *xs):
-    """Apply body(q_pos [C], *chunks) to consecutive query chunks of xs (time on axis 1).
+def _map_chunks(body, T: int, C: int, *xs, q_pos=None):
+    """Apply body(q_pos [B|1, C], *chunks) to consecutive query chunks of xs (time on axis 1).
 
-    Returns body's outputs stacked on a leading chunk axis. Inputs are padded to a multiple of C
-    (block_idx with -1); padded query positions are >= T and their outputs must be dropped.
+    q_pos: the queries' positions [B, T] (queries at an offset; -1 = padding query), or None for
+    prefill (positions = query index, shared by the batch). Returns body's outputs stacked on a
+    leading chunk axis. Inputs are padded to a multiple of C (block_idx and q_pos with -1); padded
+    rows' outputs must be dropped (prefill: their positions are >= T).
     """
     n = -(-T // C)
 
@@ -58,11 +60,13 @@ def _map_chunks(body, T: int, C: int, *xs):
         return jnp.moveaxis(x.reshape(x.shape[0], n, C, *x.shape[2:]), 1, 0)
 
     chunks = tuple(map(split, xs))
+    if q_pos is None:
+        pos = (jnp.arange(n, dtype=jnp.int32)[:, None] * C + jnp.arange(C, dtype=jnp.int32))[:, None, :]
+    else:
+        pos = split(q_pos.astype(jnp.int32))  # [n, B, C]
     if n == 1:  # one chunk: no loop and no rematerialisation needed, memory is bounded already
-        return jax.tree.map(lambda y: y[None], body(jnp.arange(C, dtype=jnp.int32), *(x[0] for x in chunks)))
-    starts = jnp.arange(n, dtype=jnp.int32) * C
-    step = jax.checkpoint(lambda args: body(args[0] + jnp.arange(C, dtype=jnp.int32), *args[1:]))
-    return jax.lax.map(step, (starts, *chunks))
+        return jax.tree.map(lambda y: y[None], body(pos[0], *(x[0] for x in chunks)))
+    return jax.lax.map(jax.checkpoint(lambda args: body(*args)), (pos, *chunks))
 
 
 def _unchunk(y, T: int):
@@ -96,7 +100,7 @@ def _gather_blocks(x_blocks, ids):
 
 
 def _support(ids, q_pos, block_size: int):
-    """Key positions [B, C, R, K*bs] of the selected blocks and their validity.
+    """Key positions [B, C, R, K*bs] of the selected blocks and their validity (q_pos [B|1, C]).
 
     A key is in the support when its slot holds a valid id seen for the first time (duplicate
     ids count once), and it is causal (pos <= q_pos, which also excludes padding past T).
@@ -106,7 +110,7 @@ def _support(ids, q_pos, block_size: int):
     dup = ((ids[..., :, None] == ids[..., None, :]) & earlier).any(-1)
     slot_ok = (ids >= 0) & ~dup
     pos = ids[..., None] * block_size + jnp.arange(block_size)  # [B, C, R, K, bs]
-    ok = slot_ok[..., None] & (pos <= q_pos[None, :, None, None, None])
+    ok = slot_ok[..., None] & (pos <= q_pos[:, :, None, None, None])
     return pos.reshape(*ids.shape[:-1], -1), ok.reshape(*ids.shape[:-1], -1)
 
 
@@ -145,27 +149,28 @@ def _f32_shared(x):
 # ----------------------------------------------------------------------------- index branch
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_chunk: int | None = None):
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_chunk: int | None = None,
+                  q_pos=None):
     B, T, R, Di = iq.shape
-    nb = _num_blocks(T, block_size)
+    nb = _num_blocks(ik.shape[1], block_size)
     kk = min(top_k, nb)
     ik_pad = _pad_time(ik, nb * block_size)
     C = _chunk_len(T, B * R * nb * block_size, q_chunk)
     forced_sink = jnp.finfo(jnp.float32).max  # sinks rank above any score, below the local block
 
-    def body(q_pos, iq_c):
+    def body(q_pos, iq_c):  # q_pos [B|1, C]
         s = _mm("bcrd,bjd->brcj", iq_c, ik_pad) * Di**-0.5  # [B, R, C, nb*bs]
-        s = jnp.where(jnp.arange(nb * block_size) <= q_pos[:, None], s, NEG_INF)
+        s = jnp.where(jnp.arange(nb * block_size) <= q_pos[:, None, :, None], s, NEG_INF)
         bs = s.reshape(B, R, C, nb, block_size).max(-1)  # block max: exp-free scores
         blk = jnp.arange(nb)
-        local = (q_pos // block_size)[:, None]
+        local = (q_pos // block_size)[:, None, :, None]  # -1 for a padding query: nothing visible
         key = jnp.where(blk < jnp.minimum(sink_blocks, local + 1), forced_sink, bs)
         key = jnp.where(blk == local, jnp.inf, key)
         vals, ids = jax.lax.top_k(key, kk)  # stable: ties go to the lower block id
         ids = jnp.where(vals > NEG_INF, ids, -1)
         return ids.transpose(0, 2, 1, 3)  # [B, C, R, kk]
 
-    ids = _unchunk(_map_chunks(body, T, C, iq), T)
+    ids = _unchunk(_map_chunks(body, T, C, iq, q_pos=q_pos), T)
     if top_k > kk:
         ids = jnp.pad(ids, ((0, 0), (0, 0), (0, 0), (0, top_k - kk)), constant_values=-1)
     return ids.astype(jnp.int32)
@@ -191,8 +196,9 @@ def _strategy(T: int, top_k: int, block_size: int, strategy: str | None) -> str:
 
 
 def _key_mask(ids, q_pos, T: int, block_size: int):
-    """[B, C, R, T] bool: key j is causal for the query and (ids given) lies in a selected block."""
-    causal = jnp.arange(T) <= q_pos[None, :, None, None]
+    """[B, C, R, T] bool: key j is causal for the query (q_pos [B|1, C]) and (ids given) lies in a
+    selected block."""
+    causal = jnp.arange(T) <= q_pos[:, :, None, None]
     if ids is None:
         return causal
     nb = _num_blocks(T, block_size)
@@ -218,16 +224,17 @@ def _attend(q_c, keys, values, mask, per_query_keys: bool, return_lse: bool = Fa
 
 
 def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None = None, strategy: str | None = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, q_pos=None):
     B, T, H_q, D = q.shape
-    R, K = k.shape[2], block_idx.shape[-1]
+    L, R, K = k.shape[1], k.shape[2], block_idx.shape[-1]
     dt = k.dtype
-    k, v = _f32_shared(k), _f32_shared(v)
-    if _strategy(T, K, block_size, strategy) == "mask":
-        C = _chunk_len(T, B * H_q * T, q_chunk)
+    if q_pos is None:  # training: gradients of shared keys sum in float32 (not needed for a cache)
+        k, v = _f32_shared(k), _f32_shared(v)
+    if _strategy(L, K, block_size, strategy) == "mask":
+        C = _chunk_len(T, B * H_q * L, q_chunk)
 
         def body(q_pos, q_c, ids):
-            return _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(ids, q_pos, T, block_size), False, return_lse)
+            return _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(ids, q_pos, L, block_size), False, return_lse)
     else:
         kb, vb = _blocks(k, block_size), _blocks(v, block_size)
         C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
@@ -237,16 +244,18 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None
             keys, values = _gather_blocks(kb, ids).astype(dt), _gather_blocks(vb, ids).astype(dt)
             return _attend(q_c, keys, values, ok, True, return_lse)
 
-    return jax.tree.map(lambda y: _unchunk(y, T), _map_chunks(body, T, C, q, block_idx))
+    return jax.tree.map(lambda y: _unchunk(y, T), _map_chunks(body, T, C, q, block_idx, q_pos=q_pos))
 
 
-def dense_attention(q, k, v, *, q_chunk: int | None = None):
+def dense_attention(q, k, v, *, q_chunk: int | None = None, q_pos=None):
     B, T, H_q, D = q.shape
-    C = _chunk_len(T, B * H_q * T, q_chunk)
+    L = k.shape[1]
+    C = _chunk_len(T, B * H_q * L, q_chunk)
     dt = k.dtype
-    k, v = _f32_shared(k), _f32_shared(v)
-    body = lambda q_pos, q_c: _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(None, q_pos, T, 1), False)
-    return _unchunk(_map_chunks(body, T, C, q), T)
+    if q_pos is None:
+        k, v = _f32_shared(k), _f32_shared(v)
+    body = lambda q_pos, q_c: _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(None, q_pos, L, 1), False)
+    return _unchunk(_map_chunks(body, T, C, q, q_pos=q_pos), T)
 
 
 # ----------------------------------------------------------------------------- training signals
@@ -267,7 +276,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk
         _, log_student = _softmax(student_logits, mask)
         log_teacher = jnp.log(jnp.where(teacher > 0, teacher, 1.0))
         per_query = jnp.where(teacher > 0, teacher * (log_teacher - log_student), 0.0).sum(-1)
-        return jnp.where(q_pos[None, :, None] < T, per_query, 0.0).sum()
+        return jnp.where(q_pos[:, :, None] < T, per_query, 0.0).sum()
 
     K = 1 if block_idx is None else block_idx.shape[-1]
     if block_idx is None or _strategy(T, K, block_size, strategy) == "mask":
@@ -303,15 +312,15 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: i
 
     def body(q_pos, q_c, ids):
         logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k_pad) * D**-0.5
-        p, _ = _softmax(logits, jnp.arange(nb * block_size) <= q_pos[None, :, None, None, None])
+        p, _ = _softmax(logits, jnp.arange(nb * block_size) <= q_pos[:, :, None, None, None])
         mass = p.mean(3).reshape(B, C, R, nb, block_size).sum(-1)  # [B, C, R, nb]
-        visible = jnp.arange(nb) <= (q_pos // block_size)[None, :, None, None]
+        visible = jnp.arange(nb) <= (q_pos // block_size)[:, :, None, None]
         best_mass, best = jax.lax.top_k(jnp.where(visible, mass, -1.0), kk)  # I*, ties to lower id
         in_best = best_mass >= 0  # fewer than kk visible blocks: the rest are padding
         hit = in_best & (best[..., :, None] == ids[..., None, :]).any(-1)
         block_recall = hit.sum(-1) / in_best.sum(-1)
         score_recall = jnp.where(hit, best_mass, 0.0).sum(-1) / jnp.where(in_best, best_mass, 0.0).sum(-1)
-        counted = ((q_pos // block_size + 1 > top_k) & (q_pos < T))[None, :, None]
+        counted = ((q_pos // block_size + 1 > top_k) & (q_pos < T))[:, :, None]
         total = lambda x: jnp.where(counted, x, 0.0).sum()
         return total(block_recall), total(score_recall), jnp.broadcast_to(counted, block_recall.shape).sum()
 

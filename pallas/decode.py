@@ -1,0 +1,664 @@
+"""MSA decoding against a KV + index-key cache: block selection, sparse and dense attention (Pallas).
+
+Contract ("queries at an offset"). Each sequence b of a batch brings S new query tokens at positions
+q_pos int32 [B, S] (q_pos = -1: a padding query; its outputs are -1 ids / zeros, lse -inf) against
+caches of capacity L: k, v [B, L, H_kv, D], index keys ik [B, L, D_idx]. Cache entries past a
+query's position are junk and invisible (key j is visible iff j <= p). A query at position p is
+exactly row p of the full-sequence ops of `msa_jax.ops.reference`: `decode_select_blocks` =
+`select_blocks` (local block p // block_size, then sinks, then the best top_k - 1 other visible
+blocks by max-pooled index score, ties to the lower id; ascending ids, -1 padding),
+`decode_sparse_attention` = `sparse_attention` (+ lse), `decode_dense_attention` = causal attention.
+
+Design. The caches are used in their natural layout (no relayout per step) and read as pages of
+block_size tokens: with L % block_size == 0, k viewed as [B * L, H_kv, D] holds block c of sequence b
+at rows page * block_size + [0, block_size), page = `_page(b, c)` (identity page table; a real
+page table [B, max_blocks] replaces that one function). A block of group r is a [block_size, D]
+tile with row stride H_kv * D.
+* Index scan (`decode_select_blocks`), grid (row tiles, n_splits, B): one program reads its share
+  of the blocks a sequence's queries can rank (blocks below the largest local block of its rows:
+  no junk is read) ONCE for all S * H_kv rows (padded to >= 16), in a fori_loop over whole
+  [block_size, D_idx] tiles: one dot, a row max, a streaming top-(top_k - 1) over the non-local
+  blocks (strictly-greater replacement in ascending id order = ties to the lower id; sinks enter
+  with +inf). Per-split candidates (f32 values, int32 ids) are merged in plain JAX (a
+  lexicographic sort by (-value, id)), then the local block is added, ids sorted, -1 padded.
+* Attention: flash-decoding, grid (B * S * H_kv, n_splits); a program holds the G heads of one
+  (query, group) (padded to >= 16 rows), walks a balanced share of the row's block list (selected
+  ids cleaned, deduplicated and sorted in the wrapper; dense: every visible block) with an online
+  softmax (only the last block may need the causal mask), and writes a float32 partial output and
+  LSE; splits are combined by their LSEs in plain JAX.
+Operands whose flat element offsets would overflow the lowering's int32 offsets are split over
+batch chunks (see `_offsets_fit`); larger-than-4-GiB operands get 64-bit offsets and are not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas.common import LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, next_pow2
+
+__all__ = [
+    "decode_select_blocks",
+    "decode_sparse_attention",
+    "decode_dense_attention",
+    "default_scan_splits",
+    "default_attention_splits",
+]
+
+_INF = float("inf")
+_INT_MAX = 2**31 - 1
+_H200_SMS = 132
+# Default split rule: B * n_splits (* row tiles) ~ 4 programs per SM, i.e. ~2 waves at the 2
+# programs that fit on an SM at the default shared-memory use.
+_TARGET_PROGRAMS = 4 * _H200_SMS
+_MIN_SCAN_BLOCKS = 8  # index-scan blocks per split, at least (default n_splits)
+_MIN_DENSE_BLOCKS = 4  # dense-attention blocks per split, at least (default n_splits)
+_MAX_SCAN_ROWS = 64  # rows (query tokens x groups) per index-scan program
+_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (num_stages default)
+# The Pallas Triton lowering computes flat element offsets per operand in int32, or in int64 when
+# the operand has more than 2**32 bytes (jax 0.11 `_compute_offsets_from_indices`).
+_I64_OFFSETS_ABOVE_BYTES = 2**32
+_INT32_ELEMS = 2**31
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _page(b, c, n_blocks: int):
+    """Cache page of block c of sequence b (batch-chunk local): the one place that maps blocks to
+    memory. Identity page table: sequence b owns pages [b * n_blocks, (b + 1) * n_blocks) of the cache
+    viewed as [B * n_blocks, block_size, ...]. A paged cache replaces this by page_table[b, c]."""
+    return b * n_blocks + c
+
+
+def _offsets_fit(n_elements: int, itemsize: int) -> bool:
+    """Whether the lowering's flat element offsets of an operand of this size cannot overflow."""
+    return n_elements < _INT32_ELEMS or n_elements * itemsize > _I64_OFFSETS_ABOVE_BYTES
+
+
+def _batch_chunk(B: int, per_batch: list[tuple[int, int]]) -> int:
+    """Sequences per pallas_call: B when every operand (elements per sequence, itemsize) fits,
+    else the most sequences whose operands stay below 2**31 elements."""
+    if all(_offsets_fit(B * n, s) for n, s in per_batch):
+        return B
+    biggest = max(n for n, _ in per_batch)
+    chunk = (_INT32_ELEMS - 1) // biggest
+    if chunk < 1:
+        raise ValueError(f"one sequence needs {biggest} elements in one operand: more than the "
+                         "int32 offsets of the Triton lowering allow (< 2**31)")
+    return chunk
+
+
+def _in_chunks(B: int, chunk: int, fn):
+    """Concatenate fn(sl) over batch chunks, sl(x) = the chunk's sequences of x (a tuple of
+    arrays per chunk). One chunk: sl is the identity (no slice of the caches at all)."""
+    if chunk >= B:
+        return fn(lambda x: x)
+    parts = [fn(lambda x, b0=b0: x[b0:b0 + chunk]) for b0 in range(0, B, chunk)]
+    return tuple(jnp.concatenate(p, axis=0) for p in zip(*parts))
+
+
+def _pad_last(x, n: int):
+    return x if x.shape[-1] == n else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+def _dim_pad(d: int) -> int:
+    return max(MIN_DOT, next_pow2(d))
+
+
+def _stages(bytes_per_stage: int) -> int:
+    return int(max(1, min(3, _SMEM_BUDGET // max(1, bytes_per_stage))))
+
+
+def default_scan_splits(batch: int, n_blocks: int, row_tiles: int = 1) -> int:
+    """Default n_splits of the index scan: batch * row_tiles * n_splits ~ 4 * 132 programs (about 2
+    waves on an H200), with >= 8 blocks per split, and no split without a block."""
+    n = max(1, min(_cdiv(_TARGET_PROGRAMS, batch * row_tiles), _cdiv(n_blocks, _MIN_SCAN_BLOCKS)))
+    return _cdiv(n_blocks, _cdiv(n_blocks, n))
+
+
+def default_attention_splits(n_rows: int, max_blocks: int, min_blocks: int = 1) -> int:
+    """Default n_splits of the attention kernels: n_rows (= B * S * H_kv) * n_splits ~ 4 * 132
+    programs, with >= min_blocks of the at most max_blocks blocks of a row per split."""
+    return max(1, min(_cdiv(_TARGET_PROGRAMS, n_rows), _cdiv(max_blocks, min_blocks)))
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def _check_int(name, x, lo):
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {x!r}")
+
+
+def _check_cache_rows(B, L):
+    if B * L >= 2**31:
+        raise ValueError(f"B * L = {B} * {L}: the kernels index cache rows with int32 (< 2**31)")
+
+
+def _check_block_size(block_size, L, interpret):
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not is_pow2(block_size):
+        raise ValueError(f"block_size: expected a power of two, got {block_size!r}")
+    if not interpret and block_size < MIN_DOT:
+        raise ValueError(f"block_size: the Triton kernels need a power of two >= {MIN_DOT}, got "
+                         f"{block_size}")
+    if L % block_size:
+        raise ValueError(f"cache length L={L} must be a multiple of block_size={block_size} (the "
+                         "cache is read as pages of block_size tokens)")
+
+
+def _check_q_pos(q_pos, B, S):
+    if getattr(q_pos, "shape", None) != (B, S):
+        raise ValueError(f"q_pos: expected shape [B={B}, S={S}], got "
+                         f"{getattr(q_pos, 'shape', type(q_pos))}")
+    if not jnp.issubdtype(q_pos.dtype, jnp.integer):
+        raise ValueError(f"q_pos: expected an int32 array, got dtype {q_pos.dtype}")
+
+
+def _resolve_interpret(interpret):
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def _clean_pos(q_pos, L):
+    """Positions as int32: < 0 -> -1 (padding), >= L clamped to L - 1 (never read past the cache)."""
+    p = q_pos.astype(jnp.int32)
+    return jnp.where(p < 0, -1, jnp.minimum(p, L - 1))
+
+
+# -------------------------------------------------------------------------------- index scan
+
+
+def _scan_kernel(pos_ref, iq_ref, ik_ref, *rest, block_size: int, n_blocks: int, n_splits: int,
+                 n_slots: int, n_pad_slots: int, sink_blocks: int, sm_scale: float,
+                 scale_mode: str | None, precision):
+    """One program: (row tile, split, sequence b). Ranks blocks [c0, c1) of sequence b for its rows.
+
+    pos_ref [R]: position of each row (-1: padding row); iq_ref [R, D]; ik_ref [B_chunk * L, D]
+    (the whole chunk: pages); scale_ref: [B_chunk * L] (per token) or [B_chunk * n_blocks] (per
+    block); outputs vals_ref f32 / ids_ref int32 [R, n_pad_slots].
+    """
+    if scale_mode is None:
+        scale_ref = None
+        vals_ref, ids_ref = rest
+    else:
+        scale_ref, vals_ref, ids_ref = rest
+    split = pl.program_id(1)
+    b = pl.program_id(2)
+
+    pos = pos_ref[...]
+    local = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)), -1)
+    # Rows rank blocks c < local only (the local block is added after the merge): blocks at or
+    # past the largest local block are never read, so no key past any row's position is read.
+    need = jnp.maximum(jnp.max(local), 0)
+    c0 = lax.div(split * need, jnp.int32(n_splits))  # balanced share of [0, need)
+    c1 = lax.div((split + 1) * need, jnp.int32(n_splits))
+
+    q = iq_ref[...]
+    rows = q.shape[0]
+    slot = lax.broadcasted_iota(jnp.int32, (rows, n_pad_slots), 1)
+    vals0 = jnp.where(slot < n_slots, -_INF, _INF).astype(jnp.float32)  # pad slots: never evicted
+    ids0 = -1 - slot  # distinct negative ids: empty slots
+
+    def body(c, carry):
+        vals, ids = carry
+        page = _page(b, c, n_blocks)
+        start = pl.multiple_of(page * block_size, block_size)
+        k = ik_ref[pl.ds(start, block_size), :]
+        if k.dtype != q.dtype:
+            k = k.astype(q.dtype)  # float8 keys: dequantised below by their scale
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [R, block_size] f32
+        if scale_mode == "token":
+            s = s * scale_ref[pl.ds(start, block_size)][None, :]
+        v = jnp.max(s, axis=1)
+        if scale_mode == "block":  # max(s * c) = c * max(s) for c >= 0
+            v = v * scale_ref[page]
+        v = v * sm_scale  # after the max: rounding is monotone, same as max(s * sm_scale)
+        ranked = (c < local) & (jnp.abs(v) < _INF)  # finite scores of visible non-local blocks
+        if sink_blocks > 0:
+            v = jnp.where((c < sink_blocks) & (c < local), _INF, v)
+            ranked = ranked | ((c < sink_blocks) & (c < local))
+        v = jnp.where(ranked, v, -_INF)  # -inf never enters (strict >)
+        # Replace the worst slot (minimum value; among equal minima the highest id) iff strictly
+        # better: blocks arrive in ascending id order, so equal scores keep the lower id.
+        worst = jnp.min(vals, axis=1)
+        worst_id = jnp.max(jnp.where(vals == worst[:, None], ids, -_INT_MAX - 1), axis=1)
+        rep = (ids == worst_id[:, None]) & (v > worst)[:, None]
+        return jnp.where(rep, v[:, None], vals), jnp.where(rep, c, ids)
+
+    vals, ids = lax.fori_loop(c0, jnp.maximum(c0, c1), body, (vals0, ids0))
+    vals_ref[...] = vals
+    ids_ref[...] = ids
+
+
+def _scan_call(iq_rows, pos_rows, ik2, scale, *, d_real, block_size, n_blocks, n_splits, n_slots,
+               n_pad_slots, sink_blocks, scale_mode, block_r, interpret, num_warps, num_stages):
+    """iq_rows [Bc, R_pad, D]; pos_rows [Bc, R_pad]; ik2 [Bc * L, D]; scale 1-d or None."""
+    Bc, R_pad, D = iq_rows.shape
+    n_row_tiles = R_pad // block_r
+    precision = lax.Precision.HIGHEST if iq_rows.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _scan_kernel, block_size=block_size, n_blocks=n_blocks, n_splits=n_splits,
+        n_slots=n_slots, n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, sm_scale=d_real ** -0.5,
+        scale_mode=scale_mode, precision=precision)
+    in_specs = [
+        pl.BlockSpec((None, block_r), lambda t, p, b: (b, t)),
+        pl.BlockSpec((None, block_r, D), lambda t, p, b: (b, t, 0)),
+        pl.BlockSpec(ik2.shape, lambda t, p, b: (0, 0)),  # the whole cache: pages
+    ]
+    args = [pos_rows, iq_rows, ik2]
+    if scale is not None:
+        in_specs.append(pl.BlockSpec(scale.shape, lambda t, p, b: (0,)))
+        args.append(scale)
+    out_spec = pl.BlockSpec((None, None, block_r, n_pad_slots), lambda t, p, b: (b, p, t, 0))
+    if num_warps is None:
+        num_warps = 4 if block_r * block_size <= 16 * 128 else 8
+    if num_stages is None:
+        num_stages = _stages(block_size * D * ik2.dtype.itemsize)
+    return pl.pallas_call(
+        kernel,
+        grid=(n_row_tiles, n_splits, Bc),  # row tiles innermost: they share the key tiles in L2
+        in_specs=in_specs,
+        out_specs=[out_spec, out_spec],
+        out_shape=[jax.ShapeDtypeStruct((Bc, n_splits, R_pad, n_pad_slots), jnp.float32),
+                   jax.ShapeDtypeStruct((Bc, n_splits, R_pad, n_pad_slots), jnp.int32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="msa_decode_index_scan",
+    )(*args)
+
+
+def _merge_candidates(vals, ids, n_slots):
+    """[B, n_splits, R, P] per-split candidates -> the best n_slots ids [B, R, n_slots] (-1: none).
+
+    Total order: value descending, then block id ascending (ties to the lower id), as one
+    lexicographic sort of (-value, id)."""
+    B, n_splits, R, P = vals.shape
+    valid = ids >= 0
+    neg = jnp.where(valid, -vals, _INF)  # +inf candidates (sinks) first; empty slots last
+    key = jnp.where(valid, ids, _INT_MAX)
+    neg = neg.transpose(0, 2, 1, 3).reshape(B, R, n_splits * P)
+    key = key.transpose(0, 2, 1, 3).reshape(B, R, n_splits * P)
+    neg, key = lax.sort((neg, key), dimension=-1, num_keys=2)
+    neg, key = neg[..., :n_slots], key[..., :n_slots]
+    return jnp.where(neg < _INF, key, -1)
+
+
+def _finish_ids(ranked, local, top_k):
+    """ranked [B, S, H, n] (-1: none) + local [B, S] (-1: padding query) -> ascending ids, -1 last,
+    width top_k."""
+    B, S, H = ranked.shape[:3]
+    loc = jnp.broadcast_to(local[:, :, None, None], (B, S, H, 1)).astype(jnp.int32)
+    out = jnp.concatenate([ranked, loc], axis=-1)
+    out = jnp.sort(jnp.where(out < 0, _INT_MAX, out), axis=-1)
+    out = jnp.where(out == _INT_MAX, -1, out)
+    if out.shape[-1] < top_k:
+        out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, top_k - out.shape[-1])),
+                      constant_values=-1)
+    return out[..., :top_k].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "top_k", "sink_blocks", "n_splits", "scale_mode", "interpret", "num_warps",
+    "num_stages"))
+def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, n_splits,
+                   scale_mode, interpret, num_warps, num_stages):
+    B, S, H, D = iq.shape
+    L = ik.shape[1]
+    n_blocks = L // block_size
+    pos = _clean_pos(q_pos, L)
+    local = jnp.where(pos >= 0, pos // block_size, -1)  # [B, S]
+    n_slots = min(top_k - 1, n_blocks - 1)  # non-local blocks that can ever be selected
+    if n_slots <= 0:  # only the local block is ever selected: nothing to rank
+        return _finish_ids(jnp.zeros((B, S, H, 0), jnp.int32), local, top_k)
+
+    R = S * H
+    R_pad = max(MIN_DOT, next_pow2(R))
+    block_r = min(R_pad, _MAX_SCAN_ROWS)
+    D_pad = _dim_pad(D)
+    n_pad_slots = max(2, next_pow2(n_slots))
+    iq_rows = jnp.pad(iq.reshape(B, R, D), ((0, 0), (0, R_pad - R), (0, D_pad - D)))
+    pos_rows = jnp.pad(jnp.repeat(pos, H, axis=1), ((0, 0), (0, R_pad - R)), constant_values=-1)
+    ik_p = _pad_last(ik, D_pad)  # a copy only when D_idx is not a power of two >= 16
+
+    per_batch = [(L * D_pad, ik.dtype.itemsize), (R_pad * D_pad, iq.dtype.itemsize)]
+    if scale_mode is not None:
+        per_batch.append((ik_scale.shape[1], 4))
+    if n_splits is None:
+        n_splits = default_scan_splits(min(_batch_chunk(B, per_batch), B), n_blocks,
+                                       R_pad // block_r)
+    chunk = _batch_chunk(B, per_batch + [(n_splits * R_pad * n_pad_slots, 4)])  # + outputs
+
+    def call(sl):
+        sc = None if scale_mode is None else sl(ik_scale).reshape(-1)
+        v, i = _scan_call(
+            sl(iq_rows), sl(pos_rows), sl(ik_p).reshape(-1, D_pad), sc, d_real=D,
+            block_size=block_size, n_blocks=n_blocks, n_splits=n_splits, n_slots=n_slots,
+            n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, scale_mode=scale_mode,
+            block_r=block_r, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+        return v, i
+
+    vals, ids = _in_chunks(B, chunk, call)
+    ranked = _merge_candidates(vals[:, :, :R], ids[:, :, :R], n_slots)  # [B, R, n_slots]
+    return _finish_ids(ranked.reshape(B, S, H, n_slots), local, top_k)
+
+
+def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blocks: int = 0,
+                         ik_scale=None, n_splits: int | None = None, interpret: bool | None = None,
+                         num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+    """MSA block selection for S new queries per sequence against an index-key cache.
+
+    Args:
+      iq: [B, S, H_kv, D_idx] index queries (bfloat16 or float32).
+      ik: [B, L, D_idx] index-key cache: iq's dtype, or float8_e4m3fn (dequantised key =
+        ik.astype(f32) * ik_scale). Entries past a query's position are never used.
+      q_pos: int32 [B, S] query positions; -1 marks a padding query (all -1 ids). Positions >= L
+        are clamped to L - 1.
+      block_size: KV block size, a power of two (>= 16 on GPU); L % block_size == 0.
+      top_k: blocks per (query, group), local block included (>= 1; may exceed the visible blocks).
+      sink_blocks: the first sink_blocks visible blocks are always selected (ablation).
+      ik_scale: None (scale 1), or float32 [B, L] (per token) or [B, L // block_size] (per block,
+        must be >= 0) dequantisation scales.
+      n_splits: programs per sequence along the key range (default: `default_scan_splits`).
+      interpret: Pallas interpreter; None = interpret unless the default backend is "gpu".
+      num_warps, num_stages: Triton tuning (default 4 warps for 16-row programs, else 8; stages
+        by shared memory, <= 3).
+
+    Returns:
+      int32 [B, S, H_kv, top_k]: selected ids ascending, -1 padding, equal to the rows q_pos of
+      `msa_jax.ops.reference.select_blocks` on the full sequence.
+    """
+    interpret = _resolve_interpret(interpret)
+    if getattr(iq, "ndim", None) != 4:
+        raise ValueError(f"iq: expected [B, S, H_kv, D_idx], got {getattr(iq, 'shape', type(iq))}")
+    B, S, H, D = iq.shape
+    if getattr(ik, "ndim", None) != 3 or ik.shape[0] != B or ik.shape[2] != D:
+        raise ValueError(f"ik: expected [B={B}, L, D_idx={D}], got {getattr(ik, 'shape', type(ik))}")
+    L = ik.shape[1]
+    if iq.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"iq: expected dtype bfloat16 or float32, got {iq.dtype}")
+    if ik.dtype not in (iq.dtype, jnp.float8_e4m3fn):
+        raise ValueError(f"ik: expected dtype {iq.dtype} (iq's) or float8_e4m3fn, got {ik.dtype}")
+    _check_block_size(block_size, L, interpret)
+    _check_cache_rows(B, L)
+    _check_int("top_k", top_k, 1)
+    _check_int("sink_blocks", sink_blocks, 0)
+    if n_splits is not None:
+        _check_int("n_splits", n_splits, 1)
+    _check_q_pos(q_pos, B, S)
+    scale_mode = None
+    if ik_scale is not None:
+        if getattr(ik_scale, "dtype", None) != jnp.float32:
+            raise ValueError(f"ik_scale: expected float32, got {getattr(ik_scale, 'dtype', None)}")
+        if ik_scale.shape == (B, L):
+            scale_mode = "token"
+        elif ik_scale.shape == (B, L // block_size):
+            scale_mode = "block"
+        else:
+            raise ValueError(f"ik_scale: expected [B={B}, L={L}] (per token) or [B={B}, "
+                             f"L // block_size={L // block_size}] (per block), got {ik_scale.shape}")
+    if L == 0 or S == 0:
+        return jnp.full((B, S, H, top_k), -1, jnp.int32)
+    return _decode_select(iq, ik, q_pos, ik_scale, block_size=block_size, top_k=top_k,
+                          sink_blocks=sink_blocks, n_splits=n_splits, scale_mode=scale_mode,
+                          interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------------- attention
+
+
+def _attn_kernel(pos_ref, *refs, dense: bool, S: int, n_kv: int, group: int, g_pad: int,
+                 block_size: int, n_blocks: int, n_splits: int, top_k: int, sm_scale: float,
+                 precision):
+    """One program: (query b, s, group r) = program 0, split = program 1.
+
+    pos_ref [Bc * S]; sparse only: ids_ref [n_q * top_k] (cleaned ids: ascending, valid first),
+    cnt_ref [n_q] (valid ids per row); q_ref [group, D]; k_ref, v_ref [Bc * L, H_kv, D] (the
+    whole chunk: pages); o_ref [g_pad, D] f32, lse_ref [g_pad] f32.
+    """
+    if dense:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    else:
+        ids_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    i = pl.program_id(0)
+    split = pl.program_id(1)
+    b = lax.div(i, jnp.int32(S * n_kv))
+    r = lax.rem(i, jnp.int32(n_kv))
+    pos = pos_ref[lax.div(i, jnp.int32(n_kv))]
+    if dense:
+        n = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)) + 1, 0)
+    else:
+        n = cnt_ref[i]
+    j0 = lax.div(split * n, jnp.int32(n_splits))  # balanced share [j0, j1) of the row's blocks
+    j1 = lax.div((split + 1) * n, jnp.int32(n_splits))
+
+    if g_pad == group:
+        q = q_ref[...]
+    else:  # pad to >= 16 rows for the dots by repeating the last head (rows dropped later)
+        q = q_ref[jnp.minimum(lax.broadcasted_iota(jnp.int32, (g_pad,), 0), group - 1)]
+    D = q.shape[1]
+    col = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+    qk_scale = sm_scale * LOG2E
+
+    def body(j, carry, *, masked):
+        m, l, acc = carry
+        c = j if dense else ids_ref[i * top_k + j]
+        page = _page(b, c, n_blocks)
+        start = pl.multiple_of(page * block_size, block_size)
+        k = k_ref[pl.ds(start, block_size), r, :]  # [block_size, D], row stride H_kv * D
+        v = v_ref[pl.ds(start, block_size), r, :]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [g_pad, bs] f32
+        if masked:  # keys past the query position: junk, invisible (NaN-safe: select, no multiply)
+            vis = c * block_size + col <= pos
+            s = jnp.where(vis[None, :], s, MASK_VALUE)
+            v = jnp.where(vis[:, None], v, jnp.zeros_like(v))
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return m_new, l, acc
+
+    carry = (jnp.full((g_pad,), MASK_VALUE, jnp.float32), jnp.zeros((g_pad,), jnp.float32),
+             jnp.zeros((g_pad, D), jnp.float32))
+    # Blocks are in ascending id order and all ids are <= the local block: only the last block
+    # of the row can hold keys past the query position.
+    carry = lax.fori_loop(j0, jnp.maximum(j0, jnp.minimum(j1, n - 1)),
+                          functools.partial(body, masked=False), carry)
+    m, l, acc = lax.fori_loop(jnp.maximum(j0, n - 1), j1, functools.partial(body, masked=True),
+                              carry)
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = acc / l_safe[:, None]
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -_INF)
+
+
+def _attn_call(pos, ids, cnt, q3, k3, v3, *, d_real, dense, S, n_kv, group, block_size, n_blocks,
+               n_splits, top_k, interpret, num_warps, num_stages):
+    """pos [Bc*S]; ids [n_q*top_k], cnt [n_q] (sparse); q3 [n_q, G, D]; k3, v3 [Bc*L, H_kv, D]."""
+    n_q, _, D = q3.shape
+    g_pad = max(MIN_DOT, next_pow2(group))
+    precision = lax.Precision.HIGHEST if q3.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _attn_kernel, dense=dense, S=S, n_kv=n_kv, group=group, g_pad=g_pad,
+        block_size=block_size, n_blocks=n_blocks, n_splits=n_splits, top_k=top_k,
+        sm_scale=d_real ** -0.5, precision=precision)
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, p: (0,) * x.ndim)
+    in_specs, args = [whole(pos)], [pos]
+    if not dense:
+        in_specs += [whole(ids), whole(cnt)]
+        args += [ids, cnt]
+    in_specs += [pl.BlockSpec((None, group, D), lambda i, p: (i, 0, 0)), whole(k3), whole(v3)]
+    args += [q3, k3, v3]
+    if num_warps is None:
+        num_warps = 4 if g_pad <= 16 else 8
+    if num_stages is None:
+        num_stages = _stages(2 * block_size * D * k3.dtype.itemsize)
+    return pl.pallas_call(
+        kernel,
+        grid=(n_q, n_splits),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, g_pad, D), lambda i, p: (i, p, 0, 0)),
+                   pl.BlockSpec((None, None, g_pad), lambda i, p: (i, p, 0))],
+        out_shape=[jax.ShapeDtypeStruct((n_q, n_splits, g_pad, D), jnp.float32),
+                   jax.ShapeDtypeStruct((n_q, n_splits, g_pad), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="msa_decode_dense_attention" if dense else "msa_decode_sparse_attention",
+    )(*args)
+
+
+def _combine(o_part, lse_part):
+    """Partials [n_q, n_splits, g, D], [n_q, n_splits, g] -> out f32 [n_q, g, D], lse [n_q, g]."""
+    m = jnp.max(lse_part, axis=1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_part - m[:, None])  # 0 for empty splits
+    den = jnp.sum(w, axis=1)
+    ok = den > 0.0
+    den_safe = jnp.where(ok, den, 1.0)
+    out = jnp.einsum("nsg,nsgd->ngd", w / den_safe[:, None], o_part,
+                     precision=lax.Precision.HIGHEST)
+    return out, jnp.where(ok, m + jnp.log(den_safe), -_INF)
+
+
+def _clean_ids(block_idx, local):
+    """ids outside [0, local] -> dropped, repeats dropped; ascending valid ids first.
+    Returns (ids [B, S, H, K] with 0 in unused slots, counts [B, S, H])."""
+    ids = block_idx.astype(jnp.int32)
+    loc = local[:, :, None, None]
+    ids = jnp.where((ids >= 0) & (ids <= loc), ids, _INT_MAX)
+    ids = jnp.sort(ids, axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], -1)
+    ids = jnp.sort(jnp.where(dup, _INT_MAX, ids), axis=-1)
+    valid = ids < _INT_MAX
+    return jnp.where(valid, ids, 0), valid.sum(-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "dense", "n_splits", "interpret", "num_warps", "num_stages"))
+def _decode_attention(q, k, v, block_idx, q_pos, *, block_size, dense, n_splits, interpret,
+                      num_warps, num_stages):
+    B, S, H_q, D = q.shape
+    L, H_kv = k.shape[1], k.shape[2]
+    G = H_q // H_kv
+    n_blocks = L // block_size
+    D_pad = _dim_pad(D)
+    g_pad = max(MIN_DOT, next_pow2(G))
+    pos = _clean_pos(q_pos, L)
+    local = jnp.where(pos >= 0, pos // block_size, -1)
+    if dense:
+        top_k, ids, cnt = n_blocks, None, None
+    else:
+        top_k = block_idx.shape[-1]
+        ids, cnt = _clean_ids(block_idx, local)
+        ids, cnt = ids.reshape(B, -1), cnt.reshape(B, -1)  # [B, S*H_kv*top_k], [B, S*H_kv]
+    # D_pad != D: a padded copy of the cache (only for head dims that are not a power of two).
+    q3 = _pad_last(q, D_pad).reshape(B, S * H_kv, G, D_pad)
+    k3, v3 = _pad_last(k, D_pad), _pad_last(v, D_pad)
+
+    n_q_seq = S * H_kv
+    if n_splits is None:
+        chunk0 = _batch_chunk(B, [(L * H_kv * D_pad, k.dtype.itemsize)])
+        n_splits = default_attention_splits(min(chunk0, B) * n_q_seq, min(top_k, n_blocks),
+                                            _MIN_DENSE_BLOCKS if dense else 1)
+    chunk = _batch_chunk(B, [(L * H_kv * D_pad, k.dtype.itemsize),
+                             (n_q_seq * n_splits * g_pad * D_pad, 4)])
+
+    def call(sl):
+        o, lse = _attn_call(
+            sl(pos).reshape(-1),
+            None if dense else sl(ids).reshape(-1), None if dense else sl(cnt).reshape(-1),
+            sl(q3).reshape(-1, G, D_pad),
+            sl(k3).reshape(-1, H_kv, D_pad), sl(v3).reshape(-1, H_kv, D_pad), d_real=D,
+            dense=dense, S=S, n_kv=H_kv, group=G, block_size=block_size, n_blocks=n_blocks,
+            n_splits=n_splits, top_k=top_k, interpret=interpret, num_warps=num_warps,
+            num_stages=num_stages)
+        return o, lse
+
+    o_part, lse_part = _in_chunks(B, chunk, call)
+    out, lse = _combine(o_part, lse_part)  # [B*S*H_kv, g_pad, D_pad], [B*S*H_kv, g_pad]
+    out = out[:, :G, :D].reshape(B, S, H_q, D).astype(q.dtype)
+    lse = lse[:, :G].reshape(B, S, H_q)
+    return out, lse
+
+
+def _check_attention(q, k, v, q_pos, block_size, n_splits, interpret):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name}: expected a 4-d array, got {getattr(x, 'shape', type(x))}")
+    B, S, H_q, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k, v: expected one shape [B={B}, L, H_kv, D={D}], got {k.shape}, "
+                         f"{v.shape}")
+    H_kv = k.shape[2]
+    if H_kv < 1 or H_q % H_kv:
+        raise ValueError(f"q: H_q={H_q} must be a multiple of H_kv={H_kv} (k's heads)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"q, k, v: expected one dtype, bfloat16 or float32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    _check_block_size(block_size, k.shape[1], interpret)
+    _check_cache_rows(B, k.shape[1])
+    _check_q_pos(q_pos, B, S)
+    if n_splits is not None:
+        _check_int("n_splits", n_splits, 1)
+    return B, S, H_q, D, k.shape[1], H_kv
+
+
+def _empty(q):
+    B, S, H_q, D = q.shape
+    return jnp.zeros(q.shape, q.dtype), jnp.full((B, S, H_q), -_INF, jnp.float32)
+
+
+def decode_sparse_attention(q, k, v, block_idx, q_pos, *, block_size: int,
+                            n_splits: int | None = None, interpret: bool | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None):
+    """MSA main branch for S new queries per sequence over the selected blocks of a KV cache.
+
+    Args:
+      q: [B, S, H_q, D] (bfloat16 or float32); head h belongs to group h // (H_q // H_kv).
+      k, v: [B, L, H_kv, D] KV cache, q's dtype; entries past a query's position are never used.
+      block_idx: integer [B, S, H_kv, top_k] selected block ids per (query, group): any order, -1
+        padding; ids outside [0, q_pos // block_size] are ignored, duplicates count once.
+      q_pos: int32 [B, S] query positions; -1 marks a padding query (out 0, lse -inf).
+      block_size: a power of two (>= 16 on GPU); L % block_size == 0.
+      n_splits: programs per (query, group) over its blocks (default: `default_attention_splits`).
+      interpret, num_warps, num_stages: as `decode_select_blocks` (default 4 warps for <= 16
+        rows; stages by shared memory).
+
+    Returns:
+      (out [B, S, H_q, D] in q.dtype, lse float32 [B, S, H_q]): exact softmax attention over the
+      keys j <= q_pos of the selected blocks, logits q.k / sqrt(D), float32 accumulation.
+    """
+    interpret = _resolve_interpret(interpret)
+    B, S, H_q, D, L, H_kv = _check_attention(q, k, v, q_pos, block_size, n_splits, interpret)
+    if getattr(block_idx, "ndim", None) != 4 or block_idx.shape[:3] != (B, S, H_kv) \
+            or block_idx.shape[3] < 1:
+        raise ValueError(f"block_idx: expected [B={B}, S={S}, H_kv={H_kv}, top_k>=1], got "
+                         f"{getattr(block_idx, 'shape', type(block_idx))}")
+    if not jnp.issubdtype(block_idx.dtype, jnp.integer):
+        raise ValueError(f"block_idx: expected an int32 array, got dtype {block_idx.dtype}")
+    if L == 0 or S == 0:
+        return _empty(q)
+    return _decode_attention(q, k, v, block_idx, q_pos, block_size=block_size, dense=False,
+                             n_splits=n_splits, interpret=interpret, num_warps=num_warps,
+                             num_stages=num_stages)
+
+
+def decode_dense_attention(q, k, v, q_pos, *, block_size: int = 128, n_splits: int | None = None,
+                           interpret: bool | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None):
+    """Causal attention of S new queries per sequence over a KV cache (keys j <= q_pos): the same
+    flash-decoding kernel as `decode_sparse_attention`, over every visible block 0 .. q_pos //
+    block_size (the split-K dense decode baseline). Arguments and results as there."""
+    interpret = _resolve_interpret(interpret)
+    B, S, H_q, D, L, H_kv = _check_attention(q, k, v, q_pos, block_size, n_splits, interpret)
+    if L == 0 or S == 0:
+        return _empty(q)
+    return _decode_attention(q, k, v, None, q_pos, block_size=block_size, dense=True,
+                             n_splits=n_splits, interpret=interpret, num_warps=num_warps,
+                             num_stages=num_stages)
