@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops
-from msa_jax.bench import cell, fmt, guarded, log, timeit
+from msa_jax.bench import cell, fmt, guarded, log, timeit, timeit_async
 from msa_jax.cache import quantize_index_keys
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS
 
@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (median)")
     p.add_argument("--time-budget", type=float, default=5.0, help="seconds of timed runs per measurement at most")
     p.add_argument("--no-model", dest="model_part", action="store_false", help="skip part 2 (whole models)")
+    p.add_argument("--breakdown", type=int, nargs="*", default=None,
+                   help="also time the index scan alone with these n_splits, its candidate merge, and the "
+                        "main branch with 4 and 16 splits (default n_splits when given without values)")
     p.add_argument("--model", choices=sorted(RUN_PRESETS), help="run preset of part 2's models")
     p.add_argument("--model-lengths", type=int, nargs="+", help="part 2 prompt lengths")
     p.add_argument("--model-batches", type=int, nargs="+", default=[1, 8], help="part 2 batch sizes")
@@ -67,8 +70,8 @@ def parse_args(argv=None):
 
 def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
     """Bytes/s of a device copy (read + write) of an n_bytes array: the card's practical ceiling."""
-    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
     t, _, _ = timeit(f, x, reps=10, budget=5.0)
     return 2 * x.nbytes / t
 
@@ -118,7 +121,7 @@ def bench_point(shape, B, L, dtype, fns, args, bandwidth):
 
     def timed(name, fn, *a, n_bytes=None):
         def run():
-            t, n, _ = timeit(fn, *a, **tm)
+            t, n, _ = timeit_async(fn, *a, **tm)
             out = dict(ms=t * 1e3, reps=n)
             if n_bytes:
                 out.update(gb_per_s=n_bytes / t / 1e9, of_copy_bw=n_bytes / t / bandwidth)
@@ -147,6 +150,8 @@ def bench_point(shape, B, L, dtype, fns, args, bandwidth):
     timed("msa_bf16", fns["msa"], q, k, v, iq, ik, pos, n_bytes=B * L * Di * s + sel_bytes)
     timed("msa_fp8", fns["msa_fp8"], q, k, v, iq, ik8, scale, pos, n_bytes=B * L * (Di + 4) + sel_bytes)
     timed("msa_xla", fns["msa_xla"], q, k, v, iq, ik, pos)
+    if args.breakdown is not None:
+        row["breakdown"] = breakdown(shape, B, L, q, k, v, iq, ik, idx, pos, args)
     dense = {n: row[n]["ms"] for n in ("dense_cudnn", "dense_xla", "dense_pallas") if row[n].get("status") == "ok"}
     if dense:
         best = min(dense, key=dense.get)
@@ -157,6 +162,30 @@ def bench_point(shape, B, L, dtype, fns, args, bandwidth):
     row["byte_floor_speedup"] = {"bf16": kv_bytes / (B * L * Di * s + sel_bytes),
                                  "fp8": kv_bytes / (B * L * (Di + 4) + sel_bytes)}
     return row
+
+
+def breakdown(shape, B, L, q, k, v, iq, ik, idx, pos, args):
+    """ms of the index scan alone per n_splits, of its candidate merge (XLA), and of the main branch
+    with 4 and 16 splits (a tuning aid: reads pallas.decode's internals)."""
+    from pallas import decode
+
+    bs, top_k = shape["block_size"], shape["top_k"]
+    tm = dict(reps=args.reps, budget=args.time_budget)
+    out = {}
+    for n in args.breakdown or [None]:
+        f = jax.jit(functools.partial(decode.decode_select_blocks, block_size=bs, top_k=top_k, n_splits=n))
+        out[f"scan_splits_{n or 'default'}"] = guarded("scan", lambda: dict(ms=timeit_async(f, iq, ik, pos, **tm)[0] * 1e3))
+    n_def = decode.default_scan_splits(B, L // bs)
+    R = iq.shape[2]
+    vals = jax.random.normal(jax.random.key(0), (B, n_def, 16, 16), jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (B, n_def, 16, 16), 0, L // bs, jnp.int32)
+    merge = jax.jit(lambda v_, i_: decode._merge_candidates(v_[:, :, :R], i_[:, :, :R], top_k - 1))
+    out["merge_default_splits"] = guarded("merge", lambda: dict(ms=timeit_async(merge, vals, ids, **tm)[0] * 1e3,
+                                                                n_splits=n_def))
+    for n in (4, 16):
+        f = jax.jit(functools.partial(decode.decode_sparse_attention, block_size=bs, n_splits=n))
+        out[f"main_splits_{n}"] = guarded("main", lambda: dict(ms=timeit_async(f, q, k, v, idx, pos, **tm)[0] * 1e3))
+    return out
 
 
 def model_decode(args, preset, attention, B, L, index_dtype, dtype_name):

@@ -78,8 +78,9 @@ def _page(b, c, n_blocks: int):
 
 
 def _offsets_fit(n_elements: int, itemsize: int) -> bool:
-    """Whether the lowering's flat element offsets of an operand of this size cannot overflow."""
-    return n_elements < _INT32_ELEMS or n_elements * itemsize > _I64_OFFSETS_ABOVE_BYTES
+    """Whether the lowering's flat element offsets of an operand of this size cannot overflow:
+    int32 offsets reach n_elements - 1 <= 2**31 - 1, or the operand gets int64 offsets."""
+    return n_elements <= _INT32_ELEMS or n_elements * itemsize > _I64_OFFSETS_ABOVE_BYTES
 
 
 def _batch_chunk(B: int, per_batch: list[tuple[int, int]]) -> int:

@@ -60,8 +60,8 @@ def _full(case, dtype):
 
 
 def _pallas_ok(impl, kw, L):
-    if impl == "pallas" and kw["block_size"] < 8:
-        pytest.skip("the decode kernels take blocks of >= 8")
+    if impl == "pallas" and kw["block_size"] < 16 and jax.default_backend() == "gpu":
+        pytest.skip("the Triton decode kernels take blocks of >= 16 (interpret mode takes 8)")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -90,6 +90,7 @@ def test_cached_ops_equal_the_full_sequence_rows(impl, case, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sparse_attention_with_lse_and_hand_selections(impl):
     (q, k, v, iq, ik), pos, kw = _inputs("g4_ragged", jnp.float32, seed=3)
+    _pallas_ok(impl, kw, k.shape[1])
     bs = kw["block_size"]
     rng = np.random.default_rng(4)
     # messy ids: duplicates, -1, ids past the query's block (ignored), the local block
@@ -114,6 +115,7 @@ def test_sparse_attention_with_lse_and_hand_selections(impl):
 @pytest.mark.parametrize("per_block", [False, True], ids=["per_token", "per_block"])
 def test_fp8_index_keys_select_as_their_dequantised_values(impl, per_block):
     (q, k, v, iq, ik), pos, kw = _inputs("g4_ragged", jnp.float32, seed=5)
+    _pallas_ok(impl, kw, k.shape[1])
     bs = kw["block_size"]
     if per_block:  # one power-of-two scale per block: exact, so the rows must match exactly
         B, L = ik.shape[:2]
@@ -138,6 +140,7 @@ def test_fp8_index_keys_select_as_their_dequantised_values(impl, per_block):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_junk_past_the_queries_is_invisible(impl):
     (q, k, v, iq, ik), pos, kw = _inputs("g1_decode", jnp.float32, seed=7)
+    _pallas_ok(impl, kw, k.shape[1])
     last = int(pos.max())
     junk = lambda x: x.at[:, last + 1:].set(jnp.nan) if last + 1 < x.shape[1] else x  # noqa: E731
     pos = np.full_like(pos, 0) + np.array([[5], [13], [last]], np.int32)
