@@ -107,13 +107,6 @@ def quantize_index_keys(ik: jax.Array, dtype) -> tuple[jax.Array, jax.Array | No
     return (ikf / scale[..., None]).astype(jnp.float8_e4m3fn), scale
 
 
-def dequantize_index_keys(ik: jax.Array, scale: jax.Array | None, dtype=jnp.float32) -> jax.Array:
-    """The index keys as the selection sees them: ik * scale (fp8), else ik itself."""
-    if scale is None:
-        return ik.astype(dtype)
-    return (ik.astype(jnp.float32) * scale[..., None]).astype(dtype)
-
-
 def write(lc: LayerCache, q_pos: jax.Array, k, v, ik=None) -> LayerCache:
     """Write new keys at positions q_pos [B, S] (-1: skip) of one layer's cache.
 

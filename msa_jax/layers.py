@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from msa_jax import ops
-from msa_jax.cache import LayerCache, dequantize_index_keys, quantize_index_keys, write
+from msa_jax.cache import LayerCache, quantize_index_keys, write
 from msa_jax.config import ModelConfig
 
 
@@ -229,7 +229,7 @@ class MSAAttention(GQAAttention):
         elif prefill:
             # The selection sees the index keys as the cache stores them (fp8: quantised), so that
             # prompt and decoded tokens are routed alike.
-            ik_seen = dequantize_index_keys(*quantize_index_keys(ik, lc.ik.dtype), dtype=ik.dtype)
+            ik_seen = ops.xla.dequantize_index_keys(*quantize_index_keys(ik, lc.ik.dtype), dtype=ik.dtype)
             o, _ = ops.msa_attention(q, k, v, iq, ik_seen, **kw)
         else:
             o, _ = ops.msa_attention(q, lc.k, lc.v, iq, lc.ik, q_pos=q_pos, ik_scale=lc.ik_scale, **kw)

@@ -25,9 +25,9 @@ from msa_jax.model import DecoderLM
 MSA = MSAConfig(block_size=8, top_k=2, index_dim=16)
 
 
-def make_model(attention="msa", dtype="float32", n_dense_layers=0, seed=0, impl="xla"):
+def make_model(attention="msa", dtype="float32", n_dense_layers=0, seed=0, impl="xla", msa=MSA):
     cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64,
-                      attention=attention, n_dense_layers=n_dense_layers, msa=MSA, dtype=dtype, impl=impl)
+                      attention=attention, n_dense_layers=n_dense_layers, msa=msa, dtype=dtype, impl=impl)
     return DecoderLM(cfg, seed=seed)
 
 
@@ -163,10 +163,11 @@ def test_cache_capacity_stops_cleanly_and_bad_input_is_refused():
 def test_pallas_kernels_decode_like_the_full_forward():
     """impl="pallas": the prefill kernels fill the cache, the decode kernels (interpret mode here)
     select and attend; the logits equal the full forward's (xla path, same weights)."""
-    model = make_model("msa", impl="pallas", n_dense_layers=1)
-    ref = make_model("msa", impl="xla", n_dense_layers=1)
-    toks = tokens(4, 2, 26)
+    msa16 = MSAConfig(block_size=16, top_k=2, index_dim=16)  # the Triton decode kernels take blocks >= 16
+    model = make_model("msa", impl="pallas", n_dense_layers=1, msa=msa16)
+    ref = make_model("msa", impl="xla", n_dense_layers=1, msa=msa16)
+    toks = tokens(4, 2, 40)  # 2.5 blocks: decode crosses the boundary at 32 in both rows
     full = np.asarray(ref(jnp.asarray(toks), sparse=True)[0])
-    got = teacher_forced_logits(model, toks, [17, 21])
-    for b, p in enumerate([16, 20]):
+    got = teacher_forced_logits(model, toks, [28, 33])
+    for b, p in enumerate([27, 32]):
         np.testing.assert_allclose(got[b, p:], full[b, p:], atol=2e-4, rtol=2e-4, err_msg=f"row {b}")

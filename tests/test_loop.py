@@ -237,3 +237,23 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     table = json.loads((cmp_out / "compare.json").read_text())["table"]
     assert len(table) == 2 and table[0]["steps"] == STEPS and table[0]["block_recall"] is not None
     assert "| run |" in output and (cmp_out / "compare.png").stat().st_size > 10_000
+
+
+def test_generate_from_the_trained_checkpoint(full):
+    """experiments/generate.py on the tiny trained run: it loads the checkpoint, streams the bytes,
+    and its greedy output is what the restored model's full forward predicts step by step."""
+    from msa_jax.generate import generate
+
+    proc = run_script("generate.py", [str(full), "--prompt", "def main(", "--max-new-tokens", "24",
+                                      "--out", str(full / "gen.json")])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    res = json.loads((full / "gen.json").read_text())
+    text = res["outputs"][0].encode("latin-1")
+    assert len(text) == 24 and res["finish_reason"] == ["length"] and "time to first token" in output
+    assert res["cache_bytes_per_token"]["index"] > 0 and res["attention"] == "msa"
+    model, _, _ = load_run(full)
+    assert generate(model, [b"def main("], max_new_tokens=24).tokens[0] == text
+    seq = np.frombuffer(b"def main(" + text, np.uint8).astype(np.int32)[None]
+    logits = np.asarray(model(jnp.asarray(seq), sparse=True)[0])[0]
+    assert bytes(np.argmax(logits[8:-1], -1).astype(np.uint8)) == text  # greedy = the full forward's argmax

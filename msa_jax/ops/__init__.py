@@ -70,14 +70,6 @@ def _q_pos(q_pos, B: int, S: int):
     return jnp.asarray(q_pos, jnp.int32)
 
 
-def _dequantize(ik, ik_scale, block_size: int, dtype):
-    """Index keys as the selection sees them: ik * scale (per token, or per block repeated)."""
-    scale = ik_scale.astype(jnp.float32)
-    if scale.shape[1] != ik.shape[1]:  # per block
-        scale = jnp.repeat(scale, block_size, axis=1)[:, : ik.shape[1]]
-    return (ik.astype(jnp.float32) * scale[..., None]).astype(dtype)
-
-
 def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, q_pos=None,
                   ik_scale=None, impl: str = "auto"):
     """Index branch: per (query, group) the ids of the top_k KV blocks, local block always in.
@@ -97,7 +89,7 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
         check_ik_scale(ik_scale, ik, block_size)
         if cached and backend is pallas_backend:  # the decode scan reads fp8 keys and their scales
             return _jit(backend.select_blocks, *kw)(iq, ik, q_pos=q_pos, ik_scale=ik_scale, **kw)
-        ik = _jit(_dequantize, "block_size", "dtype")(ik, ik_scale, block_size=block_size, dtype=iq.dtype)
+        ik = _jit(xla.dequantize_index_keys, "block_size", "dtype")(ik, ik_scale, block_size=block_size, dtype=iq.dtype)
     if cached:
         return _jit(backend.select_blocks, *kw)(iq, ik, q_pos=q_pos, **kw)
     return _jit(backend.select_blocks, *kw)(iq, ik, **kw)

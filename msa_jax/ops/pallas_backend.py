@@ -39,6 +39,11 @@ def supports(block_size: int | None) -> bool:
     return block_size is None or (block_size >= 8 and is_pow2(block_size))
 
 
+def _decode_ok(block_size: int) -> bool:
+    """The Triton decode kernels take blocks of >= 16 tokens (interpret mode: any power of two)."""
+    return block_size >= MIN_DOT or jax.default_backend() != "gpu"
+
+
 def _pages(x, block_size: int):
     """A cache [B, L, ...] padded to whole pages of block_size tokens (only when L is not: the
     model's caches always are; padding costs a copy of the cache)."""
@@ -55,6 +60,9 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
     if q_pos is None:
         fn = functools.partial(index_topk.select_blocks, **kw)
         return kernel_shard_map(fn, iq, ik, specs=(_BTH_, _BT_), out_specs=_BTH_)
+    if not _decode_ok(block_size):
+        ik = xla.dequantize_index_keys(ik, ik_scale, block_size, iq.dtype)
+        return xla.select_blocks(iq, ik, q_pos=q_pos, **kw)
     if ik_scale is not None and ik_scale.shape[1] == ik.shape[1]:
         ik_scale = _pages(ik_scale, block_size)
     ik = _pages(ik, block_size)
@@ -69,6 +77,8 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = 
     if q_pos is None:
         fn = functools.partial(main_branch.sparse_attention, block_size=block_size)
         out, lse = kernel_shard_map(fn, q, k, v, block_idx, specs=(_BTH_,) * 4, out_specs=(_BTH_, _BTH))
+    elif not _decode_ok(block_size):
+        return xla.sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, q_pos=q_pos)
     else:
         fn = functools.partial(decode.decode_sparse_attention, block_size=block_size)
         k, v = _pages(k, block_size), _pages(v, block_size)

@@ -149,6 +149,18 @@ def _f32_shared(x):
 # ----------------------------------------------------------------------------- index branch
 
 
+def dequantize_index_keys(ik, scale=None, block_size: int | None = None, dtype=jnp.float32):
+    """Index keys as the selection sees them: ik itself (scale None), or ik * scale with a float32
+    scale per token [B, L] or per block [B, ceil(L / block_size)] (an fp8 index-key cache)."""
+    if scale is None:
+        return ik.astype(dtype)
+    scale = scale.astype(jnp.float32)
+    if scale.shape[1] != ik.shape[1]:  # per block
+        scale = jnp.repeat(scale, block_size, axis=1)[:, : ik.shape[1]]
+    return (ik.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+
 def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_chunk: int | None = None,
                   q_pos=None):
     B, T, R, Di = iq.shape
