@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from msa_jax.config import BATCH_AXES, ModelConfig
+from msa_jax.config import BATCH_AXES, MESH_AXES, ModelConfig
 
 INDEX_CACHE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -141,9 +141,9 @@ def bytes_per_token(cfg: ModelConfig, index_dtype: str | None = None) -> dict:
     return dict(kv=kv, index=index, total=kv + index, index_over_kv=index / kv)
 
 
-def cache_shardings(cache: Cache, mesh) -> Cache:
-    """NamedShardings for `cache` on a ("data", "fsdp", "tensor") mesh: batch over data x fsdp, KV
-    heads over tensor (when they divide), sequence and head dims replicated."""
+def cache_specs(cache: Cache, mesh) -> Cache:
+    """PartitionSpecs for `cache` on a ("data", "fsdp", "tensor") mesh (concrete or abstract): batch
+    over data x fsdp, KV heads over tensor (when they divide), sequence and head dims replicated."""
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     n_batch = math.prod(mesh.shape[a] for a in batch) if batch else 1
 
@@ -153,6 +153,22 @@ def cache_shardings(cache: Cache, mesh) -> Cache:
             dims[0] = batch if len(batch) > 1 else batch[0]
         if x.ndim == 4 and mesh.shape["tensor"] > 1 and x.shape[2] % mesh.shape["tensor"] == 0:
             dims[2] = "tensor"
-        return NamedSharding(mesh, P(*dims))
+        return P(*dims)
 
     return jax.tree.map(spec, cache)
+
+
+def cache_shardings(cache: Cache, mesh) -> Cache:
+    """NamedShardings of `cache_specs` on `mesh`: where to place a cache (`jax.device_put`)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(cache, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def pin(cache: Cache) -> Cache:
+    """Inside a jitted step under an active mesh (`jax.set_mesh`): constrain the updated cache to
+    `cache_specs`, so that its layout stays put from step to step (no re-layout of the donated
+    buffers). Without a mesh: the cache unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_specs(cache, mesh))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msa_jax.cache import Cache, capacity_for, init_cache
+from msa_jax.cache import Cache, capacity_for, init_cache, pin
 
 
 @dataclasses.dataclass
@@ -89,14 +89,14 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array, cache: Cache, *, chunk
         here = (last >= c0) & (last < c0 + C)
         pick = jnp.take_along_axis(logits, jnp.clip(last - c0, 0, C - 1)[:, None, None], axis=1)[:, 0]
         out = jnp.where(here[:, None], pick, out)
-    return out, Cache(cache.layers, lengths.astype(jnp.int32))
+    return out, pin(Cache(cache.layers, lengths.astype(jnp.int32)))
 
 
 def _decode_step(model, tokens: jax.Array, cache: Cache, active: jax.Array | None = None, *, sparse: bool = True):
     active = jnp.ones(tokens.shape, bool) if active is None else active
     q_pos = jnp.where(active, cache.lengths, -1)[:, None]
     logits, cache = model.forward_cached(tokens[:, None], q_pos, cache, sparse=sparse)
-    return logits[:, 0], Cache(cache.layers, cache.lengths + active.astype(jnp.int32))
+    return logits[:, 0], pin(Cache(cache.layers, cache.lengths + active.astype(jnp.int32)))
 
 
 decode_step = nnx.jit(_decode_step, static_argnames=("sparse",), donate_argnames=("cache",))

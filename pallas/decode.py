@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas.common import LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, next_pow2
+from msa_jax.checks import check_block_idx, check_index, check_int, check_q_pos, check_qkv
+from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, next_pow2
 
 __all__ = [
     "decode_select_blocks",
@@ -136,11 +137,6 @@ def default_attention_splits(n_rows: int, max_blocks: int, min_blocks: int = 1) 
 # ------------------------------------------------------------------------------------- checks
 
 
-def _check_int(name, x, lo):
-    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {x!r}")
-
-
 def _check_cache_rows(B, L):
     if B * L >= 2**31:
         raise ValueError(f"B * L = {B} * {L}: the kernels index cache rows with int32 (< 2**31)")
@@ -155,14 +151,6 @@ def _check_block_size(block_size, L, interpret):
     if L % block_size:
         raise ValueError(f"cache length L={L} must be a multiple of block_size={block_size} (the "
                          "cache is read as pages of block_size tokens)")
-
-
-def _check_q_pos(q_pos, B, S):
-    if getattr(q_pos, "shape", None) != (B, S):
-        raise ValueError(f"q_pos: expected shape [B={B}, S={S}], got "
-                         f"{getattr(q_pos, 'shape', type(q_pos))}")
-    if not jnp.issubdtype(q_pos.dtype, jnp.integer):
-        raise ValueError(f"q_pos: expected an int32 array, got dtype {q_pos.dtype}")
 
 
 def _resolve_interpret(interpret):
@@ -378,23 +366,16 @@ def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blo
       `msa_jax.ops.reference.select_blocks` on the full sequence.
     """
     interpret = _resolve_interpret(interpret)
-    if getattr(iq, "ndim", None) != 4:
-        raise ValueError(f"iq: expected [B, S, H_kv, D_idx], got {getattr(iq, 'shape', type(iq))}")
+    check_index(iq, ik, cached=True, scaled=True, dtypes=KERNEL_DTYPES)
     B, S, H, D = iq.shape
-    if getattr(ik, "ndim", None) != 3 or ik.shape[0] != B or ik.shape[2] != D:
-        raise ValueError(f"ik: expected [B={B}, L, D_idx={D}], got {getattr(ik, 'shape', type(ik))}")
     L = ik.shape[1]
-    if iq.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"iq: expected dtype bfloat16 or float32, got {iq.dtype}")
-    if ik.dtype not in (iq.dtype, jnp.float8_e4m3fn):
-        raise ValueError(f"ik: expected dtype {iq.dtype} (iq's) or float8_e4m3fn, got {ik.dtype}")
     _check_block_size(block_size, L, interpret)
     _check_cache_rows(B, L)
-    _check_int("top_k", top_k, 1)
-    _check_int("sink_blocks", sink_blocks, 0)
+    check_int("top_k", top_k, 1)
+    check_int("sink_blocks", sink_blocks, 0)
     if n_splits is not None:
-        _check_int("n_splits", n_splits, 1)
-    _check_q_pos(q_pos, B, S)
+        check_int("n_splits", n_splits, 1)
+    check_q_pos(q_pos, B, S)
     scale_mode = None
     if ik_scale is not None:
         if getattr(ik_scale, "dtype", None) != jnp.float32:
@@ -592,24 +573,14 @@ def _decode_attention(q, k, v, block_idx, q_pos, *, block_size, dense, n_splits,
 
 
 def _check_attention(q, k, v, q_pos, block_size, n_splits, interpret):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name}: expected a 4-d array, got {getattr(x, 'shape', type(x))}")
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=True)
     B, S, H_q, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k, v: expected one shape [B={B}, L, H_kv, D={D}], got {k.shape}, "
-                         f"{v.shape}")
     H_kv = k.shape[2]
-    if H_kv < 1 or H_q % H_kv:
-        raise ValueError(f"q: H_q={H_q} must be a multiple of H_kv={H_kv} (k's heads)")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"q, k, v: expected one dtype, bfloat16 or float32; got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
     _check_block_size(block_size, k.shape[1], interpret)
     _check_cache_rows(B, k.shape[1])
-    _check_q_pos(q_pos, B, S)
+    check_q_pos(q_pos, B, S)
     if n_splits is not None:
-        _check_int("n_splits", n_splits, 1)
+        check_int("n_splits", n_splits, 1)
     return B, S, H_q, D, k.shape[1], H_kv
 
 
@@ -640,12 +611,7 @@ def decode_sparse_attention(q, k, v, block_idx, q_pos, *, block_size: int,
     """
     interpret = _resolve_interpret(interpret)
     B, S, H_q, D, L, H_kv = _check_attention(q, k, v, q_pos, block_size, n_splits, interpret)
-    if getattr(block_idx, "ndim", None) != 4 or block_idx.shape[:3] != (B, S, H_kv) \
-            or block_idx.shape[3] < 1:
-        raise ValueError(f"block_idx: expected [B={B}, S={S}, H_kv={H_kv}, top_k>=1], got "
-                         f"{getattr(block_idx, 'shape', type(block_idx))}")
-    if not jnp.issubdtype(block_idx.dtype, jnp.integer):
-        raise ValueError(f"block_idx: expected an int32 array, got dtype {block_idx.dtype}")
+    check_block_idx(block_idx, k, n_queries=S)
     if L == 0 or S == 0:
         return _empty(q)
     return _decode_attention(q, k, v, block_idx, q_pos, block_size=block_size, dense=False,

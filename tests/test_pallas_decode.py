@@ -503,9 +503,9 @@ def test_rejects_bad_arguments():
     ids = jnp.zeros((B, S, H, 3), jnp.int32)
     att = functools.partial(decode_sparse_attention, block_size=8, interpret=True)
     bad_attn = [
-        (lambda: att(q, k, k[:, :, :1], ids, pos), "k, v"),
-        (lambda: att(q[..., :8], k, k, ids, pos), "k, v"),
-        (lambda: att(q[:, :, :3], k, k, ids, pos), "H_q"),
+        (lambda: att(q, k, k[:, :, :1], ids, pos), "^v: expected shape"),
+        (lambda: att(q[..., :8], k, k, ids, pos), "^k: expected shape"),
+        (lambda: att(q[:, :, :3], k, k, ids, pos), "^q: expected a head count"),
         (lambda: att(q.astype(jnp.bfloat16), k, k, ids, pos), "dtype"),
         (lambda: att(q, k, k, ids[:, :1], pos), "block_idx"),
         (lambda: att(q, k, k, ids.astype(jnp.float32), pos), "block_idx"),
