@@ -142,3 +142,21 @@ def triton_ir_for_h100(fn, *args) -> str:
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=ad)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def export_for_h100(f, *shapes):
+    """Lower jit(f) through the Pallas Triton backend for an H100 with jax.export (no GPU, no PTX
+    compile); returns the MLIR module. Catches shapes or constructs the Triton lowering rejects."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    orig = pallas_call_registration.gpu_info_lib.get_gpu_info
+    pallas_call_registration.gpu_info_lib.get_gpu_info = (
+        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+    try:
+        exp = jax.export.export(
+            jax.jit(f), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*shapes)
+    finally:
+        pallas_call_registration.gpu_info_lib.get_gpu_info = orig
+    return exp.mlir_module()

@@ -24,6 +24,7 @@ import pytest
 
 import pallas.decode as decode_mod
 from msa_jax.ops import reference
+from conftest import export_for_h100
 from pallas.decode import (decode_dense_attention, decode_select_blocks,
                            decode_sparse_attention)
 
@@ -566,21 +567,6 @@ def test_default_splits():
 # ---------------------------------------------------------------------- (g) Triton lowering
 
 
-def _lower_for_h100(f, *shapes):
-    """Lower through the Pallas Triton backend for an H100 (no GPU, no PTX compile)."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    orig = pallas_call_registration.gpu_info_lib.get_gpu_info
-    pallas_call_registration.gpu_info_lib.get_gpu_info = (
-        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    try:
-        exp = jax.export.export(
-            jax.jit(f), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*shapes)
-    finally:
-        pallas_call_registration.gpu_info_lib.get_gpu_info = orig
-    return exp.mlir_module()
 
 
 SD = jax.ShapeDtypeStruct
@@ -600,7 +586,7 @@ def test_select_lowers_to_triton(B, S, iq_dtype, ik_dtype, scale, block_size):
         args.append(SD((B, L if scale == "token" else L // block_size), jnp.float32))
     f = lambda *a: decode_select_blocks(*a[:3], ik_scale=a[3] if len(a) > 3 else None,
                                         block_size=block_size, top_k=16, interpret=False)
-    text = _lower_for_h100(f, *args)
+    text = export_for_h100(f, *args)
     assert "__gpu$xla.gpu.triton" in text and "msa_decode_index_scan" in text
 
 
@@ -615,11 +601,11 @@ def test_attention_lowers_to_triton(dense, B, S, H_q, H_kv, dtype, bs):
     qkv = [SD((B, S, H_q, D), dtype), SD((B, L, H_kv, D), dtype), SD((B, L, H_kv, D), dtype)]
     if dense:
         f = lambda q, k, v, p: decode_dense_attention(q, k, v, p, block_size=bs, interpret=False)
-        text = _lower_for_h100(f, *qkv, SD((B, S), jnp.int32))
+        text = export_for_h100(f, *qkv, SD((B, S), jnp.int32))
     else:
         f = lambda q, k, v, i, p: decode_sparse_attention(q, k, v, i, p, block_size=bs,
                                                           interpret=False)
-        text = _lower_for_h100(f, *qkv, SD((B, S, H_kv, top_k), jnp.int32), SD((B, S), jnp.int32))
+        text = export_for_h100(f, *qkv, SD((B, S, H_kv, top_k), jnp.int32), SD((B, S), jnp.int32))
     name = "msa_decode_dense_attention" if dense else "msa_decode_sparse_attention"
     assert "__gpu$xla.gpu.triton" in text and name in text
 

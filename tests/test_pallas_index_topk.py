@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import export_for_h100
 from msa_jax.ops import reference
 from pallas.index_topk import select_blocks
 
@@ -308,21 +309,6 @@ def test_no_block_score_matrix_outside_the_kernel():
     assert biggest <= B * T * H * D < B * H * T * (T // bs) // 4, biggest
 
 
-def _lower_for_h100(f, *shapes):
-    """Lower through the Pallas Triton backend for an H100 (no GPU needed, no PTX compile)."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    orig = pallas_call_registration.gpu_info_lib.get_gpu_info
-    pallas_call_registration.gpu_info_lib.get_gpu_info = (
-        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
-    try:
-        exp = jax.export.export(
-            jax.jit(f), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*shapes)
-    finally:
-        pallas_call_registration.gpu_info_lib.get_gpu_info = orig
-    return exp.mlir_module()
 
 
 @pytest.mark.parametrize("B,T,H,D,block_size,top_k,sink_blocks,dtype", [
@@ -333,14 +319,14 @@ def _lower_for_h100(f, *shapes):
 def test_lowers_to_triton(B, T, H, D, block_size, top_k, sink_blocks, dtype):
     f = functools.partial(select_blocks, block_size=block_size, top_k=top_k,
                           sink_blocks=sink_blocks, interpret=False)
-    text = _lower_for_h100(f, jax.ShapeDtypeStruct((B, T, H, D), dtype),
+    text = export_for_h100(f, jax.ShapeDtypeStruct((B, T, H, D), dtype),
                            jax.ShapeDtypeStruct((B, T, D), dtype))
     assert "__gpu$xla.gpu.triton" in text and "msa_index_topk" in text
 
 
 def test_vmapped_kernel_lowers_to_triton():
     f = jax.vmap(functools.partial(select_blocks, block_size=16, top_k=4, interpret=False))
-    text = _lower_for_h100(f, jax.ShapeDtypeStruct((3, 2, 100, 2, 32), jnp.bfloat16),
+    text = export_for_h100(f, jax.ShapeDtypeStruct((3, 2, 100, 2, 32), jnp.bfloat16),
                            jax.ShapeDtypeStruct((3, 2, 100, 32), jnp.bfloat16))
     assert "__gpu$xla.gpu.triton" in text
 
