@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax import ops
-from msa_jax.bench import cell, fmt, guarded, log, timeit, timeit_async
+from msa_jax import ops, plots
+from msa_jax.bench import cell, fmt, guarded, log, timeit
 from msa_jax.cache import quantize_index_keys
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS
 
@@ -121,7 +121,7 @@ def bench_point(shape, B, L, dtype, fns, args, bandwidth):
 
     def timed(name, fn, *a, n_bytes=None):
         def run():
-            t, n, _ = timeit_async(fn, *a, **tm)
+            t, n, _ = timeit(fn, *a, **tm, group=10)
             out = dict(ms=t * 1e3, reps=n)
             if n_bytes:
                 out.update(gb_per_s=n_bytes / t / 1e9, of_copy_bw=n_bytes / t / bandwidth)
@@ -174,17 +174,19 @@ def breakdown(shape, B, L, q, k, v, iq, ik, idx, pos, args):
     out = {}
     for n in args.breakdown or [None]:
         f = jax.jit(functools.partial(decode.decode_select_blocks, block_size=bs, top_k=top_k, n_splits=n))
-        out[f"scan_splits_{n or 'default'}"] = guarded("scan", lambda: dict(ms=timeit_async(f, iq, ik, pos, **tm)[0] * 1e3))
+        out[f"scan_splits_{n or 'default'}"] = guarded(
+            "scan", lambda: dict(ms=timeit(f, iq, ik, pos, **tm, group=10)[0] * 1e3))
     n_def = decode.default_scan_splits(B, L // bs)
     R = iq.shape[2]
     vals = jax.random.normal(jax.random.key(0), (B, n_def, 16, 16), jnp.float32)
     ids = jax.random.randint(jax.random.key(1), (B, n_def, 16, 16), 0, L // bs, jnp.int32)
     merge = jax.jit(lambda v_, i_: decode._merge_candidates(v_[:, :, :R], i_[:, :, :R], top_k - 1))
-    out["merge_default_splits"] = guarded("merge", lambda: dict(ms=timeit_async(merge, vals, ids, **tm)[0] * 1e3,
+    out["merge_default_splits"] = guarded("merge", lambda: dict(ms=timeit(merge, vals, ids, **tm, group=10)[0] * 1e3,
                                                                 n_splits=n_def))
     for n in (4, 16):
         f = jax.jit(functools.partial(decode.decode_sparse_attention, block_size=bs, n_splits=n))
-        out[f"main_splits_{n}"] = guarded("main", lambda: dict(ms=timeit_async(f, q, k, v, idx, pos, **tm)[0] * 1e3))
+        out[f"main_splits_{n}"] = guarded(
+            "main", lambda: dict(ms=timeit(f, q, k, v, idx, pos, **tm, group=10)[0] * 1e3))
     return out
 
 
@@ -234,12 +236,9 @@ def print_tables(result):
 
 
 def plot(result, path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [r for r in result["attention"] if "error" not in r]
     batches = sorted({r["B"] for r in rows})

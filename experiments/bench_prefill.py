@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax import ops
+from msa_jax import ops, plots
 from msa_jax.bench import flop_bound, inputs, skewed_selection, support_pairs, timeit
 from msa_jax.presets import BENCH_SHAPES
 
@@ -155,12 +155,9 @@ def print_table(result):
 
 
 def plot(result, path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = result["rows"]
     T = [r["T"] for r in rows]

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax import ops
+from msa_jax import ops, plots
 from msa_jax.bench import cell, fmt, guarded, inputs, is_oom, log, support_pairs, timeit
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
 
@@ -335,12 +335,9 @@ def print_tables(result):
 
 
 def plot(result, path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     impls = sorted({i for r in result["attention"] for i in r["impls"]})

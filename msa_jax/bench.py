@@ -65,38 +65,20 @@ def flop_bound(shape: dict, T: int) -> float:
     return (2 * Hq * D * T * T) / (R * Di * T * T + 4 * Hq * D * T * k * bs)
 
 
-def timeit(fn, *args, reps: int, budget: float):
-    """(median seconds, runs timed, seconds of the first call incl. compilation) of fn(*args).
+def timeit(fn, *args, reps: int, budget: float, group: int = 1):
+    """(median seconds per call, calls timed, seconds of the first call incl. compilation) of fn(*args).
 
-    At most `reps` runs, fewer when they would take more than `budget` seconds."""
+    Each sample dispatches `group` calls back to back and waits once. group=1: every call is
+    waited for; a larger group gives the device-side time of short ops (~0.1 ms, where one host
+    round trip per call would dominate), as inside a model step that launches them without
+    waiting. At most `reps` samples, fewer when they would take more than `budget` seconds."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # compile + first run
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    n = max(1, min(reps, int(budget / max(one, 1e-6))))
-    times = [one]
-    for _ in range(n - 1):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times), first
-
-
-def timeit_async(fn, *args, reps: int, budget: float, group: int = 10):
-    """Like `timeit`, but each sample dispatches `group` calls back to back and waits once: the
-    device-side time of short ops (~0.1 ms, where one host round trip per call would dominate), as
-    inside a model step that launches them without waiting. Returns (median seconds per call,
-    calls timed, seconds of the first call incl. compilation)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
 
     def sample():
         t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(group)]
-        jax.block_until_ready(outs)
+        jax.block_until_ready([fn(*args) for _ in range(group)])
         return (time.perf_counter() - t0) / group
 
     one = sample()

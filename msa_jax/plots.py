@@ -13,7 +13,8 @@ import numpy as np
 LN2 = math.log(2.0)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -33,7 +34,7 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
 
 def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
     """loss.png of one run: LM loss (bits/byte; train smoothed, val), and for MSA the KL and recall."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     train = [r for r in rows if r["kind"] == "train"]
@@ -131,7 +132,7 @@ def markdown_table(table: list[dict]) -> str:
 
 def plot_compare(runs: list[dict], path: pathlib.Path, title: str) -> bool:
     """Loss curves of several loaded runs on one "total steps" axis (+ recall of the MSA runs)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     has_msa = any(r["cfg"]["attention"] == "msa" for r in runs)
@@ -203,7 +204,7 @@ def retrieval_table(rows: list[dict], depths: list[float], metric: str = "accura
 def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path,
                    metric: str = "accuracy") -> bool:
     """Heatmaps of `metric`: one row of panels per run, one column per task, depth x length."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(len(runs), len(tasks), figsize=(4.2 * len(tasks), 2.2 + 1.2 * len(runs)), squeeze=False)
