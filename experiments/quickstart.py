@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     kinds = ["dense", "msa"] if args.attention == "both" else [args.attention]
     runs = {kind: presets.run_config_from_args(args, attention=kind) for kind in kinds}  # validated up front
-    from msa_jax.loop import train_and_evaluate
+    from msa_jax.loop import NonFiniteError, train_and_evaluate
 
     out = pathlib.Path(args.out)
     run = runs[kinds[-1]]
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
           + (" [not sparse: top_k * block_size >= T, MSA equals dense]" if span >= T else ""))
     for kind in kinds:
         print(f"\n=== {kind} ===")
-        train_and_evaluate(runs[kind], out / kind)
+        try:
+            train_and_evaluate(runs[kind], out / kind)
+        except NonFiniteError as e:
+            raise SystemExit(f"error: {e}") from None
     result = plots.compare_runs([out / kind for kind in kinds], out,
                                 title=f"stdlib bytes, T={T}, MSA block {run.block_size} x top-{run.top_k}")
     print(f"\nFinal (val: {run.eval_batches * run.batch_size} windows of {T} bytes on unseen packages; losses in "

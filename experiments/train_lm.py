@@ -3,7 +3,9 @@
 A command line over `msa_jax.loop.train_and_evaluate` (the run directory's files, the MSA recipe,
 resume and interrupts are described there). Sizes come from `--preset` (`msa_jax.presets`); every
 flag given overrides its preset value. Re-running the same command resumes from the latest
-checkpoint with the same losses as an uninterrupted run; Ctrl-C or SIGTERM saves and exits 130.
+checkpoint with the same losses as an uninterrupted run (bit-identical on a GPU with --deterministic);
+Ctrl-C or SIGTERM saves and exits 130; a non-finite loss or gradient stops the run (exit 1) without
+saving, naming the step and the parameters that went bad.
 Multi-host: start one process per host with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID set (or under SLURM / Open MPI); see the README.
 
@@ -37,9 +39,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     run = presets.run_config_from_args(args)  # validates every size before any device work
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from msa_jax.loop import train_and_evaluate  # after the distributed start: it touches devices
+    from msa_jax.loop import NonFiniteError, train_and_evaluate  # after the distributed start: it touches devices
 
-    return train_and_evaluate(run, args.run_dir or f"runs/{run.preset}_{run.attention}")
+    try:
+        return train_and_evaluate(run, args.run_dir or f"runs/{run.preset}_{run.attention}")
+    except NonFiniteError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ write to finish: once it returns, the step is a complete checkpoint.
 Restoring is in place: build the model and optimizer from the same configs, then `restore` copies the
 saved values into them (their current state is the target that gives shapes and dtypes).
 
+Damage: every save records a 32-bit fingerprint of the model's and the optimizer's bits in the
+meta, and `restore` checks it, so a truncated, partly copied or bit-flipped step fails loudly
+instead of loading wrong weights. `restore_latest` (what a resuming run uses) tries the steps newest
+first and skips a step that fails to load, with a warning; a writable Checkpointer also renames it
+to `<step>.damaged` so that it is kept for inspection but never listed as a step again.
+
 `load_dense_into_msa` starts continued pre-training (CPT) of an MSA model from a dense checkpoint:
 every non-index weight is copied, the index branches keep the MSA model's fresh initialisation.
 `load_run(run_dir)` rebuilds the model of a training run directory (`msa_jax.loop`) from its
@@ -25,8 +31,10 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -36,6 +44,33 @@ from msa_jax.model import MAIN_PARAMS, DecoderLM
 
 _ITEMS = ("model", "optimizer", "meta")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax names a step being written `<step>.orbax-checkpoint-tmp-*`
+_CHECKSUMS = "_checksums"  # meta key of the saved states' fingerprints (removed from the meta returned)
+
+
+class DamagedCheckpoint(Exception):
+    """A step's files do not load, or load to other bits than were saved."""
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> jax.Array:
+    """uint32 position-weighted sum of every element's bits: changes with any flipped, lost or moved value."""
+    total = jnp.uint32(0)
+    for i, x in enumerate(leaves):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        else:
+            bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        bits = bits.reshape(-1)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(2 * i + 1)
+        total = total + jnp.sum(bits * weights, dtype=jnp.uint32)
+    return total
+
+
+def fingerprint(state) -> int:
+    """The 32-bit fingerprint of a state's arrays (what `save` records and `restore` checks)."""
+    return int(_fingerprint(jax.tree.leaves(state)))
 
 
 def _abstract(state: nnx.State):
@@ -63,6 +98,7 @@ class Checkpointer:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
         self.directory = pathlib.Path(directory).absolute()
+        self._read_only = read_only
         if read_only:
             if not self.directory.is_dir():
                 raise FileNotFoundError(f"no checkpoint directory {self.directory}")
@@ -86,9 +122,12 @@ class Checkpointer:
         """
         meta = dict(meta or {})
         json.dumps(meta)  # a TypeError now, before anything is written
-        items = {"model": ocp.args.StandardSave(nnx.state(model)), "meta": ocp.args.JsonSave(meta)}
+        states = {"model": nnx.state(model)}
         if optimizer is not None:
-            items["optimizer"] = ocp.args.StandardSave(nnx.state(optimizer))
+            states["optimizer"] = nnx.state(optimizer)
+        meta[_CHECKSUMS] = {name: fingerprint(state) for name, state in states.items()}
+        items = {name: ocp.args.StandardSave(state) for name, state in states.items()}
+        items["meta"] = ocp.args.JsonSave(meta)
         self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
         self._mngr.wait_until_finished()
 
@@ -99,23 +138,75 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None) -> dict:
-        """Load step `step` (default: the latest) into `model` / `optimizer` in place; returns meta."""
+        """Load step `step` (default: the latest) into `model` / `optimizer` in place; returns meta.
+
+        Raises DamagedCheckpoint (and changes nothing) when the step's files do not load or their
+        bits differ from the fingerprints recorded at save time."""
         step = self.resolve_step(step)
-        items = {
-            "model": ocp.args.StandardRestore(_abstract(nnx.state(model))),
-            "meta": ocp.args.JsonRestore(),
-        }
+        targets = {"model": nnx.state(model)}
         if optimizer is not None:
-            items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.state(optimizer)))
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        nnx.update(model, restored["model"])
-        if optimizer is not None:
-            nnx.update(optimizer, restored["optimizer"])
-        return dict(restored["meta"])
+            targets["optimizer"] = nnx.state(optimizer)
+        items = {name: ocp.args.StandardRestore(_abstract(state)) for name, state in targets.items()}
+        items["meta"] = ocp.args.JsonRestore()
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax / tensorstore raise many types for missing or truncated files
+            raise DamagedCheckpoint(f"step {step}: {_first_line(e)}") from e
+        meta = dict(restored["meta"])
+        saved = meta.pop(_CHECKSUMS, {})  # absent in checkpoints from before fingerprints
+        for name in targets:
+            if name in saved and fingerprint(restored[name]) != saved[name]:
+                raise DamagedCheckpoint(f"step {step}: the {name} state's bits differ from those saved "
+                                        f"(fingerprint {fingerprint(restored[name])} != {saved[name]})")
+        for name, node in (("model", model), ("optimizer", optimizer)):
+            if name in targets:
+                nnx.update(node, restored[name])
+        return meta
+
+    def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+                       check_meta=None) -> tuple[int, dict]:
+        """Restore the newest step that loads intact; returns (step, meta).
+
+        A damaged step is skipped with a warning (a writable Checkpointer also renames it to
+        `<step>.damaged`) in favour of the one before. `check_meta(meta)` runs on each candidate's
+        meta before its arrays are read; what it raises propagates (e.g. a config mismatch, which
+        no older step would fix). FileNotFoundError when no step loads."""
+        errors = []
+        for step in reversed(self.all_steps()):
+            try:
+                try:
+                    meta = self.restore_meta(step)
+                except Exception as e:
+                    raise DamagedCheckpoint(f"step {step}: its meta does not load: {_first_line(e)}") from e
+                if check_meta is not None:
+                    check_meta(meta)
+                return step, self.restore(model, optimizer, step=step)
+            except DamagedCheckpoint as e:
+                errors.append(str(e))
+                self._set_aside(step, e)
+        raise FileNotFoundError(f"no usable checkpoint in {self.directory}"
+                                + "".join(f"\n  {line}" for line in errors))
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        where = "left in place (read-only)"
+        if not self._read_only and jax.process_index() == 0:
+            src = self.directory / str(step)
+            dst = self.directory / f"{step}.damaged"
+            n = 1
+            while dst.exists():
+                n += 1
+                dst = self.directory / f"{step}.damaged{n}"
+            src.rename(dst)
+            self._mngr.reload()
+            where = f"renamed to {dst.name}"
+        warnings.warn(f"skipping damaged checkpoint {self.directory / str(step)} ({where}): {error}",
+                      stacklevel=3)
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.resolve_step(step)
-        return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta.pop(_CHECKSUMS, None)
+        return meta
 
     def restore_raw_model(self, step: int | None = None) -> dict:
         """The saved model state of `step` as a nested dict of arrays (no target model needed)."""
@@ -139,6 +230,14 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _first_line(e: BaseException) -> str:
+    """The root cause's type and first line (orbax wraps tensorstore's precise error in long ones)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _key_name(entry) -> str:
@@ -201,6 +300,15 @@ def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *,
     return sorted(wanted)
 
 
+def _newest_meta(ckpt: Checkpointer, steps: list[int]) -> dict:
+    for step in reversed(steps):
+        try:
+            return ckpt.restore_meta(step)
+        except Exception:  # a damaged step: restore_latest will say so
+            continue
+    return ckpt.restore_meta(steps[-1])  # raises the error of the newest
+
+
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     """A run directory's `checkpoints/` (or `path` itself when it is already a checkpoint directory)."""
     path = pathlib.Path(path)
@@ -219,10 +327,15 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str 
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (is it a training run directory?)")
     with Checkpointer(ckpt_dir, read_only=True) as ckpt:
-        step = ckpt.resolve_step(step)
-        run = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
+        steps = [ckpt.resolve_step(step)] if step is not None else ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        run = RunConfig.from_dict(_newest_meta(ckpt, steps)["config"])  # the same model at every step
         if impl:
             run = dataclasses.replace(run, impl=impl)
         model = DecoderLM(run.model_config(), seed=run.seed)
-        ckpt.restore(model, step=step)
+        if step is None:
+            step, _ = ckpt.restore_latest(model)  # skips damaged steps with a warning
+        else:
+            ckpt.restore(model, step=step)
     return model, run, step

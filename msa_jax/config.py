@@ -182,6 +182,7 @@ class RunConfig:
     keep: int = 3
     plot: bool = True
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2"; None: data=<all devices>
+    deterministic: bool = False  # deterministic GPU ops (msa_jax.determinism): bit-identical resume on a GPU
     stop_at: int | None = None  # stop (with a checkpoint) after this step
     # dense -> MSA conversion (continued pre-training)
     init_from: str | None = None  # a dense run directory (or its checkpoints/)
@@ -189,7 +190,7 @@ class RunConfig:
     init_loaded_step: int | None = None  # filled in by the loop: the step actually loaded
 
     RESUMABLE = frozenset({"steps", "eval_every", "eval_batches", "ckpt_every", "keep", "log_every", "mesh",
-                           "init_from", "init_step", "plot", "impl", "stop_at"})
+                           "init_from", "init_step", "plot", "impl", "stop_at", "deterministic"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep"):

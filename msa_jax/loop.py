@@ -17,9 +17,14 @@ weights (fresh index projections: continued pre-training). Evaluations run in th
 that step (dense during the warmup, sparse after; the row's `sparse` says which), and an MSA model
 also reports the recall of its index branch's selection in either mode.
 
-Calling it again with the same run directory resumes from the latest checkpoint and gives the
-same losses as an uninterrupted run. Ctrl-C / SIGTERM finish the current step, save and raise
-SystemExit(130); `stop_at` stops cleanly at a step. Multi-host: every process calls it with the
+Calling it again with the same run directory resumes from the latest checkpoint that loads intact
+(a damaged one is skipped with a warning, `Checkpointer.restore_latest`) with the same data order
+and state: on the CPU, or with `deterministic` on a GPU, the losses are bit-identical to an
+uninterrupted run's; on a GPU by default they agree to within its reduction noise. Ctrl-C /
+SIGTERM finish the current step, save and raise SystemExit(130); `stop_at` stops cleanly at a step.
+A non-finite loss or gradient raises NonFiniteError naming the step, the metrics and the parameters
+that went bad; no state of that step or later is saved, so the latest checkpoint stays the last
+good one (metrics are fetched, and checked, before every save). Multi-host: every process calls it with the
 same arguments after `sharding.maybe_initialize_distributed`; process 0 writes the files.
 """
 
@@ -37,11 +42,12 @@ import time
 import jax
 import numpy as np
 
-from msa_jax import data, plots, sharding
+from msa_jax import data, determinism, plots, sharding
 from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
 from msa_jax.config import RunConfig
 from msa_jax.model import DecoderLM, count_params
-from msa_jax.train import lr_schedule, make_optimizer, sharded_eval_step, sharded_train_step, use_sparse
+from msa_jax.train import (lr_schedule, make_optimizer, param_names, sharded_eval_step, sharded_train_step,
+                           use_sparse)
 
 LN2 = math.log(2.0)
 
@@ -70,6 +76,25 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
                 f.flush()
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step gave a non-finite loss or gradient (the message names the step, metrics, params)."""
+
+
+def check_finite(step: int, metrics: dict, names: list[str]) -> None:
+    """NonFiniteError naming the non-finite metrics of `step` and the parameters whose gradient is not
+    all finite (`metrics["grad_finite"]`, in the order of `names`)."""
+    bad = [f"{k}={float(v)}" for k, v in metrics.items() if k != "grad_finite" and not math.isfinite(float(v))]
+    flags = np.asarray(metrics.get("grad_finite", np.ones(len(names), bool)), bool)
+    params = [n for n, ok in zip(names, flags) if not ok]
+    if not bad and not params:
+        return
+    text = f"non-finite values at step {step}: " + (", ".join(bad) if bad else "loss and metrics finite")
+    if params:
+        shown = ", ".join(params[:6]) + (f", ... ({len(params) - 6} more)" if len(params) > 6 else "")
+        text += f"; the gradient of {len(params)} of {len(names)} parameters is not finite: {shown}"
+    raise NonFiniteError(text)
 
 
 class StopFlag:
@@ -129,6 +154,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     """
     from tqdm.auto import tqdm
 
+    if run.deterministic:
+        determinism.enable()  # before the first device work below
     mcfg, tcfg = run.model_config(), run.train_config()
     is_main = jax.process_index() == 0
     run_dir = pathlib.Path(run_dir)
@@ -142,7 +169,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         raise SystemExit(f"batch_size {tcfg.batch_size} must be a multiple of data*fsdp = {n_batch_shards} "
                          f"(mesh {dict(mesh.shape)})")
     say(f"jax {jax.__version__} | {jax.process_count()} process(es), {jax.device_count()} device(s) "
-        f"[{jax.devices()[0].device_kind}] | mesh {dict(mesh.shape)} | python {platform.python_version()}")
+        f"[{jax.devices()[0].device_kind}] | mesh {dict(mesh.shape)} | python {platform.python_version()}"
+        + (" | deterministic" if determinism.is_enabled() else ""))
 
     corpus = data.load_corpus(run.max_bytes, sources=tuple(run.sources.split(",")))
     say(f"corpus: {corpus.summary()}")
@@ -156,12 +184,17 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=run.keep)
     start = 0
-    if ckpt.latest_step() is not None:
-        saved = RunConfig.from_dict(ckpt.restore_meta()["config"])
-        run = dataclasses.replace(run, init_loaded_step=saved.init_loaded_step)
-        changed = check_resume(saved, run)
-        meta = ckpt.restore(model, optimizer)  # into the current (sharded) layout
-        start = int(meta["step"])
+    if ckpt.all_steps():
+        changed: list[str] = []
+
+        def check_meta(meta: dict) -> None:
+            nonlocal run, changed
+            saved = RunConfig.from_dict(meta["config"])
+            run = dataclasses.replace(run, init_loaded_step=saved.init_loaded_step)
+            changed = check_resume(saved, run)
+
+        # into the current (sharded) layout; damaged steps are skipped with a warning
+        start, meta = ckpt.restore_latest(model, optimizer, check_meta=check_meta)
         batches = data.BatchIterator.from_state(corpus.train, meta["data"])
         log.truncate(start)
         say(f"resumed from {ckpt.directory}/{start} (step {start}/{tcfg.steps})"
@@ -209,6 +242,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             plots.plot_run(log.rows(), run_dir / "loss.png", f"{run.attention} T={T} ({run.preset})")
         return row
 
+    names = param_names(model)  # of the gradients in a step's grad_finite
     pending: list[tuple[int, bool, dict]] = []  # steps dispatched but not yet fetched
     seen_modes: set[bool] = set()
     interval = dict(t0=time.perf_counter(), steps=0, excluded_s=0.0)
@@ -223,9 +257,19 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         tps = interval["steps"] * tokens_per_step / elapsed if interval["steps"] and elapsed > 0 else None
         rows = []
         for (step, sparse, _), m in zip(pending, fetched):
-            m = {k: float(v) for k, v in m.items()}
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {step}: {m}")
+            try:
+                check_finite(step, m, names)
+            except NonFiniteError as e:
+                log.write(rows)  # the good steps before it
+                good = ckpt.latest_step()
+                where = (f"the latest checkpoint ({ckpt.directory}/{good}) is the last good state"
+                         if good is not None else "there is no checkpoint yet")
+                e.args = (f"{e}\nTraining stopped without saving any state of step {step} or later: {where}, "
+                          f"and {log.path.name} ends at step {step - 1}. A rerun resumes from there with the same "
+                          "batches; if it fails again at this step, change the run (e.g. a lower --lr) in a new "
+                          "run directory.",)
+                raise
+            m = {k: float(v) for k, v in m.items() if k != "grad_finite"}
             rows.append(dict(kind="train", step=step, loss=m["lm_loss"], kl=m["kl"], lr=float(schedule(step - 1)),
                              tokens_per_s=tps, sparse=sparse, grad_norm=m["grad_norm"],
                              index_grad_norm=m.get("index_grad_norm"), total_loss=m["loss"]))
@@ -239,7 +283,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     t_run = time.perf_counter()
     step = start
     end = tcfg.steps if run.stop_at is None else max(start, min(tcfg.steps, run.stop_at))
-    with StopFlag() as stop:
+    with StopFlag() as stop, ckpt, bar:
         while step < end and not stop.requested:
             sparse = bool(is_msa and use_sparse(step, mcfg.msa))
             batch = sharding.shard_batch(next(batches), mesh)
@@ -256,8 +300,9 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             pending.append((step, sparse, metrics))
             eval_now = step % run.eval_every == 0 or step == tcfg.steps
             ckpt_now = run.ckpt_every and step % run.ckpt_every == 0
-            if step % run.log_every == 0 or eval_now or ckpt_now or stop.requested:
-                flush()
+            save_now = ckpt_now or step == end or stop.requested
+            if step % run.log_every == 0 or eval_now or save_now:
+                flush()  # before a save: a non-finite step must never reach a checkpoint
                 post = dict(loss=f"{last['loss']:.3f}", mode="sparse" if sparse else "dense")
                 if is_msa:
                     post["kl"] = f"{last['kl']:.3f}"
@@ -270,14 +315,12 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
                 t0 = time.perf_counter()
                 last["val_bpb"] = do_eval(step)["val_bpb"]
                 interval["excluded_s"] += time.perf_counter() - t0
-            if ckpt_now or step == end or stop.requested:
+            if save_now:
                 t0 = time.perf_counter()
                 save(step)
                 interval["excluded_s"] += time.perf_counter() - t0
             bar.update(step - bar.n)
         flush()
-    bar.close()
-    ckpt.close()
     wall = time.perf_counter() - t_run
     rows = log.rows() if is_main else []
     if step < tcfg.steps:

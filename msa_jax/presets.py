@@ -108,6 +108,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, attention=("dense", "msa"),
         text = f"{text} {_preset_help(field)}" if text else _preset_help(field)
         p.add_argument(f"--{field.replace('_', '-')}", type=typ, default=None, help=text)
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the loss plot")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic GPU ops: bit-identical losses across runs and resumes, somewhat slower "
+                   "(msa_jax.determinism; the CPU is deterministic anyway)")
 
 
 def run_config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:

@@ -94,8 +94,9 @@ def loss_fn(model: nnx.Module, tokens: jax.Array, *, sparse: bool, kl_weight: fl
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *, sparse: bool, kl_weight: float):
     """One AdamW step on `tokens` [B, T+1].
 
-    Returns metrics: loss, lm_loss, kl, grad_norm (all params, before clipping) and, for a model
-    with index branches, index_grad_norm (index params only; the KL's gradient).
+    Returns metrics: loss, lm_loss, kl, grad_norm (all params, before clipping), for a model
+    with index branches index_grad_norm (index params only; the KL's gradient), and grad_finite:
+    bool [n_params], whether each parameter's gradient is all finite (names: `param_names`).
     """
 
     def f(m):
@@ -104,10 +105,17 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *
     (_, metrics), grads = nnx.value_and_grad(f, has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_finite"] = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
     index_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "index" in _path_names(path)]
     if index_grads:
         metrics["index_grad_norm"] = optax.tree.norm(index_grads)
     return metrics
+
+
+def param_names(model: nnx.Module) -> list[str]:
+    """"blocks/3/attn/wq/kernel", ...: the parameters in the order of train_step's `grad_finite`."""
+    return [jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+            for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
 
 
 @nnx.jit(static_argnames=("sparse", "with_recall"))

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import RESUME_RTOL, resume_is_exact
+from msa_jax import determinism
 from msa_jax.checkpoint import Checkpointer, load_run
 from msa_jax.loop import train_and_evaluate
 from msa_jax.presets import run_config
@@ -103,18 +105,89 @@ def test_full_run_outputs(full):
     assert meta["step"] == 8 and meta["data"]["step"] == 8 and meta["rng"] == {"seed": 0}
 
 
+def assert_resumed(a: list[dict], b: list[dict]) -> None:
+    """A resumed run's rows against an uninterrupted one's: bit for bit on a deterministic backend
+    (the CPU, or deterministic mode), within the GPU's reduction noise otherwise."""
+    if resume_is_exact():
+        assert values(a) == values(b)
+    else:
+        assert_rows_close(a, b, rtol=RESUME_RTOL)
+
+
 def test_stop_at_then_rerun_equals_uninterrupted(full, tmp_path):
     run_dir = tmp_path / "run"
     out = train(run_dir, stop_at=5)
     assert out["stopped"] and out["steps"] == 5
     assert max(r["step"] for r in rows(run_dir)) == 5
     train(run_dir)  # the same run again: resumes at 5
-    assert values(rows(run_dir)) == values(rows(full))  # bit for bit
+    assert_resumed(rows(run_dir), rows(full))
 
 
-def test_sigterm_checkpoints_and_the_rerun_resumes(full, tmp_path):
+def test_a_non_finite_step_stops_the_run_before_any_save(full, tmp_path, monkeypatch):
+    import msa_jax.loop as loop
+
+    real, calls = loop.sharded_train_step, []
+
+    def poisoned(model, optimizer, tokens, **kw):  # step 5: one index weight of layer 1 becomes NaN
+        calls.append(1)
+        if len(calls) == 5:
+            w = model.blocks[1].attn.index.wq_idx.kernel
+            w[...] = w[...].at[0, 0].set(jnp.nan)
+        return real(model, optimizer, tokens, **kw)
+
+    monkeypatch.setattr(loop, "sharded_train_step", poisoned)
     run_dir = tmp_path / "run"
-    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--log-every", "1"])
+    with pytest.raises(loop.NonFiniteError) as err:
+        train(run_dir)  # checkpoints at 3 and 6; the metrics of 5 are fetched with 6's, before its save
+    msg = str(err.value)
+    assert msg.startswith("non-finite values at step 5: ") and "kl=nan" in msg, msg
+    assert "blocks/1/attn/index/wq_idx/kernel" in msg and "blocks/0/" not in msg, msg
+    assert f"latest checkpoint ({run_dir / 'checkpoints'}/3) is the last good state" in msg, msg
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [3]
+    assert max(r["step"] for r in rows(run_dir)) == 4
+    monkeypatch.undo()
+    train(run_dir)  # the rerun resumes from the good state
+    assert_resumed(rows(run_dir), rows(full))
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_on_resume(full, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, stop_at=4)  # checkpoints 3 and 4
+    data_files = run_dir / "checkpoints" / "4" / "model" / "ocdbt.process_0" / "d"
+    for f in data_files.iterdir():  # a copy cut short
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"damaged checkpoint .*/4 \(renamed to 4.damaged\)"):
+        train(run_dir)
+    assert (run_dir / "checkpoints" / "4.damaged").is_dir()
+    assert_resumed(rows(run_dir), rows(full))
+
+
+def test_deterministic_mode_must_be_chosen_before_the_backends_start(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert not determinism.is_enabled()
+    jax.devices()  # this process's backends are up
+    with pytest.raises(RuntimeError, match="before jax starts its backends"):
+        determinism.enable()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops --xla_gpu_deterministic_ops=false")
+    assert not determinism.is_enabled()  # the last setting wins, as in XLA
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false --xla_gpu_deterministic_ops=true")
+    assert determinism.is_enabled()
+    determinism.enable()  # already on: nothing to do
+
+
+def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, tmp_path):
+    """Interrupt a --deterministic run with SIGTERM, resume it in a new process: the same bits as an
+    uninterrupted run (on a GPU this needs deterministic mode; on the CPU it holds anyway)."""
+    if resume_is_exact():
+        reference = rows(full)
+    else:  # this process is not deterministic: the reference is a deterministic run of its own
+        proc = run_cli(ARGS + ["--run-dir", str(tmp_path / "reference"), "--deterministic"])
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-3000:]
+        reference = rows(tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--log-every", "1", "--deterministic"])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -130,8 +203,11 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(full, tmp_path):
     last = max(r["step"] for r in rows(run_dir))
     with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == last < STEPS
-    train(run_dir)
-    assert values(rows(run_dir)) == values(rows(full))
+    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--deterministic"])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "| deterministic" in output and f"resumed from {run_dir / 'checkpoints'}/{last}" in output
+    assert values(rows(run_dir)) == values(reference)  # bit for bit
 
 
 def test_resume_on_an_8_device_mesh_gives_the_single_device_losses(full, tmp_path):
