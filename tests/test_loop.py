@@ -175,6 +175,14 @@ def test_deterministic_mode_must_be_chosen_before_the_backends_start(monkeypatch
     assert determinism.is_enabled()
     determinism.enable()  # already on: nothing to do
 
+    # On a GPU, dense attention leaves cuDNN in deterministic mode (XLA cannot compile it there).
+    from msa_jax import ops
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not ops._cudnn_ok(q)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert ops._cudnn_ok(q)
+
 
 def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, tmp_path):
     """Interrupt a --deterministic run with SIGTERM, resume it in a new process: the same bits as an

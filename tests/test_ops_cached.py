@@ -166,3 +166,70 @@ def test_bad_cached_arguments_raise():
         ops.sparse_attention(qs, k[:1], v[:1], jnp.zeros((2, 3, 2, 3), jnp.int32), q_pos=pos, block_size=8)
     with pytest.raises(ValueError, match="block_idx"):
         ops.sparse_attention(qs, k, v, jnp.zeros((2, 4, 2, 3), jnp.int32), q_pos=pos, block_size=8)
+
+
+def zigzag_rows(T: int, C: int) -> list[np.ndarray]:
+    """The query rows of each of C devices under context parallelism: chunks i and 2C-1-i of 2C."""
+    c = T // (2 * C)
+    return [np.r_[i * c:(i + 1) * c, (2 * C - 1 - i) * c:(2 * C - i) * c] for i in range(C)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparse", (True, False), ids=("sparse", "dense_warmup"))
+def test_query_slices_reassemble_the_full_sequence_with_gradients(impl, sparse):
+    """Context parallelism's contract: the queries split into slices (q_pos = their positions), each
+    slice against all keys, give the full sequence's outputs row by row, its KL as the mean of the
+    slices' KLs (equal slices), and the same gradients for q, k, v, iq, ik. (impl="pallas" runs
+    the decode kernels for queries at an offset, which have no VJP: values only.)"""
+    B, T, Hq, R, D, Di, bs, top_k, C = 2, 64, 4, 2, 8, 8, 8, 3, 2
+    rng = np.random.default_rng(7)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    args = (arr(B, T, Hq, D), arr(B, T, R, D), arr(B, T, R, D), arr(B, T, R, Di), arr(B, T, Di))
+    w = arr(B, T, Hq, D)  # a random linear read-out of the attention output
+    kw = dict(block_size=bs, impl=impl)
+
+    def loss(q, k, v, iq, ik, q_pos=None, w=w, kl_weight=1.0):
+        if sparse:
+            out, idx = ops.msa_attention(q, k, v, iq, ik, top_k=top_k, q_pos=q_pos, **kw)
+        else:
+            out, idx = ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl), None
+        return (out * w).sum() + kl_weight * ops.index_kl_loss(q, k, iq, ik, idx, q_pos=q_pos, **kw)
+
+    def sliced(q, k, v, iq, ik):  # equal slices: the full KL is the mean of theirs
+        total = 0.0
+        for r in zigzag_rows(T, C):
+            pos = jnp.broadcast_to(jnp.asarray(r, jnp.int32), (B, len(r)))
+            total = total + loss(q[:, r], k, v, iq[:, r], ik, q_pos=pos, w=w[:, r], kl_weight=1 / C)
+        return total
+
+    with jax.default_matmul_precision("highest"):
+        if impl == "pallas":
+            np.testing.assert_allclose(sliced(*args), loss(*args), rtol=1e-5)
+            return
+        want, want_g = jax.value_and_grad(loss, argnums=range(5))(*args)
+        got, got_g = jax.value_and_grad(sliced, argnums=range(5))(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, a, b in zip(("q", "k", "v", "iq", "ik"), got_g, want_g):
+        assert float(jnp.abs(b).max()) > 0, name  # every input gets a gradient
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_and_recall_at_an_offset_ignore_padding_queries(impl):
+    """KL and recall with q_pos: padding queries (-1) count nowhere, and every impl gives the oracle's."""
+    (q, k, v, iq, ik), _, kw = _inputs("g4_ragged", jnp.float32)
+    kw = dict(block_size=kw["block_size"], top_k=kw["top_k"])
+    real = np.asarray([[3, 47, 30], [45, 16, 40]], np.int32)
+    padded = np.asarray([[3, -1, 47, 30], [45, 16, -1, 40]], np.int32)
+
+    def kl_recall(pos, impl):
+        qs, iqs = rows(q, pos), rows(iq, pos)
+        idx = ops.select_blocks(iqs, ik, q_pos=pos, impl="reference", **kw)
+        kl = ops.index_kl_loss(qs, k, iqs, ik, idx, q_pos=pos, block_size=kw["block_size"], impl=impl)
+        return (kl, *ops.selection_recall(qs, k, idx, q_pos=pos, impl=impl, **kw))
+
+    with jax.default_matmul_precision("highest"):
+        want = kl_recall(real, "reference")
+        got = kl_recall(padded, impl)
+    assert 0 < float(want[0]) and 0 < float(want[1]) <= 1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)

@@ -8,13 +8,16 @@ Shapes (batch-major, head-last, like jax.nn.dot_product_attention):
 q [B, T, H_q, D]; k, v [B, T, H_kv, D]; iq [B, T, H_kv, D_idx]; ik [B, T, D_idx];
 block_idx int32 [B, T, H_kv, top_k] with valid ids first and -1 padding after.
 
-Queries at an offset (generation, chunked prefill; docs/algorithm.md §3.6): `select_blocks`,
-`sparse_attention`, `msa_attention` and `dense_attention` take `q_pos` int32 [B, S], the positions
+Queries at an offset (generation, chunked prefill, context parallelism; docs/algorithm.md §3.6):
+every op takes `q_pos` int32 [B, S], the positions
 of S query tokens per sequence (-1: a padding query, output 0), against a cache of L keys: q, iq,
 block_idx have S rows, k, v, ik have L. The selection rules are those of the full sequence at
 each query's row. Index keys may then be float8_e4m3fn with a float32 `ik_scale` per token
 [B, L] or per block [B, L / block_size]. With q_pos, impl="pallas" runs the decode kernels
-(`pallas/decode.py`; no gradient), which need L to be a multiple of block_size.
+(`pallas/decode.py`; no gradient), which need L to be a multiple of block_size, and the xla KL and
+recall. The reference and xla ops are differentiable there: a sequence's queries split into equal
+slices, each against all keys, give its outputs, its KL as the mean of the slices' and the same
+gradients (tests/test_ops_cached.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from msa_jax import determinism
 
 from msa_jax.checks import (check_block_idx, check_ik_scale, check_index, check_int, check_q_pos, check_qkv,
                             check_shape, fail)
@@ -139,40 +144,54 @@ def dense_attention(q, k, v, *, q_pos=None, impl: str = "auto"):
 
 
 def _cudnn_ok(q) -> bool:
-    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+    # Not in deterministic mode: XLA (jax 0.11.2) fails to compile cuDNN attention with
+    # --xla_gpu_deterministic_ops (IndexError raw_hash_map::at); the backend's own path is deterministic.
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and not determinism.is_enabled())
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, lse=None, impl: str = "auto"):
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, lse=None, q_pos=None, impl: str = "auto"):
     """KL(stop_grad(teacher) || student) on the support, mean over (batch, query, group).
 
     block_idx=None takes the full causal support (dense warmup). Gradients reach iq and ik only.
     lse: optional float32 [B, T, H_q], the main branch's log-sum-exp over the same support
     (`sparse_attention(..., return_lse=True)`), which is the teacher's normaliser (docs/algorithm.md
     §6.1): the fused pallas KL reuses it instead of recomputing it; the other backends do not need it.
+    q_pos: queries at an offset (module docstring; the mean is over real queries, q_pos >= 0); with
+    it every impl runs the xla KL.
     """
     backend = _backend(impl)
-    check_qkv(q, k)
-    check_index(iq, ik, k)
+    cached = q_pos is not None
+    check_qkv(q, k, cached=cached)
+    check_index(iq, ik, k, cached=cached)
     if block_idx is not None:
-        check_block_idx(block_idx, k)
+        check_block_idx(block_idx, k, n_queries=q.shape[1])
         block_idx = block_idx.astype(jnp.int32)
     check_int("block_size", block_size, 1)
     if lse is not None:
         check_shape("lse", lse, q.shape[:3], "[B, T, H_q]")
         lse = jax.lax.stop_gradient(jnp.asarray(lse, jnp.float32))
-    return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, block_size=block_size, lse=lse)
+    kw = dict(block_size=block_size, lse=lse)
+    if cached:
+        kw["q_pos"] = _q_pos(q_pos, *q.shape[:2])
+    return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, **kw)
 
 
-def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16, impl: str = "auto"):
+def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16, q_pos=None, impl: str = "auto"):
     """(block recall, score recall) of block_idx against the top_k blocks by attention mass.
 
     Averaged over queries that see more than top_k blocks; (1.0, 1.0) when there are none.
+    q_pos: queries at an offset (module docstring).
     """
     backend = _backend(impl)
-    check_qkv(q, k)
-    check_block_idx(block_idx, k)
+    cached = q_pos is not None
+    check_qkv(q, k, cached=cached)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
     check_int("block_size", block_size, 1)
     check_int("top_k", top_k, 1)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    kw = dict(block_size=block_size, top_k=top_k)
+    if cached:
+        kw["q_pos"] = _q_pos(q_pos, *q.shape[:2])
     fn = _jit(backend.selection_recall, "block_size", "top_k")
-    return fn(q, k, block_idx.astype(jnp.int32), block_size=block_size, top_k=top_k)
+    return fn(q, k, block_idx.astype(jnp.int32), **kw)

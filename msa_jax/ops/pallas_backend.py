@@ -100,7 +100,9 @@ def dense_attention(q, k, v, *, q_pos=None):
     return out
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None):
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None):
+    if q_pos is not None:  # the KL kernels take no query offset yet (context parallelism uses xla's)
+        return xla.index_kl_loss(q, k, iq, ik, block_idx, block_size=block_size, q_pos=q_pos)
     if block_idx is None:  # dense warmup: the full causal support, no selection to fuse over
         return xla.index_kl_loss(q, k, iq, ik, None, block_size=block_size)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)

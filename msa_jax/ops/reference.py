@@ -158,25 +158,30 @@ def dense_attention(q, k, v, *, q_pos=None) -> jax.Array:
     return _attend(q, k, v, support_mask(None, q.shape[1], 1, q_pos, k.shape[1]))
 
 
-def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None) -> jax.Array:
+def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None) -> jax.Array:
     """docs/algorithm.md §6.1: mean over (b, i, r) of KL(teacher || student) on the support U.
 
     lse (the main branch's normaliser) is accepted for a uniform signature and not needed here.
+    q_pos [B, S]: queries at an offset against L keys (§3.6); the mean is over real queries
+    (q_pos >= 0).
 
     Teacher: the group's heads softmaxed separately over U and averaged as probabilities, with
     stop_gradient. Student: softmax over U of the index scores.
     """
-    T = q.shape[1]
-    mask = support_mask(block_idx, T, block_size)  # [B|1, R, T, T]
+    S, L = q.shape[1], k.shape[1]
+    mask = support_mask(block_idx, S, block_size, q_pos=q_pos, L=L)  # [B|1, R, S, L]
     teacher = _head_probs(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), mask).mean(axis=2)
-    s = index_scores(iq, ik)  # [B, R, T, T]
+    s = index_scores(iq, ik, q_pos)  # [B, R, S, L]
     log_student = jax.nn.log_softmax(jnp.where(mask, s, NEG_INF), axis=-1)
     log_teacher = jnp.log(jnp.where(teacher > 0, teacher, 1.0))
-    kl = jnp.where(teacher > 0, teacher * (log_teacher - jnp.where(mask, log_student, 0.0)), 0.0)
-    return kl.sum(axis=-1).mean()
+    kl = jnp.where(teacher > 0, teacher * (log_teacher - jnp.where(mask, log_student, 0.0)), 0.0).sum(-1)
+    if q_pos is None:
+        return kl.mean()
+    real = jnp.broadcast_to((q_pos >= 0)[:, None, :], kl.shape)
+    return jnp.where(real, kl, 0.0).sum() / jnp.maximum(real.sum(), 1)
 
 
-def selection_recall(q, k, block_idx, *, block_size: int, top_k: int):
+def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_pos=None):
     """docs/algorithm.md §6.4: block and score recall of block_idx against the top blocks by mass.
 
     I* = the min(top_k, visible) blocks with the most dense causal attention mass (heads of the
@@ -184,15 +189,16 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int):
     top_k blocks (project choice: for the others every selection is complete, recall is 1).
     Returns (1.0, 1.0) when no query sees more than top_k blocks.
     """
-    B, T = q.shape[:2]
-    nb = _num_blocks(T, block_size)
-    probs = _head_probs(q, k, support_mask(None, T, 1)).mean(axis=2)  # [B, R, T, T]
-    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - T)))
-    mass = probs.reshape(*probs.shape[:3], nb, block_size).sum(-1)  # [B, R, T, nb]
+    S, L = q.shape[1], k.shape[1]
+    nb = _num_blocks(L, block_size)
+    probs = _head_probs(q, k, support_mask(None, S, 1, q_pos=q_pos, L=L)).mean(axis=2)  # [B, R, S, L]
+    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - L)))
+    mass = probs.reshape(*probs.shape[:3], nb, block_size).sum(-1)  # [B, R, S, nb]
 
     blk = jnp.arange(nb)
-    n_visible = jnp.arange(T) // block_size + 1  # [T]
-    visible = blk[None, :] < n_visible[:, None]  # [T, nb]
+    pos = _positions(S, q_pos)  # [B|1, S]
+    n_visible = jnp.where(pos >= 0, pos // block_size + 1, 0)[:, None, :]  # [B|1, 1, S]
+    visible = blk < n_visible[..., None]  # [B|1, 1, S, nb]
     key = jnp.where(visible, mass, -1.0)  # invisible blocks rank last
     ka, kc = key[..., :, None], key[..., None, :]
     outranks = (ka > kc) | ((ka == kc) & (blk[:, None] < blk[None, :]))
@@ -204,7 +210,7 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int):
     block_recall = hit.sum(-1) / best.sum(-1)
     score_recall = jnp.where(hit, mass, 0.0).sum(-1) / jnp.where(best, mass, 0.0).sum(-1)
 
-    counted = jnp.broadcast_to(n_visible > top_k, block_recall.shape)
+    counted = jnp.broadcast_to(n_visible > top_k, block_recall.shape)  # padding queries see none
     n = counted.sum()
     mean = lambda x: jnp.where(n > 0, jnp.where(counted, x, 0.0).sum() / jnp.maximum(n, 1), 1.0)
     return mean(block_recall), mean(score_recall)

@@ -274,10 +274,10 @@ def dense_attention(q, k, v, *, q_chunk: int | None = None, q_pos=None):
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk: int | None = None,
-                  strategy: str | None = None):
+                  strategy: str | None = None, q_pos=None):
     del lse  # the teacher is recomputed per chunk; its normaliser comes with it
-    B, T, H_q, D = q.shape
-    R, Di = k.shape[2], iq.shape[-1]
+    B, S, H_q, D = q.shape
+    L, R, Di = k.shape[1], k.shape[2], iq.shape[-1]
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)  # the teacher is detached
     dt = ik.dtype
     ik = _f32_shared(ik)  # d ik sums over every query that selects the key: in float32
@@ -288,21 +288,21 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk
         _, log_student = _softmax(student_logits, mask)
         log_teacher = jnp.log(jnp.where(teacher > 0, teacher, 1.0))
         per_query = jnp.where(teacher > 0, teacher * (log_teacher - log_student), 0.0).sum(-1)
-        return jnp.where(q_pos[:, :, None] < T, per_query, 0.0).sum()
+        return jnp.where((q_pos[:, :, None] < L) & (q_pos[:, :, None] >= 0), per_query, 0.0).sum()
 
     K = 1 if block_idx is None else block_idx.shape[-1]
-    if block_idx is None or _strategy(T, K, block_size, strategy) == "mask":
+    if block_idx is None or _strategy(L, K, block_size, strategy) == "mask":
         # All keys, masked: the full causal support (dense warmup) or the selected blocks.
-        C = _chunk_len(T, B * T * (H_q + R), q_chunk)
+        C = _chunk_len(S, B * L * (H_q + R), q_chunk)
 
         def body(q_pos, q_c, iq_c, ids=None):
-            mask = _key_mask(ids, q_pos, T, block_size)
+            mask = _key_mask(ids, q_pos, L, block_size)
             t_logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k) * D**-0.5
             s_logits = _mm("bcrd,bjd->bcrj", iq_c, ik.astype(dt)) * Di**-0.5
             return kl(t_logits, s_logits, mask, q_pos)
     else:
         kb, ikb = _blocks(k, block_size), _blocks(ik, block_size)
-        C = _chunk_len(T, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
+        C = _chunk_len(S, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
 
         def body(q_pos, q_c, iq_c, ids):
             _, ok = _support(ids, q_pos, block_size)
@@ -311,16 +311,18 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk
             return kl(t_logits, s_logits, ok, q_pos)
 
     xs = (q, iq) if block_idx is None else (q, iq, block_idx)
-    return _map_chunks(body, T, C, *xs).sum() / (B * T * R)
+    n_real = B * S if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)  # mean over real queries
+    return _map_chunks(body, S, C, *xs, q_pos=q_pos).sum() / (n_real * R)
 
 
-def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: int | None = None):
-    B, T, H_q, D = q.shape
-    R = k.shape[2]
-    nb = _num_blocks(T, block_size)
+def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: int | None = None,
+                     q_pos=None):
+    B, S, H_q, D = q.shape
+    L, R = k.shape[1], k.shape[2]
+    nb = _num_blocks(L, block_size)
     kk = min(top_k, nb)
     k_pad = _pad_time(k, nb * block_size)
-    C = _chunk_len(T, B * H_q * nb * block_size, q_chunk)
+    C = _chunk_len(S, B * H_q * nb * block_size, q_chunk)
 
     def body(q_pos, q_c, ids):
         logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k_pad) * D**-0.5
@@ -332,10 +334,10 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: i
         hit = in_best & (best[..., :, None] == ids[..., None, :]).any(-1)
         block_recall = hit.sum(-1) / in_best.sum(-1)
         score_recall = jnp.where(hit, best_mass, 0.0).sum(-1) / jnp.where(in_best, best_mass, 0.0).sum(-1)
-        counted = ((q_pos // block_size + 1 > top_k) & (q_pos < T))[:, :, None]
+        counted = ((q_pos // block_size + 1 > top_k) & (q_pos < L) & (q_pos >= 0))[:, :, None]
         total = lambda x: jnp.where(counted, x, 0.0).sum()
         return total(block_recall), total(score_recall), jnp.broadcast_to(counted, block_recall.shape).sum()
 
-    br, sr, n = (x.sum() for x in _map_chunks(body, T, C, q, block_idx))
+    br, sr, n = (x.sum() for x in _map_chunks(body, S, C, q, block_idx, q_pos=q_pos))
     mean = lambda x: jnp.where(n > 0, x / jnp.maximum(n, 1), 1.0)
     return mean(br), mean(sr)
