@@ -134,9 +134,7 @@ def _bwd_kernel(
 ):
     M = bq * heads
     u = pl.program_id(0)
-    c = unit_ref[u]
-    t0 = unit_ref[n_units + u]
-    n = unit_ref[2 * n_units + u]
+    c, t0, n = kvo.read_unit(unit_ref, u, n_units)
     prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
     prec_idx = lax.Precision.HIGHEST if iq_ref.dtype == jnp.float32 else None
     zeros = jnp.zeros(dik_ref.shape, jnp.float32)

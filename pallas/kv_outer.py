@@ -336,6 +336,11 @@ def units(tiles: jax.Array, *, n_blocks: int, tiles_per_unit: int, n_units: int)
     return jax.vmap(row)(tiles)
 
 
+def read_unit(unit_ref, u, n_units: int):
+    """Inside a kernel: (block id, first tile, tile count) of unit u from a `units` table row."""
+    return unit_ref[u], unit_ref[n_units + u], unit_ref[2 * n_units + u]
+
+
 def _reduce_kernel(ustart_ref, *refs, block_size: int):
     """One block c: sum its units' partials in unit order."""
     n_in = len(refs) // 2

@@ -52,9 +52,7 @@ def _bwd_kernel(
 ):
     M = bq * heads
     u = pl.program_id(0)
-    c = unit_ref[u]
-    t0 = unit_ref[n_units + u]
-    n = unit_ref[2 * n_units + u]
+    c, t0, n = kvo.read_unit(unit_ref, u, n_units)
     precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
     D_pad = k_ref.shape[1]
     zeros = jnp.zeros((kv_tile, D_pad), jnp.float32)
