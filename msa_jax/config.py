@@ -13,8 +13,8 @@ from typing import Literal
 ATTENTION_KINDS = ("dense", "msa")
 IMPLS = ("auto", "reference", "xla", "pallas")
 # Device-mesh axes (`msa_jax.sharding` builds the mesh; the ops run their kernels per shard of it).
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; "context" splits the sequence
 
 
 def _require(ok: bool, name: str, expected: str, got) -> None:

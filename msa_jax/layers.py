@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msa_jax import ops
+from msa_jax import context, ops
 from msa_jax.cache import LayerCache, quantize_index_keys, write
 from msa_jax.config import ModelConfig
 
@@ -74,6 +74,11 @@ def rope(x: jax.Array, positions: jax.Array, rope_dim: int, theta: float) -> jax
     return rotated.astype(x.dtype)
 
 
+def _offset_impl(impl: str) -> str:
+    """The impl for queries at an offset in training: the Pallas decode kernels have no gradient."""
+    return impl if impl in ("reference", "xla") else "xla"
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: `w_down(silu(w_gate x) * w_up x)`, no biases."""
 
@@ -119,7 +124,13 @@ class GQAAttention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, *, sparse: bool = True, with_recall: bool = False):
         del sparse, with_recall
         q, k, v = self.qkv(x, positions)
-        return self.project_out(ops.dense_attention(q, k, v, impl=self.cfg.impl)), {}
+        if context.size() > 1:  # the sequence is split over the mesh's context axis
+            impl = _offset_impl(self.cfg.impl)
+            o, _ = context.attention(lambda q, k, v, q_pos: (ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl), {}),
+                                     positions, (q,), (k, v))
+        else:
+            o = ops.dense_attention(q, k, v, impl=self.cfg.impl)
+        return self.project_out(o), {}
 
     def cached(self, x: jax.Array, q_pos: jax.Array, lc: LayerCache, *, prefill: bool, sparse: bool = True):
         """Attention of S new tokens x [B, S, d] at positions q_pos [B, S] against the cache, after
@@ -187,32 +198,42 @@ class MSAAttention(GQAAttention):
         self.index = IndexBranch(cfg, rngs=index_rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, sparse: bool = True, with_recall: bool = False):
-        cfg, m = self.cfg, self.cfg.msa
         q, k, v = self.qkv(x, positions)
         iq, ik = self.index(x, positions)
-        if sparse:
-            o, block_idx, lse = ops.msa_attention(
-                q, k, v, iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks,
-                return_lse=True, impl=cfg.impl,
-            )
-            # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
-            kl = ops.index_kl_loss(q, k, iq, ik, block_idx, block_size=m.block_size, lse=lse, impl=cfg.impl)
+        kw = dict(sparse=sparse, with_recall=with_recall)
+        if context.size() > 1:  # the sequence is split over the mesh's context axis
+            core = lambda q, iq, k, v, ik, q_pos: self._attend(q, iq, k, v, ik, q_pos,  # noqa: E731
+                                                                impl=_offset_impl(self.cfg.impl), **kw)
+            o, aux = context.attention(core, positions, (q, iq), (k, v, ik))
         else:
-            o = ops.dense_attention(q, k, v, impl=cfg.impl)
-            kl = ops.index_kl_loss(q, k, iq, ik, None, block_size=m.block_size, impl=cfg.impl)
+            o, aux = self._attend(q, iq, k, v, ik, None, impl=self.cfg.impl, **kw)
+            aux = {name: value for name, (value, _) in aux.items()}
+        return self.project_out(o), aux
+
+    def _attend(self, q, iq, k, v, ik, q_pos, *, sparse: bool, with_recall: bool, impl: str):
+        """Both branches and the KL (+ recall) -> (out, {name: (mean over the queries, their weight)}).
+        q_pos: the queries' positions when they are a slice of the sequence (context parallelism)."""
+        m = self.cfg.msa
+        kw = dict(block_size=m.block_size, q_pos=q_pos, impl=impl)
+        if sparse:
+            o, block_idx, lse = ops.msa_attention(q, k, v, iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks,
+                                                  return_lse=True, **kw)
+            # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
+            kl = ops.index_kl_loss(q, k, iq, ik, block_idx, lse=lse, **kw)
+        else:
+            o = ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl)
+            kl = ops.index_kl_loss(q, k, iq, ik, None, **kw)
             block_idx = None
-        aux = {"kl": kl.astype(jnp.float32)}
+        aux = {"kl": (kl.astype(jnp.float32), 1.0)}  # every slice has as many queries
         if with_recall:
             if block_idx is None:
-                block_idx = ops.select_blocks(
-                    iq, ik, block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl
-                )
-            block_recall, score_recall = ops.selection_recall(  # the op detaches q and k itself
-                q, k, block_idx, block_size=m.block_size, top_k=m.top_k, impl=cfg.impl
-            )
-            aux["block_recall"] = block_recall.astype(jnp.float32)
-            aux["score_recall"] = score_recall.astype(jnp.float32)
-        return self.project_out(o), aux
+                block_idx = ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks, **kw)
+            # the op detaches q and k itself; it averages over queries that see more than top_k blocks
+            block_recall, score_recall = ops.selection_recall(q, k, block_idx, top_k=m.top_k, **kw)
+            counted = 1.0 if q_pos is None else ((q_pos // m.block_size + 1) > m.top_k).sum()
+            aux["block_recall"] = (block_recall.astype(jnp.float32), counted)
+            aux["score_recall"] = (score_recall.astype(jnp.float32), counted)
+        return o, aux
 
     def cached(self, x: jax.Array, q_pos: jax.Array, lc: LayerCache, *, prefill: bool, sparse: bool = True):
         """As `GQAAttention.cached`, with the index keys cached too and top-k routing (sparse=False:

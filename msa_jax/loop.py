@@ -168,6 +168,9 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     if tcfg.batch_size % n_batch_shards:
         raise SystemExit(f"batch_size {tcfg.batch_size} must be a multiple of data*fsdp = {n_batch_shards} "
                          f"(mesh {dict(mesh.shape)})")
+    if tcfg.seq_len % (2 * mesh.shape["context"]):
+        raise SystemExit(f"seq_len {tcfg.seq_len} must be a multiple of 2 * context = {2 * mesh.shape['context']} "
+                         f"(the zigzag split of msa_jax.context; mesh {dict(mesh.shape)})")
     say(f"jax {jax.__version__} | {jax.process_count()} process(es), {jax.device_count()} device(s) "
         f"[{jax.devices()[0].device_kind}] | mesh {dict(mesh.shape)} | python {platform.python_version()}"
         + (" | deterministic" if determinism.is_enabled() else ""))

@@ -14,9 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from msa_jax import context
 from msa_jax.cache import Cache
-from msa_jax.config import ModelConfig
+from msa_jax.config import BATCH_AXES, ModelConfig
 from msa_jax.layers import MLP, GQAAttention, MSAAttention, RMSNorm
 
 # Filters over the model state: index-branch params (trained only by the KL) and the rest.
@@ -50,7 +52,10 @@ class Block(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-    """`__call__(tokens [B,T] int32, *, sparse=True, with_recall=False) -> (logits f32 [B,T,V], aux)`.
+    """`__call__(tokens [B,T] int32, *, positions=None, sparse=True, with_recall=False) -> (logits f32 [B,T,V], aux)`.
+
+    positions: int32 [T], each token's position (default arange(T)); a permutation of it when the
+    tokens come in a context-parallel layout (`msa_jax.context`).
 
     aux["kl"]: sum over MSA layers of the index KL (docs/algorithm.md §6.1); 0.0 for a dense model.
     aux["block_recall"], aux["score_recall"]: mean over MSA layers, only when `with_recall` and the
@@ -81,10 +86,13 @@ class DecoderLM(nnx.Module):
                 cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
             )
 
-    def __call__(self, tokens: jax.Array, *, sparse: bool = True, with_recall: bool = False):
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None, sparse: bool = True,
+                 with_recall: bool = False):
         T = tokens.shape[1]
-        positions = jnp.arange(T, dtype=jnp.int32)
+        positions = jnp.arange(T, dtype=jnp.int32) if positions is None else positions
         x = self._embed(tokens)
+        if context.size() > 1:  # tokens in the zigzag layout (msa_jax.context): split the sequence
+            x = jax.lax.with_sharding_constraint(x, P(BATCH_AXES, context.AXIS, None))
         kl = jnp.zeros((), jnp.float32)
         recalls = {"block_recall": [], "score_recall": []}
         for block in self.blocks:

@@ -84,7 +84,8 @@ _FLAGS = (
     ("keep", int, "checkpoints kept"),
     ("max_bytes", int, "cap on the corpus size in bytes"),
     ("sources", str, "comma list of stdlib, site-packages or directories of *.py files"),
-    ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 (default: data=<all devices>)"),
+    ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 or context=4,data=2 (context: each sequence split "
+                  "over that many devices; default: data=<all devices>)"),
     ("init_from", str, "dense run directory to start an MSA model from (continued pre-training)"),
     ("init_step", int, "step of --init-from to load (default: its latest)"),
     ("stop_at", int, "stop after this step with a checkpoint, as on Ctrl-C; for jobs with a time limit"),

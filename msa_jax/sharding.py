@@ -1,6 +1,8 @@
-"""Data / FSDP / tensor parallelism over a named device mesh (GSPMD, MaxText-style logical axes).
+"""Data / FSDP / tensor / context parallelism over a named device mesh (GSPMD, MaxText-style logical axes).
 
-Mesh axes are ("data", "fsdp", "tensor"). Every parameter is mapped in two steps:
+Mesh axes are ("data", "fsdp", "tensor", "context"). `context` splits each sequence (msa_jax.context:
+the train step lays the tokens out in zigzag order, attention gathers the keys); parameters are
+not split over it. Every parameter is mapped in two steps:
 
 1. `PARAM_RULES` (ordered, first match wins): a regex over the parameter's "/"-joined path -> one
    *logical* axis name per dim, e.g. `attn/wq/kernel` [d_model, H*D] -> ("embed", "heads").
@@ -65,7 +67,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are omitted.
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are omitted
+    (context=C splits each sequence over C devices).
 
     Raises ValueError naming the bad entry: unknown axis, repeated axis, non-integer or size < 1.
     """
@@ -103,7 +106,7 @@ def _axis_sizes(spec: str | Mapping[str, int]) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes ("data", "fsdp", "tensor") (missing axes = 1) over `devices` (default: all).
+    """Mesh with axes ("data", "fsdp", "tensor", "context") (missing axes = 1) over `devices` (default: all).
 
     The product of the axis sizes must equal the number of devices. Axis types are `Auto`, so jit
     propagates shardings with GSPMD (jax's `make_mesh` defaults to `Explicit`).

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from msa_jax import sharding
+from msa_jax import context, sharding
 from msa_jax.config import MSAConfig, TrainConfig
 
 
@@ -80,9 +80,15 @@ def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_fn(model: nnx.Module, tokens: jax.Array, *, sparse: bool, kl_weight: float, with_recall: bool = False):
-    """tokens [B, T+1] int32 -> (loss, metrics {"loss", "lm_loss", "kl"}); next-token prediction."""
-    logits, aux = model(tokens[:, :-1], sparse=sparse, with_recall=with_recall)
-    lm = lm_loss(logits, tokens[:, 1:])
+    """tokens [B, T+1] int32 -> (loss, metrics {"loss", "lm_loss", "kl"}); next-token prediction.
+
+    Under a mesh with a `context` axis the inputs and targets go into its zigzag layout first
+    (`msa_jax.context`): the same loss, with the sequence split over the devices."""
+    inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], None
+    if context.size() > 1:
+        positions, inputs, targets = context.layout(inputs, targets)
+    logits, aux = model(inputs, positions=positions, sparse=sparse, with_recall=with_recall)
+    lm = lm_loss(logits, targets)
     kl = aux["kl"]
     loss = lm + kl_weight * kl if kl_weight else lm
     metrics = {"loss": loss, "lm_loss": lm, "kl": kl}

@@ -218,14 +218,16 @@ def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, 
     assert values(rows(run_dir)) == values(reference)  # bit for bit
 
 
-def test_resume_on_an_8_device_mesh_gives_the_single_device_losses(full, tmp_path):
+def test_resume_on_an_8_device_context_mesh_gives_the_single_device_losses(full, tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, stop_at=3)  # one device, in-process
-    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--mesh", "data=2,fsdp=2,tensor=2"],
+    # the sequence split over 2 devices (context), the batch over 2, the heads over 2
+    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--mesh", "data=2,tensor=2,context=2"],
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-3000:]
-    assert "8 device(s)" in output and "'data': 2, 'fsdp': 2, 'tensor': 2" in output and "resumed from" in output
+    assert "8 device(s)" in output and "'data': 2, 'fsdp': 1, 'tensor': 2, 'context': 2" in output
+    assert "resumed from" in output
     assert_rows_close(rows(run_dir), rows(full), rtol=2e-5)
 
 

@@ -27,7 +27,7 @@ CFG = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
     attention="msa", msa=MSAConfig(block_size=8, top_k=2, index_dim=8),
 )
-MESH_222 = AbstractMesh((2, 2, 2), S.MESH_AXES)
+MESH_222 = AbstractMesh((2, 2, 2, 1), S.MESH_AXES)  # data x fsdp x tensor (context 1)
 
 
 def specs_by_path(tree) -> dict:
@@ -59,9 +59,9 @@ def test_parse_mesh_errors(spec, match):
 def test_make_mesh_one_device():
     mesh = S.make_mesh("data=1", devices=jax.devices()[:1])
     assert mesh.axis_names == S.MESH_AXES
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    assert dict(S.make_mesh({}, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(S.make_mesh({}, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
 
 
 def test_make_mesh_errors():
@@ -81,7 +81,7 @@ def test_logical_to_spec_divisibility_and_reuse():
     assert S.logical_to_spec(("heads", "mlp"), (8, 8), MESH_222) == P("tensor", None)  # tensor used once
     assert S.logical_to_spec(("norm",), (32,), MESH_222) == P(None)
     # size-1 mesh axes are dropped: ("data", "fsdp") with data=1 becomes plain "fsdp"
-    assert S.logical_to_spec(("batch",), (8,), AbstractMesh((1, 2, 4), S.MESH_AXES)) == P("fsdp")
+    assert S.logical_to_spec(("batch",), (8,), AbstractMesh((1, 2, 4, 1), S.MESH_AXES)) == P("fsdp")
 
 
 def test_param_rule_table():

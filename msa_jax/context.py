@@ -1,0 +1,86 @@
+"""Context parallelism: one sequence split over the mesh's `context` axis (docs/algorithm.md §3.6).
+
+Layout: `zigzag(T, C)` cuts the T positions into 2C equal chunks and gives device i chunks i and
+2C-1-i, so every device holds as many early (cheap) as late (expensive) causal queries. The train
+step permutes a batch's inputs and targets into that layout (`layout`), so everything outside
+attention (embeddings, MLPs, norms, the loss) works on local tokens unchanged, and the model gets
+the true positions for RoPE and causality.
+
+Attention (`attention`): inside `jax.shard_map`, each device gathers the keys, values and index
+keys of the whole sequence over `context` (with GQA and one index-key head they are small next to
+the queries), puts them back in position order and runs its own queries against them with their
+global positions (`q_pos`). The gradients of the gathered tensors flow back through the gather,
+which transposes to a reduce-scatter. Scalar metrics come back as weighted means over all devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from msa_jax.config import BATCH_AXES
+
+AXIS = "context"
+
+
+def size() -> int:
+    """The active mesh's `context` axis size (1 without a mesh or without the axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[AXIS]
+
+
+def zigzag(T: int, C: int) -> np.ndarray:
+    """int32 [T]: the position held by each layout slot; device i holds slots [i*T/C, (i+1)*T/C)."""
+    if T % (2 * C):
+        raise ValueError(f"seq_len {T} must be a multiple of 2 * context = {2 * C} (zigzag split)")
+    c = T // (2 * C)
+    return np.concatenate([np.r_[i * c:(i + 1) * c, (2 * C - 1 - i) * c:(2 * C - i) * c]
+                           for i in range(C)]).astype(np.int32)
+
+
+def layout(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """(positions [T], *xs permuted on axis 1 into the zigzag layout of the active mesh)."""
+    perm = zigzag(xs[0].shape[1], size())
+    return (jnp.asarray(perm),) + tuple(x[:, perm] for x in xs)
+
+
+def attention(core, positions: jax.Array, queries: tuple, keys: tuple):
+    """`core(*queries, *keys, q_pos)` per device on its queries against the whole sequence's keys.
+
+    positions: int32 [T], the layout's positions. queries: arrays [B, T, ...] aligned with the
+    queries (q, iq); keys: arrays [B, T, ...] aligned with the keys (k, v, ik), all in the layout
+    order and split over `context` (batch over data x fsdp). core returns (out [B, S, ...], aux),
+    aux a dict name -> (local mean, weight); the result is (out in the layout, {name: the weighted
+    mean over every device}; 1.0 where no device has weight).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    split = tuple(a for a in (*BATCH_AXES, AXIS) if mesh.shape[a] > 1)
+
+    def spec(x):
+        return P(batch, AXIS, *([None] * (x.ndim - 2)))
+
+    def local(pos, *arrays):
+        qs, ks = arrays[:len(queries)], arrays[len(queries):]
+        order = jnp.argsort(jax.lax.all_gather(pos, AXIS, tiled=True))  # layout slot of each position
+        ks = [jax.lax.all_gather(x, AXIS, axis=1, tiled=True)[:, order] for x in ks]
+        q_pos = jnp.broadcast_to(pos, qs[0].shape[:2])
+        out, aux = core(*qs, *ks, q_pos)
+        reduced = {}
+        for name, (value, weight) in aux.items():
+            weight = jnp.asarray(weight, jnp.float32)
+            total = jax.lax.psum(weight, split)
+            reduced[name] = jnp.where(total > 0, jax.lax.psum(value * weight, split) / jnp.maximum(total, 1e-30), 1.0)
+        return out, reduced
+
+    arrays = (*queries, *keys)
+    out_shape = jax.eval_shape(lambda *a: core(*a[:len(queries)], *a[len(queries):],
+                                               jnp.zeros(queries[0].shape[:2], jnp.int32)), *arrays)
+    out_specs = (spec(out_shape[0]), {name: P() for name in out_shape[1]})
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) + tuple(spec(x) for x in arrays),
+                       out_specs=out_specs, check_vma=False)
+    return fn(positions, *arrays)
