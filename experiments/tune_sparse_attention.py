@@ -38,7 +38,7 @@ def time_parts(q, k, idx, bs):
     P = plan.n_tiles * bq
     o_part = jnp.ones((sz.BH, P * sz.G_pad, sz.D_pad), q.dtype)
     lse_part = jnp.zeros((sz.BH, P * sz.G_pad), jnp.float32)
-    comb = jax.jit(lambda o, l, i: kv_outer.combine_outputs(o, l, i, G_pad=sz.G_pad, D_pad=sz.D_pad))
+    comb = jax.jit(lambda o, l, i: kv_outer.combine_outputs(o, l, i, G_pad=sz.G_pad, out_dtype=q.dtype))
     t_comb = timeit(comb, o_part, lse_part, inv, reps=5, budget=5.0)[0]
     return dict(query_chunk=tc, n_chunks=plan.n_chunks, n_tiles=plan.n_tiles, partial_gb=o_part.nbytes / 1e9,
                 reverse_index_ms=t_rev * 1e3 * plan.n_chunks, combine_ms=t_comb * 1e3 * plan.n_chunks)

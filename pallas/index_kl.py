@@ -20,9 +20,10 @@ teacher is detached, docs/algorithm.md §6.2): dz_j = g (S softmax_U(z)_j - Pbar
 Design (docs/algorithm.md §7; the machinery is `pallas.kv_outer`): the forward kernel (one tile per
 program) recomputes P and z per row of its tile and writes four float32 partials per padded position
 (sum Pbar log Pbar, sum Pbar z, S, the student's lse over the block), combined per token by
-`combine_scalars`. The backward kernel runs over units like the main backward: dz per row (linear in
-the heads, so no cross-row reduction), d iq partial rows dz IK_c to a per-slot buffer, d IK_c
-accumulated in float32; `reduce_units` per block, then the sum over the groups, in fixed orders.
+`combine_scalars`. The backward kernel runs over units like the main backward: dz per row, summed
+over a token's heads (dz is linear in them) by a 0/1 matmul, so that d iq (one partial row per
+padded position: dz IK_c) and d IK_c (accumulated in float32) take one row per token; `reduce_units`
+per block, then the sum over the groups, in fixed orders.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from msa_jax.checks import check_block_idx, check_floating, check_index, check_int, check_qkv, check_shape
 from pallas import kv_outer as kvo
-from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, pad_dim
+from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
 __all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "teacher_lse"]
@@ -120,7 +121,7 @@ def _bwd_kernel(
     zlse_ref, w1_ref, w2_ref,  # [Tc] float32: student lse, g * S / G, g / G per token
     k_ref,  # [T_kv_pad, D_pad]
     ik_ref,  # [T_kv_pad, Di_pad]
-    diq_ref,  # [P * G_pad, Di_pad]: d iq partial of every padded position (rows of its tile)
+    diq_ref,  # [n_tiles * R, Di_pad]: d iq partial per padded position, R >= BQ rows per tile
     dik_ref,  # [kv_tile, Di_pad] float32: this unit's partial d IK
     *,
     scale: float,
@@ -133,6 +134,7 @@ def _bwd_kernel(
     n_units: int,
 ):
     M = bq * heads
+    R = max(bq, MIN_DOT)  # token rows of the head-summed dz (a dot needs >= 16 rows; rows >= bq are 0)
     u = pl.program_id(0)
     c, t0, n = kvo.read_unit(unit_ref, u, n_units)
     prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
@@ -143,6 +145,9 @@ def _bwd_kernel(
     def _():
         m_iota = lax.broadcasted_iota(jnp.int32, (M,), 0)
         real_head = (m_iota % heads) < groups
+        # sel[r, m] = 1 where row m belongs to the tile's token r: sel @ dz sums a token's head rows.
+        sel = lax.broadcasted_iota(jnp.int32, (R, M), 1) // heads == lax.broadcasted_iota(jnp.int32, (R, M), 0)
+        r_iota = jnp.minimum(lax.broadcasted_iota(jnp.int32, (R,), 0), bq - 1)
         start = pl.multiple_of(c * block_size, block_size)
         k = k_ref[pl.ds(start, kv_tile), :]
         ik = ik_ref[pl.ds(start, kv_tile), :]
@@ -168,9 +173,13 @@ def _bwd_kernel(
             p = jnp.exp2(s - (lse * LOG2E)[:, None])
             qz = jnp.exp(z - zlse[:, None])
             dz = jnp.where(mask, w1[:, None] * qz - w2[:, None] * p, 0.0).astype(iq.dtype)
-            diq = plgpu.dot(dz, ik, precision=prec_idx) * scale_idx  # [M, Di_pad]
-            diq_ref[pl.ds(pl.multiple_of(t * M, M), M), :] = diq.astype(diq_ref.dtype)
-            return dik + plgpu.dot(dz, iq, trans_a=True, precision=prec_idx) * scale_idx
+            # d z is linear in the heads: sum a token's rows first (float32), then one row per token
+            # goes into the two d iq / d IK dots and the partial buffer (not G_pad rows).
+            dz_tok = plgpu.dot(sel.astype(dz.dtype), dz, precision=prec_idx).astype(iq.dtype)  # [R, kv_tile]
+            diq = plgpu.dot(dz_tok, ik, precision=prec_idx) * scale_idx  # [R, Di_pad]
+            diq_ref[pl.ds(pl.multiple_of(t * R, R), R), :] = diq.astype(diq_ref.dtype)
+            iq_tok = iq_ref[jnp.maximum(tok_ref[t * bq + r_iota], 0)]  # [R, Di_pad]
+            return dik + plgpu.dot(dz_tok, iq_tok, trans_a=True, precision=prec_idx) * scale_idx
 
         dik_ref[...] = lax.fori_loop(0, n, tile, zeros)
 
@@ -179,12 +188,10 @@ def _bwd_kernel(
         dik_ref[...] = zeros
 
 
-
-
 # -------------------------------------------------------------------------------------- wrapper
 
 
-def _chunk_fwd(q0, qc, lsec, iqc, idc, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
+def _chunk_fwd(q0, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
     """One query chunk -> kl, lse_idx, S float32 [B, Tc, H_kv]."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
@@ -195,7 +202,7 @@ def _chunk_fwd(q0, qc, lsec, iqc, idc, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan
     qg = kvo.rows(qc, H_kv, G_pad, D_pad)
     lseg = kvo.rows(lsec, H_kv, G_pad, fill=jnp.inf)  # padded heads: P = exp(s - inf) = 0
     iqg = kvo.rows(iqc, H_kv, width=Di_pad)
-    tiles, tok, inv = kvo.reverse_index(kvo.rows(idc, H_kv), n_blocks=sz.n_blocks, bq=bq, n_tiles=n_tiles)
+    tiles, tok, inv = ix.tiles, ix.tok, ix.inv
     q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
@@ -226,20 +233,19 @@ def _chunk_fwd(q0, qc, lsec, iqc, idc, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan
     return tuple(kvo.ungroup(x, B) for x in (kl, lse_idx, S))
 
 
-def _chunk_bwd(q0, qc, lsec, iqc, idc, zlsec, w1c, w2c, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
+def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
     """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],)."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
     G, G_pad, D_pad, BH, H_kv, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.H_kv, sz.kv_tile
     bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
-    M = bq * G_pad
+    R = max(bq, MIN_DOT)
     P = n_tiles * bq
     qg = kvo.rows(qc, H_kv, G_pad, D_pad)
     lseg = kvo.rows(lsec, H_kv, G_pad, fill=jnp.inf)
     iqg = kvo.rows(iqc, H_kv, width=Di_pad)
     zlseg, w1g, w2g = (kvo.rows(x, H_kv) for x in (zlsec, w1c, w2c))
-    tiles, tok, inv = kvo.reverse_index(kvo.rows(idc, H_kv), n_blocks=sz.n_blocks, bq=bq, n_tiles=n_tiles)
-    unit_tab, ustart = kvo.units(tiles, n_blocks=sz.n_blocks, tiles_per_unit=plan.tiles_per_unit, n_units=U)
+    tok, inv, unit_tab, ustart = ix.tok, ix.inv, ix.unit_tab, ix.ustart
     q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
@@ -259,11 +265,11 @@ def _chunk_bwd(q0, qc, lsec, iqc, idc, zlsec, w1c, w2c, kg, ikg, *, sz: kvo.Size
             pl.BlockSpec((None, ikg.shape[1], Di_pad), lambda u, bh: (bh // H_kv, 0, 0)),  # shared ik
         ],
         out_specs=[
-            row(P * G_pad, Di_pad),  # every program writes the rows of its own tiles
+            row(n_tiles * R, Di_pad),  # every program writes the rows of its own tiles
             pl.BlockSpec((None, None, kv_tile, Di_pad), lambda u, bh: (bh, u, 0, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((BH, P * G_pad, Di_pad), iqc.dtype),
+            jax.ShapeDtypeStruct((BH, n_tiles * R, Di_pad), iqc.dtype),
             jax.ShapeDtypeStruct((BH, U, kv_tile, Di_pad), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
@@ -274,13 +280,10 @@ def _chunk_bwd(q0, qc, lsec, iqc, idc, zlsec, w1c, w2c, kg, ikg, *, sz: kvo.Size
     (dik,) = kvo.reduce_units(
         ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
     )
-    # Per padded position the sum over the real heads (head order), then over the slots (slot order).
-    # Rows of positions that no slot points to (padding, unused tiles) are never read.
-    diq_part = diq_part.reshape(BH, P, G_pad, Di_pad)
-    diq_pos = diq_part[:, :, 0].astype(jnp.float32)
-    for h in range(1, G):
-        diq_pos = diq_pos + diq_part[:, :, h].astype(jnp.float32)
-    diq = kvo.sum_slots(diq_pos, inv, G_pad=1, D_pad=Di_pad)  # [BH, Tc, 1, Di_pad]
+    # Per token the sum over its slots (slot order) of its positions' rows (row t * R + i of tile t);
+    # rows of positions that no slot points to (padding, unused tiles) are never read.
+    inv_rows = jnp.where(inv >= 0, inv // bq * R + inv % bq, -1)
+    diq = kvo.sum_slots(diq_part, inv_rows, G_pad=1, interpret=plan.interpret)  # [BH, Tc, 1, Di_pad]
     return kvo.ungroup(diq[:, :, 0, :Di], B), (dik,)
 
 
@@ -298,8 +301,9 @@ def _index_kl_fwd(q, k, iq, ik, block_idx, lse, *, block_size: int, plan: kvo.Pl
     T_pad = plan.n_chunks * plan.t_chunk
     kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, sz, Di_pad)
     chunk = functools.partial(_chunk_fwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
-    xs = (kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), kvo.pad_time(iq, T_pad), kvo.pad_time(ids, T_pad, -1))
-    kl, lse_idx, S = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk)
+    xs = (kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), kvo.pad_time(iq, T_pad))
+    index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
+    kl, lse_idx, S = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, index)
     T = sz.T
     return kl[:, :T], (lse_idx[:, :T], S[:, :T])
 
@@ -316,10 +320,10 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, lse_idx, S, g, *, block_size: in
     w1 = g * S.astype(jnp.float32) * (1.0 / sz.G)
     w2 = g * (1.0 / sz.G)
     chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
-    xs = (q, lse, iq, ids, zlse, w1, w2)
-    xs = tuple(kvo.pad_time(x, T_pad, -1 if x is ids else 0) for x in xs)
+    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, lse, iq, zlse, w1, w2))
+    index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
-    diq, (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,))  # d ik: chunk order
+    diq, (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)  # d ik: chunk order
     dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)
     acc = dik[:, 0]
     for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order

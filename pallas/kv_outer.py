@@ -13,6 +13,7 @@ of B*H_kv and multiplies it only with the (token, head) rows that selected it:
 * The kernels write one partial per padded position; `combine_outputs` (softmax-weighted),
   `combine_scalars` and `sum_slots` gather them back per token through `inv`, in slot order.
   Fixed summation orders everywhere, no atomics: runs are bit-identical.
+* `chunk_index`: the reverse index (and units) of every query chunk, built in one batched call.
 * Queries run in chunks of t_chunk tokens (`map_chunks` / `scan_chunks`) so that the per-slot
   partial buffer of one call stays bounded; the chunk start q0 reaches the kernels as an operand.
 * `KVOuterConfig`: the tuning options and their defaults, resolved per call into a `Plan`.
@@ -49,6 +50,8 @@ __all__ = [
     "clean_ids",
     "n_tiles",
     "reverse_index",
+    "ChunkIndex",
+    "chunk_index",
     "n_units",
     "units",
     "reduce_units",
@@ -66,6 +69,7 @@ __all__ = [
 TARGET_ROWS = 128  # MMA rows per tile (BQ * G_pad) for 16-bit inputs
 PARTIAL_ELEMENTS = 2**30  # default cap on the partial buffer of one query chunk (elements)
 TILES_PER_UNIT = 16  # backward kernels: tiles one program handles for one KV block
+COMBINE_ROWS, COMBINE_WARPS = 16, 8  # slot reduction kernel: output rows per program, warps (fastest at 128K on an H200)
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -265,23 +269,24 @@ def n_tiles(t_chunk: int, top_k: int, n_blocks: int, bq: int, nt: int = 1) -> in
 
 def reverse_index(ids: jax.Array, *, n_blocks: int, bq: int, n_tiles: int):
     """ids [BH, Tc, top_k] (cleaned, -1 = none) -> tiles [BH, n_tiles], tok [BH, P], inv [BH, Tc, top_k]
-    (P = n_tiles * bq). One argsort per row of the int32 key c * Tc + i (a stable argsort of c when
-    that key would overflow int32)."""
+    (P = n_tiles * bq). Per row one sort of the unique int32 keys c * N + pair (pair = i * top_k + s,
+    N = Tc * top_k: a plain sort, no permutation operand), or a stable argsort of c when that key
+    would overflow int32."""
     BH, Tc, top_k = ids.shape
     N = Tc * top_k
     P = n_tiles * bq
-    combined_key = (n_blocks + 1) * Tc < INT32_LIMIT
+    combined_key = (n_blocks + 1) * N < INT32_LIMIT
 
     def row(x):
         c = x.reshape(N)
         ckey = jnp.where(c >= 0, c, n_blocks)  # invalid pairs sort last
         pair = jnp.arange(N, dtype=jnp.int32)
         if combined_key:
-            perm = jnp.argsort(ckey * Tc + pair // top_k)
+            key = jnp.sort(ckey * N + pair)
+            perm, cs = key % N, key // N  # sorted pairs and their block ids
         else:
-            perm = jnp.argsort(ckey, stable=True)  # pairs are token-major: stable = sorted by i
-        perm = perm.astype(jnp.int32)
-        cs = ckey[perm]  # sorted block ids
+            perm = jnp.argsort(ckey, stable=True).astype(jnp.int32)  # pairs are token-major: sorted by i
+            cs = ckey[perm]
         toks = perm // top_k  # sorted tokens
         counts = jnp.zeros((n_blocks + 1,), jnp.int32).at[ckey].add(1)
         ustart = jnp.cumsum(counts) - counts  # segment starts in the sorted list
@@ -336,6 +341,29 @@ def units(tiles: jax.Array, *, n_blocks: int, tiles_per_unit: int, n_units: int)
     return jax.vmap(row)(tiles)
 
 
+class ChunkIndex(NamedTuple):
+    """Every query chunk's reverse index (and units), leading axis n_chunks (`chunk_index`)."""
+
+    tiles: jax.Array  # [n_chunks, BH, n_tiles]
+    tok: jax.Array  # [n_chunks, BH, P]
+    inv: jax.Array  # [n_chunks, BH, t_chunk, top_k]
+    unit_tab: jax.Array | None  # [n_chunks, BH, 3 * n_units] (kernels with units)
+    ustart: jax.Array | None  # [n_chunks, BH, n_blocks + 1]
+
+
+def chunk_index(ids: jax.Array, *, sz: Sizes, plan: Plan) -> ChunkIndex:
+    """ids: cleaned [B, n_chunks * t_chunk, H_kv, top_k] -> the reverse index of every chunk, built in
+    one batched call before the chunk loop (one sort for all chunks and rows: built per chunk inside
+    the loop, its ~15 small XLA ops cost ~0.4 ms per chunk at 128K, latency rather than work)."""
+    nc, B = plan.n_chunks, ids.shape[0]
+    x = _split(ids, nc).reshape(nc * B, plan.t_chunk, *ids.shape[2:])
+    tiles, tok, inv = reverse_index(rows(x, sz.H_kv), n_blocks=sz.n_blocks, bq=plan.block_q, n_tiles=plan.n_tiles)
+    unit_tab = ustart = None
+    if plan.n_units:
+        unit_tab, ustart = units(tiles, n_blocks=sz.n_blocks, tiles_per_unit=plan.tiles_per_unit, n_units=plan.n_units)
+    return jax.tree.map(lambda a: a.reshape(nc, sz.BH, *a.shape[1:]), ChunkIndex(tiles, tok, inv, unit_tab, ustart))
+
+
 def read_unit(unit_ref, u, n_units: int):
     """Inside a kernel: (block id, first tile, tile count) of unit u from a `units` table row."""
     return unit_ref[u], unit_ref[n_units + u], unit_ref[2 * n_units + u]
@@ -377,31 +405,95 @@ def reduce_units(ustart, parts, *, n_blocks: int, block_size: int, interpret: bo
 # -------------------------------------------------------------------------------------- combine
 
 
-def combine_outputs(o_part, lse_part, inv, *, G_pad: int, D_pad: int):
-    """Per-slot attention partials o [BH, P*G_pad, D_pad], lse [BH, P*G_pad] + inv [BH, Tc, top_k] ->
-    out f32 [BH, Tc, G_pad, D_pad], lse [BH, Tc, G_pad]: lse = logsumexp over the slots, out = sum_s
-    exp(lse_s - lse) o_s (a loop over the slots: no [Tc, top_k, G, D] float32 temporary)."""
+def _gather_slots_kernel(inv_ref, *refs, heads: int, top_k: int, weighted: bool):
+    """A tile of tokens x `heads` rows: gather each token's slot partials (rows of its padded
+    positions) and reduce them in slot order, in float32. weighted: softmax weights from the
+    per-slot lse."""
+    if weighted:
+        part_ref, lse_ref, out_ref, lse_out_ref = refs
+    else:
+        part_ref, out_ref = refs
+    M = out_ref.shape[0]
+    m_iota = lax.broadcasted_iota(jnp.int32, (M,), 0)
+    slot0 = (m_iota // heads) * top_k  # the row's token's first slot in the flat inv block
+    head = m_iota % heads
+
+    def slot_rows(s):
+        pos = inv_ref[slot0 + s]  # [M]: gather of the row's padded position in slot s (-1: none)
+        return pos >= 0, jnp.maximum(pos, 0) * heads + head
+
+    acc = jnp.zeros(out_ref.shape, jnp.float32)
+    if not weighted:
+        for s in range(top_k):
+            valid, r = slot_rows(s)
+            acc += jnp.where(valid[:, None], part_ref[r].astype(jnp.float32), 0.0)
+        out_ref[...] = acc.astype(out_ref.dtype)
+        return
+    m = jnp.full((M,), -jnp.inf, jnp.float32)
+    for s in range(top_k):  # the row's largest slot lse (cheap [M] gathers)
+        valid, r = slot_rows(s)
+        m = jnp.maximum(m, jnp.where(valid, lse_ref[r], -jnp.inf))
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    den = jnp.zeros((M,), jnp.float32)
+    for s in range(top_k):
+        valid, r = slot_rows(s)
+        w = jnp.where(valid, jnp.exp(lse_ref[r] - m_safe), 0.0)  # 0 for empty slots and lse = -inf
+        den += w
+        acc += w[:, None] * part_ref[r].astype(jnp.float32)
+    ok = den > 0.0
+    den_safe = jnp.where(ok, den, 1.0)
+    out_ref[...] = (acc / den_safe[:, None]).astype(out_ref.dtype)
+    lse_out_ref[...] = jnp.where(ok, m_safe + jnp.log(den_safe), -jnp.inf)
+
+
+def _gather_slots(part, lse_part, inv, *, G_pad: int, out_dtype, interpret: bool, rows: int | None = None,
+                  num_warps: int | None = None):
+    """The Pallas slot reduction behind `combine_outputs` (lse_part given) and `sum_slots` (None):
+    grid (token tiles, BH), `rows` output rows per program (one [rows, D_pad] float32 accumulator).
+    part [BH, P*G_pad, D_pad] -> out [BH, Tc, G_pad, D_pad] in out_dtype (+ lse float32 [BH, Tc,
+    G_pad] when weighted)."""
     BH, Tc, top_k = inv.shape
-    o_part = o_part.reshape(BH, -1, G_pad, D_pad)
-    lse_part = lse_part.reshape(BH, -1, G_pad)
+    D_pad = part.shape[-1]
+    # The interpreter's cost is per program: there, few large programs (same sums, same order).
+    rows, num_warps = rows or (TARGET_ROWS if interpret else COMBINE_ROWS), num_warps or COMBINE_WARPS
+    tb = max(1, rows // G_pad)
+    Tc_pad = -(-Tc // tb) * tb
+    inv_flat = jnp.pad(inv, [(0, 0), (0, Tc_pad - Tc), (0, 0)], constant_values=-1).reshape(BH, Tc_pad * top_k)
+    M = tb * G_pad
+    weighted = lse_part is not None
+    full = lambda *shape: pl.BlockSpec((None, *shape), lambda t, bh: (bh,) + (0,) * len(shape))  # noqa: E731
+    in_specs = [pl.BlockSpec((None, tb * top_k), lambda t, bh: (bh, t)), full(*part.shape[1:])]
+    out_specs = [pl.BlockSpec((None, M, D_pad), lambda t, bh: (bh, t, 0))]
+    out_shape = [jax.ShapeDtypeStruct((BH, Tc_pad * G_pad, D_pad), out_dtype)]
+    args = [inv_flat, part]
+    if weighted:
+        in_specs.append(full(lse_part.shape[1]))
+        out_specs.append(pl.BlockSpec((None, M), lambda t, bh: (bh, t)))
+        out_shape.append(jax.ShapeDtypeStruct((BH, Tc_pad * G_pad), jnp.float32))
+        args.append(lse_part)
+    outs = pl.pallas_call(
+        functools.partial(_gather_slots_kernel, heads=G_pad, top_k=top_k, weighted=weighted),
+        grid=(Tc_pad // tb, BH),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"msa_kv_outer_{'combine' if weighted else 'sum'}_slots_g{G_pad}_k{top_k}",
+    )(*args)
+    out = outs[0].reshape(BH, Tc_pad, G_pad, D_pad)[:, :Tc]
+    if not weighted:
+        return out
+    return out, outs[1].reshape(BH, Tc_pad, G_pad)[:, :Tc]
 
-    def row(o_r, l_r, inv_r):
-        valid = inv_r >= 0
-        idx = jnp.maximum(inv_r, 0)
-        lg = jnp.where(valid[..., None], l_r[idx], -jnp.inf)  # [Tc, top_k, G_pad]
-        m = jnp.max(lg, axis=1)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        w = jnp.exp(lg - m[:, None])  # 0 for empty slots
-        den = jnp.sum(w, axis=1)
-        ok = den > 0.0
-        lse = jnp.where(ok, m + jnp.log(jnp.where(ok, den, 1.0)), -jnp.inf)
-        w = w / jnp.where(ok, den, 1.0)[:, None]
-        acc = jnp.zeros((Tc, G_pad, D_pad), jnp.float32)
-        for s in range(top_k):  # one gather + FMA per slot; no [Tc, top_k, G, D] temporary
-            acc = acc + w[:, s, :, None] * o_r[idx[:, s]].astype(jnp.float32)
-        return acc, lse
 
-    return jax.vmap(row)(o_part, lse_part, inv)
+def combine_outputs(o_part, lse_part, inv, *, G_pad: int, out_dtype=jnp.float32, interpret: bool | None = None):
+    """Per-slot attention partials o [BH, P*G_pad, D_pad], lse [BH, P*G_pad] + inv [BH, Tc, top_k] ->
+    out [BH, Tc, G_pad, D_pad] in out_dtype, lse float32 [BH, Tc, G_pad]: lse = logsumexp over the
+    slots, out = sum_s exp(lse_s - lse) o_s in float32, slots in order (a Pallas kernel: one pass over
+    the partials, no float32 temporary)."""
+    return _gather_slots(o_part, lse_part, inv, G_pad=G_pad, out_dtype=out_dtype,
+                         interpret=interpret_mode(interpret))
 
 
 def combine_scalars(sum_parts, lse_part, inv):
@@ -429,20 +521,11 @@ def combine_scalars(sum_parts, lse_part, inv):
     return jax.vmap(row)(*sum_parts, lse_part, inv)
 
 
-def sum_slots(part, inv, *, G_pad: int, D_pad: int):
-    """part [BH, P*G_pad, D_pad], inv [BH, Tc, top_k] -> float32 [BH, Tc, G_pad, D_pad]: per token
-    the sum over its slots (in slot order) of the rows its slots wrote."""
-    BH, Tc, top_k = inv.shape
-    part = part.reshape(BH, -1, G_pad, D_pad)
-
-    def row(p_r, inv_r):
-        idx = jnp.maximum(inv_r, 0)
-        acc = jnp.zeros((Tc, G_pad, D_pad), jnp.float32)
-        for s in range(top_k):
-            acc = acc + jnp.where(inv_r[:, s, None, None] >= 0, p_r[idx[:, s]].astype(jnp.float32), 0.0)
-        return acc
-
-    return jax.vmap(row)(part, inv)
+def sum_slots(part, inv, *, G_pad: int, out_dtype=jnp.float32, interpret: bool | None = None):
+    """part [BH, P*G_pad, D_pad], inv [BH, Tc, top_k] -> [BH, Tc, G_pad, D_pad] in out_dtype: per
+    token the sum over its slots (in slot order, float32) of the rows its slots wrote (the Pallas
+    kernel of `combine_outputs`, unweighted)."""
+    return _gather_slots(part, None, inv, G_pad=G_pad, out_dtype=out_dtype, interpret=interpret_mode(interpret))
 
 
 # -------------------------------------------------------------------------------------- layouts
@@ -498,27 +581,28 @@ def _join(x):
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def map_chunks(fn, xs, n_chunks: int, t_chunk: int):
-    """fn(q0, *chunk) over the query chunks of xs ([B, n_chunks * t_chunk, ...] each; q0 = the chunk's
-    first token): one call, or `lax.map` over the chunks; fn's outputs joined again along time."""
+def map_chunks(fn, xs, n_chunks: int, t_chunk: int, index=None):
+    """fn(q0, *chunk, index_c) over the query chunks of xs ([B, n_chunks * t_chunk, ...] each; q0 = the
+    chunk's first token; index_c = the chunk's slice of `index`, a pytree with a leading chunk axis):
+    one call, or `lax.map` over the chunks; fn's outputs joined again along time."""
     if n_chunks == 1:
-        return fn(0, *xs)
+        return fn(0, *xs, jax.tree.map(lambda a: a[0], index))
     starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
-    outs = lax.map(lambda a: fn(*a), (starts, *(_split(x, n_chunks) for x in xs)))
+    outs = lax.map(lambda a: fn(*a), (starts, *(_split(x, n_chunks) for x in xs), index))
     return jax.tree.map(_join, outs)
 
 
-def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros):
-    """fn(q0, *chunk) -> (per-token output, tuple of per-key terms) over the query chunks of xs, the
-    per-key terms summed over the chunks in chunk order (`lax.scan` from `zeros`). Returns (per-token
-    output joined along time, sums)."""
+def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros, index=None):
+    """fn(q0, *chunk, index_c) -> (per-token output, tuple of per-key terms) over the query chunks of xs
+    (as `map_chunks`), the per-key terms summed over the chunks in chunk order (`lax.scan` from
+    `zeros`). Returns (per-token output joined along time, sums)."""
     if n_chunks == 1:
-        return fn(0, *xs)
+        return fn(0, *xs, jax.tree.map(lambda a: a[0], index))
     starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
 
     def step(acc, a):
         out, terms = fn(*a)
         return tuple(x + y for x, y in zip(acc, terms)), out
 
-    sums, out = lax.scan(step, zeros, (starts, *(_split(x, n_chunks) for x in xs)))
+    sums, out = lax.scan(step, zeros, (starts, *(_split(x, n_chunks) for x in xs), index))
     return _join(out), sums

@@ -100,8 +100,8 @@ def _fwd_kernel(
         lax.fori_loop(0, tiles_per_program, tile, 0)
 
 
-def _chunk_fwd(q0, qc, idc, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
-    """One query chunk: qc [B, Tc, H_q, D], idc [B, Tc, H_kv, top_k] (cleaned) -> out, lse."""
+def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
+    """One query chunk: qc [B, Tc, H_q, D], ix its reverse index -> out, lse."""
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH = sz.G, sz.G_pad, sz.D_pad, sz.BH
     bq, nt, n_tiles = plan.block_q, plan.tiles_per_program, plan.n_tiles
@@ -109,7 +109,7 @@ def _chunk_fwd(q0, qc, idc, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
     P = n_tiles * bq
 
     qg = kvo.rows(qc, sz.H_kv, G_pad, D_pad)  # [BH, Tc * G_pad, D_pad]
-    tiles, tok, inv = kvo.reverse_index(kvo.rows(idc, sz.H_kv), n_blocks=sz.n_blocks, bq=bq, n_tiles=n_tiles)
+    tiles, tok, inv = ix.tiles, ix.tok, ix.inv
     q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
@@ -140,8 +140,8 @@ def _chunk_fwd(q0, qc, idc, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
         name=f"msa_sparse_attention_fwd_bq{bq}_g{G_pad}_bs{sz.block_size}_nt{nt}",
     )(q0_arr, tiles, tok, qg, kg, vg)
 
-    out, lse = kvo.combine_outputs(o_part, lse_part, inv, G_pad=G_pad, D_pad=D_pad)
-    out = kvo.ungroup(out[:, :, :G, :D].astype(qc.dtype), B).reshape(B, Tc, H_q, D)
+    out, lse = kvo.combine_outputs(o_part, lse_part, inv, G_pad=G_pad, out_dtype=qc.dtype, interpret=plan.interpret)
+    out = kvo.ungroup(out[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
     lse = kvo.ungroup(lse[..., :G], B).reshape(B, Tc, H_q)
     return out, lse
 
@@ -152,9 +152,9 @@ def _sparse_attention_fwd(q, k, v, block_idx, *, block_size: int, plan: kvo.Plan
     T_pad = plan.n_chunks * plan.t_chunk
     kg, vg = (kvo.kv_layout(x, sz.T_kv_pad, sz.D_pad) for x in (k, v))
     ids = kvo.clean_ids(block_idx, block_size)
-    xs = (kvo.pad_time(q, T_pad), kvo.pad_time(ids, T_pad, -1))
+    index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     chunk = functools.partial(_chunk_fwd, kg=kg, vg=vg, sz=sz, plan=plan)
-    out, lse = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk)
+    out, lse = kvo.map_chunks(chunk, (kvo.pad_time(q, T_pad),), plan.n_chunks, plan.t_chunk, index)
     return out[:, : sz.T], lse[:, : sz.T]
 
 

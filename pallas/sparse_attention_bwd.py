@@ -99,7 +99,7 @@ def _bwd_kernel(
         dv_ref[...] = zeros
 
 
-def _chunk_bwd(q0, qc, doc, lsec, deltac, idc, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
+def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
     """One query chunk -> dq [B, Tc, H_q, D] (q.dtype), (dk, dv) float32 [BH, n_blocks * bs, D_pad]."""
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.kv_tile
@@ -109,9 +109,7 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, idc, kg, vg, *, sz: kvo.Sizes, plan: k
     layout = functools.partial(kvo.rows, n_groups=sz.H_kv, G_pad=G_pad)
     qg, dog = layout(qc, width=D_pad), layout(doc, width=D_pad)
     lseg, deltag = layout(lsec, fill=jnp.inf), layout(deltac)  # padded heads: P = exp(s - inf) = 0
-    ids = kvo.rows(idc, sz.H_kv)
-    tiles, tok, inv = kvo.reverse_index(ids, n_blocks=sz.n_blocks, bq=bq, n_tiles=n_tiles)
-    unit_tab, ustart = kvo.units(tiles, n_blocks=sz.n_blocks, tiles_per_unit=plan.tiles_per_unit, n_units=U)
+    tok, inv, unit_tab, ustart = ix.tok, ix.inv, ix.unit_tab, ix.ustart
     q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
@@ -146,9 +144,9 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, idc, kg, vg, *, sz: kvo.Sizes, plan: k
     dk, dv = kvo.reduce_units(
         ustart, [dk_part, dv_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
     )
-    dq = kvo.sum_slots(dq_part, inv, G_pad=G_pad, D_pad=D_pad)  # [BH, Tc, G_pad, D_pad] f32
+    dq = kvo.sum_slots(dq_part, inv, G_pad=G_pad, out_dtype=qc.dtype, interpret=plan.interpret)
     dq = kvo.ungroup(dq[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
-    return dq.astype(qc.dtype), (dk, dv)
+    return dq, (dk, dv)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
@@ -162,10 +160,11 @@ def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_siz
         delta = delta - dlse.astype(jnp.float32)
     lse = lse.astype(jnp.float32)
     ids = kvo.clean_ids(block_idx, block_size)
-    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, dout, lse, delta)) + (kvo.pad_time(ids, T_pad, -1),)
+    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, dout, lse, delta))
+    index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     chunk = functools.partial(_chunk_bwd, kg=kg, vg=vg, sz=sz, plan=plan)
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, sz.D_pad), jnp.float32)
-    dq, (dk, dv) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros, zeros))
+    dq, (dk, dv) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros, zeros), index)
 
     def kv_back(x):  # [BH, n_blocks * bs, D_pad] -> [B, T, H_kv, D]
         return kvo.ungroup(x[:, : sz.T, : sz.D], sz.B).astype(k.dtype)
