@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import cell, fmt, guarded, log, timeit
+from msa_jax.bench import cell, copy_bandwidth, fmt, guarded, log, timeit
 from msa_jax.cache import quantize_index_keys
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS
 
@@ -66,14 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, help="part 2 tokens generated per sequence")
     p.add_argument("--out", default="runs/bench_decode")
     return p.parse_args(argv)
-
-
-def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
-    """Bytes/s of a device copy (read + write) of an n_bytes array: the card's practical ceiling."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    t, _, _ = timeit(f, x, reps=10, budget=5.0)
-    return 2 * x.nbytes / t
 
 
 def make_cache(key, shape, B, L, dtype):

@@ -6,10 +6,13 @@ and the main branch, the latter on two selection patterns (docs/benchmarking.md)
   indexer  the block ids the indexer picks on random inputs (scattered, a few recent blocks);
   skewed   every query picks the first `--hot` blocks (hot blocks, the hard case for KV-outer
            kernels), its local block, and random others.
-Reported: times, speedup over dense (indexer + main vs dense), effective TFLOP/s of each part
+Reported: times, speedup over dense (indexer + main vs dense), each stage's floor on the card
+(`msa_jax.bench.stage_floors`: FLOPs at the measured bf16 matmul rate or bytes at the measured copy
+bandwidth, whichever is longer), effective TFLOP/s of each part
 (indexer: H_kv * D_idx * T^2 FLOPs as in docs/algorithm.md §5; main branch: 4 * H_q * D per (query,
 visible selected key) pair, counted from the actual selection, so causal padding is not counted),
-and the FLOP-ratio bound of docs/algorithm.md §5. Before timing, every backend is checked against
+the FLOP-ratio bound of docs/algorithm.md §5, and `impl="auto"` end to end (dense attention where
+T <= top_k * block_size, since every query then selects all its blocks; the kernels beyond). Before timing, every backend is checked against
 the oracle on a small slice, and the pallas main branch against xla on the first query chunk.
 
     python experiments/bench_prefill.py --preset cpu           # tiny smoke run (interpret mode off a GPU)
@@ -30,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import flop_bound, inputs, skewed_selection, support_pairs, timeit
+from msa_jax.bench import card_rates, flop_bound, inputs, skewed_selection, stage_floors, support_pairs, timeit
 from msa_jax.presets import BENCH_SHAPES
 
-SEQ_LENS = {"cpu": [128, 256], "paper": [8192, 32768, 131072, 524288, 1048576]}
+SEQ_LENS = {"cpu": [128, 256], "paper": [2048, 8192, 32768, 131072, 524288, 1048576]}
 PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
 
 
@@ -81,17 +84,21 @@ def main(argv=None):
     print(f"oracle check (f32, T={3 * cfg['block_size'] + 5}): {checks}")
     bs, topk = cfg["block_size"], cfg["top_k"]
     kw = dict(block_size=bs, top_k=topk)
-    result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rows=[])
+    rates = card_rates()
+    print(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
+    result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rates=rates, rows=[])
 
     dense_fn = jax.jit(lambda q, k, v: ops.dense_attention(q, k, v))
     sel_fn = jax.jit(lambda iq, ik: ops.select_blocks(iq, ik, impl="pallas", **kw))
     main_fn = jax.jit(lambda q, k, v, idx: ops.sparse_attention(q, k, v, idx, block_size=bs, impl="pallas"))
     xla_fn = jax.jit(lambda q, k, v, iq, ik: ops.msa_attention(q, k, v, iq, ik, impl="xla", **kw)[0])
+    auto_fn = jax.jit(lambda q, k, v, iq, ik: ops.msa_attention(q, k, v, iq, ik, impl="auto", **kw)[0])
     main_xla = jax.jit(lambda q, k, v, idx: ops.sparse_attention(q, k, v, idx, block_size=bs, impl="xla"))
 
     for T in cfg["seq_lens"]:
         try:
-            row = bench_length(cfg, T, dtype, args, fns=(dense_fn, sel_fn, main_fn, xla_fn, main_xla))
+            row = bench_length(cfg, T, dtype, args, fns=(dense_fn, sel_fn, main_fn, xla_fn, main_xla, auto_fn),
+                               rates=rates)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at the longest lengths: record, go on
             row = dict(T=T, error=f"{type(e).__name__}: {str(e)[:300]}")
             print(f"T={T}: {row['error']}", flush=True)
@@ -107,9 +114,9 @@ def main(argv=None):
     return result
 
 
-def bench_length(cfg, T, dtype, args, fns):
-    """One row of the table: every timing at context length T."""
-    dense_fn, sel_fn, main_fn, xla_fn, main_xla = fns
+def bench_length(cfg, T, dtype, args, fns, rates):
+    """One row of the table: every timing at context length T, and each stage's floor on the card."""
+    dense_fn, sel_fn, main_fn, xla_fn, main_xla, auto_fn = fns
     bs = cfg["block_size"]
     q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, dtype)
     tm = dict(reps=args.reps, budget=args.time_budget)
@@ -130,12 +137,18 @@ def bench_length(cfg, T, dtype, args, fns):
         total = t_sel + t_main
         row[f"main_{name}"] = dict(ms=t_main * 1e3, tflops=f_main / t_main / 1e12, reps=n,
                                    total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
+        if name == "indexer":
+            row["floors"] = stage_floors(cfg, T, support_pairs(sel, bs), rates, jnp.dtype(dtype).itemsize)
     # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
     Tc = min(T, 8192)
     sl = lambda x: x[:, :Tc]
     err = jnp.abs(main_fn(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)
                   - main_xla(sl(q), sl(k), sl(v), sl(idx)).astype(jnp.float32)).max()
     row["pallas_vs_xla_max_err"] = float(err)
+    # impl="auto": the Pallas kernels, or dense attention where every query selects all its blocks
+    t, n, _ = timeit(auto_fn, q, k, v, iq, ik, **tm)
+    row["auto"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n,
+                       path="dense" if ops.selects_every_block(T, bs, cfg["top_k"]) else "pallas")
     if T <= args.xla_max_T:
         t, n, _ = timeit(xla_fn, q, k, v, iq, ik, **tm)
         row["xla"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n)
@@ -144,14 +157,17 @@ def bench_length(cfg, T, dtype, args, fns):
 
 def print_table(result):
     hdr = (f"{'T':>8} | {'dense ms':>9} {'TF/s':>5} | {'indexer ms':>10} {'TF/s':>5} | {'main ms':>8} {'TF/s':>5} "
-           f"{'speedup':>7} | {'skewed main':>11} {'TF/s':>5} {'speedup':>7} | {'xla':>7} | {'bound':>5}")
+           f"{'speedup':>7} | {'skewed main':>11} {'TF/s':>5} {'speedup':>7} | {'auto':>6} | {'xla':>7} | {'bound':>5} | "
+           f"{'floors ms: dense':>16} {'indexer':>7} {'main':>6}")
     print(f"\n{result['device']}, jax {result['jax']}, {result['dtype']}\n{hdr}\n{'-' * len(hdr)}")
     for r in result["rows"]:
         a, b = r["main_indexer"], r["main_skewed"]
         xla = f"{r['xla']['speedup']:>6.2f}x" if "xla" in r else f"{'-':>7}"
         print(f"{r['T']:>8} | {r['dense']['ms']:>9.2f} {r['dense']['tflops']:>5.0f} | {r['indexer']['ms']:>10.2f} "
               f"{r['indexer']['tflops']:>5.0f} | {a['ms']:>8.2f} {a['tflops']:>5.0f} {a['speedup']:>6.2f}x | "
-              f"{b['ms']:>11.2f} {b['tflops']:>5.0f} {b['speedup']:>6.2f}x | {xla} | {r['flop_bound']:>4.1f}x")
+              f"{b['ms']:>11.2f} {b['tflops']:>5.0f} {b['speedup']:>6.2f}x | {r['auto']['speedup']:>5.2f}x | {xla} | "
+              f"{r['flop_bound']:>4.1f}x | "
+              + " ".join(f"{r['floors'][st]['floor_ms']:>{w}.3g}" for st, w in (("dense", 16), ("indexer", 7), ("main", 6))))
 
 
 def plot(result, path) -> bool:
@@ -165,6 +181,7 @@ def plot(result, path) -> bool:
     ax.plot(T, [r["flop_bound"] for r in rows], "k--", label="FLOP-ratio bound (docs/algorithm.md §5)")
     ax.plot(T, [r["main_indexer"]["speedup"] for r in rows], "o-", label="pallas (indexer selection)")
     ax.plot(T, [r["main_skewed"]["speedup"] for r in rows], "s-", label="pallas (skewed, hot blocks)")
+    ax.plot(T, [r["auto"]["speedup"] for r in rows], "d:", label='impl="auto" (dense where T <= top_k * block_size)')
     xs = [r for r in rows if "xla" in r]
     if xs:
         ax.plot([r["T"] for r in xs], [r["xla"]["speedup"] for r in xs], "^-", label="xla")

@@ -7,6 +7,8 @@ a fixed random cotangent dout, so its gradient is exactly the attention backward
            loss = sum(sparse_attention(q, k, v, block_idx) * dout) + index_kl_loss(q, k, iq, ik,
            block_idx), grad w.r.t. (q, k, v, iq, ik). Timed in parts (indexer; main branch fwd+bwd;
            KL fwd+bwd w.r.t. iq, ik) and as one jit (total). speedup = dense fwd+bwd / MSA total.
+  Floors: each stage's FLOPs at the measured bf16 matmul rate or its bytes at the measured copy
+  bandwidth, whichever is longer (`msa_jax.bench.stage_floors`).
   Effective TFLOP/s: dense 3.5 x the causal forward (2 * H_q * D * T^2; backward = 2.5 x forward);
   main branch 3.5 x 4 * H_q * D per (query, visible selected key) pair, counted from the actual
   block_idx as bench_prefill does; indexer H_kv * D_idx * T^2 (docs/algorithm.md §5).
@@ -16,7 +18,7 @@ a fixed random cotangent dout, so its gradient is exactly the attention backward
   that flips a block does not show up as a gradient error (the selections' agreement is reported).
 
 Part 2, whole train steps (msa_jax.train.train_step: model fwd+bwd + AdamW) on synthetic tokens:
-the model of a run preset (--train-model; gpu-small for paper, tiny for cpu) at --train-T, dense
+the model of a run preset (--train-model; gpu-small for paper, tiny for cpu) at each --train-T, dense
 (attention="dense", impl="auto": cuDNN on a GPU) against MSA (attention="msa", sparse=True, each
 impl of --impls). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio.
 
@@ -39,13 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import cell, fmt, guarded, inputs, is_oom, log, support_pairs, timeit
+from msa_jax.bench import card_rates, cell, fmt, guarded, inputs, is_oom, log, stage_floors, support_pairs, timeit
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
 
 # Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
 DEFAULTS = {
-    "cpu": dict(seq_lens=[128, 256], train_T=256, train_model="tiny"),
-    "paper": dict(seq_lens=[8192, 32768, 131072], train_T=32768, train_model="gpu-small"),
+    "cpu": dict(seq_lens=[128, 256], train_T=[256], train_model="tiny"),
+    "paper": dict(seq_lens=[8192, 32768, 131072], train_T=[32768], train_model="gpu-small"),
 }
 TARGET_T, TARGET_SPEEDUP = 131072, 8.0  # docs/benchmarking.md: training attention fwd+bwd + KL >= 8x dense at 128K
 BWD_FACTOR = 3.5  # fwd + bwd FLOPs = (1 + 2.5) x the forward's
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--check-T", type=int, default=None,
                    help="tokens of the gradient checks (default: (top_k + 2) * block_size, so the selection is sparse)")
     p.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip part 2")
-    p.add_argument("--train-T", type=int, help="sequence length of part 2 (default: the preset's)")
+    p.add_argument("--train-T", type=int, nargs="+", help="sequence lengths of part 2 (default: the preset's)")
     p.add_argument("--train-batch", type=int, default=1, help="batch size of part 2")
     p.add_argument("--train-model", choices=sorted(RUN_PRESETS),
                    help="run preset (msa_jax.presets) whose model part 2 builds (default: tiny for cpu, gpu-small for paper)")
@@ -179,8 +181,9 @@ def check_grads_f32(cfg, impls, check_T):
 # ------------------------------------------------------------------------------------ part 1
 
 
-def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result):
-    """One row of part 1: dense fwd+bwd and every impl's MSA parts at length T; on_result() after each."""
+def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result, rates):
+    """One row of part 1: dense fwd+bwd and every impl's MSA parts at length T, each against its floor
+    on the card (`msa_jax.bench.stage_floors`, rates = `card_rates()`); on_result() after each."""
     B, Hq, R, D, Di, bs = (cfg[x] for x in ("batch", "heads", "kv_heads", "head_dim", "index_dim", "block_size"))
     row = dict(T=T, impls={})
     on_result(row)
@@ -226,6 +229,7 @@ def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result):
         if "idx" in idx:
             pairs = support_pairs(idx["idx"], bs) * (Hq // R)
             res["pairs"] = pairs
+            row["floors"] = stage_floors(cfg, T, pairs / (Hq // R), rates, jnp.dtype(dtype).itemsize, train=True)
             f_main = BWD_FACTOR * 4 * D * pairs
 
             def run_main():
@@ -262,19 +266,19 @@ def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result):
 # ------------------------------------------------------------------------------------ part 2
 
 
-def train_configs(args, cfg, dtype_name, attention, impl):
+def train_configs(args, cfg, dtype_name, attention, impl, T):
     run = run_config(args.train_model or cfg["train_model"], attention=attention, impl=impl, dtype=dtype_name,
-                     seq_len=args.train_T or cfg["train_T"], batch_size=args.train_batch, kl_weight=1.0,
+                     seq_len=T, batch_size=args.train_batch, kl_weight=1.0,
                      msa_warmup_steps=0, lr_warmup_steps=1, seed=0, n_dense_layers=args.train_dense_layers)
     return run.model_config(), run.train_config()
 
 
-def bench_train_step(args, cfg, dtype_name, attention, impl, tokens):
+def bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T):
     """Median ms of train_step and tokens/s for one model (built, timed, dropped)."""
     from msa_jax.model import DecoderLM, count_params
     from msa_jax.train import make_optimizer, train_step
 
-    mcfg, tcfg = train_configs(args, cfg, dtype_name, attention, impl)
+    mcfg, tcfg = train_configs(args, cfg, dtype_name, attention, impl, T)
     model = DecoderLM(mcfg, seed=0)
     opt = make_optimizer(model, tcfg)
     sparse = attention == "msa"
@@ -287,32 +291,42 @@ def bench_train_step(args, cfg, dtype_name, attention, impl, tokens):
 
 
 def part2(args, cfg, dtype_name, impls, result, save):
-    mcfg, tcfg = train_configs(args, cfg, dtype_name, "msa", impls[0])
-    T, B = tcfg.seq_len, tcfg.batch_size
-    model_desc = dict(preset=args.train_model or cfg["train_model"], d_model=mcfg.d_model, n_layers=mcfg.n_layers,
-                      n_dense_layers=mcfg.n_dense_layers, heads=mcfg.n_heads, kv_heads=mcfg.n_kv_heads,
-                      head_dim=mcfg.head_dim, d_ff=mcfg.d_ff, block_size=mcfg.msa.block_size, top_k=mcfg.msa.top_k,
-                      index_dim=mcfg.msa.index_dim, dtype=mcfg.dtype)
-    res = result["train_step"] = dict(T=T, batch=B, model=model_desc, runs={})
-    log(f"part 2: train_step, T={T}, batch {B}, model {model_desc}")
-    tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, mcfg.vocab_size, jnp.int32)
-    for name, attention, impl in [("dense", "dense", "auto")] + [(i, "msa", i) for i in impls]:
-        r = guarded(f"train_step {name}", lambda: bench_train_step(args, cfg, dtype_name, attention, impl, tokens))
-        d = res["runs"].get("dense", {})
-        if name != "dense" and r["status"] == "ok" and d.get("status") == "ok":
-            r["ratio"] = r["tokens_per_s"] / d["tokens_per_s"]
-        res["runs"][name] = r
-        log(f"train_step {name}: {json.dumps(r)}")
-        save()
+    """Whole train steps at every --train-T: result["train_step"] is a list of one entry per length."""
+    result["train_step"] = []
+    for T in args.train_T or cfg["train_T"]:
+        mcfg, tcfg = train_configs(args, cfg, dtype_name, "msa", impls[0], T)
+        B = tcfg.batch_size
+        model_desc = dict(preset=args.train_model or cfg["train_model"], d_model=mcfg.d_model, n_layers=mcfg.n_layers,
+                          n_dense_layers=mcfg.n_dense_layers, heads=mcfg.n_heads, kv_heads=mcfg.n_kv_heads,
+                          head_dim=mcfg.head_dim, d_ff=mcfg.d_ff, block_size=mcfg.msa.block_size, top_k=mcfg.msa.top_k,
+                          index_dim=mcfg.msa.index_dim, dtype=mcfg.dtype)
+        res = dict(T=T, batch=B, model=model_desc, runs={})
+        result["train_step"].append(res)
+        log(f"part 2: train_step, T={T}, batch {B}, model {model_desc}")
+        tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, mcfg.vocab_size, jnp.int32)
+        for name, attention, impl in [("dense", "dense", "auto")] + [(i, "msa", i) for i in impls]:
+            r = guarded(f"train_step {name}", lambda: bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T))
+            d = res["runs"].get("dense", {})
+            if name != "dense" and r["status"] == "ok" and d.get("status") == "ok":
+                r["ratio"] = r["tokens_per_s"] / d["tokens_per_s"]
+            res["runs"][name] = r
+            log(f"train_step T={T} {name}: {json.dumps(r)}")
+            save()
 
 
 # ---------------------------------------------------------------------------------- reporting
 
 
+def floors(row) -> str:
+    f = row.get("floors")
+    return " / ".join(fmt(f[st]["floor_ms"], 0).strip() for st in ("dense", "indexer", "main", "kl")) if f else "-"
+
+
 def print_tables(result):
     print(f"\n### Attention fwd+bwd ({result['device']}, jax {result['jax']}, {result['dtype']})\n")
-    print("| T | dense ms | dense TF/s | impl | indexer ms | main ms | main TF/s | KL ms | total ms | speedup | grad rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | dense ms | dense TF/s | impl | indexer ms | main ms | main TF/s | KL ms | total ms | speedup | grad rel err "
+          "| floors ms: dense / indexer / main / KL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["attention"]:
         d = r.get("dense", {})
         for impl, m in r["impls"].items():
@@ -320,11 +334,10 @@ def print_tables(result):
             print(f"| {r['T']} | {fmt(cell(d))} | {fmt(cell(d, 'tflops'))} | {impl} | {fmt(cell(m.get('indexer', {})))} "
                   f"| {fmt(cell(m.get('main', {})))} | {fmt(cell(m.get('main', {}), 'tflops'))} "
                   f"| {fmt(cell(m.get('kl', {})))} | {fmt(cell(m.get('total', {})))} "
-                  f"| {fmt(m.get('total', {}).get('speedup'))} | {fmt(c.get('max_rel_err'))} |")
+                  f"| {fmt(m.get('total', {}).get('speedup'))} | {fmt(c.get('max_rel_err'))} | {floors(r)} |")
         if not r["impls"]:
             print(f"| {r['T']} | {fmt(cell(d))} | {fmt(cell(d, 'tflops'))} | - | | | | | | | |")
-    ts = result.get("train_step")
-    if ts:
+    for ts in result.get("train_step", []):
         print(f"\n### Train step (T={ts['T']}, batch {ts['batch']}, model {ts['model']['preset']}, "
               f"{ts['model']['n_layers']} layers)\n")
         print("| model | impl | ms / step | tokens/s | vs dense |")
@@ -389,6 +402,8 @@ def main(argv=None):
         tmp.replace(out / "results.json")
 
     print(f"device: {device} | jax {jax.__version__} | {dtype_name} | impls {impls} | {cfg}", flush=True)
+    result["rates"] = rates = card_rates()
+    log(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
     result["grad_check"] = guarded("f32 gradient check", lambda: check_grads_f32(cfg, impls, args.check_T))
     log(f"gradient check (f32, T={args.check_T}), max relative error: "
         + json.dumps({k: v.get("max_rel_err", v.get("error")) if isinstance(v, dict) else v
@@ -407,7 +422,7 @@ def main(argv=None):
 
         # bench_attention guards each measurement; this catches the rest (e.g. drawing the inputs)
         try:
-            bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result)
+            bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result, rates)
         except Exception as e:  # noqa: BLE001
             row = rows[-1] if rows and rows[-1]["T"] == T else dict(T=T, impls={})
             row.update(status="oom" if is_oom(e) else "error", error=f"{type(e).__name__}: {str(e)[:300]}")

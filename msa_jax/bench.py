@@ -87,6 +87,64 @@ def timeit(fn, *args, reps: int, budget: float, group: int = 1):
     return statistics.median(times), len(times) * group, first
 
 
+def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
+    """Bytes/s of a device copy (read + write) of an n_bytes float32 array: the card's practical ceiling."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    t, _, _ = timeit(jax.jit(lambda a: a + 1.0), x, reps=10, budget=5.0)
+    return 2 * x.nbytes / t
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of an n^3 bf16 matmul with float32 accumulation: the card's practical dense rate."""
+    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in jax.random.split(jax.random.key(1)))
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    t, _, _ = timeit(mm, a, b, reps=10, budget=5.0)
+    return 2 * n**3 / t
+
+
+def card_rates() -> dict:
+    """The denominators of the benchmarks' floors, measured: copy GB/s and bf16 matmul TFLOP/s (small
+    sizes off a GPU, where they only keep the code path exercised)."""
+    gpu = jax.default_backend() == "gpu"
+    return dict(copy_gb_s=copy_bandwidth(1 << 32 if gpu else 1 << 24) / 1e9,
+                matmul_tflops=matmul_rate(8192 if gpu else 512) / 1e12)
+
+
+def floor_ms(flops: float, n_bytes: float, rates: dict) -> dict:
+    """The time a stage cannot beat on the card: its FLOPs at the measured matmul rate or its bytes
+    at the measured copy bandwidth, whichever is longer (`card_rates`)."""
+    t_flop = flops / (rates["matmul_tflops"] * 1e12) * 1e3
+    t_byte = n_bytes / (rates["copy_gb_s"] * 1e9) * 1e3
+    return dict(floor_ms=max(t_flop, t_byte), flop_ms=t_flop, byte_ms=t_byte, bound="flops" if t_flop >= t_byte else "bytes")
+
+
+def stage_floors(shape: dict, T: int, pairs: float, rates: dict, itemsize: int, train: bool = False) -> dict:
+    """Floors (`floor_ms`) of the attention stages at length T for a head `shape`; pairs =
+    `support_pairs` of the selection (summed over batch and groups). The FLOPs are the useful ones
+    (docs/benchmarking.md); the bytes are each stage's inputs read once and outputs written once:
+      dense    causal attention: 2 H_q D T^2 FLOPs; q, k, v in, out out.
+      indexer  H_kv D_idx T^2; iq, ik in, the block ids out.
+      main     4 H_q / H_kv D per selected (query, key) pair; q, k, v in, out out.
+    train=True: fwd+bwd (3.5x the forward's FLOPs; q, k, v, out, dout in, dq, dk, dv out) and the
+      KL: the teacher's scores once (2 D per pair and head) and the student's three dots (z, d iq,
+      d ik: 6 D_idx per pair); q, k, iq, ik in, d iq, d ik out."""
+    B, Hq, R, D, Di, k = (shape[x] for x in ("batch", "heads", "kv_heads", "head_dim", "index_dim", "top_k"))
+    G = Hq // R
+    s = itemsize
+    q_b, kv_b, iq_b, ik_b = B * T * Hq * D * s, 2 * B * T * R * D * s, B * T * R * Di * s, B * T * Di * s
+    ids_b = B * T * R * k * 4
+    f_dense = B * 2 * Hq * D * T * T
+    f_main = 4 * G * D * pairs
+    f = 3.5 if train else 1.0
+    io = (3 * q_b + 2 * kv_b) if train else (2 * q_b + kv_b)  # (q, out, dout, dq) + (k, v, dk, dv) / q, out, k, v
+    out = dict(dense=floor_ms(f * f_dense, io, rates),
+               indexer=floor_ms(B * R * Di * T * T, iq_b + ik_b + ids_b, rates),
+               main=floor_ms(f * f_main, io + ids_b, rates))
+    if train:
+        out["kl"] = floor_ms(2 * G * D * pairs + 6 * Di * pairs, q_b + kv_b / 2 + 2 * (iq_b + ik_b) + ids_b, rates)
+    return out
+
+
 def is_oom(e: BaseException) -> bool:
     s = f"{type(e).__name__}: {e}"
     return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower()

@@ -215,6 +215,8 @@ class MSAAttention(GQAAttention):
         q_pos: the queries' positions when they are a slice of the sequence (context parallelism)."""
         m = self.cfg.msa
         kw = dict(block_size=m.block_size, q_pos=q_pos, impl=impl)
+        if sparse and impl == "auto" and q_pos is None and ops.selects_every_block(k.shape[1], m.block_size, m.top_k):
+            sparse = False  # every query selects all its blocks: the dense path gives the same out and KL, faster
         if sparse:
             o, block_idx, lse = ops.msa_attention(q, k, v, iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks,
                                                   return_lse=True, **kw)

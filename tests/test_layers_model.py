@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from msa_jax import ops
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.layers import MLP, GQAAttention, IndexBranch, MSAAttention, RMSNorm, rope
 from msa_jax.model import INDEX_PARAMS, MAIN_PARAMS, DecoderLM, count_params, split_params
@@ -230,6 +231,33 @@ def test_dense_and_msa_models_agree_within_dense_span_and_differ_beyond(impl):
         # Warmup mode (sparse=False) is dense attention at every length.
         lw, _ = forward(msa, toks, sparse=False)
         np.testing.assert_allclose(lw, ld, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_runs_short_sequences_dense_with_the_same_logits_kl_and_gradients(monkeypatch):
+    """T <= top_k * block_size: impl="auto" takes the dense path (every block is selected anyway),
+    impl="xla" the sparse ops; logits, KL and every gradient (index branch included) agree."""
+    toks = tokens(3, 2, 29)  # 29 tokens: 4 blocks of 8 = top_k; not a multiple of the block
+
+    def loss(model):
+        logits, aux = model(toks, sparse=True)
+        return jnp.mean(jnp.square(logits)) + aux["kl"], (logits, aux["kl"])
+
+    res = {}
+    for impl in ("auto", "xla"):
+        if impl == "auto":  # the sparse ops must not run at all
+            monkeypatch.setattr(ops, "msa_attention", None)
+        else:
+            monkeypatch.undo()
+        model = DecoderLM(make_cfg("msa", impl=impl), seed=2)
+        (_, (logits, kl)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        res[impl] = logits, kl, leaves_by_path(grads)
+    (la, ka, ga), (lx, kx, gx) = res["auto"], res["xla"]
+    np.testing.assert_allclose(la, lx, rtol=1e-5, atol=1e-5)
+    assert float(ka) > 0.0
+    np.testing.assert_allclose(ka, kx, rtol=1e-5, atol=1e-7)
+    assert ga.keys() == gx.keys() and any("index" in name for name in ga)
+    for name in ga:
+        np.testing.assert_allclose(ga[name], gx[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("attention", ["dense", "msa"])

@@ -513,7 +513,7 @@ def test_msa_attention_consistent_with_parts(impl):
 # ============================================================================================
 
 
-@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("impl", ALL_IMPLS + ("auto",))  # auto: the dense shortcut (ops.selects_every_block)
 @pytest.mark.parametrize(
     "cfg",
     [

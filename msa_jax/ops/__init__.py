@@ -44,6 +44,7 @@ __all__ = [
     "dense_attention",
     "index_kl_loss",
     "selection_recall",
+    "selects_every_block",
 ]
 
 
@@ -118,13 +119,33 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int = 128, return_lse: b
     return fn(q, k, v, block_idx.astype(jnp.int32), **kw)
 
 
+def selects_every_block(n_keys: int, block_size: int, top_k: int) -> bool:
+    """True when a sequence of n_keys has at most top_k blocks: every query then selects all the blocks
+    it can see, so MSA's main branch is dense causal attention and its KL the full-support KL."""
+    return -(-n_keys // block_size) <= top_k
+
+
+def _every_block(B: int, T: int, H_kv: int, block_size: int, top_k: int):
+    """select_blocks' result when `selects_every_block`: each query's visible blocks, -1 after."""
+    ids = jnp.arange(top_k, dtype=jnp.int32)
+    ids = jnp.where(ids[None, :] <= (jnp.arange(T, dtype=jnp.int32) // block_size)[:, None], ids, -1)
+    return jnp.broadcast_to(ids[None, :, None, :], (B, T, H_kv, top_k))
+
+
 def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0,
                   return_lse: bool = False, q_pos=None, ik_scale=None, impl: str = "auto"):
-    """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx) (+ lse with return_lse)."""
+    """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx) (+ lse with return_lse).
+
+    impl="auto" on a sequence that `selects_every_block` (T <= top_k * block_size) runs dense
+    attention (cuDNN on a GPU) instead of the sparse kernels: the same result, faster."""
     _backend(impl)
     cached = q_pos is not None
     check_qkv(q, k, v, cached=cached)
     check_index(iq, ik, k, cached=cached, scaled=ik_scale is not None)
+    if impl == "auto" and not (cached or return_lse) and selects_every_block(k.shape[1], block_size, top_k):
+        check_int("block_size", block_size, 1)
+        check_int("top_k", top_k, 1)
+        return dense_attention(q, k, v), _every_block(q.shape[0], q.shape[1], k.shape[2], block_size, top_k)
     block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, q_pos=q_pos,
                               ik_scale=ik_scale, impl=impl)
     out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, q_pos=q_pos, impl=impl)
