@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp

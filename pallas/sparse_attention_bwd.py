@@ -104,7 +104,6 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.kv_tile
     bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
-    M = bq * G_pad
     P = n_tiles * bq
     layout = functools.partial(kvo.rows, n_groups=sz.H_kv, G_pad=G_pad)
     qg, dog = layout(qc, width=D_pad), layout(doc, width=D_pad)
