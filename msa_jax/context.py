@@ -11,6 +11,11 @@ keys of the whole sequence over `context` (with GQA and one index-key head they 
 the queries), puts them back in position order and runs its own queries against them with their
 global positions (`q_pos`). The gradients of the gathered tensors flow back through the gather,
 which transposes to a reduce-scatter. Scalar metrics come back as weighted means over all devices.
+
+Memory: the backward keeps only each device's own slices and what the core marks with `keep` (the
+MSA selection); the gathered keys are gathered again, since kept for every layer they would grow
+with T, not T/C. The xla ops size their query chunks by the local share S/T of the sequence
+(`msa_jax.ops.xla`), so per-device scratch falls with C too.
 """
 
 from __future__ import annotations
@@ -18,11 +23,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from msa_jax.config import BATCH_AXES
 
 AXIS = "context"
+_KEEP = "context_keep"
+
+
+def keep(x: jax.Array) -> jax.Array:
+    """Mark an intermediate of an attention core that the backward keeps instead of recomputing."""
+    return checkpoint_name(x, _KEEP)
 
 
 def size() -> int:
@@ -81,6 +93,7 @@ def attention(core, positions: jax.Array, queries: tuple, keys: tuple):
     out_shape = jax.eval_shape(lambda *a: core(*a[:len(queries)], *a[len(queries):],
                                                jnp.zeros(queries[0].shape[:2], jnp.int32)), *arrays)
     out_specs = (spec(out_shape[0]), {name: P() for name in out_shape[1]})
+    local = jax.checkpoint(local, policy=jax.checkpoint_policies.save_only_these_names(_KEEP))
     fn = jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) + tuple(spec(x) for x in arrays),
                        out_specs=out_specs, check_vma=False)
     return fn(positions, *arrays)
