@@ -218,8 +218,9 @@ class MSAAttention(GQAAttention):
         if sparse and impl == "auto" and q_pos is None and ops.selects_every_block(k.shape[1], m.block_size, m.top_k):
             sparse = False  # every query selects all its blocks: the dense path gives the same out and KL, faster
         if sparse:
-            o, block_idx, lse = ops.msa_attention(q, k, v, iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks,
-                                                  return_lse=True, **kw)
+            # msa_attention's two steps, so that a context-parallel backward keeps the selection
+            block_idx = context.keep(ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks, **kw))
+            o, lse = ops.sparse_attention(q, k, v, block_idx, return_lse=True, **kw)
             # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
             kl = ops.index_kl_loss(q, k, iq, ik, block_idx, lse=lse, **kw)
         else:

@@ -1,8 +1,8 @@
 """Data / FSDP / tensor / context parallelism over a named device mesh (GSPMD, MaxText-style logical axes).
 
 Mesh axes are ("data", "fsdp", "tensor", "context"). `context` splits each sequence (msa_jax.context:
-the train step lays the tokens out in zigzag order, attention gathers the keys); parameters are
-not split over it. Every parameter is mapped in two steps:
+`shard_batch` places a batch in zigzag order split over it, attention gathers the keys);
+parameters are not split over it. Every parameter is mapped in two steps:
 
 1. `PARAM_RULES` (ordered, first match wins): a regex over the parameter's "/"-joined path -> one
    *logical* axis name per dim, e.g. `attn/wq/kernel` [d_model, H*D] -> ("embed", "heads").
@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from msa_jax import context
 from msa_jax.config import BATCH_AXES, MESH_AXES
 
 # Parameter path regex (searched at the end of the "/"-joined path) -> logical axes, one per dim.
@@ -217,13 +218,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
-def shard_batch(tokens, mesh: Mesh) -> jax.Array:
+def shard_batch(tokens, mesh: Mesh) -> jax.Array | dict:
     """A global batch `tokens` [B, ...] as a jax.Array split by `batch_sharding(mesh)`.
 
     Every process passes the same global host array and contributes the rows of its own devices
     (`make_array_from_callback`), so this works unchanged on one host and on several. B must be a
-    multiple of data * fsdp.
+    multiple of data * fsdp. On a mesh with a `context` axis, a training batch [B, T+1] comes back
+    split over the sequence too, as `msa_jax.context.shard_batch`'s dict.
     """
+    if mesh.shape["context"] > 1:
+        return context.shard_batch(tokens, mesh)
     tokens = np.asarray(tokens)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if tokens.shape[0] % n:

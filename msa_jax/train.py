@@ -79,14 +79,18 @@ def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def loss_fn(model: nnx.Module, tokens: jax.Array, *, sparse: bool, kl_weight: float, with_recall: bool = False):
+def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_recall: bool = False):
     """tokens [B, T+1] int32 -> (loss, metrics {"loss", "lm_loss", "kl"}); next-token prediction.
 
-    Under a mesh with a `context` axis the inputs and targets go into its zigzag layout first
-    (`msa_jax.context`): the same loss, with the sequence split over the devices."""
-    inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], None
-    if context.size() > 1:
-        positions, inputs, targets = context.layout(inputs, targets)
+    tokens may also be a context-parallel batch (`msa_jax.context.shard_batch`: inputs, targets
+    and positions, already in the zigzag layout and split over the sequence). A token array under
+    a mesh with a `context` axis is laid out here instead. Either way: the same loss."""
+    if isinstance(tokens, dict):
+        inputs, targets, positions = tokens["inputs"], tokens["targets"], tokens["positions"]
+    else:
+        inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], None
+        if context.size() > 1:
+            positions, inputs, targets = context.layout(inputs, targets)
     logits, aux = model(inputs, positions=positions, sparse=sparse, with_recall=with_recall)
     lm = lm_loss(logits, targets)
     kl = aux["kl"]
@@ -97,8 +101,8 @@ def loss_fn(model: nnx.Module, tokens: jax.Array, *, sparse: bool, kl_weight: fl
 
 
 @nnx.jit(static_argnames=("sparse", "kl_weight"))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *, sparse: bool, kl_weight: float):
-    """One AdamW step on `tokens` [B, T+1].
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens, *, sparse: bool, kl_weight: float):
+    """One AdamW step on `tokens` [B, T+1] (or a context-parallel batch: `loss_fn`).
 
     Returns metrics: loss, lm_loss, kl, grad_norm (all params, before clipping), for a model
     with index branches index_grad_norm (index params only; the KL's gradient), and grad_finite:
@@ -152,7 +156,8 @@ def sharded_train_step(model, optimizer, tokens, *, mesh: jax.sharding.Mesh, spa
 
 @nnx.jit(static_argnames=("mesh", "sparse", "kl_weight"))
 def _sharded_train_step(model, optimizer, tokens, *, mesh, sparse, kl_weight):
-    tokens = jax.lax.with_sharding_constraint(tokens, sharding.batch_sharding(mesh))
+    layout = context.batch_shardings(mesh) if isinstance(tokens, dict) else sharding.batch_sharding(mesh)
+    tokens = jax.lax.with_sharding_constraint(tokens, layout)
     # train_step is itself an nnx.jit; nested inside this jit it is simply inlined.
     metrics = train_step(model, optimizer, tokens, sparse=sparse, kl_weight=kl_weight)
     _constrain(model, mesh)

@@ -1,9 +1,9 @@
 """The training loop (`msa_jax.loop.train_and_evaluate`): outputs, resume, interrupts, meshes, hosts.
 
 The reference is one uninterrupted tiny run, in-process. Every other way of getting to the same
-step (stop_at + rerun in-process; through `experiments/train_lm.py`: SIGTERM + rerun, a resume on an
-8-device 2x2x2 mesh, two processes of four devices each) must give the same metrics.jsonl. The
-scripts that read run directories (eval_retrieval.py, compare_runs.py) run on it too.
+step (stop_at + rerun in-process; through `experiments/train_lm.py`: SIGTERM + rerun, resumes on
+8-device context=2 then context=4 meshes, two processes of four devices each) must give the same
+metrics.jsonl. The scripts that read run directories (eval_retrieval.py, compare_runs.py) run on it too.
 """
 
 from __future__ import annotations
@@ -218,16 +218,21 @@ def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, 
     assert values(rows(run_dir)) == values(reference)  # bit for bit
 
 
-def test_resume_on_an_8_device_context_mesh_gives_the_single_device_losses(full, tmp_path):
+def test_resume_on_context_meshes_of_other_sizes_gives_the_single_device_losses(full, tmp_path):
+    """Checkpoints do not depend on the mesh: one device -> context=2 -> context=4, same losses."""
     run_dir = tmp_path / "run"
     train(run_dir, stop_at=3)  # one device, in-process
-    # the sequence split over 2 devices (context), the batch over 2, the heads over 2
-    proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--mesh", "data=2,tensor=2,context=2"],
-                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output[-3000:]
-    assert "8 device(s)" in output and "'data': 2, 'fsdp': 1, 'tensor': 2, 'context': 2" in output
-    assert "resumed from" in output
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # steps 4-6: the sequence split over 2 devices (context), the batch over 2, the heads over 2;
+    # steps 7-8: the sequence over 4, the batch over 2
+    for mesh, extra, shape, resumed in (
+            ("data=2,tensor=2,context=2", ["--stop-at", "6"], "'data': 2, 'fsdp': 1, 'tensor': 2, 'context': 2", 3),
+            ("data=2,context=4", [], "'data': 2, 'fsdp': 1, 'tensor': 1, 'context': 4", 6)):
+        proc = run_cli(ARGS + ["--run-dir", str(run_dir), "--mesh", mesh, *extra], env=env)
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert "8 device(s)" in output and shape in output
+        assert f"resumed from {run_dir / 'checkpoints'}/{resumed}" in output, output[-3000:]
     assert_rows_close(rows(run_dir), rows(full), rtol=2e-5)
 
 

@@ -21,17 +21,25 @@ NEG_INF = -jnp.inf
 CHUNK_BUDGET = {"cpu": 1 << 25}
 DEFAULT_BUDGET = 1 << 28
 MAX_CHUNK = 1024
+# Queries at an offset that are a slice of S of the L positions (a context-parallel device's
+# share, a prefill chunk) get an S/L share of the chunk length, so the slices of one sequence
+# use no more scratch together than one pass over it; but no less than this many queries.
+MIN_SLICE_CHUNK = 128
 
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
 
-def _chunk_len(T: int, per_query: int, q_chunk: int | None) -> int:
+def _chunk_len(T: int, L: int, per_query: int, q_chunk: int | None) -> int:
+    """Query chunk length for T queries against L keys whose largest intermediate holds
+    `per_query` elements per query."""
     if q_chunk is not None:
         return q_chunk
     budget = CHUNK_BUDGET.get(jax.default_backend(), DEFAULT_BUDGET)
     c = min(_pow2_floor(budget // max(per_query, 1)), MAX_CHUNK)
+    if L > T:
+        c = min(c, max(_pow2_floor(c * T // L), MIN_SLICE_CHUNK))
     return max(1, min(c, 1 << (T - 1).bit_length()))  # no longer than T rounded up to a power of 2
 
 
@@ -167,7 +175,7 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
     nb = _num_blocks(ik.shape[1], block_size)
     kk = min(top_k, nb)
     ik_pad = _pad_time(ik, nb * block_size)
-    C = _chunk_len(T, B * R * nb * block_size, q_chunk)
+    C = _chunk_len(T, ik.shape[1], B * R * nb * block_size, q_chunk)
     forced_sink = jnp.finfo(jnp.float32).max  # sinks rank above any score, below the local block
 
     def body(q_pos, iq_c):  # q_pos [B|1, C]
@@ -243,13 +251,13 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None
     if q_pos is None:  # training: gradients of shared keys sum in float32 (not needed for a cache)
         k, v = _f32_shared(k), _f32_shared(v)
     if _strategy(L, K, block_size, strategy) == "mask":
-        C = _chunk_len(T, B * H_q * L, q_chunk)
+        C = _chunk_len(T, L, B * H_q * L, q_chunk)
 
         def body(q_pos, q_c, ids):
             return _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(ids, q_pos, L, block_size), False, return_lse)
     else:
         kb, vb = _blocks(k, block_size), _blocks(v, block_size)
-        C = _chunk_len(T, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
+        C = _chunk_len(T, L, B * R * K * block_size * (2 * D + H_q // R), q_chunk)
 
         def body(q_pos, q_c, ids):
             _, ok = _support(ids, q_pos, block_size)
@@ -262,7 +270,7 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None
 def dense_attention(q, k, v, *, q_chunk: int | None = None, q_pos=None):
     B, T, H_q, D = q.shape
     L = k.shape[1]
-    C = _chunk_len(T, B * H_q * L, q_chunk)
+    C = _chunk_len(T, L, B * H_q * L, q_chunk)
     dt = k.dtype
     if q_pos is None:
         k, v = _f32_shared(k), _f32_shared(v)
@@ -293,7 +301,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk
     K = 1 if block_idx is None else block_idx.shape[-1]
     if block_idx is None or _strategy(L, K, block_size, strategy) == "mask":
         # All keys, masked: the full causal support (dense warmup) or the selected blocks.
-        C = _chunk_len(S, B * L * (H_q + R), q_chunk)
+        C = _chunk_len(S, L, B * L * (H_q + R), q_chunk)
 
         def body(q_pos, q_c, iq_c, ids=None):
             mask = _key_mask(ids, q_pos, L, block_size)
@@ -302,7 +310,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_chunk
             return kl(t_logits, s_logits, mask, q_pos)
     else:
         kb, ikb = _blocks(k, block_size), _blocks(ik, block_size)
-        C = _chunk_len(S, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
+        C = _chunk_len(S, L, B * R * K * block_size * (D + Di + H_q // R), q_chunk)
 
         def body(q_pos, q_c, iq_c, ids):
             _, ok = _support(ids, q_pos, block_size)
@@ -322,7 +330,7 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_chunk: i
     nb = _num_blocks(L, block_size)
     kk = min(top_k, nb)
     k_pad = _pad_time(k, nb * block_size)
-    C = _chunk_len(S, B * H_q * nb * block_size, q_chunk)
+    C = _chunk_len(S, L, B * H_q * nb * block_size, q_chunk)
 
     def body(q_pos, q_c, ids):
         logits = _mm("bcrgd,bjrd->bcrgj", _group(q_c, R), k_pad) * D**-0.5
