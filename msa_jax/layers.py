@@ -74,9 +74,13 @@ def rope(x: jax.Array, positions: jax.Array, rope_dim: int, theta: float) -> jax
     return rotated.astype(x.dtype)
 
 
-def _offset_impl(impl: str) -> str:
-    """The impl for queries at an offset in training: the Pallas decode kernels have no gradient."""
-    return impl if impl in ("reference", "xla") else "xla"
+def _offset_impl(impl: str, n_queries: int) -> str:
+    """The impl for a context-parallel slice of n_queries queries in training: the Pallas impl takes
+    queries at positions differentiably from DECODE_MAX_QUERIES + 1 on (fewer run its decode kernels,
+    which have no gradient: the xla ops then)."""
+    if impl in ("reference", "xla") or n_queries > ops.pallas_backend.DECODE_MAX_QUERIES:
+        return impl
+    return "xla"
 
 
 class MLP(nnx.Module):
@@ -125,9 +129,11 @@ class GQAAttention(nnx.Module):
         del sparse, with_recall
         q, k, v = self.qkv(x, positions)
         if context.size() > 1:  # the sequence is split over the mesh's context axis
-            impl = _offset_impl(self.cfg.impl)
-            o, _ = context.attention(lambda q, k, v, q_pos: (ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl), {}),
-                                     positions, (q,), (k, v))
+            def core(q, k, v, q_pos):
+                impl = _offset_impl(self.cfg.impl, q.shape[1])
+                return ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl), {}
+
+            o, _ = context.attention(core, positions, (q,), (k, v))
         else:
             o = ops.dense_attention(q, k, v, impl=self.cfg.impl)
         return self.project_out(o), {}
@@ -203,7 +209,7 @@ class MSAAttention(GQAAttention):
         kw = dict(sparse=sparse, with_recall=with_recall)
         if context.size() > 1:  # the sequence is split over the mesh's context axis
             core = lambda q, iq, k, v, ik, q_pos: self._attend(q, iq, k, v, ik, q_pos,  # noqa: E731
-                                                                impl=_offset_impl(self.cfg.impl), **kw)
+                                                                impl=_offset_impl(self.cfg.impl, q.shape[1]), **kw)
             o, aux = context.attention(core, positions, (q, iq), (k, v, ik))
         else:
             o, aux = self._attend(q, iq, k, v, ik, None, impl=self.cfg.impl, **kw)

@@ -36,7 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_block_idx, check_floating, check_index, check_int, check_qkv, check_shape
+from msa_jax.checks import (check_block_idx, check_floating, check_index, check_int, check_q_pos, check_qkv,
+                            check_shape)
 from pallas import kv_outer as kvo
 from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
@@ -48,7 +49,7 @@ __all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "teacher_lse"]
 
 
 def _fwd_kernel(
-    q0_ref,  # [16] int32: absolute position of the chunk's first token (all entries equal)
+    pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
     tiles_ref,  # [n_tiles] int32: block id of every tile of this row, -1 = unused
     tok_ref,  # [BQ] int32: chunk-local token of every position of this tile, -1 = padding
     q_ref,  # [Tc * G_pad, D_pad]: the chunk's queries of this group, token-major
@@ -86,8 +87,7 @@ def _fwd_kernel(
         z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx  # [M, kv_tile]
 
         key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
-        q0 = q0_ref[0]
-        mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= (q0 + row_tok)[:, None])
+        mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[jnp.maximum(row_tok, 0)][:, None])
         if kv_tile > block_size:  # 16-row K tile for block_size 8: drop the rows of block c + 1
             mask = mask & (key_pos < start + block_size)[None, :]
         p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
@@ -112,7 +112,7 @@ def _fwd_kernel(
 
 
 def _bwd_kernel(
-    q0_ref,  # [16] int32: absolute position of the chunk's first token
+    pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
     unit_ref,  # [3 * U] int32: (block, first tile, tile count) of every unit of this row
     tok_ref,  # [P] int32: chunk-local token of every padded position, -1 = padding
     q_ref,  # [Tc * G_pad, D_pad]: the chunk's queries, token-major
@@ -152,7 +152,6 @@ def _bwd_kernel(
         k = k_ref[pl.ds(start, kv_tile), :]
         ik = ik_ref[pl.ds(start, kv_tile), :]
         key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
-        q0 = q0_ref[0]
 
         def tile(j, dik):
             t = t0 + j
@@ -167,7 +166,8 @@ def _bwd_kernel(
             w2 = w2_ref[tok]
             s = plgpu.dot(q, k, trans_b=True, precision=prec) * (scale * LOG2E)
             z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx
-            mask = (real_head & (row_tok >= 0))[:, None] & (key_pos[None, :] <= (q0 + row_tok)[:, None])
+            row_pos = pos_ref[jnp.maximum(row_tok, 0)]
+            mask = (real_head & (row_tok >= 0))[:, None] & (key_pos[None, :] <= row_pos[:, None])
             if kv_tile > block_size:
                 mask = mask & (key_pos < start + block_size)[None, :]
             p = jnp.exp2(s - (lse * LOG2E)[:, None])
@@ -191,19 +191,17 @@ def _bwd_kernel(
 # -------------------------------------------------------------------------------------- wrapper
 
 
-def _chunk_fwd(q0, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
+def _chunk_fwd(posc, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
     """One query chunk -> kl, lse_idx, S float32 [B, Tc, H_kv]."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
     G, G_pad, D_pad, BH, H_kv = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.H_kv
     bq, n_tiles = plan.block_q, plan.n_tiles
-    M = bq * G_pad
     P = n_tiles * bq
     qg = kvo.rows(qc, H_kv, G_pad, D_pad)
     lseg = kvo.rows(lsec, H_kv, G_pad, fill=jnp.inf)  # padded heads: P = exp(s - inf) = 0
     iqg = kvo.rows(iqc, H_kv, width=Di_pad)
     tiles, tok, inv = ix.tiles, ix.tok, ix.inv
-    q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
         _fwd_kernel, scale=D**-0.5, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=sz.kv_tile,
@@ -215,7 +213,7 @@ def _chunk_fwd(q0, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes,
         kernel,
         grid=(n_tiles, BH),
         in_specs=[
-            pl.BlockSpec((16,), lambda t, bh: (0,)),
+            pl.BlockSpec((None, Tc), lambda t, bh: (bh // H_kv, 0)),  # query positions of the batch row
             row(n_tiles), part,
             row(Tc * G_pad, D_pad), row(Tc * G_pad), row(Tc, Di_pad),
             row(kg.shape[1], D_pad),
@@ -226,14 +224,14 @@ def _chunk_fwd(q0, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes,
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=f"msa_index_kl_fwd_bq{bq}_g{G_pad}_bs{sz.block_size}",
-    )(q0_arr, tiles, tok, qg, lseg, iqg, kg, ikg)
+    )(posc, tiles, tok, qg, lseg, iqg, kg, ikg)
 
     A, Bz, S, lse_idx = kvo.combine_scalars(parts[:3], parts[3], inv)
     kl = A - Bz + jnp.where(jnp.isfinite(lse_idx), lse_idx, 0.0) * S  # empty support: kl = 0
     return tuple(kvo.ungroup(x, B) for x in (kl, lse_idx, S))
 
 
-def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
+def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
     """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],)."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
@@ -246,7 +244,6 @@ def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, 
     iqg = kvo.rows(iqc, H_kv, width=Di_pad)
     zlseg, w1g, w2g = (kvo.rows(x, H_kv) for x in (zlsec, w1c, w2c))
     tok, inv, unit_tab, ustart = ix.tok, ix.inv, ix.unit_tab, ix.ustart
-    q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
         _bwd_kernel, scale=D**-0.5, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=kv_tile,
@@ -257,7 +254,7 @@ def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, 
         kernel,
         grid=(U, BH),
         in_specs=[
-            pl.BlockSpec((16,), lambda u, bh: (0,)),
+            pl.BlockSpec((None, Tc), lambda u, bh: (bh // H_kv, 0)),  # query positions of the batch row
             row(3 * U), row(P),
             row(Tc * G_pad, D_pad), row(Tc * G_pad), row(Tc, Di_pad),
             row(Tc), row(Tc), row(Tc),
@@ -275,7 +272,7 @@ def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, 
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=f"msa_index_kl_bwd_bq{bq}_g{G_pad}_bs{sz.block_size}_w{plan.tiles_per_unit}",
-    )(q0_arr, unit_tab, tok, qg, lseg, iqg, zlseg, w1g, w2g, kg, ikg)
+    )(posc, unit_tab, tok, qg, lseg, iqg, zlseg, w1g, w2g, kg, ikg)
 
     (dik,) = kvo.reduce_units(
         ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
@@ -287,21 +284,21 @@ def _chunk_bwd(q0, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, 
     return kvo.ungroup(diq[:, :, 0, :Di], B), (dik,)
 
 
-def _prep(k, ik, block_idx, lse, sz: kvo.Sizes, Di_pad: int):
+def _prep(k, ik, block_idx, lse, pos, sz: kvo.Sizes, Di_pad: int):
     """Shared wrapper layouts: k, ik in the kernels' padded layout, cleaned ids, float32 lse."""
     kg = kvo.kv_layout(k, sz.T_kv_pad, sz.D_pad)
     ikg = kvo.kv_layout(ik, sz.T_kv_pad, Di_pad)
-    return kg, ikg, kvo.clean_ids(block_idx, sz.block_size), lse.astype(jnp.float32)
+    return kg, ikg, kvo.clean_ids(block_idx, sz.block_size, pos), lse.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
-def _index_kl_fwd(q, k, iq, ik, block_idx, lse, *, block_size: int, plan: kvo.Plan):
+def _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, *, block_size: int, plan: kvo.Plan):
     sz = kvo.sizes(q, k, block_idx, block_size)
     Di_pad = pad_dim(iq.shape[3])
     T_pad = plan.n_chunks * plan.t_chunk
-    kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, sz, Di_pad)
+    kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, pos, sz, Di_pad)
     chunk = functools.partial(_chunk_fwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
-    xs = (kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), kvo.pad_time(iq, T_pad))
+    xs = (kvo.pad_time(pos, T_pad, -1), kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), kvo.pad_time(iq, T_pad))
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     kl, lse_idx, S = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, index)
     T = sz.T
@@ -309,18 +306,18 @@ def _index_kl_fwd(q, k, iq, ik, block_idx, lse, *, block_size: int, plan: kvo.Pl
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
-def _index_kl_bwd(q, k, iq, ik, block_idx, lse, lse_idx, S, g, *, block_size: int, plan: kvo.Plan):
+def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_size: int, plan: kvo.Plan):
     sz = kvo.sizes(q, k, block_idx, block_size)
     Di = iq.shape[3]
     Di_pad = pad_dim(Di)
     T_pad = plan.n_chunks * plan.t_chunk
-    kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, sz, Di_pad)
+    kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, pos, sz, Di_pad)
     g = g.astype(jnp.float32)
     zlse = jnp.where(jnp.isfinite(lse_idx), lse_idx, 0.0)  # empty support: no tile reads it
     w1 = g * S.astype(jnp.float32) * (1.0 / sz.G)
     w2 = g * (1.0 / sz.G)
     chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
-    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, lse, iq, zlse, w1, w2))
+    xs = (kvo.pad_time(pos, T_pad, -1),) + tuple(kvo.pad_time(x, T_pad) for x in (q, lse, iq, zlse, w1, w2))
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
     diq, (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)  # d ik: chunk order
@@ -328,14 +325,17 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, lse_idx, S, g, *, block_size: in
     acc = dik[:, 0]
     for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order
         acc = acc + dik[:, r]
-    return diq[:, : sz.T].astype(iq.dtype), acc[:, : sz.T, :Di].astype(ik.dtype)
+    return diq[:, : sz.T].astype(iq.dtype), acc[:, : sz.L, :Di].astype(ik.dtype)
 
 
-def _check(q, k, iq, ik, block_idx, lse, block_size) -> kvo.Sizes:
-    check_qkv(q, k, dtypes=KERNEL_DTYPES)
-    check_index(iq, ik, k, dtypes=KERNEL_DTYPES)
-    check_block_idx(block_idx, k)
+def _check(q, k, iq, ik, block_idx, lse, block_size, q_pos) -> kvo.Sizes:
+    cached = q_pos is not None
+    check_qkv(q, k, dtypes=KERNEL_DTYPES, cached=cached)
+    check_index(iq, ik, k, dtypes=KERNEL_DTYPES, cached=cached)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
     check_int("block_size", block_size, 1)
+    if cached:
+        check_q_pos(q_pos, *q.shape[:2])
     check_shape("lse", lse, q.shape[:3], "[B, T, H_q]")
     check_floating("lse", lse)
     return kvo.sizes(q, k, block_idx, block_size)
@@ -355,6 +355,7 @@ def index_kl_fwd(
     lse: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     num_warps: int | None = None,
@@ -368,10 +369,11 @@ def index_kl_fwd(
     bounds the backward's d iq partial buffer; forward and backward need not agree).
     interpret: None = the Pallas interpreter unless jax.default_backend() == "gpu".
     """
-    sz = _check(q, k, iq, ik, block_idx, lse, block_size)
+    sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, num_warps=num_warps, num_stages=num_stages)
     plan = _plan("kl_fwd", config, sz, q, iq, interpret)
-    return _index_kl_fwd(q, k, iq, ik, block_idx, lse, block_size=block_size, plan=plan)
+    pos = kvo.positions(q_pos, sz.B, sz.T)
+    return _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, block_size=block_size, plan=plan)
 
 
 def index_kl_bwd(
@@ -385,6 +387,7 @@ def index_kl_bwd(
     g: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
@@ -397,38 +400,38 @@ def index_kl_bwd(
 
     block_q, query_chunk, tiles_per_unit, num_warps, num_stages: see `kv_outer.KVOuterConfig`.
     """
-    sz = _check(q, k, iq, ik, block_idx, lse, block_size)
+    sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     lse_idx, S = res
     layout = f"[B={sz.B}, T={sz.T}, H_kv={sz.H_kv}]"
-    check_shape("res[0] (lse_idx)", lse_idx, k.shape[:3], layout)
-    check_shape("res[1] (S)", S, k.shape[:3], layout)
-    check_shape("g", g, k.shape[:3], layout)
+    for name, x in (("res[0] (lse_idx)", lse_idx), ("res[1] (S)", S), ("g", g)):
+        check_shape(name, x, (sz.B, sz.T, sz.H_kv), layout)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                num_warps=num_warps, num_stages=num_stages)
     plan = _plan("kl_bwd", config, sz, q, iq, interpret)
-    return _index_kl_bwd(q, k, iq, ik, block_idx, lse, lse_idx, S, g, block_size=block_size, plan=plan)
+    pos = kvo.positions(q_pos, sz.B, sz.T)
+    return _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, block_size=block_size, plan=plan)
 
 
 # ----------------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _index_kl(q, k, iq, ik, block_idx, lse, block_size, config, interpret):
-    return _vjp_fwd(q, k, iq, ik, block_idx, lse, block_size, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _index_kl(q, k, iq, ik, block_idx, lse, pos, block_size, config, interpret):
+    return _vjp_fwd(q, k, iq, ik, block_idx, lse, pos, block_size, config, interpret)[0]
 
 
-def _vjp_fwd(q, k, iq, ik, block_idx, lse, block_size, config, interpret):
+def _vjp_fwd(q, k, iq, ik, block_idx, lse, pos, block_size, config, interpret):
     sz = kvo.sizes(q, k, block_idx, block_size)
     plan = _plan("kl_fwd", config, sz, q, iq, interpret)
-    kl, res = _index_kl_fwd(q, k, iq, ik, block_idx, lse, block_size=block_size, plan=plan)
-    return kl, (q, k, iq, ik, block_idx, lse, res)
+    kl, res = _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, block_size=block_size, plan=plan)
+    return kl, (q, k, iq, ik, block_idx, lse, pos, res)
 
 
 def _vjp_bwd(block_size, config, interpret, saved, g):
-    q, k, iq, ik, block_idx, lse, (lse_idx, S) = saved
+    q, k, iq, ik, block_idx, lse, pos, (lse_idx, S) = saved
     plan = _plan("kl_bwd", config, kvo.sizes(q, k, block_idx, block_size), q, iq, interpret)
-    d_iq, d_ik = _index_kl_bwd(q, k, iq, ik, block_idx, lse, lse_idx, S, g, block_size=block_size, plan=plan)
-    return None, None, d_iq, d_ik, None, None  # teacher detached (docs/algorithm.md §6.2); ids are integers
+    d_iq, d_ik = _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, block_size=block_size, plan=plan)
+    return None, None, d_iq, d_ik, None, None, None  # teacher detached (docs/algorithm.md §6.2); ids are integers
 
 
 _index_kl.defvjp(_vjp_fwd, _vjp_bwd)
@@ -443,6 +446,7 @@ def index_kl(
     lse: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
@@ -450,9 +454,9 @@ def index_kl(
 ) -> jax.Array:
     """kl float32 [B, T, H_kv] of `index_kl_fwd`, differentiable in iq and ik (`index_kl_bwd`); q, k
     and lse get zero gradients, block_idx none. L_KL (docs/algorithm.md §6.1) is `index_kl(...).mean()`."""
-    _check(q, k, iq, ik, block_idx, lse, block_size)
+    sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
-    return _index_kl(q, k, iq, ik, block_idx, lse, block_size, config, interpret)
+    return _index_kl(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret)
 
 
 def teacher_lse(
@@ -461,6 +465,7 @@ def teacher_lse(
     block_idx: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     interpret: bool | None = None,
@@ -469,6 +474,7 @@ def teacher_lse(
     branch's: the main-branch forward with v = k, its output thrown away (~2x the needed work; prefer
     the LSE the main branch computes anyway). No gradient."""
     lse = sparse_attention_fwd(
-        q, k, k, block_idx, block_size=block_size, block_q=block_q, query_chunk=query_chunk, interpret=interpret
+        q, k, k, block_idx, block_size=block_size, q_pos=q_pos, block_q=block_q, query_chunk=query_chunk,
+        interpret=interpret,
     )[1]
     return lax.stop_gradient(lse)

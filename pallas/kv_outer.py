@@ -15,7 +15,9 @@ of B*H_kv and multiplies it only with the (token, head) rows that selected it:
   Fixed summation orders everywhere, no atomics: runs are bit-identical.
 * `chunk_index`: the reverse index (and units) of every query chunk, built in one batched call.
 * Queries run in chunks of t_chunk tokens (`map_chunks` / `scan_chunks`) so that the per-slot
-  partial buffer of one call stays bounded; the chunk start q0 reaches the kernels as an operand.
+  partial buffer of one call stays bounded; every query's position (`positions`) reaches the
+  kernels as an operand, so the queries may be any S positions against L >= S keys (a slice of a
+  sequence under context parallelism, a prompt chunk against a cache).
 * `KVOuterConfig`: the tuning options and their defaults, resolved per call into a `Plan`.
 Limits (Triton path): every operand of one call < 2**31 elements (int32 offsets), checked by
 `KVOuterConfig.resolve` (a vmapped batch axis multiplies the sizes unseen); block_size a power of
@@ -47,6 +49,7 @@ __all__ = [
     "KVOuterConfig",
     "default_block_q",
     "default_chunk",
+    "positions",
     "clean_ids",
     "n_tiles",
     "reverse_index",
@@ -79,7 +82,8 @@ class Sizes(NamedTuple):
     """Sizes of one call, padded for the kernels."""
 
     B: int
-    T: int
+    T: int  # query tokens
+    L: int  # key tokens (L >= T; L = T but for queries at positions, `clean_ids`)
     H_q: int
     D: int
     H_kv: int
@@ -96,10 +100,10 @@ class Sizes(NamedTuple):
 
 def sizes(q, k, block_idx, block_size: int) -> Sizes:
     B, T, H_q, D = q.shape
-    H_kv = k.shape[2]
+    L, H_kv = k.shape[1], k.shape[2]
     kv_tile = max(block_size, MIN_DOT)
-    n_blocks = cdiv(T, block_size)
-    return Sizes(B, T, H_q, D, H_kv, block_idx.shape[-1], H_q // H_kv, B * H_kv, next_pow2(H_q // H_kv),
+    n_blocks = cdiv(L, block_size)
+    return Sizes(B, T, L, H_q, D, H_kv, block_idx.shape[-1], H_q // H_kv, B * H_kv, next_pow2(H_q // H_kv),
                  pad_dim(D), block_size, kv_tile, n_blocks, n_blocks * block_size + kv_tile - block_size)
 
 
@@ -248,11 +252,20 @@ class KVOuterConfig:
 # -------------------------------------------------------------------------------- reverse index
 
 
-def clean_ids(block_idx: jax.Array, block_size: int) -> jax.Array:
-    """Ids outside [0, i // block_size] -> -1; sort each row; repeated ids -> -1."""
-    T = block_idx.shape[1]
+def positions(q_pos, B: int, T: int) -> jax.Array:
+    """int32 [B, T]: the queries' positions (q_pos, -1 = padding query), or 0..T-1 without q_pos."""
+    if q_pos is None:
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return jnp.asarray(q_pos, jnp.int32)
+
+
+def clean_ids(block_idx: jax.Array, block_size: int, pos: jax.Array | None = None) -> jax.Array:
+    """Ids outside [0, p // block_size] (p = the query's position, `positions`, default 0..T-1; a
+    padding query keeps none) -> -1; sort each row; repeated ids -> -1."""
     ids = block_idx.astype(jnp.int32)
-    local = (jnp.arange(T, dtype=jnp.int32) // block_size)[None, :, None, None]
+    if pos is None:
+        pos = positions(None, *ids.shape[:2])
+    local = jnp.where(pos >= 0, pos // block_size, -1)[:, :, None, None]
     ids = jnp.where((ids >= 0) & (ids <= local), ids, -1)
     ids = jnp.sort(ids, axis=-1)
     dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], -1)
@@ -582,27 +595,25 @@ def _join(x):
 
 
 def map_chunks(fn, xs, n_chunks: int, t_chunk: int, index=None):
-    """fn(q0, *chunk, index_c) over the query chunks of xs ([B, n_chunks * t_chunk, ...] each; q0 = the
-    chunk's first token; index_c = the chunk's slice of `index`, a pytree with a leading chunk axis):
-    one call, or `lax.map` over the chunks; fn's outputs joined again along time."""
+    """fn(*chunk, index_c) over the query chunks of xs ([B, n_chunks * t_chunk, ...] each; index_c =
+    the chunk's slice of `index`, a pytree with a leading chunk axis): one call, or `lax.map` over
+    the chunks; fn's outputs joined again along time."""
     if n_chunks == 1:
-        return fn(0, *xs, jax.tree.map(lambda a: a[0], index))
-    starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
-    outs = lax.map(lambda a: fn(*a), (starts, *(_split(x, n_chunks) for x in xs), index))
+        return fn(*xs, jax.tree.map(lambda a: a[0], index))
+    outs = lax.map(lambda a: fn(*a), (*(_split(x, n_chunks) for x in xs), index))
     return jax.tree.map(_join, outs)
 
 
 def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros, index=None):
-    """fn(q0, *chunk, index_c) -> (per-token output, tuple of per-key terms) over the query chunks of xs
+    """fn(*chunk, index_c) -> (per-token output, tuple of per-key terms) over the query chunks of xs
     (as `map_chunks`), the per-key terms summed over the chunks in chunk order (`lax.scan` from
     `zeros`). Returns (per-token output joined along time, sums)."""
     if n_chunks == 1:
-        return fn(0, *xs, jax.tree.map(lambda a: a[0], index))
-    starts = jnp.arange(n_chunks, dtype=jnp.int32) * t_chunk
+        return fn(*xs, jax.tree.map(lambda a: a[0], index))
 
     def step(acc, a):
         out, terms = fn(*a)
         return tuple(x + y for x, y in zip(acc, terms)), out
 
-    sums, out = lax.scan(step, zeros, (starts, *(_split(x, n_chunks) for x in xs), index))
+    sums, out = lax.scan(step, zeros, (*(_split(x, n_chunks) for x in xs), index))
     return _join(out), sums

@@ -11,6 +11,11 @@ keys j <= i of its group's selected blocks, logits q.k / sqrt(D), float32 accumu
 [B, T, H_q]: natural log of the softmax denominator (-inf for an empty support). `sparse_attention`
 is differentiable in q, k, v and in lse's cotangent (`pallas.sparse_attention_bwd`).
 
+Queries at positions (`q_pos=` int32 [B, T], every function here): query i sits at position
+q_pos[b, i] (-1: a padding query: out 0, lse -inf) against k, v [B, L, H_kv, D] of L >= T keys, and
+"i" above reads "q_pos[b, i]": a slice of a sequence's queries (context parallelism) or a prompt
+chunk against a cache. Default: positions 0..T-1, L = T.
+
 Design (docs/algorithm.md §7; the machinery is `pallas.kv_outer`): grid (tiles, B*H_kv), one tile
 (or tiles_per_program consecutive tiles) per program. A program loads K_c, V_c of its block once,
 gathers its M = BQ * G_pad query rows, and writes the tile's softmax over block c as a per-slot
@@ -29,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_block_idx, check_int, check_qkv
+from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv
 from pallas import kv_outer as kvo
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE
 from pallas.sparse_attention_bwd import sparse_attention_bwd
@@ -38,7 +43,7 @@ __all__ = ["sparse_attention", "sparse_attention_fwd"]
 
 
 def _fwd_kernel(
-    q0_ref,  # [16] int32: absolute position of the chunk's first token (all entries equal)
+    pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
     tiles_ref,  # [n_tiles] int32: block id of every tile of this row, -1 = unused
     tok_ref,  # [NT * BQ] int32: chunk-local token of every position of this program's tiles, -1 = padding
     q_ref,  # [T_chunk * G_pad, D_pad]: the chunk's queries of this group, token-major
@@ -74,7 +79,7 @@ def _fwd_kernel(
             s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # [M, kv_tile]
 
             key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
-            row_pos = q0_ref[0] + row_tok  # absolute query position (garbage for padding rows)
+            row_pos = pos_ref[jnp.maximum(row_tok, 0)]  # query position (garbage for padding rows)
             # key <= query position also implies key < T (real tokens have position < T).
             mask = live[:, None] & (key_pos[None, :] <= row_pos[:, None])
             if kv_tile > block_size:  # 16-row K tile for block_size 8: drop the rows of block c + 1
@@ -100,8 +105,8 @@ def _fwd_kernel(
         lax.fori_loop(0, tiles_per_program, tile, 0)
 
 
-def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
-    """One query chunk: qc [B, Tc, H_q, D], ix its reverse index -> out, lse."""
+def _chunk_fwd(posc, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
+    """One query chunk: positions posc [B, Tc], qc [B, Tc, H_q, D], ix its reverse index -> out, lse."""
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH = sz.G, sz.G_pad, sz.D_pad, sz.BH
     bq, nt, n_tiles = plan.block_q, plan.tiles_per_program, plan.n_tiles
@@ -110,7 +115,6 @@ def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.P
 
     qg = kvo.rows(qc, sz.H_kv, G_pad, D_pad)  # [BH, Tc * G_pad, D_pad]
     tiles, tok, inv = ix.tiles, ix.tok, ix.inv
-    q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
         _fwd_kernel, scale=D**-0.5, block_size=sz.block_size, kv_tile=sz.kv_tile, heads=G_pad,
@@ -120,7 +124,7 @@ def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.P
         kernel,
         grid=(n_tiles // nt, BH),
         in_specs=[
-            pl.BlockSpec((16,), lambda t, bh: (0,)),  # q0
+            pl.BlockSpec((None, Tc), lambda t, bh: (bh // sz.H_kv, 0)),  # query positions of the batch row
             pl.BlockSpec((None, n_tiles), lambda t, bh: (bh, 0)),  # tile table of the row
             pl.BlockSpec((None, nt * bq), lambda t, bh: (bh, t)),  # token ids of the program's tiles
             pl.BlockSpec((None, Tc * G_pad, D_pad), lambda t, bh: (bh, 0, 0)),  # q of the group
@@ -138,7 +142,7 @@ def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.P
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=f"msa_sparse_attention_fwd_bq{bq}_g{G_pad}_bs{sz.block_size}_nt{nt}",
-    )(q0_arr, tiles, tok, qg, kg, vg)
+    )(posc, tiles, tok, qg, kg, vg)
 
     out, lse = kvo.combine_outputs(o_part, lse_part, inv, G_pad=G_pad, out_dtype=qc.dtype, interpret=plan.interpret)
     out = kvo.ungroup(out[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
@@ -147,21 +151,24 @@ def _chunk_fwd(q0, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.P
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
-def _sparse_attention_fwd(q, k, v, block_idx, *, block_size: int, plan: kvo.Plan):
+def _sparse_attention_fwd(q, k, v, block_idx, pos, *, block_size: int, plan: kvo.Plan):
     sz = kvo.sizes(q, k, block_idx, block_size)
     T_pad = plan.n_chunks * plan.t_chunk
     kg, vg = (kvo.kv_layout(x, sz.T_kv_pad, sz.D_pad) for x in (k, v))
-    ids = kvo.clean_ids(block_idx, block_size)
+    ids = kvo.clean_ids(block_idx, block_size, pos)
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     chunk = functools.partial(_chunk_fwd, kg=kg, vg=vg, sz=sz, plan=plan)
-    out, lse = kvo.map_chunks(chunk, (kvo.pad_time(q, T_pad),), plan.n_chunks, plan.t_chunk, index)
+    xs = (kvo.pad_time(pos, T_pad, -1), kvo.pad_time(q, T_pad))
+    out, lse = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, index)
     return out[:, : sz.T], lse[:, : sz.T]
 
 
-def _check(q, k, v, block_idx, block_size) -> kvo.Sizes:
-    check_qkv(q, k, v, dtypes=KERNEL_DTYPES)
-    check_block_idx(block_idx, k)
+def _check(q, k, v, block_idx, block_size, q_pos) -> kvo.Sizes:
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
     check_int("block_size", block_size, 1)
+    if q_pos is not None:
+        check_q_pos(q_pos, *q.shape[:2])
     return kvo.sizes(q, k, block_idx, block_size)
 
 
@@ -172,6 +179,7 @@ def sparse_attention_fwd(
     block_idx: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_program: int | None = None,
@@ -181,39 +189,41 @@ def sparse_attention_fwd(
 ) -> tuple[jax.Array, jax.Array]:
     """(out [B, T, H_q, D] in q.dtype, lse float32 [B, T, H_q]), no gradient rule.
 
-    block_q, query_chunk, tiles_per_program, num_warps, num_stages: see `kv_outer.KVOuterConfig`.
-    interpret: None = the Pallas interpreter unless jax.default_backend() == "gpu".
+    q_pos: see the module docstring. block_q, query_chunk, tiles_per_program, num_warps, num_stages:
+    see `kv_outer.KVOuterConfig`. interpret: None = the Pallas interpreter unless
+    jax.default_backend() == "gpu".
     """
-    sz = _check(q, k, v, block_idx, block_size)
+    sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_program=tiles_per_program,
                                num_warps=num_warps, num_stages=num_stages)
     plan = config.resolve("fwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
-    return _sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, plan=plan)
+    pos = kvo.positions(q_pos, sz.B, sz.T)
+    return _sparse_attention_fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan)
 
 
 # ----------------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention(q, k, v, block_idx, block_size, config, interpret):
-    return _vjp_fwd(q, k, v, block_idx, block_size, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sparse_attention(q, k, v, block_idx, pos, block_size, config, interpret):
+    return _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret)[0]
 
 
-def _vjp_fwd(q, k, v, block_idx, block_size, config, interpret):
+def _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret):
     sz = kvo.sizes(q, k, block_idx, block_size)
     plan = config.resolve("fwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
-    out, lse = _sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, plan=plan)
-    return (out, lse), (q, k, v, block_idx, out, lse)
+    out, lse = _sparse_attention_fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan)
+    return (out, lse), (q, k, v, block_idx, pos, out, lse)
 
 
 def _vjp_bwd(block_size, config, interpret, res, cts):
-    q, k, v, block_idx, out, lse = res
+    q, k, v, block_idx, pos, out, lse = res
     dout, dlse = cts
     dq, dk, dv = sparse_attention_bwd(
-        q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size, block_q=config.block_q,
+        q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size, q_pos=pos, block_q=config.block_q,
         query_chunk=config.query_chunk, tiles_per_unit=config.tiles_per_unit, interpret=interpret,
     )
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
@@ -226,6 +236,7 @@ def sparse_attention(
     block_idx: jax.Array,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
@@ -233,9 +244,10 @@ def sparse_attention(
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out, lse) as `sparse_attention_fwd`, differentiable in q, k, v (the cotangents of out and of
-    lse reach the backward kernel); block_idx gets no gradient. block_q, query_chunk: both kernels;
-    tiles_per_program: the forward's, tiles_per_unit: the backward's (`kv_outer.KVOuterConfig`)."""
-    _check(q, k, v, block_idx, block_size)
+    lse reach the backward kernel); block_idx and q_pos get no gradient. block_q, query_chunk: both
+    kernels; tiles_per_program: the forward's, tiles_per_unit: the backward's
+    (`kv_outer.KVOuterConfig`)."""
+    sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                tiles_per_program=tiles_per_program)
-    return _sparse_attention(q, k, v, block_idx, block_size, config, interpret)
+    return _sparse_attention(q, k, v, block_idx, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret)

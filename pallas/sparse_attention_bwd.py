@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_block_idx, check_int, check_qkv, check_shape
+from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv, check_shape
 from pallas import kv_outer as kvo
 from pallas.common import KERNEL_DTYPES, LOG2E
 
@@ -34,7 +34,7 @@ __all__ = ["sparse_attention_bwd"]
 
 
 def _bwd_kernel(
-    q0_ref,  # [16] int32: absolute position of the chunk's first token
+    pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
     unit_ref,  # [3 * U] int32: (block, first tile, tile count) of every unit of this row
     tok_ref,  # [P] int32: chunk-local token of every padded position, -1 = padding
     q_ref, do_ref,  # [Tc * G_pad, D_pad]: the chunk's queries / output cotangents, token-major
@@ -64,7 +64,6 @@ def _bwd_kernel(
         k = k_ref[pl.ds(start, kv_tile), :]
         v = v_ref[pl.ds(start, kv_tile), :]
         key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
-        q0 = q0_ref[0]
 
         def tile(j, carry):
             dk, dv = carry
@@ -77,7 +76,7 @@ def _bwd_kernel(
             lse = lse_ref[rows]
             delta = delta_ref[rows]
             s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)
-            mask = live[:, None] & (key_pos[None, :] <= (q0 + row_tok)[:, None])
+            mask = live[:, None] & (key_pos[None, :] <= pos_ref[jnp.maximum(row_tok, 0)][:, None])
             if kv_tile > block_size:
                 mask = mask & (key_pos < start + block_size)[None, :]
             p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
@@ -99,7 +98,7 @@ def _bwd_kernel(
         dv_ref[...] = zeros
 
 
-def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
+def _chunk_bwd(posc, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
     """One query chunk -> dq [B, Tc, H_q, D] (q.dtype), (dk, dv) float32 [BH, n_blocks * bs, D_pad]."""
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.kv_tile
@@ -109,7 +108,6 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo
     qg, dog = layout(qc, width=D_pad), layout(doc, width=D_pad)
     lseg, deltag = layout(lsec, fill=jnp.inf), layout(deltac)  # padded heads: P = exp(s - inf) = 0
     tok, inv, unit_tab, ustart = ix.tok, ix.inv, ix.unit_tab, ix.ustart
-    q0_arr = jnp.full((16,), q0, jnp.int32)
 
     kernel = functools.partial(
         _bwd_kernel, scale=D**-0.5, block_size=sz.block_size, kv_tile=kv_tile, heads=G_pad, bq=bq, n_units=U
@@ -119,7 +117,7 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo
         kernel,
         grid=(U, BH),
         in_specs=[
-            pl.BlockSpec((16,), lambda u, bh: (0,)),
+            pl.BlockSpec((None, Tc), lambda u, bh: (bh // sz.H_kv, 0)),  # query positions of the batch row
             row(3 * U), row(P),
             row(Tc * G_pad, D_pad), row(Tc * G_pad, D_pad),
             row(Tc * G_pad), row(Tc * G_pad),
@@ -138,7 +136,7 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=f"msa_sparse_attention_bwd_bq{bq}_g{G_pad}_bs{sz.block_size}_w{plan.tiles_per_unit}",
-    )(q0_arr, unit_tab, tok, qg, dog, lseg, deltag, kg, vg)
+    )(posc, unit_tab, tok, qg, dog, lseg, deltag, kg, vg)
 
     dk, dv = kvo.reduce_units(
         ustart, [dk_part, dv_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
@@ -149,7 +147,7 @@ def _chunk_bwd(q0, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
-def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_size: int, plan: kvo.Plan):
+def _sparse_attention_bwd(q, k, v, block_idx, pos, out, lse, dout, dlse, *, block_size: int, plan: kvo.Plan):
     sz = kvo.sizes(q, k, block_idx, block_size)
     T_pad = plan.n_chunks * plan.t_chunk
     kg, vg = (kvo.kv_layout(x, sz.T_kv_pad, sz.D_pad) for x in (k, v))
@@ -158,15 +156,15 @@ def _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, *, block_siz
     if dlse is not None:  # d lse / d s = P: the lse cotangent enters dS = P * (dP - delta + dlse)
         delta = delta - dlse.astype(jnp.float32)
     lse = lse.astype(jnp.float32)
-    ids = kvo.clean_ids(block_idx, block_size)
-    xs = tuple(kvo.pad_time(x, T_pad) for x in (q, dout, lse, delta))
+    ids = kvo.clean_ids(block_idx, block_size, pos)
+    xs = (kvo.pad_time(pos, T_pad, -1),) + tuple(kvo.pad_time(x, T_pad) for x in (q, dout, lse, delta))
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     chunk = functools.partial(_chunk_bwd, kg=kg, vg=vg, sz=sz, plan=plan)
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, sz.D_pad), jnp.float32)
     dq, (dk, dv) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros, zeros), index)
 
-    def kv_back(x):  # [BH, n_blocks * bs, D_pad] -> [B, T, H_kv, D]
-        return kvo.ungroup(x[:, : sz.T, : sz.D], sz.B).astype(k.dtype)
+    def kv_back(x):  # [BH, n_blocks * bs, D_pad] -> [B, L, H_kv, D]
+        return kvo.ungroup(x[:, : sz.L, : sz.D], sz.B).astype(k.dtype)
 
     return dq[:, : sz.T], kv_back(dk), kv_back(dv)
 
@@ -182,6 +180,7 @@ def sparse_attention_bwd(
     dlse: jax.Array | None = None,
     *,
     block_size: int,
+    q_pos: jax.Array | None = None,
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
@@ -190,14 +189,16 @@ def sparse_attention_bwd(
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) of sum(out * dout) (+ sum(lse * dlse)), out, lse =
-    `sparse_attention_fwd(q, k, v, block_idx, block_size=block_size)`.
+    `sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, q_pos=q_pos)`.
 
     block_q, query_chunk, tiles_per_unit, num_warps, num_stages: see `kv_outer.KVOuterConfig`.
     interpret: None = the Pallas interpreter unless jax.default_backend() == "gpu".
     """
-    check_qkv(q, k, v, dtypes=KERNEL_DTYPES)
-    check_block_idx(block_idx, k)
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
     check_int("block_size", block_size, 1)
+    if q_pos is not None:
+        check_q_pos(q_pos, *q.shape[:2])
     check_shape("out", out, q.shape, "[B, T, H_q, D], as q")
     check_shape("dout", dout, q.shape, "[B, T, H_q, D], as q")
     check_shape("lse", lse, q.shape[:3], "[B, T, H_q]")
@@ -205,6 +206,7 @@ def sparse_attention_bwd(
         check_shape("dlse", dlse, q.shape[:3], "[B, T, H_q]")
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                num_warps=num_warps, num_stages=num_stages)
-    plan = config.resolve("bwd", kvo.sizes(q, k, block_idx, block_size), f32=q.dtype == jnp.float32,
-                          interpret=interpret)
-    return _sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size, plan=plan)
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    plan = config.resolve("bwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
+    pos = kvo.positions(q_pos, sz.B, sz.T)
+    return _sparse_attention_bwd(q, k, v, block_idx, pos, out, lse, dout, dlse, block_size=block_size, plan=plan)

@@ -61,7 +61,7 @@ def close(a, b, what):
 
 cases = [("dense", "xla", True, "context=8"), ("msa", "xla", True, "context=4,data=2"),
          ("msa", "xla", False, "context=4,data=2"), ("msa", "xla", True, "context=2,fsdp=2,tensor=2"),
-         ("msa", "pallas", True, "context=4,data=2")]
+         ("msa", "pallas", True, "context=2,data=2,tensor=2")]
 for attention, impl, sparse, spec in cases:
     cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                       attention=attention, impl=impl, msa=MSAConfig(block_size=8, top_k=2, index_dim=8))
@@ -112,9 +112,9 @@ print("ok memory", t1, t4, flush=True)
 
 def test_a_context_mesh_trains_like_one_device_in_less_memory():
     """Loss, KL, recall, gradients and the updated parameters (the step fed a batch split over the
-    sequence by `shard_batch`) on context=8, context=4 x data=2 and
-    context=2 x fsdp=2 x tensor=2 against one device: dense and MSA (sparse and warmup), xla and
-    pallas (whose single-device run uses the kernels; under a context axis attention runs xla's).
+    sequence by `shard_batch`) on context=8, context=4 x data=2, context=2 x fsdp=2 x tensor=2 and
+    context=2 x data=2 x tensor=2 against one device: dense and MSA (sparse and warmup), xla and
+    pallas (its kernels at the slices' positions, per data shard and, nested, per tensor shard).
     Then per-device memory: the train step's compiled temp bytes at context=4 are well below one
     device's (ideally 1/4)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

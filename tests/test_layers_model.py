@@ -245,7 +245,7 @@ def test_auto_runs_short_sequences_dense_with_the_same_logits_kl_and_gradients(m
     res = {}
     for impl in ("auto", "xla"):
         if impl == "auto":  # the sparse ops must not run at all
-            monkeypatch.setattr(ops, "msa_attention", None)
+            monkeypatch.setattr(ops, "sparse_attention", None)
         else:
             monkeypatch.undo()
         model = DecoderLM(make_cfg("msa", impl=impl), seed=2)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from msa_jax import ops
+from msa_jax.ops import pallas_backend
 from msa_jax.cache import quantize_index_keys
 
 IMPLS = ("reference", "xla", "pallas")
@@ -28,6 +29,9 @@ CASES = {
     "g1_decode": ((3, 40, 2, 2, 8, 8, 8, 2, 0), [[39], [7], [24]]),  # S = 1, L = 5 blocks
     "g16_topk_gt_blocks": ((1, 32, 16, 1, 8, 8, 16, 4, 0), [[5, 16, 31]]),
     "g2_sinks_partial_L": ((2, 37, 4, 2, 8, 16, 8, 3, 1), [[36, 9], [20, 0]]),  # L = 37: a partial block
+    # S = 10 > DECODE_MAX_QUERIES: pallas runs the KV-outer training kernels at these positions
+    "g2_slice_padded": ((2, 45, 4, 2, 8, 8, 8, 3, 0),
+                        [[3, 40, -1, 17, 44, 8, 9, 31, -1, 26], [0, 12, 13, 14, 39, -1, 22, 5, 44, 30]]),
 }
 
 
@@ -179,8 +183,8 @@ def zigzag_rows(T: int, C: int) -> list[np.ndarray]:
 def test_query_slices_reassemble_the_full_sequence_with_gradients(impl, sparse):
     """Context parallelism's contract: the queries split into slices (q_pos = their positions), each
     slice against all keys, give the full sequence's outputs row by row, its KL as the mean of the
-    slices' KLs (equal slices), and the same gradients for q, k, v, iq, ik. (impl="pallas" runs
-    the decode kernels for queries at an offset, which have no VJP: values only.)"""
+    slices' KLs (equal slices), and the same gradients for q, k, v, iq, ik (impl="pallas": the
+    KV-outer kernels at the slices' positions)."""
     B, T, Hq, R, D, Di, bs, top_k, C = 2, 64, 4, 2, 8, 8, 8, 3, 2
     rng = np.random.default_rng(7)
     arr = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
@@ -202,10 +206,8 @@ def test_query_slices_reassemble_the_full_sequence_with_gradients(impl, sparse):
             total = total + loss(q[:, r], k, v, iq[:, r], ik, q_pos=pos, w=w[:, r], kl_weight=1 / C)
         return total
 
+    assert T // C > pallas_backend.DECODE_MAX_QUERIES  # slices, not decoding
     with jax.default_matmul_precision("highest"):
-        if impl == "pallas":
-            np.testing.assert_allclose(sliced(*args), loss(*args), rtol=1e-5)
-            return
         want, want_g = jax.value_and_grad(loss, argnums=range(5))(*args)
         got, got_g = jax.value_and_grad(sliced, argnums=range(5))(*args)
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -13,11 +13,14 @@ every op takes `q_pos` int32 [B, S], the positions
 of S query tokens per sequence (-1: a padding query, output 0), against a cache of L keys: q, iq,
 block_idx have S rows, k, v, ik have L. The selection rules are those of the full sequence at
 each query's row. Index keys may then be float8_e4m3fn with a float32 `ik_scale` per token
-[B, L] or per block [B, L / block_size]. With q_pos, impl="pallas" runs the decode kernels
-(`pallas/decode.py`; no gradient), which need L to be a multiple of block_size, and the xla KL and
-recall. The reference and xla ops are differentiable there: a sequence's queries split into equal
-slices, each against all keys, give its outputs, its KL as the mean of the slices' and the same
-gradients (tests/test_ops_cached.py).
+[B, L] or per block [B, L / block_size]. With q_pos, impl="pallas" selects with the decode index
+scan (`pallas/decode.py`) and runs the main branch and the KL on the KV-outer kernels at the
+queries' positions (differentiable); for up to `pallas_backend.DECODE_MAX_QUERIES` queries per
+sequence (decoding) the main branch and dense attention run the decode kernels instead (no
+gradient). Recall, and dense attention beyond decoding, run the xla path. Every impl is
+differentiable on query slices: a sequence's queries split into equal slices, each against all
+keys, give its outputs, its KL as the mean of the slices' and the same gradients
+(tests/test_ops_cached.py).
 """
 
 from __future__ import annotations

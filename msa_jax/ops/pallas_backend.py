@@ -6,8 +6,11 @@
 - `index_kl_loss`: the mean of `pallas.index_kl.index_kl` (teacher normalised by the main branch's
   LSE when given, else `teacher_lse`); the dense warmup (block_idx=None) uses the xla path.
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
-- Queries at an offset (q_pos): `pallas.decode` (the index scan with split top-k over an index-key
-  cache, bf16 or fp8; split-KV sparse and dense attention over a KV cache). No gradients.
+- Queries at an offset (q_pos): the selection runs `pallas.decode`'s index scan (split top-k over
+  an index-key cache, bf16 or fp8). The main branch and the KL run the KV-outer kernels above with
+  the queries' positions (differentiable: a context-parallel slice of a sequence), dense attention
+  the xla path; up to `DECODE_MAX_QUERIES` queries per sequence (decoding), the main branch and dense
+  attention run `pallas.decode`'s split-KV kernels instead (no gradients).
 
 Each kernel runs inside `kernel_shard_map`: under an active mesh (`jax.set_mesh`) every device runs
 it on its own batch rows and KV groups, gradients included (the custom_vjps run per shard). Off a
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from msa_jax.ops import xla
 from msa_jax.ops.shard import kernel_shard_map
@@ -30,6 +34,7 @@ _BTH_ = ("batch", None, "heads", None)  # [B, T, heads, last]: kernels are indep
 _BTH = ("batch", None, "heads")  # [B, T, heads] (LSE, KL)
 _BT_ = ("batch", None, None)  # [B, T, D_idx] (ik, shared by the heads)
 _BT = ("batch", None)  # [B, S] (q_pos), [B, L] (ik_scale)
+DECODE_MAX_QUERIES = 8  # queries per sequence up to which the main branch runs the decode kernel
 
 selection_recall = xla.selection_recall
 
@@ -77,6 +82,11 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = 
     if q_pos is None:
         fn = functools.partial(main_branch.sparse_attention, block_size=block_size)
         out, lse = kernel_shard_map(fn, q, k, v, block_idx, specs=(_BTH_,) * 4, out_specs=(_BTH_, _BTH))
+    elif q.shape[1] > DECODE_MAX_QUERIES:  # a slice of a sequence's queries: KV-outer, differentiable
+        fn = lambda q, k, v, ids, pos: main_branch.sparse_attention(q, k, v, ids, block_size=block_size,  # noqa: E731
+                                                                    q_pos=pos)
+        out, lse = kernel_shard_map(fn, q, k, v, block_idx, q_pos, specs=(_BTH_,) * 4 + (_BT,),
+                                    out_specs=(_BTH_, _BTH))
     elif not _decode_ok(block_size):
         return xla.sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, q_pos=q_pos)
     else:
@@ -88,8 +98,8 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = 
 
 
 def dense_attention(q, k, v, *, q_pos=None):
-    if q_pos is None:
-        return xla.dense_attention(q, k, v)
+    if q_pos is None or q.shape[1] > DECODE_MAX_QUERIES:  # no decode: the differentiable xla path
+        return xla.dense_attention(q, k, v, q_pos=q_pos)
     L = k.shape[1]
     tile = 128  # the decode kernel's key tile: the largest power of two <= 128 dividing L, >= 16
     while tile > MIN_DOT and L % tile:
@@ -101,18 +111,18 @@ def dense_attention(q, k, v, *, q_pos=None):
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None):
-    if q_pos is not None:  # the KL kernels take no query offset yet (context parallelism uses xla's)
-        return xla.index_kl_loss(q, k, iq, ik, block_idx, block_size=block_size, q_pos=q_pos)
     if block_idx is None:  # dense warmup: the full causal support, no selection to fuse over
-        return xla.index_kl_loss(q, k, iq, ik, None, block_size=block_size)
+        return xla.index_kl_loss(q, k, iq, ik, None, block_size=block_size, q_pos=q_pos)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    B, T = q.shape[:2]
+    pos = q_pos if q_pos is not None else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if lse is None:  # no main-branch LSE at hand: recompute it (a main-branch forward)
-        fn = functools.partial(index_kl.teacher_lse, block_size=block_size)
-        lse = kernel_shard_map(fn, q, k, block_idx, specs=(_BTH_,) * 3, out_specs=_BTH)
-    fn = functools.partial(index_kl.index_kl, block_size=block_size)
+        fn = lambda q, k, ids, pos: index_kl.teacher_lse(q, k, ids, block_size=block_size, q_pos=pos)  # noqa: E731
+        lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
+    fn = lambda *a: index_kl.index_kl(*a[:6], block_size=block_size, q_pos=a[6])  # noqa: E731
     kl = kernel_shard_map(
-        fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse),
-        specs=(_BTH_, _BTH_, _BTH_, _BT_, _BTH_, _BTH), out_specs=_BTH,
-    )  # [B, T, H_kv]
-    B, T, R = kl.shape
-    return kl.sum() / (B * T * R)
+        fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse), pos,
+        specs=(_BTH_, _BTH_, _BTH_, _BT_, _BTH_, _BTH, _BT), out_specs=_BTH,
+    )  # [B, T, H_kv]; 0 for padding queries
+    n_real = B * T if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)  # mean over real queries
+    return kl.sum() / (n_real * kl.shape[2])

@@ -27,8 +27,11 @@ def kernel_shard_map(fn, *args, specs, out_specs):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
         return fn(*args)
-    roles = {"batch": tuple(a for a in BATCH_AXES if mesh.shape[a] > 1),
-             "heads": tuple(a for a in ("tensor",) if mesh.shape[a] > 1)}
+    # Axes already manual (inside an enclosing shard_map, e.g. context parallelism's) are split already.
+    free = lambda a: mesh.shape[a] > 1 and a not in mesh.manual_axes  # noqa: E731
+    roles = {"batch": tuple(a for a in BATCH_AXES if free(a)), "heads": tuple(a for a in ("tensor",) if free(a))}
+    if not any(roles.values()):
+        return fn(*args)
 
     def spec(role_dims, shape):
         out = []
