@@ -65,6 +65,24 @@ def flop_bound(shape: dict, T: int) -> float:
     return (2 * Hq * D * T * T) / (R * Di * T * T + 4 * Hq * D * T * k * bs)
 
 
+def cost_table(shape: dict, seq_lens, itemsize: int = 2) -> list[dict]:
+    """Per length T, one prefill of a head `shape` (msa_jax.presets.BENCH_SHAPES): the FLOPs of dense
+    causal attention (2 H_q D T^2) and of MSA (indexer H_kv D_idx T^2 + main branch 4 H_q D T top_k
+    block_size, docs/algorithm.md §5), their ratio (`flop_bound`), and the bytes each reads and
+    writes at least (q, k, v, out; MSA adds iq, ik and the int32 block ids), in units of 1e12 and 1e9."""
+    B, Hq, R, D, Di, bs, k = (shape[x] for x in ("batch", "heads", "kv_heads", "head_dim", "index_dim",
+                                                 "block_size", "top_k"))
+    rows = []
+    for T in seq_lens:
+        dense = B * 2 * Hq * D * T * T
+        msa = B * (R * Di * T * T + 4 * Hq * D * T * min(k, -(-T // bs)) * bs)
+        io = B * T * (2 * Hq * D + 2 * R * D) * itemsize
+        msa_io = io + B * T * (R * Di + Di) * itemsize + B * T * R * k * 4
+        rows.append(dict(T=T, dense_tflop=dense / 1e12, msa_tflop=msa / 1e12, flop_ratio=dense / msa,
+                         dense_gb=io / 1e9, msa_gb=msa_io / 1e9))
+    return rows
+
+
 def timeit(fn, *args, reps: int, budget: float, group: int = 1):
     """(median seconds per call, calls timed, seconds of the first call incl. compilation) of fn(*args).
 

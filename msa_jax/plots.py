@@ -1,5 +1,5 @@
 """Figures and tables that the scripts (and notebooks) share: training curves, run comparisons,
-retrieval heatmaps. Every figure function returns False instead of failing when matplotlib is not
+retrieval heatmaps, MSA's selection next to dense attention. Every figure function returns False instead of failing when matplotlib is not
 installed (it is in the `dev` extra)."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ LN2 = math.log(2.0)
 
 
 def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend, or None when matplotlib is missing."""
+    """matplotlib.pyplot with the non-interactive Agg backend (in a notebook: its inline backend, so
+    returned figures show), or None when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
         return None
-    matplotlib.use("Agg")
+    if "inline" not in str(matplotlib.get_backend()):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -230,3 +232,76 @@ def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0, title: str = ""):
+    """One (sequence, KV group) in three panels, queries down, KV blocks across: the index branch's
+    block scores (max-pooled index scores, `ops.reference.block_scores`), the blocks `select_blocks`
+    kept, and dense attention's mass per block (`ops.reference.block_mass`: what the selection should
+    cover). scores, mass [B, H_kv, T, n_blocks]; block_idx [B, T, H_kv, top_k]. Returns the figure
+    (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    sc = np.asarray(scores[batch, group], np.float32)
+    ms = np.asarray(mass[batch, group], np.float32)
+    ids = np.asarray(block_idx[batch, :, group])
+    chosen = np.zeros(sc.shape, bool)
+    rows, slots = np.nonzero(ids >= 0)
+    chosen[rows, ids[rows, slots]] = True
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+    panels = [(np.where(np.isfinite(sc), sc, np.nan), "index branch: block scores", "viridis"),
+              (chosen.astype(float), "selected blocks (top-k, local always)", "Greys"),
+              (np.where(np.isfinite(sc), ms, np.nan), "dense attention mass per block", "magma")]  # visible blocks
+    for ax, (img, name, cmap) in zip(axes, panels):
+        im = ax.imshow(img, aspect="auto", interpolation="nearest", cmap=cmap)
+        ax.set(title=name, xlabel="KV block")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    axes[0].set_ylabel("query position")
+    fig.suptitle(title or f"sequence {batch}, KV group {group}")
+    fig.tight_layout()
+    return fig
+
+
+def speedup_curves(results: dict) -> dict[str, list[tuple]]:
+    """The speedup series of a committed benchmark result (the results.json of bench_prefill,
+    bench_train or bench_decode): {label: [(length, speedup), ...]}, bounds included ("... bound")."""
+    curves: dict[str, list[tuple]] = {}
+    add = lambda label, x, y: curves.setdefault(label, []).append((x, y))  # noqa: E731
+    if "rows" in results:  # bench_prefill
+        for r in results["rows"]:
+            add("MSA prefill (Pallas)", r["T"], r["main_indexer"]["speedup"])
+            add("FLOP bound", r["T"], r["flop_bound"])
+    elif "attention" in results and results["attention"] and "impls" in results["attention"][0]:  # bench_train
+        for r in results["attention"]:
+            for impl, m in r["impls"].items():
+                if "speedup" in m.get("total", {}):
+                    add(f"MSA training attention ({impl})", r["T"], m["total"]["speedup"])
+    else:  # bench_decode: per batch size, against the fastest dense decode
+        for r in results.get("attention", []):
+            dense = r[r["fastest_dense"]]["ms"]
+            for key, name in (("msa_bf16", "bf16"), ("msa_fp8", "fp8")):
+                if r.get(key, {}).get("status") == "ok":
+                    add(f"MSA decode {name}, batch {r['B']}", r["L"], dense / r[key]["ms"])
+            add(f"byte bound bf16, batch {r['B']}", r["L"], r["byte_floor_speedup"]["bf16"])
+    return curves
+
+
+def speedup_figure(curves: dict[str, list[tuple]], *, title: str, xlabel: str = "context length T"):
+    """Speedups over dense against length on log-log axes; series whose label contains "bound" are
+    dashed. Returns the figure (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, pts in curves.items():
+        x, y = zip(*sorted(pts))
+        ax.plot(x, y, "--" if "bound" in label else "o-", label=label, lw=1.2 if "bound" in label else 1.8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set(xlabel=xlabel, ylabel="speedup over dense", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -104,7 +104,7 @@ def test_bench_train_cpu_preset_end_to_end(tmp_path):
             assert m[part]["status"] == "ok" and math.isfinite(m[part]["ms"]) and m[part]["ms"] > 0, (part, m[part])
         assert m["main"]["tflops"] > 0 and m["pairs"] > 0
         assert m["total"]["speedup"] == pytest.approx(row["dense"]["ms"] / m["total"]["ms"])
-    ts = saved["train_step"]
+    (ts,) = saved["train_step"]  # one entry per --train-T length
     assert ts["T"] == 256 and ts["batch"] == 1
     for name in ("dense", "xla"):
         assert ts["runs"][name]["status"] == "ok" and ts["runs"][name]["tokens_per_s"] > 0

@@ -181,6 +181,16 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=N
     return jnp.where(real, kl, 0.0).sum() / jnp.maximum(real.sum(), 1)
 
 
+def block_mass(q, k, block_size: int, q_pos=None) -> jax.Array:
+    """mass[b, r, i, blk]: the dense causal attention probability of query i on the keys of block blk,
+    averaged over the heads of group r (docs/algorithm.md §6.4: what the selection is scored against)."""
+    S, L = q.shape[1], k.shape[1]
+    nb = _num_blocks(L, block_size)
+    probs = _head_probs(q, k, support_mask(None, S, 1, q_pos=q_pos, L=L)).mean(axis=2)  # [B, R, S, L]
+    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - L)))
+    return probs.reshape(*probs.shape[:3], nb, block_size).sum(-1)
+
+
 def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_pos=None):
     """docs/algorithm.md §6.4: block and score recall of block_idx against the top blocks by mass.
 
@@ -191,9 +201,7 @@ def selection_recall(q, k, block_idx, *, block_size: int, top_k: int, q_pos=None
     """
     S, L = q.shape[1], k.shape[1]
     nb = _num_blocks(L, block_size)
-    probs = _head_probs(q, k, support_mask(None, S, 1, q_pos=q_pos, L=L)).mean(axis=2)  # [B, R, S, L]
-    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - L)))
-    mass = probs.reshape(*probs.shape[:3], nb, block_size).sum(-1)  # [B, R, S, nb]
+    mass = block_mass(q, k, block_size, q_pos)  # [B, R, S, nb]
 
     blk = jnp.arange(nb)
     pos = _positions(S, q_pos)  # [B|1, S]
