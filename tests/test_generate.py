@@ -160,14 +160,16 @@ def test_cache_capacity_stops_cleanly_and_bad_input_is_refused():
         generate(model, [b"a"], max_new_tokens=2, index_cache_dtype="int4")
 
 
-def test_pallas_kernels_decode_like_the_full_forward():
-    """impl="pallas": the prefill kernels fill the cache, the decode kernels (interpret mode here)
-    select and attend; the logits equal the full forward's (xla path, same weights)."""
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one_call", "chunked"])
+def test_pallas_kernels_decode_like_the_full_forward(chunk):
+    """impl="pallas": the prefill kernels fill the cache (chunked: 16-query chunks run the training
+    kernels at their positions against the cache), the decode kernels (interpret mode here) select
+    and attend; the logits equal the full forward's (xla path, same weights)."""
     msa16 = MSAConfig(block_size=16, top_k=2, index_dim=16)  # the Triton decode kernels take blocks >= 16
     model = make_model("msa", impl="pallas", n_dense_layers=1, msa=msa16)
     ref = make_model("msa", impl="xla", n_dense_layers=1, msa=msa16)
     toks = tokens(4, 2, 40)  # 2.5 blocks: decode crosses the boundary at 32 in both rows
     full = np.asarray(ref(jnp.asarray(toks), sparse=True)[0])
-    got = teacher_forced_logits(model, toks, [28, 33])
+    got = teacher_forced_logits(model, toks, [28, 33], chunk=chunk)
     for b, p in enumerate([27, 32]):
         np.testing.assert_allclose(got[b, p:], full[b, p:], atol=2e-4, rtol=2e-4, err_msg=f"row {b}")
