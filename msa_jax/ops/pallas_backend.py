@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from msa_jax.ops import xla
 from msa_jax.ops.shard import kernel_shard_map
-from pallas import decode, index_kl, index_topk
+from pallas import decode, index_kl, index_topk, kv_outer
 from pallas import sparse_attention as main_branch
 from pallas.common import MIN_DOT, is_pow2
 
@@ -115,7 +115,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=N
         return xla.index_kl_loss(q, k, iq, ik, None, block_size=block_size, q_pos=q_pos)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     B, T = q.shape[:2]
-    pos = q_pos if q_pos is not None else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    pos = kv_outer.positions(q_pos, B, T)  # an operand of the shard_map either way
     if lse is None:  # no main-branch LSE at hand: recompute it (a main-branch forward)
         fn = lambda q, k, ids, pos: index_kl.teacher_lse(q, k, ids, block_size=block_size, q_pos=pos)  # noqa: E731
         lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
