@@ -18,12 +18,13 @@ kept so that the gradient is exactly that of the computed value). Only iq, ik ge
 teacher is detached, docs/algorithm.md §6.2): dz_j = g (S softmax_U(z)_j - Pbar_j).
 
 Design (docs/algorithm.md §7; the machinery is `pallas.kv_outer`): the forward kernel (one tile per
-program) recomputes P and z per row of its tile and writes four float32 partials per padded position
-(sum Pbar log Pbar, sum Pbar z, S, the student's lse over the block), combined per token by
-`combine_scalars`. The backward kernel runs over units like the main backward: dz per row, summed
-over a token's heads (dz is linear in them) by a 0/1 matmul, so that d iq (one partial row per
-padded position: dz IK_c) and d IK_c (accumulated in float32) take one row per token; `reduce_units`
-per block, then the sum over the groups, in fixed orders.
+program) recomputes the teacher's P per (token, head) row, sums each token's rows into Pbar with a
+0/1 matmul (`_head_sum`), computes the student's logits once per token (R = max(BQ, 16) rows: Triton
+dots need 16) and writes four float32 partials per padded position (sum Pbar log Pbar, sum Pbar z,
+S, the student's lse over the block), combined per token by `combine_scalars`. The backward kernel
+runs over units like the main backward: dz per token, g S softmax(z) - (g / G) sum_h P_h (dz is
+linear in the heads), into d iq (one partial row per padded position) and d IK_c (accumulated in
+float32); `reduce_units` per block, then the sum over the groups, in fixed orders.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ __all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "teacher_lse"]
 # --------------------------------------------------------------------------------------- kernels
 
 
+def _head_sum(p, heads: int, rows: int, f32: bool):
+    """[M, kv] float32 rows (token-major, `heads` rows per token) -> [rows, kv] float32: per token the
+    sum of its rows (rows >= M / heads: 0), as a 0/1 matmul (a [M] -> [BQ, heads] reshape of a 2-d
+    tile goes through shared memory, which the KL kernels lack). bfloat16 kernels: p goes in as two
+    bfloat16 terms, hi + lo (~2^-17 relative, exact products, float32 sums); float32 kernels
+    (f32): one IEEE float32 dot."""
+    M = p.shape[0]
+    sel = lax.broadcasted_iota(jnp.int32, (rows, M), 1) // heads == lax.broadcasted_iota(jnp.int32, (rows, M), 0)
+    if f32:
+        return plgpu.dot(sel.astype(jnp.float32), p, precision=lax.Precision.HIGHEST)
+    hi = p.astype(jnp.bfloat16)
+    lo = (p - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    sel = sel.astype(jnp.bfloat16)
+    return plgpu.dot(sel, hi) + plgpu.dot(sel, lo)
+
+
 def _fwd_kernel(
     pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
     tiles_ref,  # [n_tiles] int32: block id of every tile of this row, -1 = unused
@@ -57,7 +74,7 @@ def _fwd_kernel(
     iq_ref,  # [Tc, Di_pad]: the chunk's index queries of this group
     k_ref,  # [T_kv_pad, D_pad]
     ik_ref,  # [T_kv_pad, Di_pad]: index keys (shared by the groups)
-    a_ref, b_ref, s_ref, z_ref,  # [BQ] float32: A, Bz, S, student lse of this tile's positions
+    a_ref, b_ref, s_ref, z_ref,  # [R] float32: A, Bz, S, student lse of this tile's positions (rows < BQ)
     *,
     scale: float,
     scale_idx: float,
@@ -65,8 +82,10 @@ def _fwd_kernel(
     kv_tile: int,
     heads: int,  # G_pad: rows per token
     groups: int,  # G: real heads per token
+    f32_sums: bool,  # float32 inputs: IEEE head sums
 ):
     bq = tok_ref.shape[0]
+    R = a_ref.shape[0]  # max(BQ, 16): token rows of the student's tiles (dots need >= 16 rows)
     M = bq * heads
     c = tiles_ref[pl.program_id(0)]
 
@@ -77,36 +96,33 @@ def _fwd_kernel(
         rows = jnp.maximum(row_tok, 0) * heads + m_iota % heads
         q = q_ref[rows]  # [M, D_pad]
         lse = lse_ref[rows]  # [M]
-        iq = iq_ref[jnp.maximum(row_tok, 0)]  # [M, Di_pad]: each head row gets its token's row
+        r_iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
+        r_tok = jnp.where(r_iota < bq, tok_ref[jnp.minimum(r_iota, bq - 1)], -1)  # [R]: rows >= BQ are empty
+        iq = iq_ref[jnp.maximum(r_tok, 0)]  # [R, Di_pad]: one row per token
         start = pl.multiple_of(c * block_size, block_size)
         k = k_ref[pl.ds(start, kv_tile), :]
         ik = ik_ref[pl.ds(start, kv_tile), :]
         prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
         prec_idx = lax.Precision.HIGHEST if iq_ref.dtype == jnp.float32 else None
         s = plgpu.dot(q, k, trans_b=True, precision=prec) * (scale * LOG2E)  # [M, kv_tile]
-        z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx  # [M, kv_tile]
+        z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx  # [R, kv_tile]
 
         key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
-        mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[jnp.maximum(row_tok, 0)][:, None])
+        row_pos = pos_ref[jnp.maximum(row_tok, 0)]
+        mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= row_pos[:, None])
+        zmask = (r_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[jnp.maximum(r_tok, 0)][:, None])
         if kv_tile > block_size:  # 16-row K tile for block_size 8: drop the rows of block c + 1
             mask = mask & (key_pos < start + block_size)[None, :]
+            zmask = zmask & (key_pos < start + block_size)[None, :]
         p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
-
-        # Only the entropy term needs the head sum of P per key: one [M, kv_tile] reshape. The other
-        # partials are row sums first, then [M] -> [BQ, G_pad] reshapes (small: Triton converts
-        # the layout of a reshaped 2-d tile through shared memory, which is what runs out).
-        pbar = jnp.sum(p.reshape(bq, heads, kv_tile), axis=1) * (1.0 / groups)  # [BQ, kv_tile]
+        pbar = _head_sum(p, heads, R, f32_sums) * (1.0 / groups)  # [R, kv_tile]: the teacher per token
         pos = pbar > 0.0
         a_ref[...] = jnp.sum(jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0), axis=1)
-        zr = jnp.where(mask, z, MASK_VALUE)  # every head row of a token holds the token's z
-        b_row = jnp.sum(p * jnp.where(mask, z, 0.0), axis=1)  # [M]
-        s_row = jnp.sum(p, axis=1)
-        zm_row = jnp.max(zr, axis=1)
-        zl_row = jnp.sum(jnp.where(mask, jnp.exp(zr - zm_row[:, None]), 0.0), axis=1)
-        b_ref[...] = jnp.sum(b_row.reshape(bq, heads), axis=1) * (1.0 / groups)
-        s_ref[...] = jnp.sum(s_row.reshape(bq, heads), axis=1) * (1.0 / groups)
-        zm = jnp.max(zm_row.reshape(bq, heads), axis=1)  # equal over the token's rows
-        zl = jnp.max(zl_row.reshape(bq, heads), axis=1)
+        b_ref[...] = jnp.sum(pbar * jnp.where(zmask, z, 0.0), axis=1)
+        s_ref[...] = jnp.sum(pbar, axis=1)
+        zr = jnp.where(zmask, z, MASK_VALUE)
+        zm = jnp.max(zr, axis=1)
+        zl = jnp.sum(jnp.where(zmask, jnp.exp(zr - zm[:, None]), 0.0), axis=1)
         seen = zl > 0.0
         z_ref[...] = jnp.where(seen, zm + jnp.log(jnp.where(seen, zl, 1.0)), -jnp.inf)
 
@@ -118,7 +134,7 @@ def _bwd_kernel(
     q_ref,  # [Tc * G_pad, D_pad]: the chunk's queries, token-major
     lse_ref,  # [Tc * G_pad] float32: the teacher's LSE (padded heads: +inf, so P = 0)
     iq_ref,  # [Tc, Di_pad]
-    zlse_ref, w1_ref, w2_ref,  # [Tc] float32: student lse, g * S / G, g / G per token
+    zlse_ref, w1_ref, w2_ref,  # [Tc] float32: student lse, g * S, g / G per token
     k_ref,  # [T_kv_pad, D_pad]
     ik_ref,  # [T_kv_pad, Di_pad]
     diq_ref,  # [n_tiles * R, Di_pad]: d iq partial per padded position, R >= BQ rows per tile
@@ -129,12 +145,12 @@ def _bwd_kernel(
     block_size: int,
     kv_tile: int,
     heads: int,  # G_pad: rows per token
-    groups: int,  # G: real heads per token
     bq: int,  # query tokens per tile
     n_units: int,
+    f32_sums: bool,
 ):
     M = bq * heads
-    R = max(bq, MIN_DOT)  # token rows of the head-summed dz (a dot needs >= 16 rows; rows >= bq are 0)
+    R = max(bq, MIN_DOT)  # token rows of the student's tiles (a dot needs >= 16 rows; rows >= bq are 0)
     u = pl.program_id(0)
     c, t0, n = kvo.read_unit(unit_ref, u, n_units)
     prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
@@ -144,10 +160,7 @@ def _bwd_kernel(
     @pl.when(n > 0)
     def _():
         m_iota = lax.broadcasted_iota(jnp.int32, (M,), 0)
-        real_head = (m_iota % heads) < groups
-        # sel[r, m] = 1 where row m belongs to the tile's token r: sel @ dz sums a token's head rows.
-        sel = lax.broadcasted_iota(jnp.int32, (R, M), 1) // heads == lax.broadcasted_iota(jnp.int32, (R, M), 0)
-        r_iota = jnp.minimum(lax.broadcasted_iota(jnp.int32, (R,), 0), bq - 1)
+        r_iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
         start = pl.multiple_of(c * block_size, block_size)
         k = k_ref[pl.ds(start, kv_tile), :]
         ik = ik_ref[pl.ds(start, kv_tile), :]
@@ -156,30 +169,31 @@ def _bwd_kernel(
         def tile(j, dik):
             t = t0 + j
             row_tok = tok_ref[t * bq + m_iota // heads]
-            tok = jnp.maximum(row_tok, 0)
-            rows = tok * heads + m_iota % heads
+            rows = jnp.maximum(row_tok, 0) * heads + m_iota % heads
             q = q_ref[rows]
             lse = lse_ref[rows]
-            iq = iq_ref[tok]
+            r_tok = jnp.where(r_iota < bq, tok_ref[t * bq + jnp.minimum(r_iota, bq - 1)], -1)
+            tok = jnp.maximum(r_tok, 0)
+            iq = iq_ref[tok]  # [R, Di_pad]: one row per token
             zlse = zlse_ref[tok]
             w1 = w1_ref[tok]
             w2 = w2_ref[tok]
             s = plgpu.dot(q, k, trans_b=True, precision=prec) * (scale * LOG2E)
-            z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx
+            z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx  # [R, kv_tile]
             row_pos = pos_ref[jnp.maximum(row_tok, 0)]
-            mask = (real_head & (row_tok >= 0))[:, None] & (key_pos[None, :] <= row_pos[:, None])
+            mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= row_pos[:, None])
+            zmask = (r_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[tok][:, None])
             if kv_tile > block_size:
                 mask = mask & (key_pos < start + block_size)[None, :]
-            p = jnp.exp2(s - (lse * LOG2E)[:, None])
+                zmask = zmask & (key_pos < start + block_size)[None, :]
+            p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+            # dz summed over a token's G heads (linear in them): g S softmax(z) - (g / G) sum_h P_h.
+            psum = _head_sum(p, heads, R, f32_sums)  # [R, kv_tile]
             qz = jnp.exp(z - zlse[:, None])
-            dz = jnp.where(mask, w1[:, None] * qz - w2[:, None] * p, 0.0).astype(iq.dtype)
-            # d z is linear in the heads: sum a token's rows first (float32), then one row per token
-            # goes into the two d iq / d IK dots and the partial buffer (not G_pad rows).
-            dz_tok = plgpu.dot(sel.astype(dz.dtype), dz, precision=prec_idx).astype(iq.dtype)  # [R, kv_tile]
-            diq = plgpu.dot(dz_tok, ik, precision=prec_idx) * scale_idx  # [R, Di_pad]
+            dz = jnp.where(zmask, w1[:, None] * qz - w2[:, None] * psum, 0.0).astype(iq.dtype)
+            diq = plgpu.dot(dz, ik, precision=prec_idx) * scale_idx  # [R, Di_pad]
             diq_ref[pl.ds(pl.multiple_of(t * R, R), R), :] = diq.astype(diq_ref.dtype)
-            iq_tok = iq_ref[jnp.maximum(tok_ref[t * bq + r_iota], 0)]  # [R, Di_pad]
-            return dik + plgpu.dot(dz_tok, iq_tok, trans_a=True, precision=prec_idx) * scale_idx
+            return dik + plgpu.dot(dz, iq, trans_a=True, precision=prec_idx) * scale_idx
 
         dik_ref[...] = lax.fori_loop(0, n, tile, zeros)
 
@@ -197,36 +211,37 @@ def _chunk_fwd(posc, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Size
     Di = iqc.shape[3]
     G, G_pad, D_pad, BH, H_kv = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.H_kv
     bq, n_tiles = plan.block_q, plan.n_tiles
-    P = n_tiles * bq
     qg = kvo.rows(qc, H_kv, G_pad, D_pad)
     lseg = kvo.rows(lsec, H_kv, G_pad, fill=jnp.inf)  # padded heads: P = exp(s - inf) = 0
     iqg = kvo.rows(iqc, H_kv, width=Di_pad)
     tiles, tok, inv = ix.tiles, ix.tok, ix.inv
 
+    R = max(bq, MIN_DOT)
     kernel = functools.partial(
         _fwd_kernel, scale=D**-0.5, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=sz.kv_tile,
-        heads=G_pad, groups=G,
+        heads=G_pad, groups=G, f32_sums=qc.dtype == jnp.float32,
     )
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda t, bh: (bh,) + (0,) * len(shape))  # noqa: E731
-    part = pl.BlockSpec((None, bq), lambda t, bh: (bh, t))
+    part = pl.BlockSpec((None, R), lambda t, bh: (bh, t))
     parts = pl.pallas_call(
         kernel,
         grid=(n_tiles, BH),
         in_specs=[
             pl.BlockSpec((None, Tc), lambda t, bh: (bh // H_kv, 0)),  # query positions of the batch row
-            row(n_tiles), part,
+            row(n_tiles), pl.BlockSpec((None, bq), lambda t, bh: (bh, t)),
             row(Tc * G_pad, D_pad), row(Tc * G_pad), row(Tc, Di_pad),
             row(kg.shape[1], D_pad),
             pl.BlockSpec((None, ikg.shape[1], Di_pad), lambda t, bh: (bh // H_kv, 0, 0)),  # shared ik
         ],
         out_specs=[part] * 4,
-        out_shape=[jax.ShapeDtypeStruct((BH, P), jnp.float32)] * 4,
+        out_shape=[jax.ShapeDtypeStruct((BH, n_tiles * R), jnp.float32)] * 4,
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=f"msa_index_kl_fwd_bq{bq}_g{G_pad}_bs{sz.block_size}",
     )(posc, tiles, tok, qg, lseg, iqg, kg, ikg)
 
-    A, Bz, S, lse_idx = kvo.combine_scalars(parts[:3], parts[3], inv)
+    inv_rows = jnp.where(inv >= 0, inv // bq * R + inv % bq, -1)  # position -> its row t * R + i
+    A, Bz, S, lse_idx = kvo.combine_scalars(parts[:3], parts[3], inv_rows)
     kl = A - Bz + jnp.where(jnp.isfinite(lse_idx), lse_idx, 0.0) * S  # empty support: kl = 0
     return tuple(kvo.ungroup(x, B) for x in (kl, lse_idx, S))
 
@@ -235,7 +250,7 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
     """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],)."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
-    G, G_pad, D_pad, BH, H_kv, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.H_kv, sz.kv_tile
+    G_pad, D_pad, BH, H_kv, kv_tile = sz.G_pad, sz.D_pad, sz.BH, sz.H_kv, sz.kv_tile
     bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
     R = max(bq, MIN_DOT)
     P = n_tiles * bq
@@ -247,7 +262,7 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
 
     kernel = functools.partial(
         _bwd_kernel, scale=D**-0.5, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=kv_tile,
-        heads=G_pad, groups=G, bq=bq, n_units=U,
+        heads=G_pad, bq=bq, n_units=U, f32_sums=qc.dtype == jnp.float32,
     )
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda u, bh: (bh,) + (0,) * len(shape))  # noqa: E731
     diq_part, dik_part = pl.pallas_call(
@@ -314,7 +329,7 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_siz
     kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, pos, sz, Di_pad)
     g = g.astype(jnp.float32)
     zlse = jnp.where(jnp.isfinite(lse_idx), lse_idx, 0.0)  # empty support: no tile reads it
-    w1 = g * S.astype(jnp.float32) * (1.0 / sz.G)
+    w1 = g * S.astype(jnp.float32)  # the kernel's dz is summed over a token's G heads
     w2 = g * (1.0 / sz.G)
     chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
     xs = (kvo.pad_time(pos, T_pad, -1),) + tuple(kvo.pad_time(x, T_pad) for x in (q, lse, iq, zlse, w1, w2))
