@@ -815,7 +815,11 @@ def test_sparse_attention_return_lse(impl, cfg_name):
     smask = support_mask(idx, cfg.T, cfg.bs)
     out, lse = jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, return_lse=True, impl=impl)
     assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, impl=impl)))
+    plain = jops.sparse_attention(q, k, v, idx, block_size=cfg.bs, impl=impl)
+    if impl == "pallas":  # the same kernel call either way
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    else:  # XLA may fuse the jnp paths differently once the LSE is an output too (seen on an H200: 2e-7)
+        assert_close(out, plain, 1e-6)
     assert_close(lse, jnp_lse(q, k, smask), 1e-5)
     out2, idx2, lse2 = jops.msa_attention(q, k, v, iq, ik, block_size=cfg.bs, top_k=cfg.topk, return_lse=True, impl=impl)
     np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
