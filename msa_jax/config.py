@@ -232,7 +232,7 @@ class RunConfig:
         """From `to_dict()` output (a run's config.json); unknown keys raise a ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
-        _require(not unknown, "run config", f"only the fields of RunConfig", f"unknown keys {unknown}")
+        _require(not unknown, "run config", "only the fields of RunConfig", f"unknown keys {unknown}")
         return cls(**d)
 
     def differences(self, other: "RunConfig") -> list[str]:

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from msa_jax import sharding as S
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.model import DecoderLM
-from msa_jax.train import sharded_eval_step, sharded_train_step
+from msa_jax.train import sharded_eval_step
 
 CFG = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
