@@ -46,8 +46,8 @@ RUN_PRESETS: dict[str, dict] = {
     "long-context": dict(
         steps=4000, batch_size=8, seq_len=16384, block_size=128, top_k=16, index_dim=64, d_model=768, n_layers=8,
         n_heads=12, n_kv_heads=4, head_dim=64, d_ff=2048, n_dense_layers=1, lr=1e-3, msa_warmup_steps=400,
-        eval_every=500, eval_batches=8, ckpt_every=250, log_every=10, max_bytes=None, dtype="bfloat16",
-        task_mix=0.25,
+        eval_every=500, eval_batches=8, ckpt_every=500, keep=8, log_every=10, max_bytes=None, dtype="bfloat16",
+        task_mix=0.25,  # keep=8: every checkpoint stays, so a converted run can start from any of them
     ),
 }
 

@@ -172,3 +172,20 @@ def test_needle_selection_numbers_and_figure(tmp_path):
                                         title="t")
     fig.savefig(tmp_path / "sel.png")
     assert (tmp_path / "sel.png").stat().st_size > 5000
+
+
+def test_long_context_preset_and_the_documented_ablations():
+    """Every ablation is a valid run, the block ones keep 2048 attended keys per query, and
+    docs/long_context.md lists each one's command with exactly its flags."""
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "long_context.md").read_text()
+    base = presets.run_config("long-context", attention="msa")
+    assert base.seq_len == 16384 and base.block_size * base.top_k == 2048 and base.task_mix > 0
+    for name, overrides in presets.LONG_CONTEXT_ABLATIONS.items():
+        run = presets.run_config("long-context", attention="msa", **overrides)
+        if name.startswith("block"):
+            assert run.block_size * run.top_k == 2048, name
+        if overrides:
+            flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in overrides.items())
+            assert f"--run-dir runs/lc_{name} {flags}\n" in doc, name
