@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                 mean = np.mean(np.array(per), axis=0)  # [layer, (block, score)]
                 val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s))
                                     for i, (b, s) in zip(msa_layers, mean)]
-        if is_msa and args.selection:
+        if is_msa and args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
             ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed)
             sel = [np.asarray(s["block_idx"])[0] for s in selections(model, jax.numpy.asarray(ex.tokens[None]))
                    if s is not None]

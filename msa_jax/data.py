@@ -24,11 +24,10 @@ that call each other), present on every machine that has Python.
 instead (`msa_jax.retrieval`: passkey, multi-key, variable tracking; fresh needles, values and
 uniformly random depths every batch, haystacks from the same array, i.e. the training split);
 the loss stays the plain LM loss over every row, of which the 5 answer bytes are a tiny part
-(1% of a 512-byte row, 0.03% at 16K): the model must also predict the haystack code and the random
-needle values, which is what an LM does on such text anyway. The windows of step `s` depend only
-on `(seed, s)` (and the task mix), so the iterator's whole state is `{seed, step}` (plus shape,
-the task mix and a fingerprint of the data, checked on restore): `state()` goes into
-the checkpoint and `BatchIterator.from_state` resumes exactly. Every process of a multi-host run
+(1% of a 512-byte row, 0.03% at 16K; the rest is haystack code and unpredictable needle values).
+The windows of step `s` depend only on `(seed, s)` (and the task mix), so the iterator's whole
+state is `{seed, step}` (plus shape, the task mix and a fingerprint of the data, checked on
+restore): `state()` goes into the checkpoint and `BatchIterator.from_state` resumes exactly. Every process of a multi-host run
 computes the same global batch and keeps its own shard. `eval_batches` gives fixed, evenly spaced
 validation windows.
 """

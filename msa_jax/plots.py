@@ -1,6 +1,7 @@
 """Figures and tables that the scripts (and notebooks) share: training curves, run comparisons,
-retrieval heatmaps and tables, MSA's selection next to dense attention or a retrieval needle. Every figure function returns False instead of failing when matplotlib is not
-installed (it is in the `dev` extra)."""
+retrieval heatmaps and tables, MSA's selection next to dense attention or a retrieval needle.
+Every figure function returns False (or None) instead of failing when matplotlib is not installed
+(it is in the `dev` extra)."""
 
 from __future__ import annotations
 

@@ -63,8 +63,8 @@ def make_tx(tcfg: TrainConfig) -> optax.GradientTransformation:
         )
 
     base, scale = lr_schedule(tcfg), tcfg.index_lr_scale
-    # Adam's update does not scale with the gradient, so kl_weight > 0 barely moves the index branch;
-    # its learning rate does (index_lr_scale; 1.0 keeps the very same schedule object).
+    # Adam's update does not scale with the gradient, so the size of kl_weight (> 0) barely changes
+    # the index branch's update; its learning rate does (index_lr_scale; 1.0: the backbone's schedule).
     index_lr = base if scale == 1.0 else (lambda step: scale * base(step))
     return optax.multi_transform({"main": group(base), "index": group(index_lr)}, _group_labels)
 
