@@ -513,7 +513,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact ends at k = 0 and k = n (the formula gives them only up to rounding)
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def default_lengths(train_len: int, shortest: int = 4096) -> list[int]:
