@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
             eval_set = data.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, n_val)
             val.update(loop.evaluate(model, eval_set, one_device, is_msa=is_msa, sparse=True), val_windows=n_val)
             if is_msa:
-                per = [[(float(s["block_recall"]), float(s["score_recall"])) for s in
-                        selections(model, jax.numpy.asarray(b[:, :-1]), with_recall=True) if s is not None] for b in eval_set]
+                per = [[(float(s["block_recall"]), float(s["score_recall"]))
+                        for s in selections(model, jax.numpy.asarray(b[:, :-1]), with_recall=True) if s is not None]
+                       for b in eval_set]
                 mean = np.mean(np.array(per), axis=0)  # [layer, (block, score)]
                 val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s))
                                     for i, (b, s) in zip(msa_layers, mean)]

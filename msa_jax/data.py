@@ -27,9 +27,9 @@ the loss stays the plain LM loss over every row, of which the 5 answer bytes are
 (1% of a 512-byte row, 0.03% at 16K; the rest is haystack code and unpredictable needle values).
 The windows of step `s` depend only on `(seed, s)` (and the task mix), so the iterator's whole
 state is `{seed, step}` (plus shape, the task mix and a fingerprint of the data, checked on
-restore): `state()` goes into the checkpoint and `BatchIterator.from_state` resumes exactly. Every process of a multi-host run
-computes the same global batch and keeps its own shard. `eval_batches` gives fixed, evenly spaced
-validation windows.
+restore): `state()` goes into the checkpoint and `BatchIterator.from_state` resumes exactly.
+Every process of a multi-host run computes the same global batch and keeps its own shard.
+`eval_batches` gives fixed, evenly spaced validation windows.
 """
 
 from __future__ import annotations
