@@ -1,20 +1,31 @@
-"""Long-context retrieval accuracy (RULER-style passkey / multi-key / variable tracking) of trained runs.
+"""Long-context quality of trained runs: retrieval exact match (RULER-style passkey / multi-key /
+variable tracking) with 95% confidence intervals, validation bits/byte, and the index branch's recall.
 
 Loads the latest (or `--step`) checkpoint of each training run directory (`train_lm.py`), dense or
 MSA, builds haystacks from the validation packages of the run's own corpus (code it never trained
 on), and reports greedy exact match by task, context length and needle depth
-(`msa_jax.retrieval`): teacher-forced (`--mode teacher-forced`, one forward pass; each answer byte
-predicted from the true earlier ones) or free-running (`--mode generate`: the model writes the
-whole answer itself from the KV + index-key caches, `msa_jax.generate`). An MSA model is
-evaluated with top-k routing on.
+(`msa_jax.retrieval`), each cell with its 95% Wilson interval: teacher-forced (`--mode
+teacher-forced`, one forward pass; each answer byte predicted from the true earlier ones) or
+free-running (`--mode generate`: the model writes the whole answer itself from the KV + index-key
+caches, `msa_jax.generate`). An MSA model is evaluated with top-k routing on. Default lengths: from
+4096 (or the training length, if shorter), doubling, up to 2x the training length. For each run it
+also measures, at the training length, the validation loss in bits/byte (`--val-batches` windows of
+unseen packages, as the training loop's evaluation does) and, for MSA, the block / score recall of
+every MSA layer; and draws, for one passkey example at the training length, which blocks each
+layer's index branch selected against where the needle is.
 
 Output (under --out, default runs/retrieval):
-  results.json   every (run, task, context_len, depth) accuracy, plus the runs' configs
-  retrieval.png  heatmaps of exact match: one row per run, one column per task, depth x length
-  retrieval_bytes.png  the same for the share of answer bytes right (partial credit)
+  results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
+                        byte_accuracy), each run's validation metrics, per-layer recall and
+                        needle selection, and the runs' configs
+  results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
+  heatmap_<run>.png     exact match, depth x length, one panel per task
+  selection_<run>.png   MSA runs: the index branch's selection on one passkey example vs the needle
+  retrieval.png         all runs' heatmaps on one figure; retrieval_bytes.png: the share of answer
+                        bytes right (partial credit)
 
-  python experiments/eval_retrieval.py runs/tiny_dense runs/tiny_msa
-  python experiments/eval_retrieval.py runs/gpu_msa --lengths 8192,16384 --n 32 --batch-size 8
+  python experiments/eval_retrieval.py runs/tiny_dense runs/tiny_msa --n 8
+  python experiments/eval_retrieval.py runs/lc_dense runs/lc_msa runs/lc_cpt --batch-size 8
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 from msa_jax import plots, retrieval
@@ -33,15 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories of experiments/train_lm.py")
     p.add_argument("--tasks", default=",".join(retrieval.TASKS), help="comma list of " + ", ".join(retrieval.TASKS))
-    p.add_argument("--lengths", default=None, help="comma list of context lengths (default: each run's seq_len)")
+    p.add_argument("--lengths", default=None,
+                   help="comma list of context lengths (default: each run's 4096 or training length, doubling, "
+                        "up to 2x its training length)")
     p.add_argument("--depths", default=DEFAULT_DEPTHS, help="comma list of needle depths in [0, 1]")
-    p.add_argument("--n", type=int, default=8, help="examples per (task, length, depth)")
+    p.add_argument("--n", type=int, default=50,
+                   help="examples per (task, length, depth); 50 gives a 95%% interval of about +-0.14 at 0.5 and "
+                        "[0, 0.07] at 0 (use e.g. --n 8 for a quick look on the CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: each run's latest)")
     p.add_argument("--impl", default=None, help="override the ops backend the runs were trained with")
     p.add_argument("--mode", choices=("teacher-forced", "generate"), default="teacher-forced",
                    help="score teacher-forced next-byte predictions, or answers the model generates itself")
     p.add_argument("--index-cache-dtype", default=None, help="--mode generate: bfloat16, float32 or float8_e4m3fn")
+    p.add_argument("--val-batches", type=int, default=None,
+                   help="validation batches for bits/byte and per-layer recall at the training length (default: "
+                        "the run's --eval-batches; 0: skip)")
+    p.add_argument("--selection-depth", type=float, default=0.5,
+                   help="needle depth of the passkey example whose selection is drawn (MSA runs)")
+    p.add_argument("--no-selection", dest="selection", action="store_false", help="skip the selection picture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/retrieval")
     return p
@@ -57,27 +79,41 @@ def _floats(text: str, name: str) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
-    for t in tasks:
-        retrieval.get_task(t)  # ValueError naming the task
+    try:
+        retrieval.check_tasks(tasks, name="--tasks")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     depths = _floats(args.depths, "depths")
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise SystemExit(f"--depths: expected numbers in [0, 1], got {args.depths!r}")
     lengths = None if args.lengths is None else [int(x) for x in _floats(args.lengths, "lengths")]
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("--n and --batch-size: expected ints >= 1")
+    if args.val_batches is not None and args.val_batches < 0:
+        raise SystemExit(f"--val-batches: expected an int >= 0, got {args.val_batches}")
+    if not 0.0 <= args.selection_depth <= 1.0:
+        raise SystemExit(f"--selection-depth: expected a number in [0, 1], got {args.selection_depth}")
 
     import jax
+    import numpy as np
     from flax import nnx
+    from tqdm.auto import tqdm
 
-    from msa_jax import data
+    from msa_jax import data, loop, sharding
     from msa_jax.checkpoint import load_run
     from msa_jax.generate import generate
+    from msa_jax.model import layer_selections
 
     @nnx.jit
     def forward(model, tokens):
         return model(tokens, sparse=True)[0]  # sparse: top-k routing for MSA (ignored by dense)
 
+    selections = nnx.jit(layer_selections, static_argnames="with_recall")
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, configs, names = [], {}, []
+    one_device = sharding.make_mesh("data=1", devices=jax.devices()[:1])
+    rows, configs, names, val_rows = [], {}, [], []
     for run in map(pathlib.Path, args.runs):
         try:
             model, cfg, step = load_run(run, args.step, impl=args.impl)
@@ -85,31 +121,90 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(str(e)) from None
         name = run.name
         names.append(name)
+        is_msa = cfg.attention == "msa"
+        msa_layers = [i for i in range(cfg.n_layers) if cfg.model_config().is_msa_layer(i)]
         configs[name] = dict(config=cfg.to_dict(), step=step)
         corpus = data.load_corpus(cfg.max_bytes, sources=tuple(cfg.sources.split(",")))
-        Ts = lengths or [cfg.seq_len]
-        print(f"{name}: {cfg.attention} model at step {step}; haystacks from {len(corpus.val_packages)} val "
-              f"packages ({corpus.val.size / 1e6:.2f} MB); lengths {Ts}")
+        Ts = lengths or retrieval.default_lengths(cfg.seq_len)
+        print(f"{name}: {cfg.attention} model at step {step} (trained at T={cfg.seq_len}); haystacks from "
+              f"{len(corpus.val_packages)} val packages ({corpus.val.size / 1e6:.2f} MB); lengths {Ts}")
         t0 = time.perf_counter()
         logits_fn = lambda t: forward(model, jax.numpy.asarray(t))  # noqa: E731
         generate_fn = lambda prompts, n: generate(  # noqa: E731
             model, prompts, max_new_tokens=n, index_cache_dtype=args.index_cache_dtype, stream_every=n).tokens
-        for r in retrieval.evaluate(logits_fn, corpus.val, tasks, Ts, depths, args.n, args.seed,
-                                    batch_size=args.batch_size,
-                                    generate_fn=generate_fn if args.mode == "generate" else None):
-            rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
+        with tqdm(total=len(tasks) * len(Ts) * len(depths), desc=f"{name} retrieval", unit="cell",
+                  dynamic_ncols=True, file=sys.stdout) as bar:
+            for r in retrieval.evaluate(logits_fn, corpus.val, tasks, Ts, depths, args.n, args.seed,
+                                        batch_size=args.batch_size, on_row=lambda r: bar.update(),
+                                        generate_fn=generate_fn if args.mode == "generate" else None):
+                rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
+
+        val = dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)
+        n_val = cfg.eval_batches if args.val_batches is None else args.val_batches
+        if n_val:
+            # the training loop's own evaluation, at the training length, on windows of unseen packages
+            eval_set = data.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, n_val)
+            val.update(loop.evaluate(model, eval_set, one_device, is_msa=is_msa, sparse=True), val_windows=n_val)
+            if is_msa:
+                per = [[(float(s["block_recall"]), float(s["score_recall"]))
+                        for s in selections(model, jax.numpy.asarray(b[:, :-1]), with_recall=True) if s is not None]
+                       for b in eval_set]
+                mean = np.mean(np.array(per), axis=0)  # [layer, (block, score)]
+                val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s))
+                                    for i, (b, s) in zip(msa_layers, mean)]
+        if is_msa and args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
+            ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed)
+            sel = [np.asarray(s["block_idx"])[0] for s in selections(model, jax.numpy.asarray(ex.tokens[None]))
+                   if s is not None]
+            needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
+            answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
+            correct = bool(retrieval.exact_match(logits_fn, ex.tokens[None], retrieval.answer_mask_of(ex)[None])[0])
+            hits = [retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel]
+            val["selection"] = dict(task="passkey", depth=args.selection_depth, needle=needle, answer_rows=answer,
+                                    correct=correct, needle_selected=dict(zip(map(str, msa_layers), hits)))
+            fig = plots.needle_selection_figure(
+                sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
+                title=f"{name}: passkey at depth {args.selection_depth:g}, T={cfg.seq_len} "
+                      f"({'right' if correct else 'wrong'} answer)")
+            if fig is not None:
+                fig.savefig(out / f"selection_{name}.png", dpi=110)
+                plots.pyplot().close(fig)
+        val_rows.append(val)
         print(f"  {time.perf_counter() - t0:.0f}s")
+
     table = plots.retrieval_table(rows, depths)
     byte_table = plots.retrieval_table(rows, depths, "byte_accuracy")
+    md = plots.retrieval_markdown(rows, depths)
+    val_md = _val_markdown(val_rows)
     print(f"\nexact match ({args.mode} greedy), {args.n} examples per cell:\n{table}")
     print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{byte_table}")
-    results = dict(rows=rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed, mode=args.mode,
-                   jax=jax.__version__, device=jax.devices()[0].device_kind, table=table, byte_table=byte_table)
+    print(f"\n{val_md}")
+    results = dict(rows=rows, val=val_rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed,
+                   mode=args.mode, jax=jax.__version__, device=jax.devices()[0].device_kind, table=table,
+                   byte_table=byte_table, markdown=md)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(f"Exact match ({args.mode} greedy), {args.n} examples per cell, "
+                                    f"[95% Wilson interval]:\n\n{md}\n\n{val_md}\n")
     plotted = plots.plot_retrieval(rows, names, tasks, out / "retrieval.png")
     plots.plot_retrieval(rows, names, tasks, out / "retrieval_bytes.png", "byte_accuracy")
-    print(f"wrote {out / 'results.json'}" + (f", {out / 'retrieval.png'} and {out / 'retrieval_bytes.png'}" if plotted else ""))
+    for name in names:
+        plots.plot_retrieval(rows, [name], tasks, out / f"heatmap_{name}.png")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+          + (f" and the figures (heatmap_<run>.png, selection_<run>.png, retrieval.png) in {out}" if plotted else ""))
     return results
+
+
+def _val_markdown(val_rows: list[dict]) -> str:
+    """Validation at the training length: bits/byte, mean and per-layer recall (MSA)."""
+    lines = ["| run | attention | step | T | val bits/byte | block recall | score recall | block recall per layer |"
+             " needle selected per layer |", "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    for v in val_rows:
+        per = " ".join(f"{p['layer']}:{p['block_recall']:.2f}" for p in v.get("per_layer", [])) or "–"
+        hits = " ".join(f"{k}:{x:.2f}" for k, x in v.get("selection", {}).get("needle_selected", {}).items()) or "–"
+        lines.append(f"| {v['run']} | {v['attention']} | {v['step']} | {v['seq_len']} | {f(v.get('val_bpb'))} | "
+                     f"{f(v.get('block_recall'))} | {f(v.get('score_recall'))} | {per} | {hits} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

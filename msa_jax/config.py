@@ -123,6 +123,7 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
+    index_lr_scale: float = 1.0  # the index branch's learning rate = learning_rate * this (same schedule)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len"):
@@ -134,6 +135,8 @@ class TrainConfig:
         _require(0.0 <= self.b1 < 1.0, "b1", "a float in [0, 1)", self.b1)
         _require(0.0 <= self.b2 < 1.0, "b2", "a float in [0, 1)", self.b2)
         _require(self.grad_clip > 0, "grad_clip", "a float > 0", self.grad_clip)
+        _require(isinstance(self.index_lr_scale, (int, float)) and self.index_lr_scale >= 0, "index_lr_scale",
+                 "a number >= 0", self.index_lr_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +174,12 @@ class RunConfig:
     index_dim: int = 16
     msa_warmup_steps: int = 20  # dense warmup steps (capped at `steps`)
     kl_weight: float = 1.0
+    index_lr_scale: float = 1.0  # index branch LR / backbone LR (0: the index branch never changes)
     # data
     max_bytes: int | None = 4_000_000
     sources: str = "stdlib,site-packages"
+    task_mix: float = 0.0  # share of each batch's rows that are retrieval examples (msa_jax.retrieval)
+    task_mix_tasks: str = "passkey,multikey,variable_tracking"  # comma list of the tasks mixed in
     # cadence and outputs
     eval_every: int = 25
     eval_batches: int = 2
@@ -204,12 +210,24 @@ class RunConfig:
             _non_negative_int("stop_at", self.stop_at)
         _require(self.init_from is None or self.attention == "msa", "init_from",
                  "None unless attention='msa' (it converts a dense checkpoint into an MSA model)", self.init_from)
+        _require(not isinstance(self.task_mix, bool) and isinstance(self.task_mix, (int, float))
+                 and 0.0 <= self.task_mix <= 1.0, "task_mix", "a fraction in [0, 1]", self.task_mix)
+        from msa_jax import retrieval  # numpy only; the task names and lengths live there
+
+        # a training row is seq_len + 1 tokens long (inputs and the last target)
+        retrieval.check_tasks(self.task_mix_tasks, self.seq_len + 1 if self.task_mix > 0 else None,
+                              name="task_mix_tasks")
         self.model_config(), self.train_config()  # validates every size
 
     @property
     def warmup_steps(self) -> int:
         """Dense warmup steps actually used: msa_warmup_steps, at most `steps`."""
         return min(self.msa_warmup_steps, self.steps)
+
+    @property
+    def mix_tasks(self) -> tuple[str, ...]:
+        """The tasks of `task_mix_tasks` as a tuple of names."""
+        return tuple(t.strip() for t in self.task_mix_tasks.split(","))
 
     def model_config(self) -> ModelConfig:
         msa = MSAConfig(block_size=self.block_size, top_k=self.top_k, index_dim=self.index_dim,
@@ -222,7 +240,8 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         warm = max(1, round(0.05 * self.steps)) if self.lr_warmup_steps is None else self.lr_warmup_steps
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
-                           learning_rate=self.lr, lr_warmup_steps=min(warm, self.steps), seed=self.seed)
+                           learning_rate=self.lr, lr_warmup_steps=min(warm, self.steps), seed=self.seed,
+                           index_lr_scale=self.index_lr_scale)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,18 +20,25 @@ that call each other), present on every machine that has Python.
   `max_bytes` takes packages in that order until each split has its share, then cuts to the budget.
 
 `BatchIterator` yields random training windows `int32 [B, T + 1]` (inputs are `[:, :-1]`, targets
-`[:, 1:]`). The windows of step `s` depend only on `(seed, s)`, so the iterator's whole state is
-`{seed, step}` (plus shape and a fingerprint of the data, checked on restore): `state()` goes into
-the checkpoint and `BatchIterator.from_state` resumes exactly. Every process of a multi-host run
-computes the same global batch and keeps its own shard. `eval_batches` gives fixed, evenly spaced
-validation windows.
+`[:, 1:]`). With `task_mix` = f > 0 a share f of the rows are long-context retrieval examples
+instead (`msa_jax.retrieval`: passkey, multi-key, variable tracking; fresh needles, values and
+uniformly random depths every batch, haystacks from the same array, i.e. the training split);
+the loss stays the plain LM loss over every row, of which the 5 answer bytes are a tiny part
+(1% of a 512-byte row, 0.03% at 16K; the rest is haystack code and unpredictable needle values).
+The windows of step `s` depend only on `(seed, s)` (and the task mix), so the iterator's whole
+state is `{seed, step}` (plus shape, the task mix and a fingerprint of the data, checked on
+restore): `state()` goes into the checkpoint and `BatchIterator.from_state` resumes exactly.
+Every process of a multi-host run computes the same global batch and keeps its own shard.
+`eval_batches` gives fixed, evenly spaced validation windows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import hashlib
+import math
 import pathlib
 import site
 import sys
@@ -39,6 +46,8 @@ import sysconfig
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from msa_jax import retrieval
 
 VOCAB_SIZE = 256
 SEP = 0x1C  # ASCII file separator: closes every file
@@ -265,16 +274,45 @@ def _check_window(data: np.ndarray, batch_size: int, seq_len: int) -> None:
         )
 
 
-def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int) -> np.ndarray:
+def task_rows_at(batch_size: int, task_mix: float, step: int) -> int:
+    """How many of step `step`'s `batch_size` rows are retrieval examples at `task_mix`: the
+    cumulative count floor(s * task_mix * batch_size) over steps, differenced, so every batch gets
+    the floor or the ceiling of task_mix * batch_size rows and the first s batches exactly
+    floor(s * task_mix * batch_size) (also when task_mix * batch_size < 1). Exact rational
+    arithmetic: no float rounding at whole numbers."""
+    f = fractions.Fraction(task_mix) * int(batch_size)
+    return math.floor((int(step) + 1) * f) - math.floor(int(step) * f)
+
+
+def _check_task_mix(task_mix, tasks, seq_len: int) -> tuple[str, ...]:
+    if isinstance(task_mix, bool) or not isinstance(task_mix, (int, float)) or not 0.0 <= task_mix <= 1.0:
+        raise ValueError(f"task_mix: expected a fraction in [0, 1], got {task_mix!r}")
+    # the rows hold seq_len + 1 tokens (inputs and the last target): the examples are that long
+    return retrieval.check_tasks(tasks, int(seq_len) + 1 if task_mix > 0 else None, name="task_mix_tasks")
+
+
+def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int, task_mix: float = 0.0,
+             tasks=tuple(retrieval.TASKS)) -> np.ndarray:
     """The training batch of step `step`: `int32 [batch_size, seq_len + 1]` random windows.
 
-    A function of `(data, batch_size, seq_len, seed, step)` only.
+    With `task_mix` > 0, `task_rows_at(batch_size, task_mix, step)` rows (at random places) are
+    replaced by retrieval examples of `tasks` exactly `seq_len + 1` long whose haystacks come from
+    `data` (`retrieval.training_rows`); the other rows are the windows of task_mix = 0.
+    A function of `(data, batch_size, seq_len, seed, step, task_mix, tasks)` only.
     """
     _check_window(data, batch_size, seq_len)
+    tasks = _check_task_mix(task_mix, tasks, seq_len)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step)])
     starts = rng.integers(0, data.size - seq_len, size=batch_size)  # last valid start: size - seq_len - 1
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    return data[idx].astype(np.int32)
+    batch = data[idx].astype(np.int32)
+    n = task_rows_at(batch_size, task_mix, step) if task_mix else 0
+    if n:
+        # a stream of its own, so the code windows are exactly those of task_mix = 0
+        trng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 1])
+        rows = np.sort(trng.choice(batch_size, size=n, replace=False))
+        batch[rows] = retrieval.training_rows(data, n, seq_len + 1, tasks, trng)
+    return batch
 
 
 def _data_fingerprint(data: np.ndarray) -> str:
@@ -284,24 +322,28 @@ def _data_fingerprint(data: np.ndarray) -> str:
 class BatchIterator:
     """Infinite, resumable iterator of training batches `int32 [batch_size, seq_len + 1]`.
 
-    Batch `s` (counting from 0) is `batch_at(data, ..., seed=seed, step=s)`; `step` is the number
-    of batches taken so far. `state()` is a small JSON-able dict for the checkpoint, and
-    `BatchIterator.from_state(data, state)` continues exactly where it stopped; it raises
-    ValueError when `data` is not the array the state was taken on (fingerprint mismatch).
+    Batch `s` (counting from 0) is `batch_at(data, ..., seed=seed, step=s, task_mix=..., tasks=...)`;
+    `step` is the number of batches taken so far. `state()` is a small JSON-able dict for the
+    checkpoint (the task mix included), and `BatchIterator.from_state(data, state)` continues
+    exactly where it stopped; it raises ValueError when `data` is not the array the state was taken
+    on (fingerprint mismatch).
     """
 
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, step: int = 0):
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, step: int = 0,
+                 task_mix: float = 0.0, tasks=tuple(retrieval.TASKS)):
         _check_window(data, batch_size, seq_len)
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step: expected an int >= 0, got {step!r}")
+        self.tasks = _check_task_mix(task_mix, tasks, seq_len)
         self.data, self.batch_size, self.seq_len = data, int(batch_size), int(seq_len)
-        self.seed, self.step = int(seed), int(step)
+        self.seed, self.step, self.task_mix = int(seed), int(step), float(task_mix)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> np.ndarray:
-        batch = batch_at(self.data, self.batch_size, self.seq_len, seed=self.seed, step=self.step)
+        batch = batch_at(self.data, self.batch_size, self.seq_len, seed=self.seed, step=self.step,
+                         task_mix=self.task_mix, tasks=self.tasks)
         self.step += 1
         return batch
 
@@ -311,11 +353,14 @@ class BatchIterator:
 
     def state(self) -> dict:
         return dict(seed=self.seed, step=self.step, batch_size=self.batch_size, seq_len=self.seq_len,
-                    n_tokens=int(self.data.size), fingerprint=self.fingerprint)
+                    n_tokens=int(self.data.size), fingerprint=self.fingerprint, task_mix=self.task_mix,
+                    tasks=list(self.tasks))
 
     @classmethod
     def from_state(cls, data: np.ndarray, state: dict) -> BatchIterator:
-        it = cls(data, state["batch_size"], state["seq_len"], seed=state["seed"], step=state["step"])
+        # states saved before task mixing existed have neither key: task_mix 0
+        it = cls(data, state["batch_size"], state["seq_len"], seed=state["seed"], step=state["step"],
+                 task_mix=state.get("task_mix", 0.0), tasks=tuple(state.get("tasks", retrieval.TASKS)))
         if int(state["n_tokens"]) != data.size or state["fingerprint"] != it.fingerprint:
             raise ValueError(
                 f"data: the iterator state was saved on another corpus ({state['n_tokens']} tokens, fingerprint "
@@ -325,11 +370,12 @@ class BatchIterator:
         return it
 
 
-def batches(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, start_step: int = 0) -> BatchIterator:
-    """`BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step)`."""
+def batches(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, start_step: int = 0,
+            task_mix: float = 0.0, tasks=tuple(retrieval.TASKS)) -> BatchIterator:
+    """`BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=..., tasks=...)`."""
     if not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
-    return BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step)
+    return BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=task_mix, tasks=tasks)
 
 
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, n: int) -> list[np.ndarray]:

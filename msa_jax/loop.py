@@ -213,7 +213,9 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             sharding.shard_model(model, mesh)  # loading placed the weights on the default device
             say(f"initialised {len(loaded)} non-index weights from {src} step {run.init_loaded_step} "
                 "(index branches fresh)")
-        batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed)
+        # haystacks of the mixed-in retrieval rows come from the training split too, never from val
+        batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed,
+                                     task_mix=run.task_mix, tasks=run.mix_tasks)
         if log.path.exists() and is_main:
             log.path.unlink()  # no checkpoint to continue from: start the log over
     if is_main:
@@ -225,7 +227,10 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         f"({mcfg.n_msa_layers} MSA), d_model {mcfg.d_model}, heads {mcfg.n_heads}/{mcfg.n_kv_heads}, {mcfg.dtype}")
     if is_msa:
         say(f"MSA: block {mcfg.msa.block_size} x top-{mcfg.msa.top_k}: a query sees <= {min(span, T)} of {T} keys; "
-            f"dense warmup {mcfg.msa.warmup_steps} steps, kl_weight {mcfg.msa.kl_weight}")
+            f"dense warmup {mcfg.msa.warmup_steps} steps, kl_weight {mcfg.msa.kl_weight}"
+            + (f", index LR x {tcfg.index_lr_scale:g}" if tcfg.index_lr_scale != 1.0 else ""))
+    if run.task_mix:
+        say(f"task mix: {run.task_mix:g} of the rows are retrieval examples ({', '.join(run.mix_tasks)}) at T={T}")
 
     schedule = lr_schedule(tcfg)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from msa_jax import context
+from msa_jax import context, ops
 from msa_jax.cache import Cache
 from msa_jax.config import BATCH_AXES, ModelConfig
 from msa_jax.layers import MLP, GQAAttention, MSAAttention, RMSNorm
@@ -141,3 +141,31 @@ def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
 def split_params(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
     """(index-branch params, all other params) as two nnx.State trees."""
     return nnx.state(model, INDEX_PARAMS, MAIN_PARAMS)
+
+
+def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool = False) -> list[dict | None]:
+    """What each MSA layer's index branch selects on `tokens` [B, T] (one device, no mesh).
+
+    Returns one entry per layer: None for a dense layer; for an MSA layer {"block_idx": int32
+    [B, T, H_kv, top_k]} (the blocks its main branch attends to with top-k routing on), plus
+    "block_recall" and "score_recall" (`ops.selection_recall`, per layer: the model's aux only has
+    their mean) when `with_recall`. The layers run their usual sparse forward in between; jit it
+    (`nnx.jit`) for long sequences."""
+    cfg, m = model.cfg, model.cfg.msa
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = model._embed(tokens)
+    out: list[dict | None] = []
+    for i, block in enumerate(model.blocks):
+        if cfg.is_msa_layer(i):
+            h = block.attn_norm(x)
+            q, k, _ = block.attn.qkv(h, positions)
+            iq, ik = block.attn.index(h, positions)
+            kw = dict(block_size=m.block_size, top_k=m.top_k, impl=cfg.impl)
+            entry = {"block_idx": ops.select_blocks(iq, ik, sink_blocks=m.sink_blocks, **kw)}
+            if with_recall:
+                entry["block_recall"], entry["score_recall"] = ops.selection_recall(q, k, entry["block_idx"], **kw)
+            out.append(entry)
+        else:
+            out.append(None)
+        x, _ = block(x, positions, sparse=True)
+    return out

@@ -1,6 +1,7 @@
 """Figures and tables that the scripts (and notebooks) share: training curves, run comparisons,
-retrieval heatmaps, MSA's selection next to dense attention. Every figure function returns False instead of failing when matplotlib is not
-installed (it is in the `dev` extra)."""
+retrieval heatmaps and tables, MSA's selection next to dense attention or a retrieval needle.
+Every figure function returns False (or None) instead of failing when matplotlib is not installed
+(it is in the `dev` extra)."""
 
 from __future__ import annotations
 
@@ -203,6 +204,27 @@ def retrieval_table(rows: list[dict], depths: list[float], metric: str = "accura
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
+def retrieval_markdown(rows: list[dict], depths: list[float]) -> str:
+    """Markdown table of exact match with 95% Wilson intervals: one line per (run, task, length),
+    one column per needle depth, and all depths pooled. Rows of `retrieval.evaluate` (+ "run")."""
+    from msa_jax.retrieval import wilson_interval
+
+    def cell(k: int, n: int) -> str:
+        lo, hi = wilson_interval(k, n)
+        return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    lines = ["| run | task | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | all depths |",
+             "|---|---|---|" + "---|" * (len(depths) + 1)]
+    keys = dict.fromkeys((r["run"], r["task"], r["context_len"]) for r in rows)
+    for run, task, T in keys:
+        sub = [r for r in rows if (r["run"], r["task"], r["context_len"]) == (run, task, T)]
+        by_depth = {r["depth"]: r for r in sub}
+        cells = [cell(by_depth[d]["correct"], by_depth[d]["n"]) if d in by_depth else "–" for d in depths]
+        pooled = cell(sum(r["correct"] for r in sub), sum(r["n"] for r in sub))
+        lines.append(f"| {run} | {task} | {T} | " + " | ".join(cells) + f" | {pooled} |")
+    return "\n".join(lines)
+
+
 def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path,
                    metric: str = "accuracy") -> bool:
     """Heatmaps of `metric`: one row of panels per run, one column per task, depth x length."""
@@ -259,6 +281,56 @@ def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0,
         fig.colorbar(im, ax=ax, fraction=0.046)
     axes[0].set_ylabel("query position")
     fig.suptitle(title or f"sequence {batch}, KV group {group}")
+    fig.tight_layout()
+    return fig
+
+
+def needle_selection_figure(block_idx: list, *, layers: list[int], block_size: int, needle: tuple[int, int],
+                            answer: tuple[int, int], title: str = "", detail_layer: int | None = None):
+    """What the index branch selected on one retrieval example, against where the needle is.
+
+    block_idx: per MSA layer, int [T, H_kv, top_k] (`model.layer_selections` of one sequence);
+    layers: their layer numbers; needle, answer: [start, end) token ranges of the queried needle
+    and of the query rows that predict the answer. Left: per layer, the share of the answer's query
+    rows x KV groups that select each KV block (the needle's blocks outlined: 1.0 there means every
+    answer query can read the needle). Right: one layer's selection for every query row (group 0),
+    the needle's blocks and the answer rows marked. (`selection_figure` needs the dense attention
+    mass, O(T^2): too big at the lengths this is for.) Returns the figure (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    ids = [np.asarray(b) for b in block_idx]
+    T = ids[0].shape[0]
+    n_blocks = -(-T // block_size)
+    a0, a1 = answer
+    share = np.zeros((len(ids), n_blocks))
+    for li, b in enumerate(ids):
+        sel = b[a0:a1].reshape(-1, b.shape[-1])  # (answer row, group) x top_k
+        for row in sel:
+            share[li, row[row >= 0]] += 1
+        share[li] /= sel.shape[0]
+    nb0, nb1 = needle[0] // block_size, (needle[1] - 1) // block_size
+    detail = len(ids) - 1 if detail_layer is None else layers.index(detail_layer)
+    chosen = np.zeros((T, n_blocks))
+    d = ids[detail][:, 0]
+    r, c = np.nonzero(d >= 0)
+    chosen[r, d[r, c]] = 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(14, 1.6 + 0.45 * max(len(ids), 6)),
+                             gridspec_kw=dict(width_ratios=[1.3, 1]))
+    ax = axes[0]
+    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+    ax.add_patch(plt.Rectangle((nb0 - 0.5, -0.5), nb1 - nb0 + 1, len(ids), fill=False, ec="red", lw=1.5))
+    ax.set_yticks(range(len(ids)), [f"layer {i}" for i in layers])
+    ax.set(xlabel=f"KV block ({block_size} tokens); red: the needle's block", title="share of the answer's queries "
+           "(x groups) selecting each block")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax = axes[1]
+    ax.imshow(chosen, aspect="auto", interpolation="nearest", cmap="Greys")
+    ax.axvspan(nb0 - 0.5, nb1 + 0.5, color="red", alpha=0.25, lw=0)
+    ax.axhspan(a0 - 0.5, a1 - 0.5, color="tab:blue", alpha=0.3, lw=0)
+    ax.set(xlabel="KV block (red: needle)", ylabel="query position (blue: answer rows)",
+           title=f"layer {layers[detail]}, group 0: selected blocks per query")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

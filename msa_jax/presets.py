@@ -39,6 +39,33 @@ RUN_PRESETS: dict[str, dict] = {
         msa_warmup_steps=200, eval_every=200, eval_batches=8, ckpt_every=200, log_every=10, max_bytes=None,
         dtype="bfloat16",
     ),
+    # The long-context study (docs/long_context.md): one H200 per model, T = 16384, a quarter of the
+    # rows retrieval examples. 52M parameters; block 128 x top-16: each query attends to <= 2048
+    # keys. Sized from the gpu preset's ~105K tokens/s (152M, T = 32768, one H200): about 3x fewer
+    # FLOPs per token, so 4000 steps (524M tokens) should take 30-60 minutes; not timed yet.
+    "long-context": dict(
+        steps=4000, batch_size=8, seq_len=16384, block_size=128, top_k=16, index_dim=64, d_model=768, n_layers=8,
+        n_heads=12, n_kv_heads=4, head_dim=64, d_ff=2048, n_dense_layers=1, lr=1e-3, msa_warmup_steps=400,
+        eval_every=500, eval_batches=8, ckpt_every=500, keep=8, log_every=10, max_bytes=None, dtype="bfloat16",
+        task_mix=0.25,  # keep=8: every checkpoint stays, so a converted run can start from any of them
+    ),
+}
+
+# Ablations of the long-context study: flags over `--preset long-context --attention msa`. The
+# first three keep the attended budget at 2048 keys per query; the top-k ones change it. kl_weight
+# is ablated only at 0 (KL off): with Adam any value > 0 moves the index branch about the same; its
+# learning rate is what changes that (index_lr_scale).
+LONG_CONTEXT_ABLATIONS: dict[str, dict] = {
+    "block64-top32": dict(block_size=64, top_k=32),
+    "block128-top16": dict(),  # the preset itself
+    "block256-top8": dict(block_size=256, top_k=8),
+    "kl-off": dict(kl_weight=0.0),
+    "index-lr-x0.1": dict(index_lr_scale=0.1),
+    "index-lr-x3": dict(index_lr_scale=3.0),
+    "warmup-0": dict(msa_warmup_steps=0),
+    "warmup-1600": dict(msa_warmup_steps=1600),
+    "top8": dict(top_k=8),
+    "top32": dict(top_k=32),
 }
 
 BENCH_SHAPES: dict[str, dict] = {
@@ -65,8 +92,11 @@ _FLAGS = (
     ("lr", float, "peak learning rate (AdamW, linear warmup, cosine decay)"),
     ("lr_warmup_steps", int, "learning-rate warmup steps (default: 5%% of --steps)"),
     ("msa_warmup_steps", int, "MSA: dense warmup steps before top-k routing"),
-    ("kl_weight", float, "MSA: weight of the index KL loss (with Adam and a separate clip for the index branch, only 0 "
-                         "vs > 0 changes its update much)"),
+    ("kl_weight", float, "MSA: weight of the index KL loss. Only the index branch gets the KL's gradient, clipped "
+                         "on its own and fed to Adam, which is invariant to the gradient's scale: every value > 0 "
+                         "gives nearly the same update, 0 turns the KL off. Ablate 0 vs > 0 and --index-lr-scale"),
+    ("index_lr_scale", float, "MSA: the index branch's learning rate as a multiple of --lr (same schedule; 0 "
+                              "freezes it): what sets how fast the index branch learns"),
     ("block_size", int, "MSA: KV block size"),
     ("top_k", int, "MSA: blocks per query and group, the local block included"),
     ("index_dim", int, "MSA: index head dim"),
@@ -84,6 +114,10 @@ _FLAGS = (
     ("keep", int, "checkpoints kept"),
     ("max_bytes", int, "cap on the corpus size in bytes"),
     ("sources", str, "comma list of stdlib, site-packages or directories of *.py files"),
+    ("task_mix", float, "share (in [0, 1]) of each batch's rows that are long-context retrieval examples at "
+                        "--seq-len (fresh needles, values and depths every batch, haystacks from the training "
+                        "split; the loss is the plain LM loss); 0: code only"),
+    ("task_mix_tasks", str, "comma list of the retrieval tasks mixed in: passkey, multikey, variable_tracking"),
     ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 or context=4,data=2 (context: each sequence split "
                   "over that many devices; default: data=<all devices>)"),
     ("init_from", str, "dense run directory to start an MSA model from (continued pre-training)"),

@@ -46,13 +46,20 @@ Batches and scoring (next-token alignment):
   `argmax logits[i, t] == tokens[i, t + 1]` at every masked `t`: teacher-forced greedy exact match,
   which equals greedy decoding of the answer.
 - `answer_accuracy` also gives the share of answer bytes predicted right (partial credit).
-- `evaluate` sweeps tasks x context lengths x depths and returns rows for a heatmap.
+- `evaluate` sweeps tasks x context lengths x depths and returns rows for a heatmap, each with the
+  95% Wilson interval of its exact match (`wilson_interval`).
+
+Training on the tasks: `training_rows` draws whole examples (task, depth, values, haystack offset)
+from one rng; `msa_jax.data.batch_at(..., task_mix=f)` puts them into a share f of the rows of
+every training batch (`--task-mix`), with haystacks from the training split only.
+`min_context_len` / `check_tasks` say whether a task fits in a context.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -142,16 +149,27 @@ def _snap(x: float, candidates: np.ndarray, lo: int, hi: int) -> int:
 
 
 def _choose_window(src: np.ndarray, H: int, a_p: int, o: int) -> int:
-    """Start `s` of an H-byte window near `o` with a line start of `src` at window offset `a_p`."""
-    starts = _line_starts(src)
+    """Start `s` of an H-byte window near `o` with a line start of `src` at window offset `a_p`.
+
+    The line start nearest to `o + a_p` (ties: the smaller) among those that keep the window inside
+    `src`; searched in a growing neighbourhood, so the cost does not grow with the size of `src`
+    (training reads haystacks from corpora of hundreds of MB)."""
     lo, hi = a_p, src.size - H + a_p  # line start l -> s = l - a_p must lie in [0, size - H]
-    ok = starts[(starts >= lo) & (starts <= hi)]
-    if ok.size == 0:
-        return o
-    i = int(np.searchsorted(ok, o + a_p))
-    best = [ok[j] for j in (i - 1, i) if 0 <= j < ok.size]
-    l = min(best, key=lambda v: (abs(int(v) - (o + a_p)), int(v)))
-    return int(l) - a_p
+    x = o + a_p
+    w = 4096
+    while True:
+        a, b = max(lo, x - w), min(hi, x + w)
+        if a <= b:
+            seg = src[max(a - 1, 0) : b]  # byte l - 1 decides whether l starts a line
+            ok = np.flatnonzero(seg == NEWLINE) + max(a - 1, 0) + 1
+            if a == 0:
+                ok = np.concatenate([[0], ok])
+            ok = ok[(ok >= a) & (ok <= b)]
+            if ok.size:  # the nearest one in [x - w, x + w] is the nearest of all
+                return int(ok[np.argmin(np.abs(ok - x))]) - a_p  # argmin: the first (smaller) of a tie
+        if a <= lo and b >= hi:
+            return o  # no line start anywhere: the raw offset
+        w *= 4
 
 
 def _assemble(
@@ -255,22 +273,19 @@ def _assemble(
 # tasks
 
 
-def passkey(source, context_len: int, depth: float, rng=0) -> RetrievalExample:
-    """`# the pass key is NNNNN. remember it.` at `depth`; query `# what is the pass key? ...`."""
-    src = _check_args(source, context_len, depth)
-    rng = _as_rng(rng)
+# A task is its parts (needles, query, answer: `_assemble`'s arguments), drawn from the rng before
+# the haystack, so that the bytes a task needs are known without building an example.
+
+
+def _passkey_parts(rng: np.random.Generator) -> dict:
     value = _value(rng)
-    needle = b"# the pass key is " + value + b". remember it.\n"
-    query = b"\n# what is the pass key? the pass key is "
-    return _assemble(src, context_len, depth, rng, "passkey", needle, query, value)
+    return dict(primary=b"# the pass key is " + value + b". remember it.\n",
+                query=b"\n# what is the pass key? the pass key is ", answer=value)
 
 
-def multikey(source, context_len: int, depth: float, rng=0, *, n_keys: int = 4) -> RetrievalExample:
-    """`n_keys` needles `key = value`; the one at `depth` is queried, the others are distractors."""
-    src = _check_args(source, context_len, depth)
+def _multikey_parts(rng: np.random.Generator, *, n_keys: int = 4) -> dict:
     if not isinstance(n_keys, (int, np.integer)) or isinstance(n_keys, bool) or n_keys < 1:
         raise ValueError(f"n_keys: expected an int >= 1, got {n_keys!r}")
-    rng = _as_rng(rng)
     keys: list[bytes] = []
     values: list[bytes] = []
     for _ in range(n_keys):
@@ -278,15 +293,12 @@ def multikey(source, context_len: int, depth: float, rng=0, *, n_keys: int = 4) 
         values.append(_value(rng, set(values)))
     needles = [k + b" = " + v + b"\n" for k, v in zip(keys, values)]
     query = b"\n# what is the value of " + keys[0] + b"? the value of " + keys[0] + b" is "
-    return _assemble(src, context_len, depth, rng, "multikey", needles[0], query, values[0], free=needles[1:])
+    return dict(primary=needles[0], query=query, answer=values[0], free=needles[1:])
 
 
-def variable_tracking(source, context_len: int, depth: float, rng=0, *, n_hops: int = 4) -> RetrievalExample:
-    """Chain `V1 = NNNNN`, `V2 = V1`, ..., `Vn = V(n-1)` from `depth` on; query the value of `Vn`."""
-    src = _check_args(source, context_len, depth)
+def _variable_tracking_parts(rng: np.random.Generator, *, n_hops: int = 4) -> dict:
     if not isinstance(n_hops, (int, np.integer)) or isinstance(n_hops, bool) or n_hops < 1:
         raise ValueError(f"n_hops: expected an int >= 1, got {n_hops!r}")
-    rng = _as_rng(rng)
     value = _value(rng)
     names: list[bytes] = []
     for _ in range(n_hops):
@@ -295,7 +307,31 @@ def variable_tracking(source, context_len: int, depth: float, rng=0, *, n_hops: 
     chain += [names[i] + b" = " + names[i - 1] + b"\n" for i in range(1, n_hops)]
     last = names[-1]
     query = b"\n# what is the value of " + last + b"? the value of " + last + b" is "
-    return _assemble(src, context_len, depth, rng, "variable_tracking", chain[0], query, value, follow=chain[1:])
+    return dict(primary=chain[0], query=query, answer=value, follow=chain[1:])
+
+
+_PARTS = {"passkey": _passkey_parts, "multikey": _multikey_parts, "variable_tracking": _variable_tracking_parts}
+
+
+def _build(task: str, source, context_len: int, depth: float, rng, **task_kwargs) -> RetrievalExample:
+    src = _check_args(source, context_len, depth)
+    rng = _as_rng(rng)
+    return _assemble(src, context_len, depth, rng, task, **_PARTS[task](rng, **task_kwargs))
+
+
+def passkey(source, context_len: int, depth: float, rng=0) -> RetrievalExample:
+    """`# the pass key is NNNNN. remember it.` at `depth`; query `# what is the pass key? ...`."""
+    return _build("passkey", source, context_len, depth, rng)
+
+
+def multikey(source, context_len: int, depth: float, rng=0, *, n_keys: int = 4) -> RetrievalExample:
+    """`n_keys` needles `key = value`; the one at `depth` is queried, the others are distractors."""
+    return _build("multikey", source, context_len, depth, rng, n_keys=n_keys)
+
+
+def variable_tracking(source, context_len: int, depth: float, rng=0, *, n_hops: int = 4) -> RetrievalExample:
+    """Chain `V1 = NNNNN`, `V2 = V1`, ..., `Vn = V(n-1)` from `depth` on; query the value of `Vn`."""
+    return _build("variable_tracking", source, context_len, depth, rng, n_hops=n_hops)
 
 
 TASKS: dict[str, Callable[..., RetrievalExample]] = {
@@ -312,6 +348,45 @@ def get_task(task) -> Callable[..., RetrievalExample]:
     if task not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
     return TASKS[task]
+
+
+def min_context_len(task: str, **task_kwargs) -> int:
+    """The shortest `context_len` at which `task` can be built at every depth: its needles, query,
+    answer and final newline, plus (for distractors) one distractor's length of code, so that the
+    distractors always fit around the queried needle. Names and values have fixed lengths, so this
+    does not depend on the seed."""
+    get_task(task)
+    parts = _PARTS[task](np.random.default_rng(0), **task_kwargs)
+    free, follow = parts.get("free", ()), parts.get("follow", ())
+    need = sum(map(len, (parts["primary"], parts["query"], parts["answer"], *free, *follow))) + 1
+    return need + max(map(len, free), default=0)
+
+
+def check_tasks(tasks, context_len: int | None = None, *, name: str = "tasks") -> tuple[str, ...]:
+    """`tasks` (a comma string or a sequence of task names) as a tuple of distinct known names; with
+    `context_len`, also that every task fits in it (`min_context_len`). ValueError naming `name`."""
+    names = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
+    if not names or any(not isinstance(t, str) or t not in TASKS for t in names) or len(set(names)) < len(names):
+        raise ValueError(f"{name}: expected distinct names among {', '.join(TASKS)}, got {tasks!r}")
+    if context_len is not None:
+        for t in names:
+            if context_len < min_context_len(t):
+                raise ValueError(f"{name}: task {t!r} needs a context of at least {min_context_len(t)} bytes, "
+                                 f"got {context_len}")
+    return names
+
+
+def training_rows(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0) -> np.ndarray:
+    """`int32 [n, context_len]` retrieval examples for training: each row a task drawn uniformly from
+    `tasks`, its needle at a uniformly random depth in [0, 1), fresh values and names, a haystack at
+    a random offset of `source`; everything drawn from `rng` in order (deterministic in its seed)."""
+    names = check_tasks(tasks, context_len)
+    rng = _as_rng(rng)
+    out = np.empty((n, context_len), np.int32)
+    for i in range(n):
+        task = names[int(rng.integers(len(names)))]
+        out[i] = _build(task, source, context_len, float(rng.random()), rng).tokens
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +498,37 @@ def generated_accuracy(generate_fn: Callable, examples, *, batch_size: int | Non
     return exact, byte_acc
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: `k` successes in `n` trials (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or k = n,
+    the cells that matter here (0/50 -> [0, 0.071]). n = 0 gives the uninformative (0, 1)."""
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"k, n: expected 0 <= k <= n, got k={k!r}, n={n!r}")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # exact ends at k = 0 and k = n (the formula gives them only up to rounding)
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+def default_lengths(train_len: int, shortest: int = 4096) -> list[int]:
+    """Context lengths to evaluate a model trained at `train_len`: from `min(shortest, train_len)`,
+    doubling, up to 2 x train_len (e.g. 16384 -> 4096, 8192, 16384, 32768; 512 -> 512, 1024)."""
+    if not isinstance(train_len, (int, np.integer)) or train_len < 1:
+        raise ValueError(f"train_len: expected an int >= 1, got {train_len!r}")
+    out, T = [], min(shortest, int(train_len))
+    while T < 2 * train_len:
+        out.append(T)
+        T *= 2
+    return out + [2 * int(train_len)]
+
+
 def evaluate(
     logits_fn: Callable | None,
     source,
@@ -435,16 +541,18 @@ def evaluate(
     batch_size: int | None = None,
     task_kwargs: dict | None = None,
     generate_fn: Callable | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Exact-match accuracy per (task, context_len, depth).
 
     Teacher-forced with `logits_fn` (`answer_accuracy`), or free-running with `generate_fn`
     (`generated_accuracy`; then logits_fn may be None).
 
-    Returns rows `{"task", "context_len", "depth", "accuracy", "byte_accuracy", "n"}` (exact-match
-    accuracy and mean share of answer bytes right, both in [0, 1]) in
-    task-major, then context length, then depth order. `task_kwargs` maps a task name to extra
-    keyword arguments of that task (e.g. `{"multikey": {"n_keys": 8}}`).
+    Returns rows `{"task", "context_len", "depth", "accuracy", "correct", "n", "ci_low", "ci_high",
+    "byte_accuracy"}` (exact-match accuracy = correct / n with its 95% Wilson interval, and the mean
+    share of answer bytes right, all in [0, 1]) in task-major, then context length, then depth
+    order. `task_kwargs` maps a task name to extra keyword arguments of that task (e.g.
+    `{"multikey": {"n_keys": 8}}`). `on_row(row)` is called after each cell (a progress bar).
     """
     task_kwargs = task_kwargs or {}
     rows = []
@@ -460,14 +568,30 @@ def evaluate(
                 else:
                     tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
                     correct, byte_acc = answer_accuracy(logits_fn, tokens, mask, batch_size=batch_size)
+                k = int(correct.sum())
+                lo, hi = wilson_interval(k, int(n))
                 rows.append(
                     {
                         "task": name,
                         "context_len": int(T),
                         "depth": float(depth),
                         "accuracy": float(correct.mean()),
-                        "byte_accuracy": float(byte_acc.mean()),
+                        "correct": k,
                         "n": int(n),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "byte_accuracy": float(byte_acc.mean()),
                     }
                 )
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
+
+
+def needle_selected(block_idx, needle: tuple[int, int], rows: tuple[int, int], block_size: int) -> float:
+    """Share of (query row in [rows[0], rows[1]), KV group) whose selected blocks (`block_idx` int
+    [T, H_kv, top_k] of one sequence, -1 = none) include a block of the needle's tokens [needle[0],
+    needle[1]): 1.0 means every such query can attend to (some of) the needle."""
+    ids = np.asarray(block_idx)[rows[0] : rows[1]]
+    first, last = needle[0] // block_size, (needle[1] - 1) // block_size
+    return float(((ids >= first) & (ids <= last)).any(-1).mean())

@@ -46,7 +46,8 @@ def _group_labels(params):
 
 @functools.lru_cache(maxsize=32)
 def make_tx(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) -> AdamW(b1, b2, weight_decay, warmup-cosine LR), per group.
+    """clip_by_global_norm(grad_clip) -> AdamW(b1, b2, weight_decay, warmup-cosine LR), per group;
+    the index group's LR is `index_lr_scale` times the backbone's.
 
     The index branch and the backbone are clipped separately: with one global clip, a KL gradient
     spike would shrink the backbone's update, the leak that docs/algorithm.md §6.2 detaches the KL to prevent.
@@ -55,13 +56,17 @@ def make_tx(tcfg: TrainConfig) -> optax.GradientTransformation:
     so a new optimizer for an equal config reuses the compiled train_step instead of recompiling.
     """
 
-    def group():
+    def group(lr):
         return optax.chain(
             optax.clip_by_global_norm(tcfg.grad_clip),
-            optax.adamw(lr_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=_decay_mask),
+            optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=_decay_mask),
         )
 
-    return optax.multi_transform({"main": group(), "index": group()}, _group_labels)
+    base, scale = lr_schedule(tcfg), tcfg.index_lr_scale
+    # Adam's update does not scale with the gradient, so the size of kl_weight (> 0) barely changes
+    # the index branch's update; its learning rate does (index_lr_scale; 1.0: the backbone's schedule).
+    index_lr = base if scale == 1.0 else (lambda step: scale * base(step))
+    return optax.multi_transform({"main": group(base), "index": group(index_lr)}, _group_labels)
 
 
 def make_optimizer(model: nnx.Module, tcfg: TrainConfig) -> nnx.Optimizer:

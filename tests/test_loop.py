@@ -103,6 +103,7 @@ def test_full_run_outputs(full):
         assert ckpt.all_steps() == [3, 6, 8]
         meta = ckpt.restore_meta()
     assert meta["step"] == 8 and meta["data"]["step"] == 8 and meta["rng"] == {"seed": 0}
+    assert meta["data"]["task_mix"] == 0.0  # the iterator state holds the task mix
 
 
 def assert_resumed(a: list[dict], b: list[dict]) -> None:
@@ -315,8 +316,21 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert {r["task"] for r in saved["rows"]} == {"passkey", "multikey", "variable_tracking"}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 and r["attention"] == "msa" for r in saved["rows"])
     assert all(0.0 <= r["byte_accuracy"] <= 1.0 for r in saved["rows"])
+    assert all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["correct"] == round(2 * r["accuracy"])
+               for r in saved["rows"])
     assert "passkey" in saved["table"] and "exact match" in output
     assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
+    assert (out / f"heatmap_{full.name}.png").stat().st_size > 10_000
+    assert (out / f"selection_{full.name}.png").stat().st_size > 10_000
+    assert saved["markdown"] in (out / "results.md").read_text()
+    # Validation at the training length: the loop's own last evaluation, and its recall per layer.
+    (val,) = saved["val"]
+    last = [r for r in rows(full) if r["kind"] == "eval"][-1]
+    np.testing.assert_allclose(val["val_bpb"], last["val_bpb"], rtol=1e-5)
+    np.testing.assert_allclose(val["block_recall"], last["block_recall"], rtol=1e-5)
+    assert [p["layer"] for p in val["per_layer"]] == [0, 1]
+    np.testing.assert_allclose(np.mean([p["block_recall"] for p in val["per_layer"]]), val["block_recall"], rtol=1e-5)
+    assert set(val["selection"]["needle_selected"]) == {"0", "1"}
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0 and "checkpoints" in output

@@ -45,7 +45,7 @@ def test_run_flags_cover_the_run_config():
     out = run("train_lm.py", "--help", timeout=120)
     for flag in ("--attention", "--impl", "--steps", "--seed", "--run-dir", "--ckpt-every", "--mesh", "--init-from",
                  "--msa-warmup-steps", "--kl-weight", "--eval-every", "--seq-len", "--batch-size", "--preset",
-                 "--stop-at", "--no-plot", "--lr-warmup-steps"):
+                 "--stop-at", "--no-plot", "--lr-warmup-steps", "--task-mix", "--task-mix-tasks", "--index-lr-scale"):
         assert flag in out, flag
 
 

@@ -161,3 +161,33 @@ def test_kl_support_follows_the_warmup_switch():
     # The step counter decides the mode: dense for steps < warmup_steps, sparse from then on.
     msa = MSAConfig(block_size=4, top_k=2, index_dim=16, warmup_steps=3)
     assert [use_sparse(s, msa) for s in range(5)] == [False, False, False, True, True]
+
+
+
+def test_index_lr_scale_sets_the_index_update_and_kl_weight_barely_does():
+    """make_tx on a two-group parameter tree: the index group's update scales with index_lr_scale
+    (0: frozen), the backbone's does not; scaling the index gradient by 10 (kl_weight 10 instead of
+    1: only the index branch gets the KL's gradient) gives nearly the same update (separate clip +
+    Adam, invariant to the gradient's scale), so the README says to ablate the LR and KL on/off."""
+    import dataclasses
+
+    from msa_jax.train import make_tx
+
+    params = {"main": {"kernel": jnp.ones((4, 3))}, "index": {"kernel": jnp.ones((4, 3))}}
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), x.shape) * 1e-2, params)
+
+    def first_update(scale, index_grad_factor=1.0):
+        tx = make_tx(dataclasses.replace(TCFG, index_lr_scale=scale))
+        g = {**grads, "index": jax.tree.map(lambda x: x * index_grad_factor, grads["index"])}
+        upd, _ = tx.update(g, tx.init(params), params)
+        return jax.tree.map(np.asarray, upd)
+
+    base, half, frozen = first_update(1.0), first_update(0.5), first_update(0.0)
+    np.testing.assert_array_equal(half["main"]["kernel"], base["main"]["kernel"])
+    np.testing.assert_allclose(half["index"]["kernel"], 0.5 * base["index"]["kernel"], rtol=1e-6)
+    assert np.abs(base["index"]["kernel"]).min() > 0 and not frozen["index"]["kernel"].any()
+    tenfold = first_update(1.0, index_grad_factor=10.0)["index"]["kernel"]
+    np.testing.assert_allclose(tenfold, base["index"]["kernel"], rtol=1e-4)
+    assert make_tx(TCFG) is make_tx(dataclasses.replace(TCFG))  # scale 1: the same cached transform
+    with pytest.raises(ValueError, match="index_lr_scale"):
+        TrainConfig(index_lr_scale=-1.0)

@@ -1,0 +1,192 @@
+"""Retrieval tasks mixed into the training batches (`--task-mix`), the task-fit checks, and the
+evaluation helpers of the long-context study (Wilson intervals, default lengths, tables, figures,
+per-layer selections)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from msa_jax import data, plots, presets, retrieval
+from msa_jax.config import RunConfig
+
+B, T = 8, 256
+QUERY = re.compile(rb"\n# what is the (pass key|value of \w+)\? the (pass key|value of \w+) is \d{5}\n$")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_corpus(400_000)
+
+
+def old_batch_at(arr, batch_size, seq_len, *, seed, step):
+    """The batches before task mixing existed (a copy of the old `data.batch_at`)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step)])
+    starts = rng.integers(0, arr.size - seq_len, size=batch_size)
+    return arr[starts[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
+
+
+def is_task_row(row) -> bool:
+    return QUERY.search(row.astype(np.uint8).tobytes()) is not None
+
+
+def test_task_mix_zero_gives_the_old_batches_bit_for_bit(corpus):
+    it = data.BatchIterator(corpus.train, B, T, seed=5)
+    for step, batch in enumerate(itertools.islice(it, 4)):
+        want = old_batch_at(corpus.train, B, T, seed=5, step=step)
+        assert batch.dtype == want.dtype and np.array_equal(batch, want)
+        again = data.batch_at(corpus.train, B, T, seed=5, step=step, task_mix=0.0, tasks=["passkey"])
+        assert np.array_equal(again, want)
+
+
+def test_task_rows_have_the_right_share_and_only_replace_rows(corpus):
+    for f, b in ((0.25, 8), (0.1, 8), (0.375, 6), (0.05, 4), (1.0, 3)):
+        counts = [data.task_rows_at(b, f, s) for s in range(200)]
+        assert set(counts) <= {math.floor(f * b), math.ceil(f * b)}, (f, b)
+        assert sum(counts) == math.floor(200 * f * b + 1e-9), (f, b)  # the first s batches: floor(s f B)
+    for step in range(6):
+        code = data.batch_at(corpus.train, B, T, seed=1, step=step)
+        mixed = data.batch_at(corpus.train, B, T, seed=1, step=step, task_mix=0.25)
+        replaced = (code != mixed).any(axis=1)
+        assert replaced.sum() == data.task_rows_at(B, 0.25, step) == 2
+        assert all(is_task_row(r) for r in mixed[replaced]) and not any(is_task_row(r) for r in code)
+        assert np.array_equal(mixed[~replaced], code[~replaced])  # the code rows are task_mix 0's
+    full = data.batch_at(corpus.train, 4, T, seed=0, step=3, task_mix=1.0, tasks="variable_tracking")
+    assert all(is_task_row(r) and re.search(rb"[A-Z]{5} = \d{5}\n", r.astype(np.uint8).tobytes()) for r in full)
+
+
+def test_task_rows_are_fresh_uniform_and_from_the_given_split(corpus):
+    rows = data.batch_at(corpus.train, 64, T, seed=2, step=0, task_mix=1.0)
+    texts = [r.astype(np.uint8).tobytes() for r in rows]
+    kinds = {"pk" if b"pass key?" in t else "vt" if re.search(rb"value of [A-Z]{5}\?", t) else "mk" for t in texts}
+    assert kinds == {"pk", "vt", "mk"}  # all three tasks drawn
+    answers = [t[-6:-1] for t in texts]
+    assert len(set(answers)) > 55  # fresh values (5-digit: few collisions among 64)
+    again = data.batch_at(corpus.train, 64, T, seed=2, step=1, task_mix=1.0)
+    assert not np.array_equal(rows, again)
+    # The haystack is code of the array the rows were drawn from (the loop passes the training split).
+    train = corpus.train.tobytes()
+    lines = [ln for t in texts[:8] for ln in t.split(b"\n")[1:-3]
+             if len(ln) > 30 and b" = " not in ln and b"pass key" not in ln]  # code, not needles
+    assert lines and all(ln in train for ln in lines)
+
+
+def test_task_mix_is_deterministic_in_seed_and_step_and_resumes(corpus):
+    kw = dict(seed=7, task_mix=0.5, tasks=("passkey", "multikey"))
+    it = data.BatchIterator(corpus.train, 4, T, **kw)
+    first = [next(it) for _ in range(3)]
+    state = it.state()
+    assert json.loads(json.dumps(state)) == state and state["task_mix"] == 0.5
+    assert state["tasks"] == ["passkey", "multikey"]
+    after = [next(it) for _ in range(3)]
+    resumed = data.BatchIterator.from_state(corpus.train, state)
+    for x, y in zip(after, [next(resumed) for _ in range(3)]):
+        np.testing.assert_array_equal(x, y)
+    for step, batch in enumerate(first):
+        np.testing.assert_array_equal(batch, data.batch_at(corpus.train, 4, T, step=step, **kw))
+    other = data.batch_at(corpus.train, 4, T, step=0, **{**kw, "seed": 8})
+    assert not np.array_equal(other, first[0])
+    # A state saved before task mixing existed resumes with task_mix 0.
+    old = {k: v for k, v in data.BatchIterator(corpus.train, 4, T, seed=7, step=2).state().items()
+           if k not in ("task_mix", "tasks")}
+    np.testing.assert_array_equal(next(data.BatchIterator.from_state(corpus.train, old)),
+                                  old_batch_at(corpus.train, 4, T, seed=7, step=2))
+
+
+def test_min_context_len_is_the_shortest_that_works_at_every_depth(corpus):
+    for task in retrieval.TASKS:
+        n = retrieval.min_context_len(task)
+        for depth in np.linspace(0, 1, 41):
+            for seed in range(3):
+                ex = retrieval.TASKS[task](corpus.train, n, float(depth), seed)
+                assert ex.tokens.size == n
+        with pytest.raises(ValueError, match="context_len"):
+            retrieval.TASKS[task](corpus.train, n - retrieval.min_context_len(task) // 2, 0.5, 0)
+        retrieval.check_tasks([task], n)
+        with pytest.raises(ValueError, match=f"{task}.*at least {n}"):
+            retrieval.check_tasks([task], n - 1)
+
+
+def parse(*flags) -> RunConfig:
+    p = argparse.ArgumentParser()
+    presets.add_run_arguments(p)
+    return presets.run_config_from_args(p.parse_args(list(flags)))
+
+
+def test_bad_task_mix_flags_raise_clear_errors():
+    assert parse().task_mix == 0.0 and parse("--task-mix", "0.3").task_mix == 0.3
+    assert parse("--task-mix", "1", "--task-mix-tasks", "passkey").mix_tasks == ("passkey",)
+    for flags, match in ((("--task-mix", "1.5"), "task_mix: expected a fraction in"),
+                         (("--task-mix", "-0.1"), "task_mix: expected a fraction in"),
+                         (("--task-mix-tasks", "passkey,needle"), "task_mix_tasks: expected distinct names"),
+                         (("--task-mix-tasks", "passkey,passkey"), "task_mix_tasks: expected distinct names"),
+                         (("--task-mix-tasks", ""), "task_mix_tasks"),
+                         (("--task-mix", "0.5", "--seq-len", "100"), "task_mix_tasks: task 'multikey' needs")):
+        with pytest.raises(SystemExit, match=f"invalid configuration: {match}"):
+            parse(*flags)
+    parse("--task-mix", "0", "--seq-len", "100")  # no tasks mixed in: any length
+    with pytest.raises(ValueError, match="task_mix"):
+        data.batch_at(np.zeros(1000, np.uint8), 2, 100, seed=0, step=0, task_mix=2.0)
+
+
+def test_wilson_interval_known_values():
+    # Reference values: the Wilson score interval at 95% (z = 1.95996).
+    for (k, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (5, 10): (0.2366, 0.7634), (10, 10): (0.7225, 1.0),
+                             (0, 50): (0.0, 0.0713), (25, 50): (0.3664, 0.6336), (1, 20): (0.0089, 0.2361)}.items():
+        got = retrieval.wilson_interval(k, n)
+        np.testing.assert_allclose(got, (lo, hi), atol=6e-5, err_msg=f"{k}/{n}")
+    assert retrieval.wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="k, n"):
+        retrieval.wilson_interval(3, 2)
+
+
+def test_default_lengths():
+    assert retrieval.default_lengths(16384) == [4096, 8192, 16384, 32768]
+    assert retrieval.default_lengths(512) == [512, 1024]
+    assert retrieval.default_lengths(6000) == [4096, 8192, 12000]
+
+
+def test_evaluate_rows_carry_counts_and_intervals_and_the_markdown_shows_them(corpus):
+    oracle = lambda t: np.eye(256, dtype=np.float32)[np.concatenate([t[:, 1:], t[:, :1]], 1)]  # noqa: E731
+    seen = []
+    rows = retrieval.evaluate(oracle, corpus.val, ["passkey"], [200], [0.0, 1.0], n=4, on_row=seen.append)
+    assert seen == rows and all(r["correct"] == 4 and r["ci_low"] == pytest.approx(0.5101, abs=1e-4)
+                                and r["ci_high"] == 1.0 for r in rows)
+    md = plots.retrieval_markdown([dict(r, run="x") for r in rows], [0.0, 1.0])
+    assert "| x | passkey | 200 | 1.00 [0.51, 1.00] | 1.00 [0.51, 1.00] | 1.00 [0.68, 1.00] |" in md
+
+
+def test_needle_selection_numbers_and_figure(tmp_path):
+    # T = 64, blocks of 8: the needle is in block 2, the answer rows are 60..63.
+    ids = np.full((64, 2, 2), -1)
+    ids[:, :, 0] = np.arange(64)[:, None] // 8  # the local block
+    ids[60:62, 0, 1] = 2  # two of the four answer rows, group 0 only, select the needle's block
+    assert retrieval.needle_selected(ids, (17, 23), (60, 64), 8) == 2 / 8
+    assert retrieval.needle_selected(ids, (17, 23), (0, 60), 8) == pytest.approx(16 / 120)  # rows 16..23: local
+    fig = plots.needle_selection_figure([ids, ids], layers=[1, 2], block_size=8, needle=(17, 23), answer=(60, 64),
+                                        title="t")
+    fig.savefig(tmp_path / "sel.png")
+    assert (tmp_path / "sel.png").stat().st_size > 5000
+
+
+def test_long_context_preset_and_the_documented_ablations():
+    """Every ablation is a valid run, the block ones keep 2048 attended keys per query, and
+    docs/long_context.md lists each one's command with exactly its flags."""
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "long_context.md").read_text()
+    base = presets.run_config("long-context", attention="msa")
+    assert base.seq_len == 16384 and base.block_size * base.top_k == 2048 and base.task_mix > 0
+    for name, overrides in presets.LONG_CONTEXT_ABLATIONS.items():
+        run = presets.run_config("long-context", attention="msa", **overrides)
+        if name.startswith("block"):
+            assert run.block_size * run.top_k == 2048, name
+        if overrides:
+            flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in overrides.items())
+            assert f"--run-dir runs/lc_{name} {flags}\n" in doc, name
