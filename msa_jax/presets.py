@@ -39,15 +39,15 @@ RUN_PRESETS: dict[str, dict] = {
         msa_warmup_steps=200, eval_every=200, eval_batches=8, ckpt_every=200, log_every=10, max_bytes=None,
         dtype="bfloat16",
     ),
-    # The long-context study (docs/long_context.md): one H200 per model, T = 16384, a quarter of the
-    # rows retrieval examples. 52M parameters; block 128 x top-16: each query attends to <= 2048
-    # keys. Sized from the gpu preset's ~105K tokens/s (152M, T = 32768, one H200): about 3x fewer
+    # The long-context study (docs/long_context.md): one H200 per model, T = 16384, half of the rows
+    # retrieval examples (16K examples per run: a 0.43M CPU model needed 30-110K to learn copying at
+    # T = 128). 52M parameters; block 128 x top-16: each query attends to <= 2048 keys. Sized from the gpu preset's ~105K tokens/s (152M, T = 32768, one H200): about 3x fewer
     # FLOPs per token, so 4000 steps (524M tokens) should take 30-60 minutes; not timed yet.
     "long-context": dict(
         steps=4000, batch_size=8, seq_len=16384, block_size=128, top_k=16, index_dim=64, d_model=768, n_layers=8,
         n_heads=12, n_kv_heads=4, head_dim=64, d_ff=2048, n_dense_layers=1, lr=1e-3, msa_warmup_steps=400,
         eval_every=500, eval_batches=8, ckpt_every=500, keep=8, log_every=10, max_bytes=None, dtype="bfloat16",
-        task_mix=0.25,  # keep=8: every checkpoint stays, so a converted run can start from any of them
+        task_mix=0.5,  # keep=8: every checkpoint stays, so a converted run can start from any of them
     ),
 }
 
