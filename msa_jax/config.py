@@ -210,13 +210,9 @@ class RunConfig:
             _non_negative_int("stop_at", self.stop_at)
         _require(self.init_from is None or self.attention == "msa", "init_from",
                  "None unless attention='msa' (it converts a dense checkpoint into an MSA model)", self.init_from)
-        _require(not isinstance(self.task_mix, bool) and isinstance(self.task_mix, (int, float))
-                 and 0.0 <= self.task_mix <= 1.0, "task_mix", "a fraction in [0, 1]", self.task_mix)
-        from msa_jax import retrieval  # numpy only; the task names and lengths live there
+        from msa_jax import data  # numpy only: the batches' own check of the task mix
 
-        # a training row is seq_len + 1 tokens long (inputs and the last target)
-        retrieval.check_tasks(self.task_mix_tasks, self.seq_len + 1 if self.task_mix > 0 else None,
-                              name="task_mix_tasks")
+        data.check_task_mix(self.task_mix, self.task_mix_tasks, self.seq_len)
         self.model_config(), self.train_config()  # validates every size
 
     @property

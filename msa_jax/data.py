@@ -284,7 +284,8 @@ def task_rows_at(batch_size: int, task_mix: float, step: int) -> int:
     return math.floor((int(step) + 1) * f) - math.floor(int(step) * f)
 
 
-def _check_task_mix(task_mix, tasks, seq_len: int) -> tuple[str, ...]:
+def check_task_mix(task_mix, tasks, seq_len: int) -> tuple[str, ...]:
+    """The task names of a valid (task_mix, tasks) for rows of seq_len + 1 tokens; ValueError otherwise."""
     if isinstance(task_mix, bool) or not isinstance(task_mix, (int, float)) or not 0.0 <= task_mix <= 1.0:
         raise ValueError(f"task_mix: expected a fraction in [0, 1], got {task_mix!r}")
     # the rows hold seq_len + 1 tokens (inputs and the last target): the examples are that long
@@ -301,7 +302,7 @@ def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step
     A function of `(data, batch_size, seq_len, seed, step, task_mix, tasks)` only.
     """
     _check_window(data, batch_size, seq_len)
-    tasks = _check_task_mix(task_mix, tasks, seq_len)
+    tasks = check_task_mix(task_mix, tasks, seq_len)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step)])
     starts = rng.integers(0, data.size - seq_len, size=batch_size)  # last valid start: size - seq_len - 1
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
@@ -334,7 +335,7 @@ class BatchIterator:
         _check_window(data, batch_size, seq_len)
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step: expected an int >= 0, got {step!r}")
-        self.tasks = _check_task_mix(task_mix, tasks, seq_len)
+        self.tasks = check_task_mix(task_mix, tasks, seq_len)
         self.data, self.batch_size, self.seq_len = data, int(batch_size), int(seq_len)
         self.seed, self.step, self.task_mix = int(seed), int(step), float(task_mix)
 
