@@ -43,7 +43,7 @@ from pallas import kv_outer as kvo
 from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
-__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "teacher_lse"]
+__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "teacher_lse"]
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -139,12 +139,13 @@ def _bwd_kernel(
     ik_ref,  # [T_kv_pad, Di_pad]
     diq_ref,  # [n_tiles * R, Di_pad]: d iq partial per padded position, R >= BQ rows per tile
     dik_ref,  # [kv_tile, Di_pad] float32: this unit's partial d IK
-    *,
+    *value_refs,  # value=True: A, Bz, S [n_tiles * R] float32 per padded position (as the forward's)
     scale: float,
     scale_idx: float,
     block_size: int,
     kv_tile: int,
     heads: int,  # G_pad: rows per token
+    groups: int,  # G: real heads per token
     bq: int,  # query tokens per tile
     n_units: int,
     f32_sums: bool,
@@ -193,6 +194,14 @@ def _bwd_kernel(
             dz = jnp.where(zmask, w1[:, None] * qz - w2[:, None] * psum, 0.0).astype(iq.dtype)
             diq = plgpu.dot(dz, ik, precision=prec_idx) * scale_idx  # [R, Di_pad]
             diq_ref[pl.ds(pl.multiple_of(t * R, R), R), :] = diq.astype(diq_ref.dtype)
+            if value_refs:  # the forward's partial sums from the same tile (`index_kl_sum`)
+                a_ref, b_ref, s_ref = value_refs
+                pbar = psum * (1.0 / groups)
+                pos = pbar > 0.0
+                part = pl.ds(pl.multiple_of(t * R, R), R)
+                a_ref[part] = jnp.sum(jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0), axis=1)
+                b_ref[part] = jnp.sum(pbar * jnp.where(zmask, z, 0.0), axis=1)
+                s_ref[part] = jnp.sum(pbar, axis=1)
             return dik + plgpu.dot(dz, iq, trans_a=True, precision=prec_idx) * scale_idx
 
         dik_ref[...] = lax.fori_loop(0, n, tile, zeros)
@@ -200,6 +209,50 @@ def _bwd_kernel(
     @pl.when(n <= 0)
     def _():
         dik_ref[...] = zeros
+
+
+def _student_kernel(
+    pos_ref,  # [Tc] int32: the position of each of the chunk's query tokens (this batch row)
+    unit_ref,  # [3 * U] int32: (block, first tile, tile count) of every unit of this row
+    tok_ref,  # [P] int32: chunk-local token of every padded position, -1 = padding
+    iq_ref,  # [Tc, Di_pad]
+    ik_ref,  # [T_kv_pad, Di_pad]
+    zl_ref,  # [n_tiles * R] float32: the student's lse over block c per padded position
+    *,
+    scale_idx: float,
+    block_size: int,
+    kv_tile: int,
+    bq: int,
+    n_units: int,
+):
+    """`index_kl_sum`'s first pass: only the student's logits (no teacher), over the backward's units."""
+    R = max(bq, MIN_DOT)
+    c, t0, n = kvo.read_unit(unit_ref, pl.program_id(0), n_units)
+    prec_idx = lax.Precision.HIGHEST if iq_ref.dtype == jnp.float32 else None
+
+    @pl.when(n > 0)
+    def _():
+        r_iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
+        start = pl.multiple_of(c * block_size, block_size)
+        ik = ik_ref[pl.ds(start, kv_tile), :]
+        key_pos = start + lax.broadcasted_iota(jnp.int32, (kv_tile,), 0)
+
+        def tile(j, carry):
+            t = t0 + j
+            r_tok = jnp.where(r_iota < bq, tok_ref[t * bq + jnp.minimum(r_iota, bq - 1)], -1)
+            tok = jnp.maximum(r_tok, 0)
+            z = plgpu.dot(iq_ref[tok], ik, trans_b=True, precision=prec_idx) * scale_idx  # [R, kv_tile]
+            zmask = (r_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[tok][:, None])
+            if kv_tile > block_size:
+                zmask = zmask & (key_pos < start + block_size)[None, :]
+            zr = jnp.where(zmask, z, MASK_VALUE)
+            zm = jnp.max(zr, axis=1)
+            zl = jnp.sum(jnp.where(zmask, jnp.exp(zr - zm[:, None]), 0.0), axis=1)
+            seen = zl > 0.0
+            zl_ref[pl.ds(pl.multiple_of(t * R, R), R)] = jnp.where(seen, zm + jnp.log(jnp.where(seen, zl, 1.0)), -jnp.inf)
+            return carry
+
+        lax.fori_loop(0, n, tile, 0)
 
 
 # -------------------------------------------------------------------------------------- wrapper
@@ -246,8 +299,37 @@ def _chunk_fwd(posc, qc, lsec, iqc, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Size
     return tuple(kvo.ungroup(x, B) for x in (kl, lse_idx, S))
 
 
-def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
-    """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],)."""
+def _chunk_student(posc, iqc, ix: kvo.ChunkIndex, ikg, *, sz: kvo.Sizes, plan: kvo.Plan, Di_pad: int):
+    """One query chunk -> the student's lse over the support, float32 [B, Tc, H_kv] (-inf: empty)."""
+    B, Tc, H_kv, Di = iqc.shape
+    bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
+    R = max(bq, MIN_DOT)
+    row = lambda *shape: pl.BlockSpec((None, *shape), lambda u, bh: (bh,) + (0,) * len(shape))  # noqa: E731
+    zl_part = pl.pallas_call(
+        functools.partial(_student_kernel, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=sz.kv_tile,
+                          bq=bq, n_units=U),
+        grid=(U, sz.BH),
+        in_specs=[
+            pl.BlockSpec((None, Tc), lambda u, bh: (bh // H_kv, 0)),  # query positions of the batch row
+            row(3 * U), row(n_tiles * bq), row(Tc, Di_pad),
+            pl.BlockSpec((None, ikg.shape[1], Di_pad), lambda u, bh: (bh // H_kv, 0, 0)),  # shared ik
+        ],
+        out_specs=row(n_tiles * R),
+        out_shape=jax.ShapeDtypeStruct((sz.BH, n_tiles * R), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=plan.interpret,
+        name=f"msa_index_kl_student_bq{bq}_bs{sz.block_size}_w{plan.tiles_per_unit}",
+    )(posc, ix.unit_tab, ix.tok, kvo.rows(iqc, H_kv, width=Di_pad), ikg)
+    inv_rows = jnp.where(ix.inv >= 0, ix.inv // bq * R + ix.inv % bq, -1)
+    (zlse,) = kvo.combine_scalars([], zl_part, inv_rows)
+    return kvo.ungroup(zlse, B)
+
+
+def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan,
+               Di_pad: int, value: bool = False):
+    """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],).
+    value=True (`index_kl_sum`): (d iq, kl float32 [B, Tc, H_kv]), (d ik,), kl from the same tiles
+    (zlsec must then be the student's lse with 0 for an empty support)."""
     B, Tc, H_q, D = qc.shape
     Di = iqc.shape[3]
     G_pad, D_pad, BH, H_kv, kv_tile = sz.G_pad, sz.D_pad, sz.BH, sz.H_kv, sz.kv_tile
@@ -262,10 +344,11 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
 
     kernel = functools.partial(
         _bwd_kernel, scale=D**-0.5, scale_idx=Di**-0.5, block_size=sz.block_size, kv_tile=kv_tile,
-        heads=G_pad, bq=bq, n_units=U, f32_sums=qc.dtype == jnp.float32,
+        heads=G_pad, groups=sz.G, bq=bq, n_units=U, f32_sums=qc.dtype == jnp.float32,
     )
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda u, bh: (bh,) + (0,) * len(shape))  # noqa: E731
-    diq_part, dik_part = pl.pallas_call(
+    n_value = 3 if value else 0
+    diq_part, dik_part, *value_parts = pl.pallas_call(
         kernel,
         grid=(U, BH),
         in_specs=[
@@ -279,14 +362,14 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
         out_specs=[
             row(n_tiles * R, Di_pad),  # every program writes the rows of its own tiles
             pl.BlockSpec((None, None, kv_tile, Di_pad), lambda u, bh: (bh, u, 0, 0)),
-        ],
+        ] + [row(n_tiles * R)] * n_value,
         out_shape=[
             jax.ShapeDtypeStruct((BH, n_tiles * R, Di_pad), iqc.dtype),
             jax.ShapeDtypeStruct((BH, U, kv_tile, Di_pad), jnp.float32),
-        ],
+        ] + [jax.ShapeDtypeStruct((BH, n_tiles * R), jnp.float32)] * n_value,
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=plan.interpret,
-        name=f"msa_index_kl_bwd_bq{bq}_g{G_pad}_bs{sz.block_size}_w{plan.tiles_per_unit}",
+        name=f"msa_index_kl_{'fused' if value else 'bwd'}_bq{bq}_g{G_pad}_bs{sz.block_size}_w{plan.tiles_per_unit}",
     )(posc, unit_tab, tok, qg, lseg, iqg, zlseg, w1g, w2g, kg, ikg)
 
     (dik,) = kvo.reduce_units(
@@ -296,7 +379,12 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
     # rows of positions that no slot points to (padding, unused tiles) are never read.
     inv_rows = jnp.where(inv >= 0, inv // bq * R + inv % bq, -1)
     diq = kvo.sum_slots(diq_part, inv_rows, G_pad=1, interpret=plan.interpret)  # [BH, Tc, 1, Di_pad]
-    return kvo.ungroup(diq[:, :, 0, :Di], B), (dik,)
+    diq = kvo.ungroup(diq[:, :, 0, :Di], B)
+    if not value:
+        return diq, (dik,)
+    A, Bz, S = kvo.combine_scalars(value_parts, None, inv_rows)
+    kl = A - Bz + zlseg * S  # empty support: A = Bz = S = 0 and zlse 0
+    return (diq, kvo.ungroup(kl, B)), (dik,)
 
 
 def _prep(k, ik, block_idx, lse, pos, sz: kvo.Sizes, Di_pad: int):
@@ -341,6 +429,36 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_siz
     for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order
         acc = acc + dik[:, r]
     return diq[:, : sz.T].astype(iq.dtype), acc[:, : sz.L, :Di].astype(ik.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "plan"))
+def _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, *, block_size: int, plan: kvo.Plan):
+    """value float32 [B, H_kv] = sum_i w[b, i] kl[b, i, r], with d iq float32 [B, T, H_kv, Di] and
+    d ik float32 [B, H_kv, L, Di] (per group) of it: a student pass, then one teacher pass."""
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    Di = iq.shape[3]
+    Di_pad = pad_dim(Di)
+    T_pad = plan.n_chunks * plan.t_chunk
+    kg, ikg, ids, lse = _prep(k, ik, block_idx, lse, pos, sz, Di_pad)
+    index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
+    posp, iqp = kvo.pad_time(pos, T_pad, -1), kvo.pad_time(iq, T_pad)
+    student = functools.partial(_chunk_student, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
+    zlse = kvo.map_chunks(student, (posp, iqp), plan.n_chunks, plan.t_chunk, index)
+    zlse = jnp.where(jnp.isfinite(zlse), zlse, 0.0)  # empty support: no tile reads it
+    # dz = w (softmax(z) - Pbar): the teacher's mass S over the support taken as 1 (lse is its normaliser).
+    w1 = jnp.broadcast_to(kvo.pad_time(w.astype(jnp.float32), T_pad)[:, :, None], zlse.shape)
+    chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad, value=True)
+    xs = (posp, kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), iqp, zlse, w1, w1 * (1.0 / sz.G))
+    zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
+    (diq, kl), (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)
+    value = _weighted_sum(kl[:, : sz.T], w)
+    dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)[:, :, : sz.L, :Di]
+    return value, diq[:, : sz.T], dik
+
+
+def _weighted_sum(kl, w):
+    """kl [B, T, H_kv], w [B, T] -> float32 [B, H_kv]: sum over tokens of w * kl."""
+    return jnp.einsum("btr,bt->br", kl, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
 
 
 def _check(q, k, iq, ik, block_idx, lse, block_size, q_pos) -> kvo.Sizes:
@@ -472,6 +590,70 @@ def index_kl(
     sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
     return _index_kl(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _index_kl_sum(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret):
+    # Without a gradient: the forward kernel alone (one teacher pass, no d iq / d ik).
+    plan = _plan("kl_fwd", config, kvo.sizes(q, k, block_idx, block_size), q, iq, interpret)
+    kl, _ = _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, block_size=block_size, plan=plan)
+    return _weighted_sum(kl, w)
+
+
+def _sum_vjp_fwd(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret):
+    plan = _plan("kl_bwd", config, kvo.sizes(q, k, block_idx, block_size), q, iq, interpret)
+    value, diq, dik = _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, block_size=block_size, plan=plan)
+    return value, (diq, dik, jnp.zeros((0,), iq.dtype), jnp.zeros((0,), ik.dtype))
+
+
+def _sum_vjp_bwd(block_size, config, interpret, saved, c):
+    diq, dik, iq_dtype, ik_dtype = saved
+    c = c.astype(jnp.float32)  # [B, H_kv]: one cotangent per (batch row, group)
+    d_iq = (diq * c[:, None, :, None]).astype(iq_dtype.dtype)
+    d_ik = dik[:, 0] * c[:, 0, None, None]
+    for r in range(1, dik.shape[1]):  # ik is shared by the groups: their sum, in group order
+        d_ik = d_ik + dik[:, r] * c[:, r, None, None]
+    return None, None, d_iq, d_ik.astype(ik_dtype.dtype), None, None, None, None
+
+
+_index_kl_sum.defvjp(_sum_vjp_fwd, _sum_vjp_bwd)
+
+
+def index_kl_sum(
+    q: jax.Array,
+    k: jax.Array,
+    iq: jax.Array,
+    ik: jax.Array,
+    block_idx: jax.Array,
+    lse: jax.Array,
+    weights: jax.Array,
+    *,
+    block_size: int,
+    q_pos: jax.Array | None = None,
+    block_q: int | None = None,
+    query_chunk: int | None = None,
+    tiles_per_unit: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """float32 [B, H_kv]: sum_i weights[b, i] * kl[b, i, r] (kl as `index_kl`; weights float [B, T],
+    e.g. 1 / (T * H_kv) for L_KL), differentiable in iq and ik for fewer passes than `index_kl`.
+
+    Under differentiation the weights are known in the forward, so it computes the value and the
+    gradients together: a student-only pass (the student's lse over the support, cheap: one row per
+    token, no teacher), then ONE teacher pass (the backward kernel, also writing the forward's
+    partial sums) instead of `index_kl`'s two (forward, backward). Its residuals are the gradients
+    themselves (d iq [B, T, H_kv, D_idx] and d ik per group [B, H_kv, L, D_idx], float32), scaled by
+    the cotangent in the backward. The gradient takes the teacher's mass over the support S as 1
+    (exact when lse is the main branch's LSE over this support, as it must be; `index_kl` keeps S,
+    which is 1 to float rounding there). Without differentiation it runs `index_kl`'s forward kernel.
+    Options: see `index_kl`.
+    """
+    sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
+    check_shape("weights", weights, (sz.B, sz.T), f"[B={sz.B}, T={sz.T}]")
+    check_floating("weights", weights)
+    config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
+    return _index_kl_sum(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), weights, block_size,
+                         config, interpret)
 
 
 def teacher_lse(

@@ -511,27 +511,36 @@ def combine_outputs(o_part, lse_part, inv, *, G_pad: int, out_dtype=jnp.float32,
 
 def combine_scalars(sum_parts, lse_part, inv):
     """Per-position float32 partials [BH, P] + inv [BH, Tc, top_k] -> per token float32 [BH, Tc]: the
-    slot sum of each of sum_parts, then the slot logsumexp of lse_part (-inf: no slot), in slot order."""
+    slot sum of each of sum_parts, then the slot logsumexp of lse_part (-inf: no slot; lse_part None:
+    the sums only), in slot order."""
     top_k = inv.shape[-1]
     n = len(sum_parts)
+    with_lse = lse_part is not None
 
     def row(*args):
-        *parts, z, inv_r = args
+        *parts, inv_r = args
+        if with_lse:
+            *parts, z = parts
         valid = inv_r >= 0
         idx = jnp.maximum(inv_r, 0)
-        zg = jnp.where(valid, z[idx], -jnp.inf)  # [Tc, top_k]
-        zm = jnp.max(zg, axis=1)
-        zm = jnp.where(jnp.isfinite(zm), zm, 0.0)
-        sums = [jnp.zeros(inv_r.shape[:1], jnp.float32) for _ in range(n + 1)]
+        if with_lse:
+            zg = jnp.where(valid, z[idx], -jnp.inf)  # [Tc, top_k]
+            zm = jnp.max(zg, axis=1)
+            zm = jnp.where(jnp.isfinite(zm), zm, 0.0)
+        sums = [jnp.zeros(inv_r.shape[:1], jnp.float32) for _ in range(n + with_lse)]
         for slot in range(top_k):
             ok = valid[:, slot]
-            terms = tuple(x[idx[:, slot]] for x in parts) + (jnp.exp(zg[:, slot] - zm),)
+            terms = tuple(x[idx[:, slot]] for x in parts)
+            if with_lse:
+                terms += (jnp.exp(zg[:, slot] - zm),)
             sums = [acc + jnp.where(ok, x, 0.0) for acc, x in zip(sums, terms)]
+        if not with_lse:
+            return tuple(sums)
         zl = sums[-1]
         lse = jnp.where(zl > 0.0, zm + jnp.log(jnp.where(zl > 0.0, zl, 1.0)), -jnp.inf)
         return (*sums[:-1], lse)
 
-    return jax.vmap(row)(*sum_parts, lse_part, inv)
+    return jax.vmap(row)(*sum_parts, *([lse_part] if with_lse else []), inv)
 
 
 def sum_slots(part, inv, *, G_pad: int, out_dtype=jnp.float32, interpret: bool | None = None):
@@ -605,9 +614,9 @@ def map_chunks(fn, xs, n_chunks: int, t_chunk: int, index=None):
 
 
 def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros, index=None):
-    """fn(*chunk, index_c) -> (per-token output, tuple of per-key terms) over the query chunks of xs
-    (as `map_chunks`), the per-key terms summed over the chunks in chunk order (`lax.scan` from
-    `zeros`). Returns (per-token output joined along time, sums)."""
+    """fn(*chunk, index_c) -> (per-token output(s), tuple of per-key terms) over the query chunks of
+    xs (as `map_chunks`), the per-key terms summed over the chunks in chunk order (`lax.scan` from
+    `zeros`). Returns (per-token output(s) joined along time, sums)."""
     if n_chunks == 1:
         return fn(*xs, jax.tree.map(lambda a: a[0], index))
 
@@ -616,4 +625,4 @@ def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros, index=None):
         return tuple(x + y for x, y in zip(acc, terms)), out
 
     sums, out = lax.scan(step, zeros, (*(_split(x, n_chunks) for x in xs), index))
-    return _join(out), sums
+    return jax.tree.map(_join, out), sums

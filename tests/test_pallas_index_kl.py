@@ -21,7 +21,7 @@ import pytest
 
 from conftest import hand_ids, hot_ids, indexer_ids, triton_ir_for_h100
 from msa_jax.ops import reference
-from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, teacher_lse
+from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, index_kl_sum, teacher_lse
 from pallas.sparse_attention import sparse_attention_fwd
 
 # (kl atol, kl rtol, gradient tolerance relative to the largest |gradient|)
@@ -149,6 +149,37 @@ def test_matches_oracle(case):
         assert ct.shape == x.shape and not np.asarray(ct, np.float32).any()
 
 
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5]], ids=_case_id)
+def test_index_kl_sum_matches_oracle(case):
+    """index_kl_sum (student pass + one fused teacher pass): the weighted sums per (row, group) and
+    d iq, d ik under a random cotangent per (row, group), random token weights, against the oracle
+    (empty supports, G = 16, bf16, query chunks); without differentiation, the same value."""
+    bs, dtype, qc = case[6], case[9], case[10]
+    q, k, iq, ik, ids, lse, _ = _setup(case)
+    rng = np.random.default_rng(CASES.index(case))
+    w = jnp.asarray(rng.uniform(0.0, 1.0, q.shape[:2]).astype(np.float32))
+    c = jnp.asarray(rng.standard_normal((q.shape[0], k.shape[2])).astype(np.float32))
+    fn = lambda a, b: index_kl_sum(q, k, a, b, ids, lse, w, block_size=bs, query_chunk=qc)  # noqa: E731
+    value, vjp = jax.vjp(fn, iq, ik)
+    d_iq, d_ik = vjp(c)
+    ref_kl, _, (ref_diq, ref_dik) = _oracle_fn(bs)(q, k, iq, ik, ids, c[:, None, :] * w[:, :, None])
+
+    atol, rtol, gtol = TOL[dtype]
+    T = q.shape[1]
+    assert value.dtype == jnp.float32 and value.shape == (q.shape[0], k.shape[2])
+    np.testing.assert_allclose(np.asarray(value), np.asarray((ref_kl * w[..., None]).sum(1)), atol=atol * T, rtol=rtol)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(iq, ik)), np.asarray(value), atol=1e-6 * T, rtol=1e-5)
+    assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape
+    assert d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
+    _close_grad(d_iq, ref_diq, gtol)
+    _close_grad(d_ik, ref_dik, gtol)
+    again = jax.vjp(fn, iq, ik)[1](c)  # fixed summation orders: the same bits
+    for a, b in zip(again, (d_iq, d_ik)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="weights"):
+        index_kl_sum(q, k, iq, ik, ids, lse, w[:, :1], block_size=bs)
+
+
 def test_grad_of_mean_matches_reference_loss():
     """jax.grad of the spec's L_KL = mean(index_kl) against jax.grad of reference.index_kl_loss."""
     case = CASES[2]
@@ -249,9 +280,12 @@ def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):
 
     def loss_and_grad(q, k, iq, ik, ids, lse):
         fn = lambda a, b: index_kl(q, k, a, b, ids, lse, block_size=bs, query_chunk=qc, interpret=False).mean()  # noqa: E731
-        return jax.value_and_grad(fn, (0, 1))(iq, ik)
+        w = jnp.full(q.shape[:2], 1.0 / T, jnp.float32)
+        fused = lambda a, b: index_kl_sum(q, k, a, b, ids, lse, w, block_size=bs, query_chunk=qc, interpret=False).sum()  # noqa: E731
+        return jax.value_and_grad(fn, (0, 1))(iq, ik), jax.value_and_grad(fused, (0, 1))(iq, ik)
 
     text = triton_ir_for_h100(loss_and_grad, *args)
     assert "__gpu$xla.gpu.triton" in text
-    for name in ("msa_index_kl_fwd", "msa_index_kl_bwd", "msa_kv_outer_reduce_units"):
+    for name in ("msa_index_kl_fwd", "msa_index_kl_bwd", "msa_kv_outer_reduce_units", "msa_index_kl_student",
+                 "msa_index_kl_fused"):
         assert name in text

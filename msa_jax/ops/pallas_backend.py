@@ -3,8 +3,9 @@
 - `select_blocks`: `pallas.index_topk.select_blocks` (the fused indexer).
 - `sparse_attention`: `pallas.sparse_attention.sparse_attention` (KV-outer forward, custom_vjp with
   the KV-outer backward; the LSE is an output too, and differentiable).
-- `index_kl_loss`: the mean of `pallas.index_kl.index_kl` (teacher normalised by the main branch's
-  LSE when given, else `teacher_lse`); the dense warmup (block_idx=None) uses the xla path.
+- `index_kl_loss`: `pallas.index_kl.index_kl_sum` with the mean's weights (value and gradients in
+  one teacher pass; teacher normalised by the main branch's LSE when given, else `teacher_lse`); the
+  dense warmup (block_idx=None) uses the xla path.
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
 - Queries at an offset (q_pos): the selection runs `pallas.decode`'s index scan (split top-k over
   an index-key cache, bf16 or fp8). The main branch and the KL run the KV-outer kernels above with
@@ -119,10 +120,13 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=N
     if lse is None:  # no main-branch LSE at hand: recompute it (a main-branch forward)
         fn = lambda q, k, ids, pos: index_kl.teacher_lse(q, k, ids, block_size=block_size, q_pos=pos)  # noqa: E731
         lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
-    fn = lambda *a: index_kl.index_kl(*a[:6], block_size=block_size, q_pos=a[6])  # noqa: E731
+    # The mean over (real query, group) as token weights: index_kl_sum computes the value and its
+    # gradients in one teacher pass (the weights are known in the forward).
+    n_real = B * T if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)
+    w = jnp.where(pos >= 0, 1.0 / (n_real * iq.shape[2]), 0.0).astype(jnp.float32)  # [B, T]
+    fn = lambda *a: index_kl.index_kl_sum(*a[:6], a[7], block_size=block_size, q_pos=a[6])  # noqa: E731
     kl = kernel_shard_map(
-        fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse), pos,
-        specs=(_BTH_, _BTH_, _BTH_, _BT_, _BTH_, _BTH, _BT), out_specs=_BTH,
-    )  # [B, T, H_kv]; 0 for padding queries
-    n_real = B * T if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)  # mean over real queries
-    return kl.sum() / (n_real * kl.shape[2])
+        fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse), pos, w,
+        specs=(_BTH_, _BTH_, _BTH_, _BT_, _BTH_, _BTH, _BT, _BT), out_specs=("batch", "heads"),
+    )  # [B, H_kv]: the weighted sums per batch row and group
+    return kl.sum()
