@@ -52,6 +52,11 @@ ROWS = 128  # M: MMA rows per tile (BQ * G_pad)
 WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M)
 N_CONSUMERS = ROWS // WG_ROWS
 SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
+TMA_MAX = 256  # elements per dimension of one TMA copy
+
+
+def _meta_copies(nt: int, bq: int) -> int:
+    return -(-nt // TMA_MAX) + -(-(nt * bq) // TMA_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +94,23 @@ def _smem_transforms(D: int):
     return (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
 
 
-def smem_bytes(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, kv_slots: int) -> int:
+def smem_bytes(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, kv_slots: int, regs_a: bool = True) -> int:
     """Shared memory of one CTA (buffers only; barriers and Mosaic's scratch come on top)."""
     bq = ROWS // G_pad
     q = q_slots * (ROWS * D * 2 + ROWS * 4)  # q tile + row positions
     kv = kv_slots * 2 * block_size * D * 2
     out = ROWS * D * 2 + ROWS * 4  # o and lse staging
     meta = nt * 4 + nt * bq * 4
-    return q + kv + out + meta
+    staging = 0 if regs_a else ROWS * block_size * 2 + (ROWS * D * 2 if G_pad < 8 else 0)  # P (and q) for wgmma
+    return q + kv + out + meta + staging
 
 
 SMEM_RESERVE = 4096  # barriers, Mosaic's reduction scratch, alignment
 
 
-def default_kv_slots(G_pad: int, D: int, block_size: int, nt: int, q_slots: int) -> int:
+def default_kv_slots(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, regs_a: bool = True) -> int:
     """2 K/V buffers (the next block's load overlaps the current block's last tiles) when they fit."""
-    fits = smem_bytes(G_pad, D, block_size, nt, q_slots, 2) + SMEM_RESERVE <= SMEM_LIMIT
+    fits = smem_bytes(G_pad, D, block_size, nt, q_slots, 2, regs_a) + SMEM_RESERVE <= SMEM_LIMIT
     return 2 if fits else 1
 
 
@@ -143,8 +149,11 @@ def _tile_kernel(
     @pl.when(wg == N_CONSUMERS)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        plgpu.copy_gmem_to_smem(tiles_ref.at[bh, pl.ds(t0, nt)], tiles_smem, meta_bar)
-        plgpu.copy_gmem_to_smem(tok_ref.at[bh, pl.ds(t0 * bq, nt * bq)], tok_smem, meta_bar)
+        for src, dst, n in ((tiles_ref, tiles_smem, nt), (tok_ref, tok_smem, nt * bq)):
+            for a in range(0, n, TMA_MAX):  # a TMA copy moves <= 256 elements per dimension
+                size = min(TMA_MAX, n - a)
+                plgpu.copy_gmem_to_smem(src.at[bh, pl.ds(t0 * (n // nt) + a, size)], dst.at[pl.ds(a, size)],
+                                        meta_bar)
         plgpu.barrier_wait(meta_bar)
 
         def body(j, carry):
@@ -154,6 +163,25 @@ def _tile_kernel(
             def _():
                 qs = slot_of(j, q_slots)
 
+                @pl.when(j >= q_slots)
+                def _():
+                    plgpu.barrier_wait(q_free.at[qs])
+
+                t = t0 + j
+                plgpu.copy_gmem_to_smem(rpos_ref.at[bh, pl.ds(t * ROWS, ROWS)], rpos_smem.at[qs], q_bar.at[qs])
+                for b in range(bq):  # the gather: one small TMA copy per token slab
+                    # A padding position (tok -1) copies token 0's slab: its rows are masked by their
+                    # position -1. (A predicated-off copy would save those bytes, but the interpreter
+                    # of jax 0.11.2 rejects copy_gmem_to_smem(predicate=...); padding is a few % of
+                    # the positions at 128K, bench_mgpu_fwd.py reports it.)
+                    tk = jnp.maximum(tok_smem[j * bq + b], 0)
+                    w, r0 = divmod(b * heads, WG_ROWS)
+                    plgpu.copy_gmem_to_smem(
+                        q_ref.at[bh, pl.ds(tk * heads, heads)], q_smem.at[qs, w, pl.ds(r0, heads)], q_bar.at[qs]
+                    )
+
+                # A new block: its K/V once the slot's previous block is done (after the q copies, which
+                # need not wait for that).
                 @pl.when(new)
                 def _():
                     ks = slot_of(kvn, kv_slots)
@@ -165,23 +193,6 @@ def _tile_kernel(
                     rows = pl.ds(c * block_size, block_size)
                     plgpu.copy_gmem_to_smem(k_ref.at[bh, rows], k_smem.at[ks], k_bar.at[ks])
                     plgpu.copy_gmem_to_smem(v_ref.at[bh, rows], v_smem.at[ks], v_bar.at[ks])
-
-                @pl.when(j >= q_slots)
-                def _():
-                    plgpu.barrier_wait(q_free.at[qs])
-
-                t = t0 + j
-                plgpu.copy_gmem_to_smem(rpos_ref.at[bh, pl.ds(t * ROWS, ROWS)], rpos_smem.at[qs], q_bar.at[qs])
-                for b in range(bq):  # the gather: one small TMA copy per token slab
-                    # A padding position (tok -1) copies token 0's slab: its rows are masked by their
-                    # position -1. (A predicated-off copy would save those bytes, but the interpreter
-                    # of jax 0.11.2 rejects copy_gmem_to_smem(predicate=...); padding is ~0.2% of
-                    # the positions at 128K.)
-                    tk = jnp.maximum(tok_smem[j * bq + b], 0)
-                    w, r0 = divmod(b * heads, WG_ROWS)
-                    plgpu.copy_gmem_to_smem(
-                        q_ref.at[bh, pl.ds(tk * heads, heads)], q_smem.at[qs, w, pl.ds(r0, heads)], q_bar.at[qs]
-                    )
 
             return kvn, jnp.where(live, c, carry[1])
 
@@ -315,10 +326,10 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
     bq = ROWS // G_pad
     if n_tiles % nt:
         raise ValueError(f"n_tiles {n_tiles} is not a multiple of tiles_per_program {nt}")
-    if kv_slots is None:
-        kv_slots = default_kv_slots(G_pad, D, block_size, nt, q_slots)
     if regs_a is None:
         regs_a = not interpret
+    if kv_slots is None:
+        kv_slots = default_kv_slots(G_pad, D, block_size, nt, q_slots, regs_a)
     swizzled = G_pad >= 8
     tf = _smem_transforms(D)
     q_tf = tf if swizzled else ()
@@ -336,7 +347,7 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
         plgpu.SMEM((N_CONSUMERS, WG_ROWS), jnp.float32),  # lse_smem
         staging(D, not regs_a and not swizzled),  # qa_smem: q tiles of G_pad < 8 for wgmma
         staging(block_size, not regs_a),  # pa_smem: P for wgmma
-        plgpu.Barrier(num_arrivals=2),  # meta_bar: tiles + tok
+        plgpu.Barrier(num_arrivals=_meta_copies(nt, bq)),  # meta_bar: tiles + tok
         plgpu.Barrier(num_arrivals=bq + 1, num_barriers=q_slots),  # q_bar: BQ slabs + positions
         plgpu.Barrier(num_barriers=kv_slots),  # k_bar
         plgpu.Barrier(num_barriers=kv_slots),  # v_bar
