@@ -29,10 +29,12 @@ import os
 
 # The Mosaic GPU interpreter (--smoke on a CPU) deadlocks under XLA:CPU's concurrency-optimised
 # scheduler on small machines; the flag only matters for CPU computations and must be set before jax starts.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -160,22 +162,24 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
     log(f"T={T} triton {row['triton'].get('ms')} ms")
 
     row["mgpu"] = []
-    for nt in args.tiles_per_program:
-        for qs in args.q_slots:
-            config = mg.MGPUConfig(tiles_per_program=nt, q_slots=qs)
+    variants = [dict()] + ([dict(approx_math=True)] if args.approx_math else []) + (
+        [dict(regs_a=False)] if args.p_through_smem else [])
+    for nt, qs, var in itertools.product(args.tiles_per_program, args.q_slots, variants):
+        config = mg.MGPUConfig(tiles_per_program=nt, q_slots=qs, **var)
 
-            def mgpu(config=config):
-                fn = jax.jit(lambda q, k, v, i: mg.sparse_attention_fwd_mgpu(q, k, v, i, block_size=bs, config=config,
-                                                                           interpret=interpret))
-                t, n, first = timeit(fn, q, k, v, idx, reps=args.reps, budget=args.budget)
-                res = dict(ms=t * 1e3, tflops=tf(t * 1e3), n=n, first_s=first)
-                if ref:
-                    res.update(check(*fn(q, k, v, idx), ref["out"], ref["lse"]))
-                return res
+        def mgpu(config=config):
+            fn = jax.jit(lambda q, k, v, i: mg.sparse_attention_fwd_mgpu(q, k, v, i, block_size=bs, config=config,
+                                                                       interpret=interpret))
+            t, n, first = timeit(fn, q, k, v, idx, reps=args.reps, budget=args.budget)
+            res = dict(ms=t * 1e3, tflops=tf(t * 1e3), n=n, first_s=first)
+            if ref:
+                res.update(check(*fn(q, k, v, idx), ref["out"], ref["lse"]))
+            return res
 
-            r = dict(tiles_per_program=nt, q_slots=qs, **guarded(f"T={T} mgpu nt={nt} q_slots={qs}", mgpu))
-            row["mgpu"].append(r)
-            log(f"T={T} mgpu nt={nt} q_slots={qs}: {r.get('ms')} ms, diff {r.get('out_maxdiff')}")
+        what = f"T={T} mgpu nt={nt} q_slots={qs} {var or ''}"
+        r = dict(tiles_per_program=nt, q_slots=qs, **var, **guarded(what, mgpu))
+        row["mgpu"].append(r)
+        log(f"{what}: {r.get('ms')} ms, diff {r.get('out_maxdiff')}")
     ref.clear()
 
     # The tile kernels alone, on the middle chunk of the mgpu plan's index (BQ = 8 for both kernels).
@@ -206,8 +210,8 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
                 continue
 
             def mgpu_tile(nt=nt, qs=qs):
-                fn = jax.jit(functools.partial(mg.tile_partials, block_size=bs, G_pad=sz.G_pad, D_orig=shape["head_dim"],
-                                               nt=nt, q_slots=qs, interpret=interpret))
+                fn = jax.jit(functools.partial(mg.tile_partials, block_size=bs, G_pad=sz.G_pad,
+                                               D_orig=shape["head_dim"], nt=nt, q_slots=qs, interpret=interpret))
                 a = (opnds["tiles"], opnds["tok"], opnds["rpos"], opnds["qg"], opnds["kg"], opnds["vg"])
                 t, n, _ = timeit(fn, *a, reps=args.reps, budget=args.budget)
                 return dict(chunk_ms=t * 1e3, ms=t * 1e3 * nc, tflops=tf(t * 1e3 * nc), n=n)
@@ -218,19 +222,39 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
     return row
 
 
+def print_table(results: dict) -> None:
+    ms = lambda m: f"{m['ms']:8.2f} ms" if m.get("status") == "ok" else f"{m.get('status', '-'):>11}"  # noqa: E731
+    print(f"\n{results['device']}  paper heads, bf16  (ms; TFLOP/s effective)")
+    for r in results["rows"]:
+        fl = r["tile_floor"]
+        print(f"T={r['T']:>7}  triton {ms(r['triton'])}   tile kernel floor {fl['floor_ms']:.2f} ms ({fl['bound']})")
+        print(f"  triton tile (x{r['tile_plan']['n_chunks']} chunks) {ms(r['triton_tile'])}")
+        for m in r["mgpu"]:
+            var = "".join(f" {k}={m[k]}" for k in ("approx_math", "regs_a") if k in m)
+            cfg = f"nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}{var}"
+            print(f"  mgpu {cfg}: {ms(m)} {m.get('tflops', 0):6.1f} TF/s  out diff {m.get('out_maxdiff')}"
+                  f"  lse diff {m.get('lse_maxdiff')}{'  FLAGGED' if m.get('flagged') else ''}")
+        for m in r["mgpu_tile"]:
+            cfg = f"nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}"
+            print(f"  mgpu tile {cfg}: {ms(m)} {m.get('tflops', 0):6.1f} TF/s")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--tiles-per-program", type=int, nargs="+", default=[16, 32],
                    help="mgpu: consecutive tiles per CTA (multiples of 4)")
     p.add_argument("--q-slots", type=int, nargs="+", default=[2, 3], help="mgpu: q ring depth (2 or 3)")
+    p.add_argument("--approx-math", action="store_true", help="mgpu: also time approx_math=True (end to end)")
+    p.add_argument("--p-through-smem", action="store_true",
+                   help="mgpu: also time regs_a=False (P staged through SMEM for its wgmma, the interpreter's variant)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--budget", type=float, default=5.0, help="seconds of timed runs per measurement")
     p.add_argument("--smoke-timeout", type=int, default=240, help="seconds for the GPU smoke subprocess")
     p.add_argument("--smoke", action="store_true", help="off a GPU: a tiny interpreted mgpu vs triton check, then exit")
     p.add_argument("--child-smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true",
-                   help="off a GPU: the whole benchmark at T 300 on tiny heads, interpreted (checks the script, ~2 min)")
+                   help="off a GPU: the whole benchmark at T 300 on tiny heads, interpreted (~2 min)")
     p.add_argument("--out", default="runs/bench_mgpu_fwd")
     args = p.parse_args(argv)
 
@@ -242,7 +266,9 @@ def main(argv=None):
         args.reps, args.budget, args.tiles_per_program = 1, 0.0, [4]
         row = bench_length(300, args, card_rates(), shape=SMOKE_SHAPE, interpret=True)
         print(json.dumps(row, indent=1))
-        bad = [m for m in row["mgpu"] + row["mgpu_tile"] + [row["triton"], row["triton_tile"]] if m.get("status") != "ok"]
+        print_table(dict(device="cpu (interpreted)", rows=[row]))
+        runs = row["mgpu"] + row["mgpu_tile"] + [row["triton"], row["triton_tile"]]
+        bad = [m for m in runs if m.get("status") != "ok"]
         if bad or any(m.get("flagged") for m in row["mgpu"]):
             raise SystemExit(1)
         return
@@ -273,20 +299,7 @@ def main(argv=None):
         results["rows"].append(bench_length(T, args, rates))
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{results['device']}  paper heads, bf16  (ms; TFLOP/s effective)")
-    for r in results["rows"]:
-        tr = r["triton"]
-        print(f"T={r['T']:>7}  triton {tr.get('ms', tr.get('status'))!s:>8.8} ms  "
-              f"floor(tile) {r['tile_floor']['floor_ms']:.2f} ms ({r['tile_floor']['bound']})")
-        tt = r["triton_tile"]
-        print(f"  triton tile x{r['tile_plan']['n_chunks']} chunks: {tt.get('ms', tt.get('status'))!s:>8.8} ms")
-        for m in r["mgpu"]:
-            print(f"  mgpu nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}: {m.get('ms', m.get('status'))!s:>8.8} ms"
-                  f"  {m.get('tflops', 0):6.1f} TF/s  out diff {m.get('out_maxdiff')}  lse diff {m.get('lse_maxdiff')}"
-                  f"{'  FLAGGED' if m.get('flagged') else ''}")
-        for m in r["mgpu_tile"]:
-            print(f"  mgpu tile nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}: {m.get('ms', m.get('status'))!s:>8.8} ms"
-                  f"  {m.get('tflops', 0):6.1f} TF/s")
+    print_table(results)
     print(f"\nwrote {out / 'results.json'}")
 
 

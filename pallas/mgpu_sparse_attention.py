@@ -28,7 +28,9 @@ Tile kernel (`tile_partials`): grid (programs, B*H_kv), a program (CTA) handles 
 
 G_pad >= 8: q slabs land in a 128-byte-swizzled, (8, 64)-tiled SMEM tile that wgmma reads
 directly. G_pad < 8 cannot slice an 8-row tile, so its slabs go to a plain SMEM buffer that each
-consumer loads into registers (the wgmma A operand from registers).
+consumer loads into registers (the wgmma A operand from registers). The Mosaic GPU interpreter of
+jax 0.11.2 only takes SMEM wgmma operands: interpreted (`regs_a=False`), P (and the small-G q) go
+through a swizzled SMEM tile per consumer instead; everything else is the same code.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ ROWS = 128  # M: MMA rows per tile (BQ * G_pad)
 WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M)
 N_CONSUMERS = ROWS // WG_ROWS
 SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
+SMEM_RESERVE = 4096  # on top of the buffers: barriers, Mosaic's reduction scratch, alignment
 TMA_MAX = 256  # elements per dimension of one TMA copy
 
 
@@ -66,7 +69,8 @@ class MGPUConfig:
     tiles_per_program: consecutive tiles one CTA handles (a multiple of 4: the tile table is
       TMA-copied, 16-byte units). q_slots / kv_slots: SMEM ring depths of the q tiles and of the K/V
       blocks (kv_slots None: 2 when it fits in shared memory, else 1). query_chunk: as
-      `kv_outer.KVOuterConfig`. approx_math: Mosaic GPU's approximate exp2 / reciprocal.
+      `kv_outer.KVOuterConfig`. approx_math: Mosaic GPU's approximate exp2 / log. regs_a:
+      `tile_partials` (None: P from registers on a GPU, through SMEM interpreted).
     """
 
     tiles_per_program: int = 16
@@ -74,6 +78,7 @@ class MGPUConfig:
     kv_slots: int | None = None
     query_chunk: int | None = None
     approx_math: bool = False
+    regs_a: bool | None = None
 
     def __post_init__(self):
         check_int("tiles_per_program", self.tiles_per_program, 1)
@@ -94,18 +99,16 @@ def _smem_transforms(D: int):
     return (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
 
 
-def smem_bytes(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, kv_slots: int, regs_a: bool = True) -> int:
+def smem_bytes(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, kv_slots: int,
+               regs_a: bool = True) -> int:
     """Shared memory of one CTA (buffers only; barriers and Mosaic's scratch come on top)."""
     bq = ROWS // G_pad
     q = q_slots * (ROWS * D * 2 + ROWS * 4)  # q tile + row positions
     kv = kv_slots * 2 * block_size * D * 2
     out = ROWS * D * 2 + ROWS * 4  # o and lse staging
     meta = nt * 4 + nt * bq * 4
-    staging = 0 if regs_a else ROWS * block_size * 2 + (ROWS * D * 2 if G_pad < 8 else 0)  # P (and q) for wgmma
+    staging = 0 if regs_a else ROWS * block_size * 2 + (ROWS * D * 2 if G_pad < 8 else 0)  # P (q) for wgmma
     return q + kv + out + meta + staging
-
-
-SMEM_RESERVE = 4096  # barriers, Mosaic's reduction scratch, alignment
 
 
 def default_kv_slots(G_pad: int, D: int, block_size: int, nt: int, q_slots: int, regs_a: bool = True) -> int:
@@ -139,7 +142,7 @@ def _tile_kernel(
         return lax.rem(n, i32(slots))
 
     def next_block(j, carry):
-        """(live, new block, K/V load count, block) of tile j given the carry (count, previous block)."""
+        """(block, live, new block, K/V loads so far - 1) of tile j; carry = (the latter, previous block)."""
         kvn, c_prev = carry
         c = tiles_smem[j]
         live = c >= 0
@@ -391,7 +394,7 @@ def _chunk_fwd(posc, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo
     o_part, lse_part = tile_partials(
         ix.tiles, ix.tok, rpos, qg, kg, vg, block_size=sz.block_size, G_pad=G_pad, D_orig=D,
         nt=plan.tiles_per_program, q_slots=config.q_slots, kv_slots=config.kv_slots,
-        approx_math=config.approx_math, interpret=interpret,
+        approx_math=config.approx_math, regs_a=config.regs_a, interpret=interpret,
     )
     out, lse = kvo.combine_outputs(o_part, lse_part, ix.inv, G_pad=G_pad, out_dtype=qc.dtype,
                                    interpret=plan.interpret)

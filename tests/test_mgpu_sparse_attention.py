@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from conftest import SELECTIONS, attention_oracle, check_attention, qkv, triton_ir_for_h100
 from pallas import mgpu_sparse_attention as mg
@@ -69,10 +70,14 @@ def run_case(name) -> dict:
     B, T, H_kv, G, D, bs, top_k, selection, nt, q_slots, qc, with_pos = CASES[name]
     q, k, v, ids, pos = _inputs(name)
     config = mg.MGPUConfig(tiles_per_program=nt, q_slots=q_slots, query_chunk=qc)
+    gpu = jax.default_backend() == "gpu"
+    interpret = None if gpu else plgpu.InterpretGPUParams(detect_races=True)
     t0 = time.perf_counter()
-    out, lse = mg.sparse_attention_fwd_mgpu(q, k, v, ids, block_size=bs, q_pos=pos, config=config)
+    out, lse = mg.sparse_attention_fwd_mgpu(q, k, v, ids, block_size=bs, q_pos=pos, config=config,
+                                            interpret=interpret)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
-    report = {"name": name, "seconds": time.perf_counter() - t0, "oracle": "skipped"}
+    # races: the interpreter's happens-before race detector prints "RACE DETECTED" (the parent counts)
+    report = {"name": name, "seconds": time.perf_counter() - t0, "oracle": "skipped", "races": 0}
     t_out, t_lse = sparse_attention_fwd(q, k, v, ids, block_size=bs, q_pos=pos, query_chunk=qc)
     t_out, t_lse = np.asarray(t_out.astype(jnp.float32)), np.asarray(t_lse)
     live = np.ones(out.shape[:2], bool) if pos is None else np.asarray(pos) >= 0
@@ -106,10 +111,15 @@ def reports():
         [sys.executable, os.path.abspath(__file__), "--child", *CASES], env=_child_env(), capture_output=True,
         text=True, timeout=CHILD_TIMEOUT_S,
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    got = {r["name"]: r for r in map(json.loads, lines)}
+    got, races = {}, 0
+    for line in proc.stdout.splitlines():  # a case's race reports come before its JSON line
+        races += line.startswith("RACE DETECTED")
+        if line.startswith("{"):
+            r = json.loads(line)
+            got[r["name"]], races = dict(r, races=races), 0
     if proc.returncode != 0 or set(got) != set(CASES):
-        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
     return got
 
 
@@ -124,6 +134,7 @@ def test_matches_oracle_and_triton(name, reports):
     assert r["triton_out_maxdiff"] <= 1e-2, r
     assert r["triton_lse_maxdiff"] <= 1e-4, r
     assert r["padding_ok"], r
+    assert r["races"] == 0, r
 
 
 # ------------------------------------------------------------------------------ lowering (no GPU)
