@@ -1,4 +1,4 @@
-"""Main-branch forward on an H100/H200: the Triton KV-outer kernel against the Mosaic GPU prototype.
+"""Main-branch forward on an H100/H200: the Triton KV-outer kernel against the Mosaic GPU kernel.
 
 At the paper heads (B 1, H_q 64, H_kv 4, D 128, block 128, top 16, bf16) and each --seq-len, with
 the indexer's selection (`pallas.index_topk.select_blocks` on random iq, ik):
@@ -130,7 +130,7 @@ def child_smoke(shape=None, T: int = 2048) -> dict:
     shape = shape or dict(BENCH_SHAPES["paper"])
     q, k, v, iq, ik = inputs(jax.random.key(1), shape, T, jnp.bfloat16)
     idx = select_blocks(iq, ik, block_size=shape["block_size"], top_k=shape["top_k"])
-    out, lse = sa.sparse_attention_fwd(q, k, v, idx, block_size=shape["block_size"])
+    out, lse = sa.sparse_attention_fwd(q, k, v, idx, block_size=shape["block_size"], fwd_kernel="triton")
     res = {}
     for nt in (4, 16):
         m_out, m_lse = mg.sparse_attention_fwd_mgpu(q, k, v, idx, block_size=shape["block_size"],
@@ -153,7 +153,7 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
     ref = {}
 
     def triton():
-        fn = jax.jit(lambda q, k, v, i: sa.sparse_attention_fwd(q, k, v, i, block_size=bs))
+        fn = jax.jit(lambda q, k, v, i: sa.sparse_attention_fwd(q, k, v, i, block_size=bs, fwd_kernel="triton"))
         t, n, first = timeit(fn, q, k, v, idx, reps=args.reps, budget=args.budget)
         ref["out"], ref["lse"] = fn(q, k, v, idx)
         return dict(ms=t * 1e3, tflops=tf(t * 1e3), n=n, first_s=first)

@@ -1,5 +1,6 @@
-"""MSA main-branch forward tile kernel on the Pallas Mosaic GPU backend (Hopper: TMA + wgmma) -- a
-prototype next to the Triton kernel of `pallas.sparse_attention`, not wired into msa_jax.ops.
+"""MSA main-branch forward tile kernel on the Pallas Mosaic GPU backend (Hopper: TMA + wgmma), next to
+the Triton kernel of `pallas.sparse_attention`, which runs it on Hopper GPUs for the shapes it takes
+(`fwd_kernel="auto"`; `supported`, `on_hopper`).
 
     out, lse = sparse_attention_fwd_mgpu(q, k, v, block_idx, *, block_size)   # forward only, bf16
 
@@ -7,7 +8,7 @@ Same contract as `pallas.sparse_attention.sparse_attention_fwd` (q [B, T, H_q, D
 D] bfloat16, block_idx [B, T, H_kv, top_k], q_pos; out [B, T, H_q, D] bf16, lse float32 [B, T, H_q])
 and the same machinery (`pallas.kv_outer`: clean_ids, chunk_index, rows / kv_layout,
 combine_outputs): only the tile kernel is new. docs/algorithm.md §7.2 and docs/design.md ("Mosaic
-GPU prototype") describe it; the API facts it relies on are collected there too.
+GPU forward") describe it; the API facts it relies on are collected there too.
 
 Tile kernel (`tile_partials`): grid (programs, B*H_kv), a program (CTA) handles `tiles_per_program`
 (nt) consecutive tiles of one row, with three warpgroups:
@@ -48,7 +49,8 @@ from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv
 from pallas import kv_outer as kvo
 from pallas.common import LN2, LOG2E, MASK_VALUE, interpret_mode
 
-__all__ = ["MGPUConfig", "sparse_attention_fwd_mgpu", "tile_partials", "row_positions", "smem_bytes"]
+__all__ = ["MGPUConfig", "sparse_attention_fwd_mgpu", "tile_partials", "row_positions", "smem_bytes", "supported",
+           "on_hopper"]
 
 ROWS = 128  # M: MMA rows per tile (BQ * G_pad)
 WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M)
@@ -417,19 +419,34 @@ def _fwd(q, k, v, block_idx, pos, *, block_size: int, plan: kvo.Plan, config: MG
 
 
 def check_supported(sz: kvo.Sizes, dtype) -> None:
-    """The prototype's limits (ValueError otherwise)."""
+    """The Mosaic GPU kernel's limits (ValueError otherwise)."""
     if jnp.dtype(dtype) != jnp.bfloat16:
-        raise ValueError(f"the Mosaic GPU prototype takes bfloat16 inputs (float32 stays on Triton), got {dtype}")
+        raise ValueError(f"the Mosaic GPU forward takes bfloat16 inputs (float32 stays on Triton), got {dtype}")
     if sz.G_pad > WG_ROWS:
         raise ValueError(f"G_pad = {sz.G_pad} > {WG_ROWS}: a token's heads must fit one consumer's rows")
     if sz.block_size % 64 or sz.block_size > 256:
         raise ValueError(f"block_size must be 64, 128, 192 or 256 (wgmma N and K tiles), got {sz.block_size}")
     if sz.D_pad % 64 or sz.D_pad > 256:
-        raise ValueError(f"D padded to {sz.D_pad}: the prototype takes D of 64, 128 or 256 (wgmma tiles)")
+        raise ValueError(f"D padded to {sz.D_pad}: the Mosaic GPU forward takes D of 64, 128 or 256 (wgmma tiles)")
+
+
+def supported(sz: kvo.Sizes, dtype) -> bool:
+    """Whether `check_supported` passes."""
+    try:
+        check_supported(sz, dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def on_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100 / H200), the only target of this kernel."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
 def plan_for(sz: kvo.Sizes, config: MGPUConfig, interpret) -> kvo.Plan:
-    """The kv_outer plan of the prototype: BQ = 128 // G_pad (M = 128 rows always), the config's tiles
+    """The kv_outer plan of the Mosaic GPU forward: BQ = 128 // G_pad (M = 128 rows always), the config's tiles
     per program and query chunk; the combine runs in the Pallas interpreter when interpret is set."""
     kconf = kvo.KVOuterConfig(block_q=ROWS // sz.G_pad, query_chunk=config.query_chunk,
                               tiles_per_program=config.tiles_per_program)

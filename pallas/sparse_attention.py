@@ -36,10 +36,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv
 from pallas import kv_outer as kvo
-from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE
+from pallas import mgpu_sparse_attention as mg
+from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, interpret_mode
 from pallas.sparse_attention_bwd import sparse_attention_bwd
 
-__all__ = ["sparse_attention", "sparse_attention_fwd"]
+__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS"]
+
+# Forward tile kernels: Triton (every GPU, interpret mode, float32) and Mosaic GPU (Hopper, bf16; TMA +
+# wgmma: 1.4x faster end to end at 128K on an H200, BENCHMARKS.md). Same partials and combine.
+FWD_KERNELS = ("auto", "triton", "mosaic")
 
 
 def _fwd_kernel(
@@ -163,6 +168,31 @@ def _sparse_attention_fwd(q, k, v, block_idx, pos, *, block_size: int, plan: kvo
     return out[:, : sz.T], lse[:, : sz.T]
 
 
+def _use_mosaic(fwd_kernel: str, sz: kvo.Sizes, dtype, interpret, triton_knobs: bool) -> bool:
+    """Which tile kernel runs the forward. "auto": Mosaic GPU on a Hopper GPU (not interpreted) for the
+    shapes it takes (`mgpu_sparse_attention.check_supported`) unless Triton tuning knobs were given;
+    "mosaic": always (ValueError for shapes it does not take; interpreted off a GPU)."""
+    if fwd_kernel not in FWD_KERNELS:
+        raise ValueError(f"fwd_kernel: expected one of {FWD_KERNELS}, got {fwd_kernel!r}")
+    if fwd_kernel == "mosaic":
+        mg.check_supported(sz, dtype)
+        return True
+    return (fwd_kernel == "auto" and not triton_knobs and not interpret_mode(interpret) and mg.on_hopper()
+            and mg.supported(sz, dtype))
+
+
+def _forward(q, k, v, block_idx, pos, *, block_size: int, config: kvo.KVOuterConfig, interpret, mosaic: bool):
+    """(out, lse) by the chosen tile kernel."""
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    if mosaic:
+        mconf = mg.MGPUConfig(query_chunk=config.query_chunk)
+        interp = interpret_mode(interpret)
+        plan = mg.plan_for(sz, mconf, interp)
+        return mg._fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan, config=mconf, interpret=interp)
+    plan = config.resolve("fwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
+    return _sparse_attention_fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan)
+
+
 def _check(q, k, v, block_idx, block_size, q_pos) -> kvo.Sizes:
     check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)
     check_block_idx(block_idx, k, n_queries=q.shape[1])
@@ -185,38 +215,42 @@ def sparse_attention_fwd(
     tiles_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fwd_kernel: str = "auto",
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out [B, T, H_q, D] in q.dtype, lse float32 [B, T, H_q]), no gradient rule.
 
     q_pos: see the module docstring. block_q, query_chunk, tiles_per_program, num_warps, num_stages:
-    see `kv_outer.KVOuterConfig`. interpret: None = the Pallas interpreter unless
+    see `kv_outer.KVOuterConfig` (all but query_chunk tune the Triton tile kernel: giving one makes
+    "auto" pick it). fwd_kernel: "auto" (Mosaic GPU on a Hopper GPU where it applies, else Triton),
+    "triton" or "mosaic" (`FWD_KERNELS`). interpret: None = the Pallas interpreter unless
     jax.default_backend() == "gpu".
     """
     sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_program=tiles_per_program,
                                num_warps=num_warps, num_stages=num_stages)
-    plan = config.resolve("fwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
+    knobs = any(x is not None for x in (block_q, tiles_per_program, num_warps, num_stages))
+    mosaic = _use_mosaic(fwd_kernel, sz, q.dtype, interpret, knobs)
     pos = kvo.positions(q_pos, sz.B, sz.T)
-    return _sparse_attention_fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan)
+    return _forward(q, k, v, block_idx, pos, block_size=block_size, config=config, interpret=interpret,
+                    mosaic=mosaic)
 
 
 # ----------------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _sparse_attention(q, k, v, block_idx, pos, block_size, config, interpret):
-    return _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _sparse_attention(q, k, v, block_idx, pos, block_size, config, interpret, mosaic):
+    return _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic)[0]
 
 
-def _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret):
-    sz = kvo.sizes(q, k, block_idx, block_size)
-    plan = config.resolve("fwd", sz, f32=q.dtype == jnp.float32, interpret=interpret)
-    out, lse = _sparse_attention_fwd(q, k, v, block_idx, pos, block_size=block_size, plan=plan)
+def _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic):
+    out, lse = _forward(q, k, v, block_idx, pos, block_size=block_size, config=config, interpret=interpret,
+                        mosaic=mosaic)
     return (out, lse), (q, k, v, block_idx, pos, out, lse)
 
 
-def _vjp_bwd(block_size, config, interpret, res, cts):
+def _vjp_bwd(block_size, config, interpret, mosaic, res, cts):
     q, k, v, block_idx, pos, out, lse = res
     dout, dlse = cts
     dq, dk, dv = sparse_attention_bwd(
@@ -241,13 +275,17 @@ def sparse_attention(
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
     tiles_per_program: int | None = None,
+    fwd_kernel: str = "auto",
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out, lse) as `sparse_attention_fwd`, differentiable in q, k, v (the cotangents of out and of
     lse reach the backward kernel); block_idx and q_pos get no gradient. block_q, query_chunk: both
     kernels; tiles_per_program: the forward's, tiles_per_unit: the backward's
-    (`kv_outer.KVOuterConfig`)."""
+    (`kv_outer.KVOuterConfig`). fwd_kernel: the forward's tile kernel, as `sparse_attention_fwd`
+    (block_q or tiles_per_program given: "auto" picks Triton); the backward is Triton's."""
     sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                tiles_per_program=tiles_per_program)
-    return _sparse_attention(q, k, v, block_idx, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret)
+    mosaic = _use_mosaic(fwd_kernel, sz, q.dtype, interpret, block_q is not None or tiles_per_program is not None)
+    return _sparse_attention(q, k, v, block_idx, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret,
+                             mosaic)

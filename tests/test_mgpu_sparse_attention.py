@@ -1,4 +1,5 @@
-"""The Mosaic GPU prototype of the main-branch forward (`pallas.mgpu_sparse_attention`).
+"""The Mosaic GPU main-branch forward (`pallas.mgpu_sparse_attention`) and its dispatch from
+`pallas.sparse_attention` (`fwd_kernel`).
 
 On a CPU the kernel runs in the Mosaic GPU interpreter of jax 0.11.2 (`plgpu.InterpretGPUParams`:
 simulated warpgroups, TMA, barriers and wgmma), checked against the oracle
@@ -30,6 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from conftest import SELECTIONS, attention_oracle, check_attention, qkv, triton_ir_for_h100
 from pallas import mgpu_sparse_attention as mg
+from pallas import sparse_attention as sa
 from pallas.sparse_attention import sparse_attention_fwd
 
 XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -47,9 +49,13 @@ CASES = {
 }
 
 
+def seed_of(name) -> int:
+    return sorted(CASES).index(name)
+
+
 def _inputs(name):
     B, T, H_kv, G, D, bs, top_k, selection, nt, q_slots, qc, with_pos = CASES[name]
-    seed = sorted(CASES).index(name)
+    seed = seed_of(name)
     if not with_pos:
         q, k, v = qkv(seed, B, T, H_kv, G, D, jnp.bfloat16)
         return q, k, v, SELECTIONS[selection](seed, B, T, H_kv, bs, top_k), None
@@ -65,7 +71,7 @@ def _inputs(name):
 
 
 def run_case(name) -> dict:
-    """Run one case (in the child process on a CPU): the prototype against the Triton kernel and,
+    """Run one case (in the child process on a CPU): the Mosaic GPU kernel against the Triton kernel and,
     without q_pos, against the oracle. Returns a JSON-able report."""
     B, T, H_kv, G, D, bs, top_k, selection, nt, q_slots, qc, with_pos = CASES[name]
     q, k, v, ids, pos = _inputs(name)
@@ -78,9 +84,22 @@ def run_case(name) -> dict:
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     # races: the interpreter's happens-before race detector prints "RACE DETECTED" (the parent counts)
     report = {"name": name, "seconds": time.perf_counter() - t0, "oracle": "skipped", "races": 0}
-    t_out, t_lse = sparse_attention_fwd(q, k, v, ids, block_size=bs, q_pos=pos, query_chunk=qc)
+    t_out, t_lse = sparse_attention_fwd(q, k, v, ids, block_size=bs, q_pos=pos, query_chunk=qc, fwd_kernel="triton")
     t_out, t_lse = np.asarray(t_out.astype(jnp.float32)), np.asarray(t_lse)
     live = np.ones(out.shape[:2], bool) if pos is None else np.asarray(pos) >= 0
+    if with_pos:  # the differentiable op with the Mosaic GPU forward: same values, Triton's backward
+        w = jax.random.normal(jax.random.key(seed_of(name)), q.shape, jnp.float32)
+
+        def loss(q, k, v, kernel):
+            o, l = sa.sparse_attention(q, k, v, ids, block_size=bs, q_pos=pos, query_chunk=qc, fwd_kernel=kernel)
+            return (o.astype(jnp.float32) * w).sum() + jnp.where(jnp.isfinite(l), l, 0.0).sum(), o
+
+        (_, v_out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, "mosaic")
+        (_, _), t_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, "triton")
+        report["vjp_out_maxdiff"] = float(np.abs(np.asarray(v_out.astype(jnp.float32)) - out).max())
+        report["vjp_grad_rel_diff"] = max(
+            float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max() / jnp.abs(b.astype(jnp.float32)).max())
+            for a, b in zip(grads, t_grads))
     report["triton_out_maxdiff"] = float(np.abs(out - t_out)[live].max())
     report["triton_lse_maxdiff"] = float(np.abs(lse - t_lse)[live].max())
     report["padding_ok"] = bool((out[~live] == 0).all() and np.isneginf(lse[~live]).all())
@@ -135,6 +154,33 @@ def test_matches_oracle_and_triton(name, reports):
     assert r["triton_lse_maxdiff"] <= 1e-4, r
     assert r["padding_ok"], r
     assert r["races"] == 0, r
+    if CASES[name][-1]:  # sparse_attention(fwd_kernel="mosaic"): the same forward; the backward from it
+        assert r["vjp_out_maxdiff"] == 0.0, r
+        assert r["vjp_grad_rel_diff"] <= 2e-2, r
+
+
+def test_fwd_kernel_dispatch(monkeypatch):
+    """"auto" takes Mosaic GPU only compiled on a Hopper GPU, for bf16 shapes it supports and without
+    Triton tuning knobs; "mosaic" refuses what it does not support; unknown names are errors."""
+    q, k, v, ids = _abstract(1, 512, 4, 16, 128, 4)
+    sz = mg.kvo.sizes(q, k, ids, 128)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert not sa._use_mosaic("auto", sz, bf16, None, False) or mg.on_hopper()
+    assert not sa._use_mosaic("triton", sz, bf16, False, False)
+    assert sa._use_mosaic("mosaic", sz, bf16, True, False)
+    with pytest.raises(ValueError, match="bfloat16"):
+        sa._use_mosaic("mosaic", sz, f32, False, False)
+    with pytest.raises(ValueError, match="fwd_kernel"):
+        sa._use_mosaic("cutlass", sz, bf16, False, False)
+    monkeypatch.setattr(mg, "on_hopper", lambda: True)
+    assert sa._use_mosaic("auto", sz, bf16, False, False)
+    assert not sa._use_mosaic("auto", sz, bf16, True, False)  # interpreted: Triton
+    assert not sa._use_mosaic("auto", sz, bf16, False, True)  # Triton knobs given
+    assert not sa._use_mosaic("auto", sz, f32, False, False)
+    q64, k64, v64, ids64 = _abstract(1, 512, 1, 128, 64, 4)  # G = 128 > one consumer's 64 rows
+    assert not sa._use_mosaic("auto", mg.kvo.sizes(q64, k64, ids64, 128), bf16, False, False)
+    monkeypatch.setattr(mg, "on_hopper", lambda: False)
+    assert not sa._use_mosaic("auto", sz, bf16, False, False)
 
 
 # ------------------------------------------------------------------------------ lowering (no GPU)

@@ -192,7 +192,7 @@ def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, bs, top_k, dtype, vmapped, 
     q = jax.ShapeDtypeStruct(lead + (B, T, H_kv * G, D), dtype)
     kv = jax.ShapeDtypeStruct(lead + (B, T, H_kv, D), dtype)
     ids = jax.ShapeDtypeStruct(lead + (B, T, H_kv, top_k), jnp.int32)
-    fn = functools.partial(sparse_attention_fwd, block_size=bs, interpret=False, query_chunk=qc)
+    fn = functools.partial(sparse_attention_fwd, block_size=bs, interpret=False, query_chunk=qc, fwd_kernel="triton")
     if vmapped:
         fn = jax.vmap(fn)
     text = triton_ir_for_h100(fn, q, kv, kv, ids)
