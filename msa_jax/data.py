@@ -307,13 +307,26 @@ def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step
     starts = rng.integers(0, data.size - seq_len, size=batch_size)  # last valid start: size - seq_len - 1
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     batch = data[idx].astype(np.int32)
-    n = task_rows_at(batch_size, task_mix, step) if task_mix else 0
-    if n:
-        # a stream of its own, so the code windows are exactly those of task_mix = 0
-        trng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 1])
-        rows = np.sort(trng.choice(batch_size, size=n, replace=False))
-        batch[rows] = retrieval.training_rows(data, n, seq_len + 1, tasks, trng)
+    rows, trng = _task_rows(batch_size, task_mix, seed, step)
+    if rows.size:
+        batch[rows] = retrieval.training_rows(data, rows.size, seq_len + 1, tasks, trng)
     return batch
+
+
+def _task_rows(batch_size: int, task_mix: float, seed: int, step: int) -> tuple[np.ndarray, np.random.Generator]:
+    """(sorted ids of step's retrieval rows, the rng their examples are then drawn from): a stream of
+    its own, so the code windows are exactly those of task_mix = 0."""
+    n = task_rows_at(batch_size, task_mix, step) if task_mix else 0
+    trng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 1])
+    return (np.sort(trng.choice(batch_size, size=n, replace=False)) if n else np.zeros(0, np.int64)), trng
+
+
+def task_row_mask(batch_size: int, task_mix: float, *, seed: int, step: int) -> np.ndarray:
+    """bool [batch_size]: which rows of `batch_at(..., seed=seed, step=step, task_mix=task_mix)` are
+    retrieval examples (their answers end each row: `retrieval.answer_positions`)."""
+    mask = np.zeros(int(batch_size), bool)
+    mask[_task_rows(batch_size, task_mix, seed, step)[0]] = True
+    return mask
 
 
 def _data_fingerprint(data: np.ndarray) -> str:
@@ -347,6 +360,10 @@ class BatchIterator:
                          task_mix=self.task_mix, tasks=self.tasks)
         self.step += 1
         return batch
+
+    def task_rows(self, step: int) -> np.ndarray:
+        """bool [batch_size]: the retrieval rows of batch `step` (`task_row_mask`)."""
+        return task_row_mask(self.batch_size, self.task_mix, seed=self.seed, step=step)
 
     @functools.cached_property
     def fingerprint(self) -> str:

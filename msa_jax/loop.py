@@ -230,7 +230,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             f"dense warmup {mcfg.msa.warmup_steps} steps, kl_weight {mcfg.msa.kl_weight}"
             + (f", index LR x {tcfg.index_lr_scale:g}" if tcfg.index_lr_scale != 1.0 else ""))
     if run.task_mix:
-        say(f"task mix: {run.task_mix:g} of the rows are retrieval examples ({', '.join(run.mix_tasks)}) at T={T}")
+        say(f"task mix: {run.task_mix:g} of the rows are retrieval examples ({', '.join(run.mix_tasks)}) at T={T}"
+            + (f"; answer bytes weighted x {run.answer_weight:g} in the loss" if run.answer_weight != 1.0 else ""))
 
     schedule = lr_schedule(tcfg)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
@@ -295,9 +296,11 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         while step < end and not stop.requested:
             sparse = bool(is_msa and use_sparse(step, mcfg.msa))
             batch = sharding.shard_batch(next(batches), mesh)
+            rows = sharding.shard_rows(batches.task_rows(batches.step - 1), mesh) if run.answer_weight != 1.0 else None
             t0 = time.perf_counter()
             metrics = sharded_train_step(model, optimizer, batch, mesh=mesh, sparse=sparse,
-                                         kl_weight=mcfg.msa.kl_weight)
+                                         kl_weight=mcfg.msa.kl_weight, answer_rows=rows,
+                                         answer_weight=float(run.answer_weight))
             if sparse not in seen_modes:  # the first step of a mode compiles: keep it out of tokens/s
                 jax.block_until_ready(metrics)
                 interval["excluded_s"] += time.perf_counter() - t0

@@ -118,6 +118,10 @@ _FLAGS = (
                         "--seq-len (fresh needles, values and depths every batch, haystacks from the training "
                         "split; the loss is the plain LM loss); 0: code only"),
     ("task_mix_tasks", str, "comma list of the retrieval tasks mixed in: passkey, multikey, variable_tracking"),
+    ("answer_weight", float, "with --task-mix: the loss weight of each retrieval row's answer bytes (the LM loss "
+                             "becomes the weighted mean; 1: the plain LM loss, 0: answers not trained on). At long "
+                             "T the 5 answer bytes are a tiny share of a row's loss: e.g. 100 at T = 16K gives them "
+                             "about the share they have at T = 512"),
     ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 or context=4,data=2 (context: each sequence split "
                   "over that many devices; default: data=<all devices>)"),
     ("init_from", str, "dense run directory to start an MSA model from (continued pre-training)"),

@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 NEWLINE = 0x0A
+ANSWER_LEN = 5  # every value (the answer) is a 5-digit number
 _LOWER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 _UPPER = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
 
@@ -374,6 +375,13 @@ def check_tasks(tasks, context_len: int | None = None, *, name: str = "tasks") -
                 raise ValueError(f"{name}: task {t!r} needs a context of at least {min_context_len(t)} bytes, "
                                  f"got {context_len}")
     return names
+
+
+def answer_targets(seq_len: int) -> tuple[int, int]:
+    """[lo, hi): the target indices (of `targets = row[1:]`, seq_len long) that predict the answer of
+    a `training_rows` example of `seq_len + 1` tokens: the answer is the ANSWER_LEN bytes before the
+    row's final newline."""
+    return seq_len - 1 - ANSWER_LEN, seq_len - 1
 
 
 def training_rows(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0) -> np.ndarray:

@@ -218,6 +218,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """A per-row array [B] (e.g. which rows are retrieval examples) split like the batch's rows."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_rows(x, mesh: Mesh) -> jax.Array:
+    """A global per-row host array [B] as a jax.Array placed by `row_sharding` (any mesh, context too)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, row_sharding(mesh), lambda idx: x[idx])
+
+
 def shard_batch(tokens, mesh: Mesh) -> jax.Array | dict:
     """A global batch `tokens` [B, ...] as a jax.Array split by `batch_sharding(mesh)`.
 

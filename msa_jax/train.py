@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from msa_jax import context, sharding
+from msa_jax import context, retrieval, sharding
 from msa_jax.config import MSAConfig, TrainConfig
 
 
@@ -79,17 +79,31 @@ def use_sparse(step: int, msa: MSAConfig) -> bool:
     return step >= msa.warmup_steps
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean token cross-entropy in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean token cross-entropy in float32 (weighted mean sum(w * ce) / sum(w) with `weights`)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
 
 
-def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_recall: bool = False):
+def answer_weights(answer_rows: jax.Array, positions: jax.Array, T: int, answer_weight: float) -> jax.Array:
+    """float32 [B, T] loss weights: answer_weight on the targets that predict the answer of a
+    retrieval row (`answer_rows` bool [B]; `retrieval.answer_targets`), 1 elsewhere. positions [T]:
+    each target slot's index in the sequence (the context-parallel layout permutes them)."""
+    lo, hi = retrieval.answer_targets(T)
+    in_answer = (positions >= lo) & (positions < hi)
+    hit = answer_rows[:, None] & in_answer[None, :]
+    return jnp.where(hit, jnp.float32(answer_weight), jnp.float32(1.0))
+
+
+def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_recall: bool = False,
+            answer_rows: jax.Array | None = None, answer_weight: float = 1.0):
     """tokens [B, T+1] int32 -> (loss, metrics {"loss", "lm_loss", "kl"}); next-token prediction.
 
     tokens may also be a context-parallel batch (`msa_jax.context.shard_batch`: inputs, targets
     and positions, already in the zigzag layout and split over the sequence). A token array under
-    a mesh with a `context` axis is laid out here instead. Either way: the same loss."""
+    a mesh with a `context` axis is laid out here instead. Either way: the same loss.
+    answer_rows (bool [B], the batch's retrieval rows) with answer_weight != 1: the LM loss is the
+    weighted mean with `answer_weights` (the answer bytes count answer_weight times)."""
     if isinstance(tokens, dict):
         inputs, targets, positions = tokens["inputs"], tokens["targets"], tokens["positions"]
     else:
@@ -97,7 +111,11 @@ def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_r
         if context.size() > 1:
             positions, inputs, targets = context.layout(inputs, targets)
     logits, aux = model(inputs, positions=positions, sparse=sparse, with_recall=with_recall)
-    lm = lm_loss(logits, targets)
+    weights = None
+    if answer_rows is not None and answer_weight != 1.0:
+        T = targets.shape[1]
+        weights = answer_weights(answer_rows, jnp.arange(T) if positions is None else positions, T, answer_weight)
+    lm = lm_loss(logits, targets, weights)
     kl = aux["kl"]
     loss = lm + kl_weight * kl if kl_weight else lm
     metrics = {"loss": loss, "lm_loss": lm, "kl": kl}
@@ -105,9 +123,11 @@ def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_r
     return loss, metrics
 
 
-@nnx.jit(static_argnames=("sparse", "kl_weight"))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens, *, sparse: bool, kl_weight: float):
-    """One AdamW step on `tokens` [B, T+1] (or a context-parallel batch: `loss_fn`).
+@nnx.jit(static_argnames=("sparse", "kl_weight", "answer_weight"))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens, *, sparse: bool, kl_weight: float,
+               answer_rows: jax.Array | None = None, answer_weight: float = 1.0):
+    """One AdamW step on `tokens` [B, T+1] (or a context-parallel batch: `loss_fn`; answer_rows and
+    answer_weight: `loss_fn`).
 
     Returns metrics: loss, lm_loss, kl, grad_norm (all params, before clipping), for a model
     with index branches index_grad_norm (index params only; the KL's gradient), and grad_finite:
@@ -115,7 +135,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens, *, sparse: b
     """
 
     def f(m):
-        return loss_fn(m, tokens, sparse=sparse, kl_weight=kl_weight)
+        return loss_fn(m, tokens, sparse=sparse, kl_weight=kl_weight, answer_rows=answer_rows,
+                       answer_weight=answer_weight)
 
     (_, metrics), grads = nnx.value_and_grad(f, has_aux=True)(model)
     optimizer.update(model, grads)
@@ -149,22 +170,27 @@ def _constrain(node, mesh: jax.sharding.Mesh) -> None:
     nnx.update(node, jax.lax.with_sharding_constraint(state, sharding.tree_shardings(state, mesh)))
 
 
-def sharded_train_step(model, optimizer, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, kl_weight: float):
+def sharded_train_step(model, optimizer, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, kl_weight: float,
+                       answer_rows: jax.Array | None = None, answer_weight: float = 1.0):
     """`train.train_step` on a sharded model / optimizer / batch, with the updated state pinned.
 
     Same math and metrics as `train.train_step` (it is called inside); the only addition is a
     sharding constraint on the new params and optimizer state, so they keep the rule layout.
     """
     with jax.set_mesh(mesh):  # the active mesh lets the kernels run per shard (msa_jax.ops.shard)
-        return _sharded_train_step(model, optimizer, tokens, mesh=mesh, sparse=sparse, kl_weight=kl_weight)
+        return _sharded_train_step(model, optimizer, tokens, answer_rows, mesh=mesh, sparse=sparse,
+                                   kl_weight=kl_weight, answer_weight=answer_weight)
 
 
-@nnx.jit(static_argnames=("mesh", "sparse", "kl_weight"))
-def _sharded_train_step(model, optimizer, tokens, *, mesh, sparse, kl_weight):
+@nnx.jit(static_argnames=("mesh", "sparse", "kl_weight", "answer_weight"))
+def _sharded_train_step(model, optimizer, tokens, answer_rows, *, mesh, sparse, kl_weight, answer_weight):
     layout = context.batch_shardings(mesh) if isinstance(tokens, dict) else sharding.batch_sharding(mesh)
     tokens = jax.lax.with_sharding_constraint(tokens, layout)
+    if answer_rows is not None:
+        answer_rows = jax.lax.with_sharding_constraint(answer_rows, sharding.row_sharding(mesh))
     # train_step is itself an nnx.jit; nested inside this jit it is simply inlined.
-    metrics = train_step(model, optimizer, tokens, sparse=sparse, kl_weight=kl_weight)
+    metrics = train_step(model, optimizer, tokens, sparse=sparse, kl_weight=kl_weight, answer_rows=answer_rows,
+                         answer_weight=answer_weight)
     _constrain(model, mesh)
     _constrain(optimizer, mesh)
     return metrics

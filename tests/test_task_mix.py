@@ -190,3 +190,92 @@ def test_long_context_preset_and_the_documented_ablations():
         if overrides:
             flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in overrides.items())
             assert f"--run-dir runs/lc_{name} {flags}\n" in doc, name
+
+
+# ------------------------------------------------------------------------ answer-weighted loss
+
+
+def test_task_row_mask_marks_exactly_the_retrieval_rows_and_their_answers(corpus):
+    it = data.BatchIterator(corpus.train, B, T, seed=3, task_mix=0.4)
+    lo, hi = retrieval.answer_targets(T)
+    seen = 0
+    for step in range(6):
+        batch = next(it)
+        mask = it.task_rows(step)
+        assert mask.dtype == bool and mask.shape == (B,)
+        assert mask.sum() == data.task_rows_at(B, 0.4, step)
+        assert [is_task_row(r) for r in batch] == mask.tolist()
+        for row in batch[mask]:  # the targets [lo, hi) predict the 5 answer digits; then the newline
+            ans = row[1:][lo:hi].astype(np.uint8).tobytes()
+            assert len(ans) == retrieval.ANSWER_LEN and ans.isdigit() and row[-1] == retrieval.NEWLINE
+            assert row[1:][lo - 3:lo].astype(np.uint8).tobytes() == b"is "
+        seen += mask.sum()
+    assert seen > 0
+    assert not data.task_row_mask(B, 0.0, seed=3, step=0).any()
+    assert data.task_row_mask(B, 1.0, seed=3, step=0).all()
+
+
+def test_answer_weights_follow_positions_through_a_permuted_layout():
+    import jax.numpy as jnp
+
+    from msa_jax.train import answer_weights, lm_loss
+
+    rows = jnp.array([True, False, True])
+    w = np.asarray(answer_weights(rows, jnp.arange(T), T, 50.0))
+    lo, hi = retrieval.answer_targets(T)
+    expect = np.ones((3, T), np.float32)
+    expect[[0, 2], lo:hi] = 50.0
+    assert np.array_equal(w, expect)
+    perm = np.random.default_rng(0).permutation(T)  # a layout's slot -> position
+    assert np.array_equal(np.asarray(answer_weights(rows, jnp.asarray(perm), T, 50.0)), expect[:, perm])
+    # the weighted mean: equal weights give the plain mean; the answer slots count answer_weight times
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(3, T, 7)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 7, size=(3, T)))
+    ce = -np.take_along_axis(np.asarray(jax_log_softmax(logits)), np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(lm_loss(logits, targets, jnp.ones((3, T))), ce.mean(), rtol=1e-6)
+    np.testing.assert_allclose(lm_loss(logits, targets, jnp.asarray(w)), (ce * w).sum() / w.sum(), rtol=1e-6)
+    assert abs(float(lm_loss(logits, targets, jnp.asarray(w))) - ce.mean()) > 1e-3
+
+
+def jax_log_softmax(x):
+    import jax
+
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def test_train_step_with_answer_weight_weights_the_answer_bytes(corpus):
+    """loss_fn's LM loss with answer_rows is the weighted mean over the model's own logits; the train
+    step runs with it (and answer_weight 1 is the plain loss)."""
+    import jax.numpy as jnp
+
+    from msa_jax import train
+    from msa_jax.model import DecoderLM
+
+    run = presets.run_config("tiny", attention="dense", seq_len=T, batch_size=4, task_mix=0.5, answer_weight=20.0)
+    model = DecoderLM(run.model_config(), seed=0)
+    it = data.BatchIterator(corpus.train, 4, T, seed=0, task_mix=0.5)
+    tokens = jnp.asarray(next(it))
+    rows = jnp.asarray(it.task_rows(0))
+    assert bool(rows.any())
+    plain, _ = train.loss_fn(model, tokens, sparse=False, kl_weight=0.0)
+    same, _ = train.loss_fn(model, tokens, sparse=False, kl_weight=0.0, answer_rows=rows, answer_weight=1.0)
+    weighted, _ = train.loss_fn(model, tokens, sparse=False, kl_weight=0.0, answer_rows=rows, answer_weight=20.0)
+    logits, _ = model(tokens[:, :-1], sparse=False)
+    ce = -np.take_along_axis(np.asarray(jax_log_softmax(logits.astype(jnp.float32))),
+                             np.asarray(tokens[:, 1:])[..., None], -1)[..., 0]
+    w = np.asarray(train.answer_weights(rows, jnp.arange(T), T, 20.0))
+    assert float(plain) == float(same)
+    np.testing.assert_allclose(float(weighted), (ce * w).sum() / w.sum(), rtol=1e-5)
+    opt = train.make_optimizer(model, run.train_config())
+    m = train.train_step(model, opt, tokens, sparse=False, kl_weight=0.0, answer_rows=rows, answer_weight=20.0)
+    np.testing.assert_allclose(float(m["lm_loss"]), float(weighted), rtol=1e-5)
+
+
+def test_answer_weight_flag_checks():
+    assert parse().answer_weight == 1.0
+    assert parse("--task-mix", "0.5", "--answer-weight", "100").answer_weight == 100
+    for flags, match in ((("--answer-weight", "10"), "answer_weight: expected 1 unless task_mix > 0"),
+                         (("--task-mix", "0.5", "--answer-weight", "-1"), "answer_weight: expected a number >= 0")):
+        with pytest.raises(SystemExit, match=f"invalid configuration: {match}"):
+            parse(*flags)
