@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import card_rates, flop_bound, inputs, skewed_selection, stage_floors, support_pairs, timeit
+from msa_jax.bench import (card_rates, flop_bound, inputs, main_fwd_kernel, skewed_selection, stage_floors, support_pairs,
+                           timeit)
 from msa_jax.presets import BENCH_SHAPES
 
 SEQ_LENS = {"cpu": [128, 256], "paper": [2048, 8192, 32768, 131072, 524288, 1048576]}
@@ -86,7 +87,9 @@ def main(argv=None):
     kw = dict(block_size=bs, top_k=topk)
     rates = card_rates()
     print(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
-    result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rates=rates, rows=[])
+    result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rates=rates, rows=[],
+                  main_fwd_kernel=main_fwd_kernel(cfg, dtype))
+    print(f"main-branch forward tile kernel (impl pallas): {result['main_fwd_kernel']}")
 
     dense_fn = jax.jit(lambda q, k, v: ops.dense_attention(q, k, v))
     sel_fn = jax.jit(lambda iq, ik: ops.select_blocks(iq, ik, impl="pallas", **kw))

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import card_rates, cell, fmt, guarded, inputs, is_oom, log, stage_floors, support_pairs, timeit
+from msa_jax.bench import (card_rates, cell, fmt, guarded, inputs, is_oom, log, main_fwd_kernel, stage_floors,
+                           support_pairs, timeit)
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
 
 # Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
@@ -403,6 +404,8 @@ def main(argv=None):
 
     print(f"device: {device} | jax {jax.__version__} | {dtype_name} | impls {impls} | {cfg}", flush=True)
     result["rates"] = rates = card_rates()
+    result["main_fwd_kernel"] = main_fwd_kernel(cfg, dtype)
+    log(f"main-branch forward tile kernel (impl pallas): {result['main_fwd_kernel']}")
     log(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
     result["grad_check"] = guarded("f32 gradient check", lambda: check_grads_f32(cfg, impls, args.check_T))
     log(f"gradient check (f32, T={args.check_T}), max relative error: "

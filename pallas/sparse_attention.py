@@ -40,7 +40,7 @@ from pallas import mgpu_sparse_attention as mg
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, interpret_mode
 from pallas.sparse_attention_bwd import sparse_attention_bwd
 
-__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS"]
+__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS", "fwd_kernel_used"]
 
 # Forward tile kernels: Triton (every GPU, interpret mode, float32) and Mosaic GPU (Hopper, bf16; TMA +
 # wgmma: 1.4x faster end to end at 128K on an H200, BENCHMARKS.md). Same partials and combine.
@@ -179,6 +179,13 @@ def _use_mosaic(fwd_kernel: str, sz: kvo.Sizes, dtype, interpret, triton_knobs: 
         return True
     return (fwd_kernel == "auto" and not triton_knobs and not interpret_mode(interpret) and mg.on_hopper()
             and mg.supported(sz, dtype))
+
+
+def fwd_kernel_used(q, k, block_idx, *, block_size: int, fwd_kernel: str = "auto", interpret=None) -> str:
+    """"mosaic" or "triton": the tile kernel `sparse_attention(_fwd)` runs for these operands (arrays or
+    `jax.ShapeDtypeStruct`s) with no tuning knob given; for benchmark records."""
+    mosaic = _use_mosaic(fwd_kernel, kvo.sizes(q, k, block_idx, block_size), q.dtype, interpret, False)
+    return "mosaic" if mosaic else "triton"
 
 
 def _forward(q, k, v, block_idx, pos, *, block_size: int, config: kvo.KVOuterConfig, interpret, mosaic: bool):

@@ -42,3 +42,11 @@ def test_support_pairs_counts_visible_keys():
     assert bench.support_pairs(ids, bs) == 1 + 2 + 3
     paper = BENCH_SHAPES["paper"]
     assert abs(bench.flop_bound(paper, 131072) - 16.0) < 1e-9  # docs/algorithm.md §5: 32 N / (N + 131072)
+
+
+def test_main_fwd_kernel_names_the_tile_kernel_of_this_machine():
+    from pallas import mgpu_sparse_attention as mg
+
+    want = "mosaic" if mg.on_hopper() else "triton"
+    assert bench.main_fwd_kernel(BENCH_SHAPES["paper"], jnp.bfloat16) == want
+    assert bench.main_fwd_kernel(BENCH_SHAPES["paper"], jnp.float32) == "triton"  # float32 stays on Triton

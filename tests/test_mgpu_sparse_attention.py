@@ -172,8 +172,11 @@ def test_fwd_kernel_dispatch(monkeypatch):
         sa._use_mosaic("mosaic", sz, f32, False, False)
     with pytest.raises(ValueError, match="fwd_kernel"):
         sa._use_mosaic("cutlass", sz, bf16, False, False)
+    assert sa.fwd_kernel_used(q, k, ids, block_size=128) == ("mosaic" if mg.on_hopper() else "triton")
     monkeypatch.setattr(mg, "on_hopper", lambda: True)
     assert sa._use_mosaic("auto", sz, bf16, False, False)
+    assert sa.fwd_kernel_used(q, k, ids, block_size=128, interpret=False) == "mosaic"
+    assert sa.fwd_kernel_used(q, k, ids, block_size=128, interpret=False, fwd_kernel="triton") == "triton"
     assert not sa._use_mosaic("auto", sz, bf16, True, False)  # interpreted: Triton
     assert not sa._use_mosaic("auto", sz, bf16, False, True)  # Triton knobs given
     assert not sa._use_mosaic("auto", sz, f32, False, False)
