@@ -43,9 +43,9 @@ CASES = {
     "g16_bq8_d128": (1, 300, 1, 16, 128, 128, 2, "hand", 8, 2, None, False),
     # G = 4, BQ = 32 (q slabs of 4 rows: plain SMEM, then registers); B*H_kv = 2; two K/V buffers
     "g4_bq32_d64": (1, 300, 2, 4, 64, 128, 3, "indexer", 16, 2, None, False),
-    # queries at positions (a slice of 200 of 384 keys, 7 padding queries), G = 12 -> G_pad 16, 2 chunks,
+    # queries at positions (a slice of 120 of 384 keys, 7 padding queries), G = 12 -> G_pad 16, 2 chunks,
     # 3 q buffers, 4 tiles per CTA
-    "g12_qpos_chunks": (1, 200, 2, 12, 64, 128, 3, "hand", 4, 3, 100, True),
+    "g12_qpos_chunks": (1, 120, 2, 12, 64, 128, 3, "hand", 4, 3, 60, True),
 }
 
 
