@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flax import nnx
     from tqdm.auto import tqdm
 
-    from msa_jax import data, loop, sharding
+    from msa_jax import bench, data, loop, sharding
     from msa_jax.checkpoint import load_run
     from msa_jax.generate import generate
     from msa_jax.model import layer_selections
@@ -146,12 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
             eval_set = data.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, n_val)
             val.update(loop.evaluate(model, eval_set, one_device, is_msa=is_msa, sparse=True), val_windows=n_val)
             if is_msa:
-                per = [[(float(s["block_recall"]), float(s["score_recall"]))
+                # union: the distinct blocks a query-outer kernel tile (128 rows: 128 // G_pad tokens x
+                # the group's heads) would read, against top_k per token (docs/algorithm.md §7)
+                g = cfg.n_heads // cfg.n_kv_heads
+                tile = max(1, 128 // (1 << (g - 1).bit_length()))
+                per = [[(float(s["block_recall"]), float(s["score_recall"]), bench.selection_union(s["block_idx"], tile))
                         for s in selections(model, jax.numpy.asarray(b[:, :-1]), with_recall=True) if s is not None]
                        for b in eval_set]
-                mean = np.mean(np.array(per), axis=0)  # [layer, (block, score)]
-                val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s))
-                                    for i, (b, s) in zip(msa_layers, mean)]
+                mean = np.mean(np.array(per), axis=0)  # [layer, (block, score, union)]
+                val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s), block_union=float(u),
+                                         union_tile_tokens=tile) for i, (b, s, u) in zip(msa_layers, mean)]
+                print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
+                      f"layer: {', '.join(f'{u:.1f}' for u in mean[:, 2])}")
         if is_msa and args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
             ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed)
             sel = [np.asarray(s["block_idx"])[0] for s in selections(model, jax.numpy.asarray(ex.tokens[None]))

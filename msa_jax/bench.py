@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _T0 = time.perf_counter()
 
@@ -41,6 +42,20 @@ def main_fwd_kernel(shape: dict, dtype, T: int = 8192) -> str:
     k = jax.ShapeDtypeStruct((B, T, R, D), dtype)
     idx = jax.ShapeDtypeStruct((B, T, R, shape["top_k"]), jnp.int32)
     return fwd_kernel_used(q, k, idx, block_size=shape["block_size"])
+
+
+def selection_union(block_idx, tile_tokens: int) -> float:
+    """Mean number of distinct blocks that `tile_tokens` consecutive query tokens select (per batch row,
+    KV group and tile; -1 padding not counted): the K/V blocks a query-outer tile of those tokens
+    would read. top_k when neighbours select the same blocks, up to tile_tokens * top_k when they
+    share none. block_idx: int [B, T, H_kv, top_k]."""
+    ids = np.asarray(block_idx)
+    B, T, H, K = ids.shape
+    n = -(-T // tile_tokens)
+    ids = np.pad(ids, ((0, 0), (0, n * tile_tokens - T), (0, 0), (0, 0)), constant_values=-1)
+    ids = np.sort(ids.reshape(B, n, tile_tokens, H, K).transpose(0, 1, 3, 2, 4).reshape(B, n, H, tile_tokens * K), -1)
+    first = np.concatenate([np.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], -1)
+    return float(((ids >= 0) & first).sum(-1).mean())
 
 
 def skewed_selection(key, shape: dict, T: int, hot: int):

@@ -50,3 +50,15 @@ def test_main_fwd_kernel_names_the_tile_kernel_of_this_machine():
     want = "mosaic" if mg.on_hopper() else "triton"
     assert bench.main_fwd_kernel(BENCH_SHAPES["paper"], jnp.bfloat16) == want
     assert bench.main_fwd_kernel(BENCH_SHAPES["paper"], jnp.float32) == "triton"  # float32 stays on Triton
+
+
+def test_selection_union_counts_distinct_blocks_per_tile():
+    T, K = 10, 3
+    same = np.broadcast_to(np.array([0, 2, 5]), (2, T, 1, K))  # every token the same blocks
+    assert bench.selection_union(same, 4) == 3.0
+    disjoint = np.arange(T * K).reshape(1, T, 1, K)  # no two tokens share a block
+    # tiles of 4, 4 and 2 tokens (the last one padded with -1, not counted)
+    assert bench.selection_union(disjoint, 4) == (12 + 12 + 6) / 3
+    padded = np.array(disjoint)
+    padded[..., 2] = -1
+    assert bench.selection_union(padded, 5) == 10.0

@@ -327,6 +327,9 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     np.testing.assert_allclose(val["block_recall"], last["block_recall"], rtol=1e-5)
     assert [p["layer"] for p in val["per_layer"]] == [0, 1]
     np.testing.assert_allclose(np.mean([p["block_recall"] for p in val["per_layer"]]), val["block_recall"], rtol=1e-5)
+    top_k = json.loads((full / "config.json").read_text())["top_k"]
+    for p in val["per_layer"]:  # distinct blocks per query-outer tile: at most tile tokens x top_k
+        assert 1 <= p["block_union"] <= p["union_tile_tokens"] * top_k
     assert set(val["selection"]["needle_selected"]) == {"0", "1"}
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
