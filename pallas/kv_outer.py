@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_int, check_pow2
+from msa_jax.checks import check_block_idx, check_int, check_pow2, check_q_pos, check_qkv
 from pallas.common import INT32_LIMIT, MIN_DOT, cdiv, interpret_mode, is_pow2, next_pow2, pad_dim
 
 __all__ = [
@@ -250,6 +250,17 @@ class KVOuterConfig:
 
 
 # -------------------------------------------------------------------------------- reverse index
+
+
+def check_attention(q, k, v, block_idx, block_size, q_pos, dtypes) -> Sizes:
+    """The main branch's operand checks (ValueError), then `sizes`: q, k, v of one dtype in `dtypes`,
+    block_idx for q's tokens, block_size >= 1, q_pos [B, T] when given."""
+    check_qkv(q, k, v, dtypes=dtypes, cached=q_pos is not None)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
+    check_int("block_size", block_size, 1)
+    if q_pos is not None:
+        check_q_pos(q_pos, *q.shape[:2])
+    return sizes(q, k, block_idx, block_size)
 
 
 def positions(q_pos, B: int, T: int) -> jax.Array:

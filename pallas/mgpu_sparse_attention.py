@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv
+from msa_jax.checks import check_int
 from pallas import kv_outer as kvo
 from pallas.common import LN2, LOG2E, MASK_VALUE, interpret_mode
 
@@ -468,12 +468,7 @@ def sparse_attention_fwd_mgpu(
     with the tile kernel on Mosaic GPU (no gradient rule). interpret: None = the Mosaic GPU
     interpreter (and the Pallas interpreter for the combine) unless jax.default_backend() == "gpu";
     True; False; or a `plgpu.InterpretGPUParams`."""
-    check_qkv(q, k, v, dtypes=(jnp.bfloat16,), cached=q_pos is not None)
-    check_block_idx(block_idx, k, n_queries=q.shape[1])
-    check_int("block_size", block_size, 1)
-    if q_pos is not None:
-        check_q_pos(q_pos, *q.shape[:2])
-    sz = kvo.sizes(q, k, block_idx, block_size)
+    sz = kvo.check_attention(q, k, v, block_idx, block_size, q_pos, (jnp.bfloat16,))
     check_supported(sz, q.dtype)
     config = config or MGPUConfig()
     if interpret is None or isinstance(interpret, bool):

@@ -34,7 +34,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_block_idx, check_int, check_q_pos, check_qkv
 from pallas import kv_outer as kvo
 from pallas import mgpu_sparse_attention as mg
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, interpret_mode
@@ -201,12 +200,7 @@ def _forward(q, k, v, block_idx, pos, *, block_size: int, config: kvo.KVOuterCon
 
 
 def _check(q, k, v, block_idx, block_size, q_pos) -> kvo.Sizes:
-    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)
-    check_block_idx(block_idx, k, n_queries=q.shape[1])
-    check_int("block_size", block_size, 1)
-    if q_pos is not None:
-        check_q_pos(q_pos, *q.shape[:2])
-    return kvo.sizes(q, k, block_idx, block_size)
+    return kvo.check_attention(q, k, v, block_idx, block_size, q_pos, KERNEL_DTYPES)
 
 
 def sparse_attention_fwd(
