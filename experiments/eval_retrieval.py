@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     one_device = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     rows, configs, names, val_rows = [], {}, [], []
-    for run in map(pathlib.Path, args.runs):
+    labels = plots.run_labels(args.runs)
+    for run, name in zip(map(pathlib.Path, args.runs), labels):
         try:
             model, cfg, step = load_run(run, args.step, impl=args.impl)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
-        name = run.name
         names.append(name)
         is_msa = cfg.attention == "msa"
         msa_layers = [i for i in range(cfg.n_layers) if cfg.model_config().is_msa_layer(i)]

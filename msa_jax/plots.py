@@ -79,6 +79,22 @@ def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
 # ------------------------------------------------------------------------- comparing runs
 
 
+def run_labels(run_dirs) -> list[str]:
+    """One label per run directory for tables, legends and file names: its folder name, prefixed by
+    the parent folder's name where two runs share it (runs/a/dense, runs/b/dense -> a-dense,
+    b-dense), then numbered if still equal."""
+    paths = [pathlib.Path(r) for r in run_dirs]
+    names = [p.name for p in paths]
+    labels = [f"{p.resolve().parent.name}-{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    out: list[str] = []
+    for label in labels:
+        k, base = 2, label
+        while label in out:
+            label, k = f"{base}-{k}", k + 1
+        out.append(label)
+    return out
+
+
 def load_run_metrics(run_dir: str | pathlib.Path) -> dict:
     """{name, cfg, rows, summary, offset} of a run directory; offset = the dense step a converted
     (init_from) run started from, so that its curves line up with the dense run's."""
@@ -178,6 +194,8 @@ def plot_compare(runs: list[dict], path: pathlib.Path, title: str) -> bool:
 def compare_runs(run_dirs, out: str | pathlib.Path, title: str | None = None) -> dict:
     """Load runs, write compare.json (+ compare.png) under `out`; returns {table, markdown, plotted}."""
     runs = [load_run_metrics(r) for r in run_dirs]
+    for r, label in zip(runs, run_labels(run_dirs)):
+        r["name"] = label
     table = [summarize(r) for r in runs]
     md = markdown_table(table)
     out = pathlib.Path(out)

@@ -279,3 +279,12 @@ def test_answer_weight_flag_checks():
                          (("--task-mix", "0.5", "--answer-weight", "-1"), "answer_weight: expected a number >= 0")):
         with pytest.raises(SystemExit, match=f"invalid configuration: {match}"):
             parse(*flags)
+
+
+def test_run_labels_keep_runs_of_the_same_name_apart(tmp_path):
+    runs = [tmp_path / "a" / "dense", tmp_path / "b" / "dense", tmp_path / "b" / "msa", "dense"]
+    assert plots.run_labels(runs[2:3]) == ["msa"]
+    labels = plots.run_labels(runs)
+    assert labels[:3] == ["a-dense", "b-dense", "msa"]
+    assert len(set(labels)) == 4 and labels[3].endswith("dense")
+    assert plots.run_labels([runs[0], runs[0]]) == ["a-dense", "a-dense-2"]
