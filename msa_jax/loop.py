@@ -42,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from msa_jax import data, determinism, plots, sharding
+from msa_jax import data, determinism, plots, retrieval, sharding
 from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
 from msa_jax.config import RunConfig
 from msa_jax.model import DecoderLM, count_params
@@ -121,17 +121,49 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool) -> dict:
-    """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model)."""
+def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe=None) -> dict:
+    """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model).
+    probe: batches of retrieval rows (`retrieval_probe`): + the share of their answer bytes and of
+    whole answers predicted right (teacher-forced greedy), val_answer_bytes and val_answer_exact."""
     totals: dict[str, float] = {}
     for batch in eval_set:
         m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, with_recall=is_msa))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     out = {k: v / len(eval_set) for k, v in totals.items()}
-    return dict(sparse=sparse, val_loss=out["lm_loss"], val_bpb=out["lm_loss"] / LN2,
-                val_kl=out.get("kl") if is_msa else None, block_recall=out.get("block_recall"),
-                score_recall=out.get("score_recall"))
+    row = dict(sparse=sparse, val_loss=out["lm_loss"], val_bpb=out["lm_loss"] / LN2,
+               val_kl=out.get("kl") if is_msa else None, block_recall=out.get("block_recall"),
+               score_recall=out.get("score_recall"))
+    if probe:
+        counts: dict[str, float] = {}
+        for batch in probe:
+            rows = np.ones(batch.shape[0], bool)
+            m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, answer_rows=rows))
+            for k in ANSWER_COUNTS:
+                counts[k] = counts.get(k, 0.0) + float(m[k])
+        row.update(answer_rates(counts, "val_"))
+    return row
+
+
+ANSWER_COUNTS = ("answer_bytes", "answer_bytes_right", "answer_rows", "answer_rows_right")
+
+
+def answer_rates(counts: dict, prefix: str = "") -> dict:
+    """`train.answer_counts` (summed) -> {prefix + answer_bytes: share of answer bytes right, prefix +
+    answer_exact: share of answers all right} (None without retrieval rows)."""
+    def rate(a, b):
+        return counts[a] / counts[b] if counts.get(b) else None
+
+    return {f"{prefix}answer_bytes": rate("answer_bytes_right", "answer_bytes"),
+            f"{prefix}answer_exact": rate("answer_rows_right", "answer_rows")}
+
+
+def retrieval_probe(run: RunConfig, source, batch_size: int, n_batches: int) -> list[np.ndarray]:
+    """Fixed validation batches of retrieval rows for the training loop's evaluations (a run with a
+    task mix): `n_batches` x `batch_size` rows of the mixed tasks at the training length, haystacks
+    from `source` (the validation split), the answer at the end of each row as in training."""
+    rows = retrieval.training_rows(source, n_batches * batch_size, run.seq_len + 1, run.mix_tasks, rng=run.seed + 1)
+    return list(rows.reshape(n_batches, batch_size, run.seq_len + 1))
 
 
 def check_resume(saved: RunConfig, run: RunConfig) -> list[str]:
@@ -178,6 +210,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     corpus = data.load_corpus(run.max_bytes, sources=tuple(run.sources.split(",")))
     say(f"corpus: {corpus.summary()}")
     eval_set = data.eval_batches(corpus.val, tcfg.batch_size, tcfg.seq_len, run.eval_batches)
+    probe = retrieval_probe(run, corpus.val, tcfg.batch_size, run.eval_batches) if run.task_mix else None
 
     model = DecoderLM(mcfg, seed=run.seed)
     optimizer = make_optimizer(model, tcfg)
@@ -244,7 +277,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     def do_eval(step: int) -> dict:
         t0 = time.perf_counter()
         sparse = bool(is_msa and use_sparse(step - 1, mcfg.msa))  # the mode of the step just taken
-        row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse))
+        row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse, probe=probe))
         row["eval_s"] = time.perf_counter() - t0
         log.write([row])
         if run.plot and is_main:
@@ -282,6 +315,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             rows.append(dict(kind="train", step=step, loss=m["lm_loss"], kl=m["kl"], lr=float(schedule(step - 1)),
                              tokens_per_s=tps, sparse=sparse, grad_norm=m["grad_norm"],
                              index_grad_norm=m.get("index_grad_norm"), total_loss=m["loss"]))
+            if "answer_rows" in m:  # this batch's retrieval rows, scored as they were trained on
+                rows[-1].update(answer_rates(m))
         log.write(rows)
         last.update(rows[-1])
         pending.clear()
@@ -296,7 +331,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         while step < end and not stop.requested:
             sparse = bool(is_msa and use_sparse(step, mcfg.msa))
             batch = sharding.shard_batch(next(batches), mesh)
-            rows = sharding.shard_rows(batches.task_rows(batches.step - 1), mesh) if run.answer_weight != 1.0 else None
+            rows = sharding.shard_rows(batches.task_rows(batches.step - 1), mesh) if run.task_mix else None
             t0 = time.perf_counter()
             metrics = sharded_train_step(model, optimizer, batch, mesh=mesh, sparse=sparse,
                                          kl_weight=mcfg.msa.kl_weight, answer_rows=rows,

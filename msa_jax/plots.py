@@ -36,14 +36,17 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
-    """loss.png of one run: LM loss (bits/byte; train smoothed, val), and for MSA the KL and recall."""
+    """loss.png of one run: LM loss (bits/byte; train smoothed, val), for MSA the KL and recall, and with a
+    task mix the share of retrieval answers predicted right (training rows and the val probe)."""
     plt = pyplot()
     if plt is None:
         return False
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     has_msa = any(r.get("block_recall") is not None for r in evals)
-    fig, axes = plt.subplots(1, 3 if has_msa else 1, figsize=(15 if has_msa else 6, 4), squeeze=False)
+    has_answers = any(r.get("val_answer_bytes") is not None for r in evals)
+    n = 1 + 2 * has_msa + has_answers
+    fig, axes = plt.subplots(1, n, figsize=(5 * n if n > 1 else 6, 4), squeeze=False)
     ax = axes[0, 0]
     if train:
         steps = np.array([r["step"] for r in train])
@@ -66,6 +69,20 @@ def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
         ax.set(xlabel="step", ylim=(0, 1.02), title="selection recall (val)")
         ax.grid(alpha=0.3)
         ax.legend()
+    if has_answers:  # the retrieval rows of a task mix: training batches (smoothed) and the val probe
+        ax = axes[0, -1]
+        tr = [r for r in train if r.get("answer_bytes") is not None]
+        if tr:
+            acc = np.array([r["answer_bytes"] for r in tr])
+            w = max(1, min(20, acc.size // 10))
+            ax.plot([r["step"] for r in tr][w - 1:], _smooth(acc, w), lw=1, label="answer bytes right (train)")
+        ev = [r for r in evals if r.get("val_answer_bytes") is not None]
+        ax.plot([r["step"] for r in ev], [r["val_answer_bytes"] for r in ev], "o-", label="answer bytes right (val)")
+        ax.plot([r["step"] for r in ev], [r["val_answer_exact"] for r in ev], "s-", label="whole answer right (val)")
+        ax.set(xlabel="step", ylim=(0, 1.02), title="retrieval rows (teacher-forced)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if has_msa:
         switch = next((r["step"] for r in train if r.get("sparse")), None)
         for a in axes[0]:
             if switch is not None and switch > 1:

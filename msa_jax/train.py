@@ -102,8 +102,9 @@ def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_r
     tokens may also be a context-parallel batch (`msa_jax.context.shard_batch`: inputs, targets
     and positions, already in the zigzag layout and split over the sequence). A token array under
     a mesh with a `context` axis is laid out here instead. Either way: the same loss.
-    answer_rows (bool [B], the batch's retrieval rows) with answer_weight != 1: the LM loss is the
-    weighted mean with `answer_weights` (the answer bytes count answer_weight times)."""
+    answer_rows (bool [B], the batch's retrieval rows): the metrics add `answer_counts`, and with
+    answer_weight != 1 the LM loss is the weighted mean with `answer_weights` (the answer bytes count
+    answer_weight times)."""
     if isinstance(tokens, dict):
         inputs, targets, positions = tokens["inputs"], tokens["targets"], tokens["positions"]
     else:
@@ -112,15 +113,32 @@ def loss_fn(model: nnx.Module, tokens, *, sparse: bool, kl_weight: float, with_r
             positions, inputs, targets = context.layout(inputs, targets)
     logits, aux = model(inputs, positions=positions, sparse=sparse, with_recall=with_recall)
     weights = None
-    if answer_rows is not None and answer_weight != 1.0:
+    if answer_rows is not None:
         T = targets.shape[1]
-        weights = answer_weights(answer_rows, jnp.arange(T) if positions is None else positions, T, answer_weight)
+        positions_ = jnp.arange(T) if positions is None else positions
+        if answer_weight != 1.0:
+            weights = answer_weights(answer_rows, positions_, T, answer_weight)
     lm = lm_loss(logits, targets, weights)
     kl = aux["kl"]
     loss = lm + kl_weight * kl if kl_weight else lm
     metrics = {"loss": loss, "lm_loss": lm, "kl": kl}
     metrics.update({k: v for k, v in aux.items() if k != "kl"})
+    if answer_rows is not None:
+        metrics.update(answer_counts(logits, targets, answer_rows, positions_))
     return loss, metrics
+
+
+def answer_counts(logits: jax.Array, targets: jax.Array, answer_rows: jax.Array, positions: jax.Array) -> dict:
+    """Teacher-forced greedy scoring of the retrieval rows' answers (`retrieval.answer_targets`) as
+    float32 counts (they add over batches and shards): answer_bytes and answer_bytes_right; answer_rows
+    and answer_rows_right (every answer byte right)."""
+    lo, hi = retrieval.answer_targets(targets.shape[1])
+    mask = answer_rows[:, None] & ((positions >= lo) & (positions < hi))[None, :]
+    hit = jnp.argmax(logits, axis=-1) == targets
+    f32 = jnp.float32
+    return {"answer_bytes": mask.sum(dtype=f32), "answer_bytes_right": (hit & mask).sum(dtype=f32),
+            "answer_rows": answer_rows.sum(dtype=f32),
+            "answer_rows_right": (answer_rows & (hit | ~mask).all(axis=1)).sum(dtype=f32)}
 
 
 @nnx.jit(static_argnames=("sparse", "kl_weight", "answer_weight"))
@@ -155,9 +173,12 @@ def param_names(model: nnx.Module) -> list[str]:
 
 
 @nnx.jit(static_argnames=("sparse", "with_recall"))
-def eval_step(model: nnx.Module, tokens: jax.Array, *, sparse: bool, with_recall: bool = False):
-    """Metrics on `tokens` [B, T+1]: lm_loss, kl (+ block_recall, score_recall for an MSA model)."""
-    _, metrics = loss_fn(model, tokens, sparse=sparse, kl_weight=0.0, with_recall=with_recall)
+def eval_step(model: nnx.Module, tokens: jax.Array, *, sparse: bool, with_recall: bool = False,
+              answer_rows: jax.Array | None = None):
+    """Metrics on `tokens` [B, T+1]: lm_loss, kl (+ block_recall, score_recall for an MSA model; +
+    `answer_counts` of the retrieval rows `answer_rows` bool [B])."""
+    _, metrics = loss_fn(model, tokens, sparse=sparse, kl_weight=0.0, with_recall=with_recall,
+                         answer_rows=answer_rows)
     del metrics["loss"]
     return metrics
 
@@ -196,7 +217,10 @@ def _sharded_train_step(model, optimizer, tokens, answer_rows, *, mesh, sparse, 
     return metrics
 
 
-def sharded_eval_step(model, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, with_recall: bool = False):
+def sharded_eval_step(model, tokens, *, mesh: jax.sharding.Mesh, sparse: bool, with_recall: bool = False,
+                      answer_rows=None):
     """`train.eval_step` with the batch placed by `sharding.batch_sharding(mesh)` (GSPMD does the rest)."""
     with jax.set_mesh(mesh):
-        return eval_step(model, sharding.shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall)
+        rows = None if answer_rows is None else sharding.shard_rows(answer_rows, mesh)
+        return eval_step(model, sharding.shard_batch(tokens, mesh), sparse=sparse, with_recall=with_recall,
+                         answer_rows=rows)

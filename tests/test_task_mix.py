@@ -288,3 +288,43 @@ def test_run_labels_keep_runs_of_the_same_name_apart(tmp_path):
     assert labels[:3] == ["a-dense", "b-dense", "msa"]
     assert len(set(labels)) == 4 and labels[3].endswith("dense")
     assert plots.run_labels([runs[0], runs[0]]) == ["a-dense", "a-dense-2"]
+
+
+def test_answer_counts_score_the_retrieval_rows_like_answer_accuracy(corpus):
+    """train.answer_counts on a batch with retrieval rows equals retrieval.answer_accuracy on the same
+    rows (teacher-forced greedy over the answer bytes), and the loop's rates come from them."""
+    import jax
+    import jax.numpy as jnp
+
+    from msa_jax import loop, train
+    from msa_jax.model import DecoderLM
+
+    run = presets.run_config("tiny", attention="dense", seq_len=T, batch_size=4, task_mix=0.5)
+    model = DecoderLM(run.model_config(), seed=1)
+    it = data.BatchIterator(corpus.train, 4, T, seed=3, task_mix=0.5)
+    tokens = next(it)
+    rows = it.task_rows(0)
+    assert rows.any() and not rows.all()
+    lo, hi = retrieval.answer_targets(T)
+    mask = np.zeros(tokens.shape, bool)
+    mask[:, lo:hi] = True  # answer_accuracy's mask: logits[t] predicts tokens[t + 1] = targets[t]
+    m = train.loss_fn(model, jnp.asarray(tokens), sparse=False, kl_weight=0.0, answer_rows=jnp.asarray(rows))[1]
+    exact, byte_acc = retrieval.answer_accuracy(lambda t: model(jnp.asarray(t), sparse=False)[0], tokens[rows],
+                                                mask[rows])
+    assert float(m["answer_rows"]) == rows.sum() and float(m["answer_bytes"]) == rows.sum() * (hi - lo)
+    assert float(m["answer_rows_right"]) == exact.sum()
+    np.testing.assert_allclose(float(m["answer_bytes_right"]), (byte_acc * (hi - lo)).sum())
+    rates = loop.answer_rates({k: float(m[k]) for k in loop.ANSWER_COUNTS})
+    assert rates == {"answer_bytes": byte_acc.mean(), "answer_exact": exact.mean()}
+    # logits that put the target first everywhere: every answer right; one answer byte wrong in row r
+    targets = jnp.asarray(tokens[:, 1:])
+    logits = jax.nn.one_hot(targets, 256)
+    c = train.answer_counts(logits, targets, jnp.asarray(rows), jnp.arange(T))
+    assert float(c["answer_rows_right"]) == rows.sum() and float(c["answer_bytes_right"]) == rows.sum() * (hi - lo)
+    r = int(np.flatnonzero(rows)[0])
+    c = train.answer_counts(logits.at[r, lo + 2].set(0.0), targets, jnp.asarray(rows), jnp.arange(T))
+    assert float(c["answer_rows_right"]) == rows.sum() - 1
+    assert float(c["answer_bytes_right"]) == rows.sum() * (hi - lo) - 1
+    assert loop.answer_rates({k: 0.0 for k in loop.ANSWER_COUNTS}) == {"answer_bytes": None, "answer_exact": None}
+    probe = loop.retrieval_probe(run, corpus.val, 4, 2)
+    assert len(probe) == 2 and probe[0].shape == (4, T + 1) and all(is_task_row(r) for b in probe for r in b)
