@@ -261,6 +261,8 @@ def _flat(tree) -> dict[str, object]:
 
 def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *, step: int | None = None) -> list[str]:
     """Copy every non-index weight of a dense checkpoint into `msa_model` (CPT start, docs/algorithm.md §6.3).
+    The same works for any checkpoint into any model of the same sizes (a dense target has no index
+    branches): `--init-from` uses it for a next stage at another sequence length too.
 
     `directory` is a `Checkpointer` directory; `step` defaults to its latest step. The index branches
     of `msa_model` keep their current (fresh) values. Index weights found in the checkpoint (when it

@@ -191,8 +191,9 @@ class RunConfig:
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2"; None: data=<all devices>
     deterministic: bool = False  # deterministic GPU ops (msa_jax.determinism): bit-identical resume on a GPU
     stop_at: int | None = None  # stop (with a checkpoint) after this step
-    # dense -> MSA conversion (continued pre-training)
-    init_from: str | None = None  # a dense run directory (or its checkpoints/)
+    # start from another run's weights: dense -> MSA conversion (continued pre-training), or a new
+    # stage at another length (e.g. 2K -> 16K; dense or MSA), with a fresh optimizer
+    init_from: str | None = None  # a run directory (or its checkpoints/); its non-index weights are loaded
     init_step: int | None = None  # step of init_from to load (None: its latest)
     init_loaded_step: int | None = None  # filled in by the loop: the step actually loaded
 
@@ -209,8 +210,6 @@ class RunConfig:
         _require(self.attention in ATTENTION_KINDS, "attention", f"one of {ATTENTION_KINDS}", self.attention)
         if self.stop_at is not None:
             _non_negative_int("stop_at", self.stop_at)
-        _require(self.init_from is None or self.attention == "msa", "init_from",
-                 "None unless attention='msa' (it converts a dense checkpoint into an MSA model)", self.init_from)
         from msa_jax import data  # numpy only: the batches' own check of the task mix
 
         data.check_task_mix(self.task_mix, self.task_mix_tasks, self.seq_len)

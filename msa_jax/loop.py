@@ -12,8 +12,9 @@ Run directory:
 
 The MSA recipe (docs/algorithm.md §6): loss = LM + kl_weight * the index KL summed over MSA
 layers; `msa_warmup_steps` of dense attention with the KL over the full causal support, then top-k
-routing with the KL over the selected blocks; `init_from` starts an MSA model from a dense run's
-weights (fresh index projections: continued pre-training). Evaluations run in the mode in force at
+routing with the KL over the selected blocks; `init_from` starts a model from another run's
+weights (fresh optimizer and index projections): an MSA model from a dense run (continued
+pre-training), or either kind at a new sequence length (a length curriculum). Evaluations run in the mode in force at
 that step (dense during the warmup, sparse after; the row's `sparse` says which), and an MSA model
 also reports the recall of its index branch's selection in either mode.
 
@@ -245,7 +246,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
                 run = dataclasses.replace(run, init_loaded_step=dense_ckpt.resolve_step(run.init_step))
             sharding.shard_model(model, mesh)  # loading placed the weights on the default device
             say(f"initialised {len(loaded)} non-index weights from {src} step {run.init_loaded_step} "
-                "(index branches fresh)")
+                + ("(index branches fresh)" if is_msa else "(fresh optimizer)"))
         # haystacks of the mixed-in retrieval rows come from the training split too, never from val
         batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed,
                                      task_mix=run.task_mix, tasks=run.mix_tasks)

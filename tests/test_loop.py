@@ -254,14 +254,12 @@ def test_two_processes_give_the_single_process_losses(full, tmp_path):
     assert_rows_close(rows(run_dir), rows(full), rtol=2e-5)
 
 
-def test_init_from_dense_converts_then_warms_up(tmp_path):
+def test_init_from_dense_converts_then_warms_up_and_extends_the_length(tmp_path):
     from msa_jax import data
     from msa_jax.train import loss_fn
 
     dense_dir, cpt_dir = tmp_path / "dense", tmp_path / "cpt"
     train(dense_dir, attention="dense", steps=4)
-    with pytest.raises(ValueError, match="init_from"):
-        run_config("tiny", attention="dense", init_from=str(dense_dir))
     train(cpt_dir, steps=4, init_from=str(dense_dir))
     # Step 1 of the converted run (dense warmup, before its first update) sees the dense model's weights:
     # its LM loss equals the trained dense model's loss on batch 0.
@@ -275,6 +273,13 @@ def test_init_from_dense_converts_then_warms_up(tmp_path):
     assert first["kl"] > 0 and not first["sparse"]
     assert [r["sparse"] for r in rows(cpt_dir) if r["kind"] == "train"] == [False] * 3 + [True]
     assert json.loads((cpt_dir / "config.json").read_text())["init_loaded_step"] == 4
+    # A next stage at another length (a length curriculum), dense from dense: its first step sees the
+    # loaded weights too.
+    long_dir = tmp_path / "long"
+    train(long_dir, attention="dense", steps=1, seq_len=512, init_from=str(dense_dir))
+    batch = data.batch_at(corpus.train, cfg.batch_size, 512, seed=cfg.seed, step=0)
+    _, m = loss_fn(dense, jnp.asarray(batch), sparse=False, kl_weight=0.0)
+    np.testing.assert_allclose(rows(long_dir)[0]["loss"], float(m["lm_loss"]), rtol=1e-5)
 
 
 def test_resume_refuses_a_different_run(full, tmp_path):
