@@ -40,6 +40,8 @@ from jax.experimental.pallas import triton as plgpu
 from msa_jax.checks import (check_block_idx, check_floating, check_index, check_int, check_q_pos, check_qkv,
                             check_shape)
 from pallas import kv_outer as kvo
+from pallas import mgpu_index_kl as mk
+from pallas import mgpu_sparse_attention as mg
 from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
@@ -387,6 +389,56 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
     return (diq, kvo.ungroup(kl, B)), (dik,)
 
 
+def _chunk_fused_mgpu(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes,
+                      plan: kvo.Plan, Di_pad: int, interpret):
+    """`_chunk_bwd(..., value=True)` with the tile kernel on Mosaic GPU (`pallas.mgpu_index_kl`) -> d iq
+    float32 [B, Tc, H_kv, Di], (d ik [BH, n_blocks * bs, Di_pad], value [B, H_kv]): the value is the
+    chunk's sum_i w1_i kl_i (w1 = the weights), summed in the kernel. The per-position inputs it
+    streams (token positions, student lse, w1, w2, index queries; the teacher's rows' positions and
+    lse) are gathered here, its d iq^T tiles transposed back to rows."""
+    B, Tc, H_q, D = qc.shape
+    Di = iqc.shape[3]
+    G_pad, D_pad, BH, H_kv = sz.G_pad, sz.D_pad, sz.BH, sz.H_kv
+    bq, n_tiles, W = plan.block_q, plan.n_tiles, plan.tiles_per_unit
+    P = n_tiles * bq
+    pad = W * bq + mk.n_cols(bq)  # a unit's copies may read past the last position
+    tok = ix.tok
+    tk = jnp.maximum(tok, 0)
+
+    def per_pos(x, fill):  # per token [BH, Tc(, F)] -> per padded position [BH, P + pad(, F)]
+        idx = tk if x.ndim == 2 else tk[..., None]
+        v = jnp.take_along_axis(x, idx, axis=1)
+        v = jnp.where((tok >= 0) if x.ndim == 2 else (tok >= 0)[..., None], v, fill)
+        return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+    posg = jnp.repeat(posc, H_kv, axis=0)
+    scalars = [per_pos(posg, -1)] + [per_pos(kvo.rows(x, H_kv), 0.0) for x in (zlsec, w1c, w2c)]
+    iqp = per_pos(kvo.rows(iqc, H_kv, width=Di_pad).astype(jnp.bfloat16), 0.0)
+    lseg = kvo.rows(lsec, H_kv, G_pad, fill=jnp.inf)  # [BH, Tc * G_pad]; padded heads: P = 0
+    head = jnp.arange(G_pad, dtype=jnp.int32)
+    lse_rows = jnp.take_along_axis(lseg, (tk[..., None] * G_pad + head).reshape(BH, P * G_pad), axis=1)
+    row_pad = [(0, 0), (0, W * mk.ROWS)]
+    rpos = jnp.pad(mg.row_positions(tok, posc, H_kv=H_kv, G_pad=G_pad), row_pad, constant_values=-1)
+    lse_rows = jnp.pad(lse_rows, row_pad, constant_values=jnp.inf)
+    U = plan.n_units
+    tab = ix.unit_tab.reshape(BH, 3, U).transpose(0, 2, 1)
+    units = jnp.concatenate([tab, jnp.zeros((BH, U, 1), jnp.int32)], axis=2)
+    tok_p = jnp.pad(tok, [(0, 0), (0, pad)], constant_values=-1)
+    diqT, dik_part, vals = mk.fused_parts(
+        units, tok_p, *scalars, rpos, lse_rows, kvo.rows(qc, H_kv, G_pad, D_pad), iqp, kg, ikg,
+        block_size=sz.block_size, G_pad=G_pad, groups=sz.G, H_kv=H_kv, n_tiles=n_tiles, W=W, D_orig=D, Di_orig=Di,
+        interpret=interpret,
+    )
+    (dik,) = kvo.reduce_units(ix.ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size,
+                              interpret=plan.interpret)
+    diq_part = diqT[..., :bq].transpose(0, 1, 3, 2).reshape(BH, P, Di_pad)  # row = padded position
+    diq = kvo.sum_slots(diq_part, ix.inv, G_pad=1, interpret=plan.interpret)
+    diq = kvo.ungroup(diq[:, :, 0, :Di], B)
+    live = (jnp.arange(plan.n_units) < ix.ustart[:, -1:])[..., None]  # units with tiles (others: not written)
+    value = jnp.where(live, vals, 0.0).sum(axis=(1, 2)).reshape(B, H_kv)
+    return diq, (dik, value)
+
+
 def _prep(k, ik, block_idx, lse, pos, sz: kvo.Sizes, Di_pad: int):
     """Shared wrapper layouts: k, ik in the kernels' padded layout, cleaned ids, float32 lse."""
     kg = kvo.kv_layout(k, sz.T_kv_pad, sz.D_pad)
@@ -431,8 +483,8 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_siz
     return diq[:, : sz.T].astype(iq.dtype), acc[:, : sz.L, :Di].astype(ik.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "plan"))
-def _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, *, block_size: int, plan: kvo.Plan):
+@functools.partial(jax.jit, static_argnames=("block_size", "plan", "mosaic"))
+def _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, *, block_size: int, plan: kvo.Plan, mosaic=None):
     """value float32 [B, H_kv] = sum_i w[b, i] kl[b, i, r], with d iq float32 [B, T, H_kv, Di] and
     d ik float32 [B, H_kv, L, Di] (per group) of it: a student pass, then one teacher pass."""
     sz = kvo.sizes(q, k, block_idx, block_size)
@@ -447,11 +499,17 @@ def _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, *, block_size: int
     zlse = jnp.where(jnp.isfinite(zlse), zlse, 0.0)  # empty support: no tile reads it
     # dz = w (softmax(z) - Pbar): the teacher's mass S over the support taken as 1 (lse is its normaliser).
     w1 = jnp.broadcast_to(kvo.pad_time(w.astype(jnp.float32), T_pad)[:, :, None], zlse.shape)
-    chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad, value=True)
     xs = (posp, kvo.pad_time(q, T_pad), kvo.pad_time(lse, T_pad), iqp, zlse, w1, w1 * (1.0 / sz.G))
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
-    (diq, kl), (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)
-    value = _weighted_sum(kl[:, : sz.T], w)
+    if mosaic is None:
+        chunk = functools.partial(_chunk_bwd, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad, value=True)
+        (diq, kl), (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)
+        value = _weighted_sum(kl[:, : sz.T], w)
+    else:  # mosaic: the interpret argument of the Mosaic GPU kernel (False on a GPU)
+        chunk = functools.partial(_chunk_fused_mgpu, kg=kg, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad,
+                                  interpret=mosaic)
+        value0 = jnp.zeros((sz.B, sz.H_kv), jnp.float32)
+        diq, (dik, value) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros, value0), index)
     dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)[:, :, : sz.L, :Di]
     return value, diq[:, : sz.T], dik
 

@@ -1,0 +1,399 @@
+"""The fused KL teacher pass of `pallas.index_kl.index_kl_sum` on the Pallas Mosaic GPU backend
+(Hopper: TMA + wgmma), next to its Triton kernel (`index_kl._bwd_kernel` with value=True).
+
+    parts = fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg, ...)
+
+Same units as the Triton kernel (`kv_outer.units`: a program takes up to W tiles of one block c, all
+sorted by block), same math per tile (docs/algorithm.md §6.1): the teacher's P = exp(q k^T * scale -
+lse) per (token, head) row, its per-token head sum, the student's logits z, dz = w1 softmax(z) - w2
+sum_h P_h, the value's partial sums, d iq = dz ik and d ik += dz^T iq. Only the layout of the
+matmuls differs, to fit wgmma (64-row tiles) when a tile holds few tokens (BQ = 128 // G_pad, 8 for
+the paper's G = 16):
+
+* the teacher: as the forward (`pallas.mgpu_sparse_attention`), consumer warpgroup w of two takes
+  rows [64 w, 64 w + 64) of the tile's M = 128 = BQ x G_pad rows: S = Q K_c^T, P in float32, written
+  to SMEM as two bfloat16 terms (hi + lo, as the Triton kernel's head sum) for the other consumer;
+* the student, transposed (keys as rows, tokens as columns, N = max(BQ, 16) of them): consumer w
+  takes the block's keys [64 w, 64 w + 64): sum_h P^T = P^T Sel^T (Sel: token r <- rows r G_pad ..
+  r G_pad + G_pad - 1, a constant 0/1 tile), z^T = ik_w iq^T, dz^T; d ik_w += dz^T iq accumulates in
+  registers over the unit's tiles; the value's partial sums per token are column sums (each consumer
+  writes its own half; the wrapper adds them);
+* d iq^T = ik^T dz^T over all the block's keys (dz^T of both consumers through SMEM), consumer w
+  taking index dims [64 w, 64 w + 64) (Di = 64: consumer 0 alone); written per tile as [Di, BQ] and
+  transposed by the wrapper.
+
+Two consumer barriers per tile order the SMEM exchanges (P written -> read; dz^T written -> read);
+each also guarantees that the other consumer finished reading the previous tile's buffers. A
+producer warpgroup streams each tile's q slabs (one TMA copy per token, as the forward) and index
+queries (one copy of the tile's N rows of the per-position copy `iqp`) through rings of SMEM slots.
+
+Limits (`check_supported`): bfloat16; G_pad 8, 16 or 32 (a token's slab is >= 8 rows of the
+swizzled q tile; BQ >= 4 for 16-byte copies of per-position values); block_size 64, 128 or 256; D
+and Di padded to 64 or 128.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas.common import LOG2E
+
+__all__ = ["fused_parts", "check_supported", "supported", "smem_bytes", "N_CONSUMERS"]
+
+ROWS = 128  # teacher rows per tile (BQ * G_pad)
+WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M)
+N_CONSUMERS = 2
+SMEM_LIMIT = 227 * 1024
+SMEM_RESERVE = 4096
+TMA_MAX = 256  # elements per dimension of one TMA copy
+
+
+def _tf(cols: int, itemsize: int = 2):
+    """Tiling + swizzle transforms of an SMEM tile with rows of `cols` elements (wgmma operands)."""
+    sw = min(128, cols * itemsize)
+    return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
+
+
+def n_cols(bq: int) -> int:
+    """N: token columns of the student's tiles (a wgmma K for d ik: a multiple of 16)."""
+    return max(bq, 16)
+
+
+def smem_bytes(G_pad: int, D: int, Di: int, block_size: int, W: int, q_slots: int, iq_slots: int,
+               regs_a: bool = True) -> int:
+    """Shared memory of one CTA (buffers only)."""
+    bq = ROWS // G_pad
+    N = n_cols(bq)
+    unit = 16 + 5 * (W * bq + N) * 4 + 2 * W * ROWS * 4  # unit row, tok + 4 per-position, rpos + lse
+    q = q_slots * ROWS * D * 2
+    kv = block_size * (D + Di) * 2
+    p = 2 * ROWS * block_size * 2  # hi, lo; also the d ik staging after the loop (union)
+    dik_stage = N_CONSUMERS * WG_ROWS * Di * 4
+    rest = ROWS * N * 2 + iq_slots * N * Di * 2 + block_size * N * 2  # Sel^T, iq ring, dz^T
+    out = N_CONSUMERS * WG_ROWS * (N * 2 + 4)
+    staging = 0 if regs_a else N_CONSUMERS * WG_ROWS * N * 2
+    return unit + q + kv + max(p, dik_stage) + rest + out + staging
+
+
+def default_q_slots(G_pad: int, D: int, Di: int, block_size: int, W: int, regs_a: bool = True) -> int:
+    fits = smem_bytes(G_pad, D, Di, block_size, W, 2, 2, regs_a) + SMEM_RESERVE <= SMEM_LIMIT
+    return 2 if fits else 1
+
+
+def _kernel(
+    units_ref,  # GMEM [BH, U, 4] int32: (block, first tile, tile count, 0) per unit
+    tok_ref,  # GMEM [BH, P + W*BQ + N] int32: chunk-local token per padded position (-1 padding)
+    tpos_ref, zlse_ref, w1_ref, w2_ref,  # GMEM [BH, P + W*BQ + N] per position: position (-1), student lse
+    # (0 for an empty support), w1, w2
+    rpos_ref, lse_ref,  # GMEM [BH, (n_tiles + W) * 128]: per tile row its query position (-1) / teacher lse
+    q_ref,  # GMEM [BH, Tc * G_pad, D] bf16
+    iqp_ref,  # GMEM [BH, P + W*BQ + N, Di] bf16: the index query of every padded position
+    k_ref,  # GMEM [BH, T_kv_pad, D] bf16
+    ik_ref,  # GMEM [B, T_kv_pad, Di] bf16 (shared by the groups)
+    diq_ref,  # GMEM [BH, n_tiles, Di, N] bf16: d iq^T per tile (columns >= BQ: not read)
+    dik_ref,  # GMEM [BH, U, block_size, Di] f32: the unit's d ik
+    val_ref,  # GMEM [BH, U, block_size] f32: per key of the unit, sum over its tokens of w1 * kl terms
+    unit_smem, tok_smem, tpos_smem, zlse_smem, w1_smem, w2_smem, rpos_smem, lse_smem,
+    q_smem, iq_smem, k_smem, ik_smem, sel_smem, p_union, dzt_smem, diq_stage, val_stage, a_stage,
+    meta_bar, unit_bar, kv_bar, q_bar, q_free, iq_bar, iq_free, p_bar, dz_bar,
+    *, scale: float, scale_idx: float, block_size: int, heads: int, groups: int, W: int, q_slots: int,
+    iq_slots: int, H_kv: int, regs_a: bool,
+):
+    bq = ROWS // heads
+    N = n_cols(bq)
+    u = lax.axis_index("u")
+    bh = lax.axis_index("bh")
+    wg = lax.axis_index("wg")
+    i32, f32, bf16 = jnp.int32, jnp.float32, jnp.bfloat16
+    n_dh = ik_smem.shape[0]  # 64-wide halves of the index dims (1 or 2)
+    Di = n_dh * WG_ROWS
+    (p_hi, p_lo), dik_stage = p_union  # (a RefUnion iterates over its groups)
+
+    def slot(n, slots):
+        return lax.rem(n, i32(slots))
+
+    def copy_rows(src, start, dst, count, bar):
+        """TMA copies of `count` consecutive elements src[bh, start:] -> dst[:count], <= 256 per copy."""
+        for a in range(0, count, TMA_MAX):
+            size = min(TMA_MAX, count - a)
+            plgpu.copy_gmem_to_smem(src.at[bh, pl.ds(start + a, size)], dst.at[pl.ds(a, size)], bar)
+
+    @pl.when(wg == N_CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(units_ref.at[bh, u], unit_smem, meta_bar)
+        plgpu.barrier_wait(meta_bar)
+        c, t0, n = unit_smem[0], unit_smem[1], unit_smem[2]
+
+        @pl.when(n > 0)
+        def _():
+            per_pos = W * bq + N
+            for src, dst in ((tok_ref, tok_smem), (tpos_ref, tpos_smem), (zlse_ref, zlse_smem), (w1_ref, w1_smem),
+                             (w2_ref, w2_smem)):
+                copy_rows(src, t0 * bq, dst, per_pos, unit_bar)
+            for src, dst in ((rpos_ref, rpos_smem), (lse_ref, lse_smem)):
+                copy_rows(src, t0 * ROWS, dst, W * ROWS, unit_bar)
+            rows = pl.ds(c * block_size, block_size)
+            plgpu.copy_gmem_to_smem(k_ref.at[bh, rows], k_smem, kv_bar)
+            for d in range(n_dh):  # ik in 64-wide column halves (wgmma takes whole SMEM tiles)
+                plgpu.copy_gmem_to_smem(ik_ref.at[bh // H_kv, rows, pl.ds(d * WG_ROWS, WG_ROWS)], ik_smem.at[d],
+                                        kv_bar)
+            plgpu.barrier_wait(unit_bar)  # the token ids, for the gathers below
+
+            @pl.loop(0, n)
+            def _(j):
+                qs, js = slot(j, q_slots), slot(j, iq_slots)
+
+                @pl.when(j >= q_slots)
+                def _():
+                    plgpu.barrier_wait(q_free.at[qs])
+
+                for b in range(bq):  # the gather: one TMA copy per token slab (padding: token 0's, masked)
+                    tk = jnp.maximum(tok_smem[j * bq + b], 0)
+                    w, r0 = divmod(b * heads, WG_ROWS)
+                    plgpu.copy_gmem_to_smem(q_ref.at[bh, pl.ds(tk * heads, heads)], q_smem.at[qs, w, pl.ds(r0, heads)],
+                                            q_bar.at[qs])
+
+                @pl.when(j >= iq_slots)
+                def _():
+                    plgpu.barrier_wait(iq_free.at[js])
+
+                for d in range(n_dh):
+                    plgpu.copy_gmem_to_smem(iqp_ref.at[bh, pl.ds((t0 + j) * bq, N), pl.ds(d * WG_ROWS, WG_ROWS)],
+                                            iq_smem.at[js, d], iq_bar.at[js])
+
+            # Observe the consumers' last releases (the interpreter frees barriers only then).
+            @pl.loop(jnp.maximum(n - q_slots, 0), n)
+            def _(j):
+                plgpu.barrier_wait(q_free.at[slot(j, q_slots)])
+
+            @pl.loop(jnp.maximum(n - iq_slots, 0), n)
+            def _(j):
+                plgpu.barrier_wait(iq_free.at[slot(j, iq_slots)])
+
+    def _consumer(w: int):  # consumer warpgroup w (static: every SMEM slice below is static)
+        plgpu.set_max_registers(232, action="increase")
+        layout = plgpu.Layout.WGMMA
+        row_layout = layout.reduce(1)  # one value per row
+        col_layout = layout.reduce(0)  # one value per column
+        plgpu.barrier_wait(meta_bar)
+        c, t0, n = unit_smem[0], unit_smem[1], unit_smem[2]
+        half = pl.ds(w * WG_ROWS, WG_ROWS)  # this consumer's teacher rows / keys / index dims
+
+        def a_operand(x):
+            """A wgmma A operand in registers: itself, or staged through SMEM for the interpreter."""
+            if regs_a:
+                return x
+            a_stage.at[w][...] = x
+            plgpu.commit_smem()
+            return a_stage.at[w]
+
+        def mm(a, b, shape, a2=None, b2=None):
+            def f(acc):
+                plgpu.wgmma(acc, a, b)
+                if a2 is not None:
+                    plgpu.wgmma(acc, a2, b2)
+                return acc[...]
+
+            return pl.run_scoped(f, plgpu.ACC(shape, f32))
+
+        @pl.when(n > 0)
+        def _():
+            # Sel^T [128 rows, N]: row m belongs to token m // G_pad (this consumer's 64 rows).
+            m = w * WG_ROWS + plgpu.broadcasted_iota(i32, (WG_ROWS, N), 0, layout=layout)
+            r = plgpu.broadcasted_iota(i32, (WG_ROWS, N), 1, layout=layout)
+            sel_smem.at[half][...] = (m // heads == r).astype(bf16)
+            plgpu.commit_smem()  # visible to wgmma; the first P barrier orders it for the other consumer
+            plgpu.barrier_wait(unit_bar)
+            plgpu.barrier_wait(kv_bar)
+            key_rows = c * block_size + w * WG_ROWS + plgpu.broadcasted_iota(i32, (WG_ROWS, N), 0, layout=layout)
+            col = plgpu.broadcasted_iota(i32, (WG_ROWS, N), 1, layout=layout)
+            kpos = c * block_size + plgpu.broadcasted_iota(i32, (WG_ROWS, WG_ROWS), 1, layout=layout)
+
+            def tile(j, dik, val):
+                qs, js = slot(j, q_slots), slot(j, iq_slots)
+                t = t0 + j
+                plgpu.barrier_wait(q_bar.at[qs])
+                # S in two 64-key halves (P goes to SMEM per key half: the other consumer's operand)
+                s = [mm(q_smem.at[qs, w], k_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)].transpose((1, 0)),
+                        (WG_ROWS, WG_ROWS)) for h in range(2)]
+                plgpu.commit_smem()  # (as the forward: order the slot's reads before the producer's refill)
+                plgpu.barrier_arrive(q_free.at[qs])
+                row0 = j * ROWS + w * WG_ROWS
+                row_pos = plgpu.load(rpos_smem.at[pl.ds(row0, WG_ROWS)], layout=row_layout)
+                lse = plgpu.load(lse_smem.at[pl.ds(row0, WG_ROWS)], layout=row_layout)
+                for h in range(2):
+                    mask = (kpos + h * WG_ROWS) <= lax.broadcast_in_dim(row_pos, (WG_ROWS, WG_ROWS), [0])
+                    p = jnp.where(mask, jnp.exp2(s[h] * (scale * LOG2E)
+                                                 - lax.broadcast_in_dim(lse * LOG2E, (WG_ROWS, WG_ROWS), [0])), 0.0)
+                    hi = p.astype(bf16)
+                    p_hi.at[h, half][...] = hi
+                    p_lo.at[h, half][...] = (p - hi.astype(f32)).astype(bf16)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(p_bar)
+                plgpu.barrier_wait(p_bar)  # both halves of P are in SMEM
+
+                # sum_h P^T = P^T Sel^T [64 keys, N tokens], the hi + lo terms
+                psum = mm(p_hi.at[w].transpose((1, 0)), sel_smem, (WG_ROWS, N),
+                          p_lo.at[w].transpose((1, 0)), sel_smem)
+                plgpu.barrier_wait(iq_bar.at[js])
+                def z_fn(acc):  # z^T = ik_w iq^T, over the index dims' halves
+                    for d in range(n_dh):
+                        plgpu.wgmma(acc, ik_smem.at[d, half], iq_smem.at[js, d].transpose((1, 0)))
+                    return acc[...]
+
+                z = pl.run_scoped(z_fn, plgpu.ACC((WG_ROWS, N), f32)) * scale_idx
+
+                def col_vec(ref):
+                    v = plgpu.load(ref.at[pl.ds(j * bq, N)], layout=col_layout)
+                    return lax.broadcast_in_dim(v, (WG_ROWS, N), [1])
+
+                zmask = (col < bq) & (key_rows <= col_vec(tpos_smem))
+                zlse = col_vec(zlse_smem)
+                qz = jnp.exp(z - zlse)
+                dz = jnp.where(zmask, col_vec(w1_smem) * qz - col_vec(w2_smem) * psum, 0.0)
+                # The value's terms, weighted per token and summed over the tokens (one per key): the
+                # sum over the unit's keys and tiles is this (b, group)'s share of sum_i w_i kl_i.
+                pbar = psum * (1.0 / groups)
+                pos = pbar > 0.0
+                kl = (jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0)
+                      - pbar * jnp.where(zmask, z, 0.0) + zlse * pbar)
+                val = val + jnp.sum(col_vec(w1_smem) * kl, axis=1)
+                dz = dz.astype(bf16)
+                dz_a = a_operand(dz)
+                for d in range(n_dh):  # d ik_w += dz^T iq (accumulates over the unit's tiles)
+                    plgpu.wgmma(dik[d], dz_a, iq_smem.at[js, d])
+                dzt_smem.at[half][...] = dz
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(dz_bar)
+                plgpu.barrier_wait(dz_bar)  # both halves of dz^T are in SMEM
+                plgpu.wgmma_wait(0)  # the d ik wgmma has read iq: the slot may be refilled
+                plgpu.barrier_arrive(iq_free.at[js])
+
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores left SMEM
+                # d iq^T [64 dims, N] = ik[:, dims]^T dz^T over the block's keys (Di = 64: consumer 0)
+                if w * WG_ROWS < Di:
+                    diq = mm(ik_smem.at[w].transpose((1, 0)), dzt_smem, (WG_ROWS, N))
+                    diq_stage.at[w][...] = (diq * scale_idx).astype(bf16)
+                plgpu.commit_smem()
+                if w * WG_ROWS < Di:
+                    plgpu.copy_smem_to_gmem(diq_stage.at[w], diq_ref.at[bh, t, half])
+                return val
+
+            def run(*dik):
+                zero = plgpu.layout_cast(jnp.zeros((WG_ROWS,), f32), row_layout)
+                val = lax.fori_loop(0, n, lambda j, v: tile(j, dik, v), zero)
+                plgpu.wgmma_wait(0)
+                return [x[...] for x in dik], val
+
+            dik, val = pl.run_scoped(run, *[plgpu.ACC((WG_ROWS, WG_ROWS), f32) for _ in range(n_dh)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for d in range(n_dh):  # (the P buffers' memory: no tile reads them any more)
+                dik_stage.at[w, d][...] = dik[d] * scale_idx
+            val_stage.at[w][...] = val
+            plgpu.commit_smem()
+            for d in range(n_dh):
+                plgpu.copy_smem_to_gmem(dik_stage.at[w, d], dik_ref.at[bh, u, half, pl.ds(d * WG_ROWS, WG_ROWS)])
+            plgpu.copy_smem_to_gmem(val_stage.at[w], val_ref.at[bh, u, half])
+            plgpu.wait_smem_to_gmem(0)
+
+    for w in range(N_CONSUMERS):
+        pl.when(wg == w)(functools.partial(_consumer, w))
+
+
+def check_supported(G_pad: int, D_pad: int, Di_pad: int, block_size: int, dtype) -> None:
+    """The Mosaic GPU KL kernel's limits (ValueError otherwise)."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"the Mosaic GPU KL pass takes bfloat16 inputs, got {jnp.dtype(dtype).name}")
+    if G_pad not in (8, 16, 32):
+        raise ValueError(f"G_pad must be 8, 16 or 32 for the Mosaic GPU KL pass, got {G_pad}")
+    if block_size not in (64, 128, 256):
+        raise ValueError(f"block_size must be 64, 128 or 256 for the Mosaic GPU KL pass, got {block_size}")
+    if block_size != 2 * WG_ROWS:
+        raise ValueError(f"block_size must be {2 * WG_ROWS} (one key half per consumer), got {block_size}")
+    for name, d in (("D", D_pad), ("D_idx", Di_pad)):
+        if d not in (64, 128):
+            raise ValueError(f"{name} padded to {d}: the Mosaic GPU KL pass takes 64 or 128")
+
+
+def supported(G_pad: int, D_pad: int, Di_pad: int, block_size: int, dtype) -> bool:
+    try:
+        check_supported(G_pad, D_pad, Di_pad, block_size, dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg, *, block_size: int, G_pad: int,
+                groups: int, H_kv: int, n_tiles: int, W: int, D_orig: int, Di_orig: int, q_slots: int | None = None,
+                regs_a: bool | None = None, interpret=False):
+    """The Mosaic GPU tile kernel on one query chunk (layouts: `_kernel`'s arguments) -> (d iq^T
+    bf16 [BH, n_tiles, Di, N] (columns >= BQ unused), d ik f32 [BH, U, block_size, Di], value terms f32 [BH, U, block_size]:
+    per unit and key, the sum over the unit's tokens of w1 * (their KL terms at that key); the sum
+    over units and keys is sum_i w1_i kl_i of the row). interpret: False (a GPU), True or a `plgpu.InterpretGPUParams`."""
+    BH, U, _ = units.shape
+    D, Di = qg.shape[-1], iqp.shape[-1]
+    bq = ROWS // G_pad
+    N = n_cols(bq)
+    if regs_a is None:
+        regs_a = not interpret
+    if q_slots is None:
+        q_slots = default_q_slots(G_pad, D, Di, block_size, W, regs_a)
+    iq_slots = 2
+    tf = _tf
+    unit_n = W * bq + N
+    p_tile = plgpu.SMEM((2, ROWS, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS))  # [key half, row, key]
+    scratch = [
+        plgpu.SMEM((4,), jnp.int32),  # unit_smem
+        *(plgpu.SMEM((unit_n,), dt) for dt in (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)),
+        plgpu.SMEM((W * ROWS,), jnp.int32),  # rpos_smem
+        plgpu.SMEM((W * ROWS,), jnp.float32),  # lse_smem
+        plgpu.SMEM((q_slots, N_CONSUMERS, WG_ROWS, D), jnp.bfloat16, transforms=tf(D)),  # q_smem
+        plgpu.SMEM((iq_slots, Di // WG_ROWS, N, WG_ROWS), jnp.bfloat16, transforms=tf(16)),  # iq_smem
+        plgpu.SMEM((block_size, D), jnp.bfloat16, transforms=tf(D)),  # k_smem
+        plgpu.SMEM((Di // WG_ROWS, block_size, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS)),  # ik_smem
+        plgpu.SMEM((ROWS, N), jnp.bfloat16, transforms=tf(16)),  # sel_smem (Sel^T)
+        plgpu.RefUnion((p_tile, p_tile), plgpu.SMEM((N_CONSUMERS, Di // WG_ROWS, WG_ROWS, WG_ROWS), jnp.float32)),  # P | d ik
+        plgpu.SMEM((block_size, N), jnp.bfloat16, transforms=tf(16)),  # dzt_smem
+        plgpu.SMEM((N_CONSUMERS, WG_ROWS, N), jnp.bfloat16),  # diq_stage
+        plgpu.SMEM((N_CONSUMERS, WG_ROWS), jnp.float32),  # val_stage
+        (plgpu.SMEM((N_CONSUMERS, WG_ROWS, N), jnp.bfloat16, transforms=tf(16)) if not regs_a
+         else plgpu.SMEM((1,), jnp.int32)),  # a_stage (dz^T for wgmma, interpreted)
+        plgpu.Barrier(),  # meta_bar
+        plgpu.Barrier(num_arrivals=5 * -(-unit_n // TMA_MAX) + 2 * -(-(W * ROWS) // TMA_MAX)),  # unit_bar
+        plgpu.Barrier(num_arrivals=1 + Di // WG_ROWS),  # kv_bar: K_c, ik_c halves
+        plgpu.Barrier(num_arrivals=bq, num_barriers=q_slots),  # q_bar
+        plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=q_slots),  # q_free
+        plgpu.Barrier(num_arrivals=Di // WG_ROWS, num_barriers=iq_slots),  # iq_bar
+        plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=iq_slots),  # iq_free
+        plgpu.Barrier(num_arrivals=N_CONSUMERS),  # p_bar
+        plgpu.Barrier(num_arrivals=N_CONSUMERS),  # dz_bar
+    ]
+    kernel = functools.partial(
+        _kernel, scale=D_orig**-0.5, scale_idx=Di_orig**-0.5, block_size=block_size, heads=G_pad, groups=groups, W=W,
+        q_slots=q_slots, iq_slots=iq_slots, H_kv=H_kv, regs_a=regs_a,
+    )
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    call = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((BH, n_tiles, Di, N), jnp.bfloat16),
+            jax.ShapeDtypeStruct((BH, U, block_size, Di), jnp.float32),
+            jax.ShapeDtypeStruct((BH, U, block_size), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(U, BH),
+        grid_names=("u", "bh"),
+        num_threads=N_CONSUMERS + 1,
+        thread_name="wg",
+        interpret=interpret or None,
+        kernel_name=f"msa_mgpu_index_kl_g{G_pad}_bs{block_size}_w{W}",
+    )
+    return call(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg)
