@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
 from jax.experimental.pallas import triton as plgpu
 
 from msa_jax.checks import (check_block_idx, check_floating, check_index, check_int, check_q_pos, check_qkv,
@@ -42,7 +43,7 @@ from msa_jax.checks import (check_block_idx, check_floating, check_index, check_
 from pallas import kv_outer as kvo
 from pallas import mgpu_index_kl as mk
 from pallas import mgpu_sparse_attention as mg
-from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, pad_dim
+from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, interpret_mode, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
 __all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "teacher_lse"]
@@ -431,7 +432,7 @@ def _chunk_fused_mgpu(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, 
     )
     (dik,) = kvo.reduce_units(ix.ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size,
                               interpret=plan.interpret)
-    diq_part = diqT[..., :bq].transpose(0, 1, 3, 2).reshape(BH, P, Di_pad)  # row = padded position
+    diq_part = diqT  # a row per padded position
     diq = kvo.sum_slots(diq_part, ix.inv, G_pad=1, interpret=plan.interpret)
     diq = kvo.ungroup(diq[:, :, 0, :Di], B)
     live = (jnp.arange(plan.n_units) < ix.ustart[:, -1:])[..., None]  # units with tiles (others: not written)
@@ -650,21 +651,22 @@ def index_kl(
     return _index_kl(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _index_kl_sum(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _index_kl_sum(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret, mosaic):
     # Without a gradient: the forward kernel alone (one teacher pass, no d iq / d ik).
     plan = _plan("kl_fwd", config, kvo.sizes(q, k, block_idx, block_size), q, iq, interpret)
     kl, _ = _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, block_size=block_size, plan=plan)
     return _weighted_sum(kl, w)
 
 
-def _sum_vjp_fwd(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret):
+def _sum_vjp_fwd(q, k, iq, ik, block_idx, lse, pos, w, block_size, config, interpret, mosaic):
     plan = _plan("kl_bwd", config, kvo.sizes(q, k, block_idx, block_size), q, iq, interpret)
-    value, diq, dik = _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, block_size=block_size, plan=plan)
+    value, diq, dik = _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, block_size=block_size, plan=plan,
+                                          mosaic=mosaic)
     return value, (diq, dik, jnp.zeros((0,), iq.dtype), jnp.zeros((0,), ik.dtype))
 
 
-def _sum_vjp_bwd(block_size, config, interpret, saved, c):
+def _sum_vjp_bwd(block_size, config, interpret, mosaic, saved, c):
     diq, dik, iq_dtype, ik_dtype = saved
     c = c.astype(jnp.float32)  # [B, H_kv]: one cotangent per (batch row, group)
     d_iq = (diq * c[:, None, :, None]).astype(iq_dtype.dtype)
@@ -692,6 +694,7 @@ def index_kl_sum(
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
     interpret: bool | None = None,
+    kl_kernel: str = "triton",
 ) -> jax.Array:
     """float32 [B, H_kv]: sum_i weights[b, i] * kl[b, i, r] (kl as `index_kl`; weights float [B, T],
     e.g. 1 / (T * H_kv) for L_KL), differentiable in iq and ik for fewer passes than `index_kl`.
@@ -704,14 +707,43 @@ def index_kl_sum(
     the cotangent in the backward. The gradient takes the teacher's mass over the support S as 1
     (exact when lse is the main branch's LSE over this support, as it must be; `index_kl` keeps S,
     which is 1 to float rounding there). Without differentiation it runs `index_kl`'s forward kernel.
-    Options: see `index_kl`.
+    Options: see `index_kl`; kl_kernel: the teacher pass's tile kernel, "triton" (default), "mosaic"
+    (`pallas.mgpu_index_kl`: bfloat16, G_pad 8 or 16, block_size 128, D and D_idx 64 or 128; block_q
+    is then 128 // G_pad; interpreted on a CPU) or "auto" (Mosaic GPU when compiled for an sm_90
+    GPU and supported). The Mosaic GPU pass matches the Triton one in the interpreter and lowers for
+    sm_90, but has not yet run on a GPU: "triton" stays the default until it has.
     """
     sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     check_shape("weights", weights, (sz.B, sz.T), f"[B={sz.B}, T={sz.T}]")
     check_floating("weights", weights)
+    mosaic = _mosaic_kl(kl_kernel, sz, q, k, iq, ik, block_q, interpret)
+    if mosaic is not None:
+        block_q = ROWS_MGPU // sz.G_pad
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
     return _index_kl_sum(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), weights, block_size,
-                         config, interpret)
+                         config, interpret, mosaic)
+
+
+ROWS_MGPU = mk.ROWS
+
+
+def _mosaic_kl(kl_kernel: str, sz: kvo.Sizes, q, k, iq, ik, block_q, interpret):
+    """None (the Triton teacher pass) or the Mosaic GPU kernel's interpret argument (False: compiled)."""
+    if kl_kernel not in ("triton", "mosaic", "auto"):
+        raise ValueError(f"kl_kernel: expected 'triton', 'mosaic' or 'auto', got {kl_kernel!r}")
+    if kl_kernel == "triton":
+        return None
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k, iq, ik)}
+    dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
+    args = (sz.G_pad, sz.D_pad, pad_dim(iq.shape[3]), sz.block_size, dtype)
+    interp = interpret_mode(interpret)
+    if kl_kernel == "auto":
+        ok = mg.on_hopper() and not interp and block_q is None and mk.supported(*args)
+        return False if ok else None
+    mk.check_supported(*args)
+    if block_q is not None and block_q != ROWS_MGPU // sz.G_pad:
+        raise ValueError(f"block_q: the Mosaic GPU KL pass takes {ROWS_MGPU // sz.G_pad} (128 // G_pad), got {block_q}")
+    return plgpu_mosaic.InterpretGPUParams() if interp else False
 
 
 def teacher_lse(

@@ -61,29 +61,31 @@ def _tf(cols: int, itemsize: int = 2):
 
 
 def n_cols(bq: int) -> int:
-    """N: token columns of the student's tiles (a wgmma K for d ik: a multiple of 16)."""
-    return max(bq, 16)
+    """Token rows of the student's tiles (one wgmma M; rows >= BQ are padding)."""
+    return WG_ROWS
 
 
 def smem_bytes(G_pad: int, D: int, Di: int, block_size: int, W: int, q_slots: int, iq_slots: int,
                regs_a: bool = True) -> int:
     """Shared memory of one CTA (buffers only)."""
     bq = ROWS // G_pad
-    N = n_cols(bq)
-    unit = 16 + 5 * (W * bq + N) * 4 + 2 * W * ROWS * 4  # unit row, tok + 4 per-position, rpos + lse
-    q = q_slots * ROWS * D * 2
+    tile = WG_ROWS * WG_ROWS * 2  # one [64, 64] bf16 tile
+    unit = 16 + 5 * (W * bq + WG_ROWS) * 4  # unit row, 5 per-position arrays
+    q = q_slots * ROWS * (D * 2 + 8)  # q tile, rows' positions and lse
     kv = block_size * (D + Di) * 2
-    p = 2 * ROWS * block_size * 2  # hi, lo; also the d ik staging after the loop (union)
-    dik_stage = N_CONSUMERS * WG_ROWS * Di * 4
-    rest = ROWS * N * 2 + iq_slots * N * Di * 2 + block_size * N * 2  # Sel^T, iq ring, dz^T
-    out = N_CONSUMERS * WG_ROWS * (N * 2 + 4)
-    staging = 0 if regs_a else N_CONSUMERS * WG_ROWS * N * 2
-    return unit + q + kv + max(p, dik_stage) + rest + out + staging
+    p = max(2 * N_CONSUMERS * 2 * tile, N_CONSUMERS * Di * WG_ROWS * 4)  # P hi, lo | d ik staging
+    iq = iq_slots * (Di // WG_ROWS) * tile
+    rest = N_CONSUMERS * tile + N_CONSUMERS * WG_ROWS * 4  # dz, value staging (d iq: staged in P)
+    sel = 0 if regs_a else N_CONSUMERS * 2 * tile
+    return unit + q + kv + p + iq + rest + sel
 
 
-def default_q_slots(G_pad: int, D: int, Di: int, block_size: int, W: int, regs_a: bool = True) -> int:
-    fits = smem_bytes(G_pad, D, Di, block_size, W, 2, 2, regs_a) + SMEM_RESERVE <= SMEM_LIMIT
-    return 2 if fits else 1
+def default_slots(G_pad: int, D: int, Di: int, block_size: int, W: int, regs_a: bool = True) -> tuple[int, int]:
+    """(q_slots, iq_slots): the deepest rings that fit in shared memory."""
+    for q_slots, iq_slots in ((2, 2), (1, 2), (1, 1)):
+        if smem_bytes(G_pad, D, Di, block_size, W, q_slots, iq_slots, regs_a) + SMEM_RESERVE <= SMEM_LIMIT:
+            return q_slots, iq_slots
+    return 1, 1
 
 
 def _kernel(
@@ -96,12 +98,12 @@ def _kernel(
     iqp_ref,  # GMEM [BH, P + W*BQ + N, Di] bf16: the index query of every padded position
     k_ref,  # GMEM [BH, T_kv_pad, D] bf16
     ik_ref,  # GMEM [B, T_kv_pad, Di] bf16 (shared by the groups)
-    diq_ref,  # GMEM [BH, n_tiles, Di, N] bf16: d iq^T per tile (columns >= BQ: not read)
+    diq_ref,  # GMEM [BH, n_tiles * BQ, Di] bf16: d iq per padded position
     dik_ref,  # GMEM [BH, U, block_size, Di] f32: the unit's d ik
     val_ref,  # GMEM [BH, U, block_size] f32: per key of the unit, sum over its tokens of w1 * kl terms
     unit_smem, tok_smem, tpos_smem, zlse_smem, w1_smem, w2_smem, rpos_smem, lse_smem,
-    q_smem, iq_smem, k_smem, ik_smem, sel_smem, p_union, dzt_smem, diq_stage, val_stage, a_stage,
-    meta_bar, unit_bar, kv_bar, q_bar, q_free, iq_bar, iq_free, p_bar, dz_bar,
+    q_smem, iq_smem, k_smem, ik_smem, sel_stage, p_union, dz_smem, val_stage,
+    meta_bar, unit_bar, kv_bar, q_bar, q_free, iq_bar, iq_free, p_bar, dz_bar, end_bar,
     *, scale: float, scale_idx: float, block_size: int, heads: int, groups: int, W: int, q_slots: int,
     iq_slots: int, H_kv: int, regs_a: bool,
 ):
@@ -137,8 +139,6 @@ def _kernel(
             for src, dst in ((tok_ref, tok_smem), (tpos_ref, tpos_smem), (zlse_ref, zlse_smem), (w1_ref, w1_smem),
                              (w2_ref, w2_smem)):
                 copy_rows(src, t0 * bq, dst, per_pos, unit_bar)
-            for src, dst in ((rpos_ref, rpos_smem), (lse_ref, lse_smem)):
-                copy_rows(src, t0 * ROWS, dst, W * ROWS, unit_bar)
             rows = pl.ds(c * block_size, block_size)
             plgpu.copy_gmem_to_smem(k_ref.at[bh, rows], k_smem, kv_bar)
             for d in range(n_dh):  # ik in 64-wide column halves (wgmma takes whole SMEM tiles)
@@ -154,6 +154,9 @@ def _kernel(
                 def _():
                     plgpu.barrier_wait(q_free.at[qs])
 
+                rows_t = pl.ds((t0 + j) * ROWS, ROWS)  # the tile's rows' positions and teacher lse
+                plgpu.copy_gmem_to_smem(rpos_ref.at[bh, rows_t], rpos_smem.at[qs], q_bar.at[qs])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bh, rows_t], lse_smem.at[qs], q_bar.at[qs])
                 for b in range(bq):  # the gather: one TMA copy per token slab (padding: token 0's, masked)
                     tk = jnp.maximum(tok_smem[j * bq + b], 0)
                     w, r0 = divmod(b * heads, WG_ROWS)
@@ -181,109 +184,103 @@ def _kernel(
         plgpu.set_max_registers(232, action="increase")
         layout = plgpu.Layout.WGMMA
         row_layout = layout.reduce(1)  # one value per row
-        col_layout = layout.reduce(0)  # one value per column
         plgpu.barrier_wait(meta_bar)
         c, t0, n = unit_smem[0], unit_smem[1], unit_smem[2]
-        half = pl.ds(w * WG_ROWS, WG_ROWS)  # this consumer's teacher rows / keys / index dims
+        half = pl.ds(w * WG_ROWS, WG_ROWS)  # this consumer's teacher rows; also its keys (student side)
+        sq = (WG_ROWS, WG_ROWS)
 
-        def a_operand(x):
+        def a_operand(x, stage):
             """A wgmma A operand in registers: itself, or staged through SMEM for the interpreter."""
             if regs_a:
                 return x
-            a_stage.at[w][...] = x
+            stage[...] = x
             plgpu.commit_smem()
-            return a_stage.at[w]
+            return stage
 
-        def mm(a, b, shape, a2=None, b2=None):
+        def mm(pairs, shape=sq):
+            """sum of a @ b over the (a, b) pairs, one float32 accumulator."""
             def f(acc):
-                plgpu.wgmma(acc, a, b)
-                if a2 is not None:
-                    plgpu.wgmma(acc, a2, b2)
+                for a, b in pairs:
+                    plgpu.wgmma(acc, a, b)
                 return acc[...]
 
             return pl.run_scoped(f, plgpu.ACC(shape, f32))
 
         @pl.when(n > 0)
         def _():
-            # Sel^T [128 rows, N]: row m belongs to token m // G_pad (this consumer's 64 rows).
-            m = w * WG_ROWS + plgpu.broadcasted_iota(i32, (WG_ROWS, N), 0, layout=layout)
-            r = plgpu.broadcasted_iota(i32, (WG_ROWS, N), 1, layout=layout)
-            sel_smem.at[half][...] = (m // heads == r).astype(bf16)
-            plgpu.commit_smem()  # visible to wgmma; the first P barrier orders it for the other consumer
+            # Sel [64 token rows, 128 teacher rows] as two 64-column halves: teacher row m is token m // G_pad.
+            tok_row = plgpu.broadcasted_iota(i32, sq, 0, layout=layout)
+            sel = [((r * WG_ROWS + plgpu.broadcasted_iota(i32, sq, 1, layout=layout)) // heads == tok_row).astype(bf16)
+                   for r in range(2)]
+            if not regs_a:
+                for r in range(2):
+                    sel_stage.at[w, r][...] = sel[r]
+                plgpu.commit_smem()
+                sel = [sel_stage.at[w, r] for r in range(2)]
             plgpu.barrier_wait(unit_bar)
             plgpu.barrier_wait(kv_bar)
-            key_rows = c * block_size + w * WG_ROWS + plgpu.broadcasted_iota(i32, (WG_ROWS, N), 0, layout=layout)
-            col = plgpu.broadcasted_iota(i32, (WG_ROWS, N), 1, layout=layout)
-            kpos = c * block_size + plgpu.broadcasted_iota(i32, (WG_ROWS, WG_ROWS), 1, layout=layout)
+            kpos = c * block_size + plgpu.broadcasted_iota(i32, sq, 1, layout=layout)  # + h * 64: key half h
+            row_ok = tok_row < bq  # token rows >= BQ are padding (their inputs: the next tile's, finite)
 
             def tile(j, dik, val):
                 qs, js = slot(j, q_slots), slot(j, iq_slots)
                 t = t0 + j
                 plgpu.barrier_wait(q_bar.at[qs])
-                # S in two 64-key halves (P goes to SMEM per key half: the other consumer's operand)
-                s = [mm(q_smem.at[qs, w], k_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)].transpose((1, 0)),
-                        (WG_ROWS, WG_ROWS)) for h in range(2)]
+                # The teacher: S = Q K^T for this consumer's 64 rows, per 64-key half (P goes to SMEM by
+                # halves: whole wgmma tiles for the other consumer).
+                s = [mm([(q_smem.at[qs, w], k_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)].transpose((1, 0)))])
+                     for h in range(2)]
+                row_pos = plgpu.load(rpos_smem.at[qs, half], layout=row_layout)
+                lse = plgpu.load(lse_smem.at[qs, half], layout=row_layout)
                 plgpu.commit_smem()  # (as the forward: order the slot's reads before the producer's refill)
                 plgpu.barrier_arrive(q_free.at[qs])
-                row0 = j * ROWS + w * WG_ROWS
-                row_pos = plgpu.load(rpos_smem.at[pl.ds(row0, WG_ROWS)], layout=row_layout)
-                lse = plgpu.load(lse_smem.at[pl.ds(row0, WG_ROWS)], layout=row_layout)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's d iq (staged in P) left SMEM
                 for h in range(2):
-                    mask = (kpos + h * WG_ROWS) <= lax.broadcast_in_dim(row_pos, (WG_ROWS, WG_ROWS), [0])
-                    p = jnp.where(mask, jnp.exp2(s[h] * (scale * LOG2E)
-                                                 - lax.broadcast_in_dim(lse * LOG2E, (WG_ROWS, WG_ROWS), [0])), 0.0)
+                    mask = (kpos + h * WG_ROWS) <= lax.broadcast_in_dim(row_pos, sq, [0])
+                    p = jnp.where(mask, jnp.exp2(s[h] * (scale * LOG2E) - lax.broadcast_in_dim(lse * LOG2E, sq, [0])),
+                                  0.0)
                     hi = p.astype(bf16)
-                    p_hi.at[h, half][...] = hi
-                    p_lo.at[h, half][...] = (p - hi.astype(f32)).astype(bf16)
+                    p_hi.at[w, h][...] = hi
+                    p_lo.at[w, h][...] = (p - hi.astype(f32)).astype(bf16)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(p_bar)
-                plgpu.barrier_wait(p_bar)  # both halves of P are in SMEM
+                plgpu.barrier_wait(p_bar)  # both consumers' rows of P are in SMEM
 
-                # sum_h P^T = P^T Sel^T [64 keys, N tokens], the hi + lo terms
-                psum = mm(p_hi.at[w].transpose((1, 0)), sel_smem, (WG_ROWS, N),
-                          p_lo.at[w].transpose((1, 0)), sel_smem)
+                # The student, on this consumer's 64 keys, tokens as rows: sum_h P = Sel P (hi + lo terms)
+                psum = mm([(sel[r], buf.at[r, w]) for r in range(2) for buf in (p_hi, p_lo)])
                 plgpu.barrier_wait(iq_bar.at[js])
-                def z_fn(acc):  # z^T = ik_w iq^T, over the index dims' halves
-                    for d in range(n_dh):
-                        plgpu.wgmma(acc, ik_smem.at[d, half], iq_smem.at[js, d].transpose((1, 0)))
-                    return acc[...]
+                z = mm([(iq_smem.at[js, d], ik_smem.at[d, half].transpose((1, 0))) for d in range(n_dh)]) * scale_idx
 
-                z = pl.run_scoped(z_fn, plgpu.ACC((WG_ROWS, N), f32)) * scale_idx
+                def row_vec(ref):
+                    v = plgpu.load(ref.at[pl.ds(j * bq, WG_ROWS)], layout=row_layout)
+                    return lax.broadcast_in_dim(v, sq, [0])
 
-                def col_vec(ref):
-                    v = plgpu.load(ref.at[pl.ds(j * bq, N)], layout=col_layout)
-                    return lax.broadcast_in_dim(v, (WG_ROWS, N), [1])
-
-                zmask = (col < bq) & (key_rows <= col_vec(tpos_smem))
-                zlse = col_vec(zlse_smem)
-                qz = jnp.exp(z - zlse)
-                dz = jnp.where(zmask, col_vec(w1_smem) * qz - col_vec(w2_smem) * psum, 0.0)
-                # The value's terms, weighted per token and summed over the tokens (one per key): the
-                # sum over the unit's keys and tiles is this (b, group)'s share of sum_i w_i kl_i.
+                zmask = row_ok & ((kpos + w * WG_ROWS) <= row_vec(tpos_smem))
+                zlse = row_vec(zlse_smem)
+                dz = jnp.where(zmask, row_vec(w1_smem) * jnp.exp(z - zlse) - row_vec(w2_smem) * psum, 0.0)
+                # The value's terms, weighted per token, summed over this consumer's keys; rows of the
+                # same index add up over the tiles (only the total over rows is used).
                 pbar = psum * (1.0 / groups)
                 pos = pbar > 0.0
                 kl = (jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0)
                       - pbar * jnp.where(zmask, z, 0.0) + zlse * pbar)
-                val = val + jnp.sum(col_vec(w1_smem) * kl, axis=1)
-                dz = dz.astype(bf16)
-                dz_a = a_operand(dz)
-                for d in range(n_dh):  # d ik_w += dz^T iq (accumulates over the unit's tiles)
-                    plgpu.wgmma(dik[d], dz_a, iq_smem.at[js, d])
-                dzt_smem.at[half][...] = dz
+                val = val + jnp.sum(jnp.where(row_ok, row_vec(w1_smem) * kl, 0.0), axis=1)
+                dz_smem.at[w][...] = dz.astype(bf16)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(dz_bar)
-                plgpu.barrier_wait(dz_bar)  # both halves of dz^T are in SMEM
-                plgpu.wgmma_wait(0)  # the d ik wgmma has read iq: the slot may be refilled
+                plgpu.barrier_wait(dz_bar)  # both halves of dz are in SMEM
+                for d in range(n_dh):  # d ik_w += dz_w^T iq (accumulates over the unit's tiles)
+                    plgpu.wgmma(dik[d], dz_smem.at[w].transpose((1, 0)), iq_smem.at[js, d])
+                diq_stage = p_hi.at[w, 0]  # free now (P read by both), written by this consumer only
+                if w < n_dh:  # d iq [tokens, dims half w] = dz ik[:, half w], over both key halves
+                    diq = mm([(dz_smem.at[h], ik_smem.at[w, pl.ds(h * WG_ROWS, WG_ROWS)]) for h in range(2)])
+                    diq_stage[...] = (diq * scale_idx).astype(bf16)
+                plgpu.wgmma_wait(0)  # the d ik wgmmas have read iq and dz: both may be refilled
                 plgpu.barrier_arrive(iq_free.at[js])
-
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores left SMEM
-                # d iq^T [64 dims, N] = ik[:, dims]^T dz^T over the block's keys (Di = 64: consumer 0)
-                if w * WG_ROWS < Di:
-                    diq = mm(ik_smem.at[w].transpose((1, 0)), dzt_smem, (WG_ROWS, N))
-                    diq_stage.at[w][...] = (diq * scale_idx).astype(bf16)
                 plgpu.commit_smem()
-                if w * WG_ROWS < Di:
-                    plgpu.copy_smem_to_gmem(diq_stage.at[w], diq_ref.at[bh, t, half])
+                if w < n_dh:
+                    plgpu.copy_smem_to_gmem(diq_stage.at[pl.ds(0, bq)],
+                                            diq_ref.at[bh, pl.ds(t * bq, bq), half])
                 return val
 
             def run(*dik):
@@ -292,9 +289,11 @@ def _kernel(
                 plgpu.wgmma_wait(0)
                 return [x[...] for x in dik], val
 
-            dik, val = pl.run_scoped(run, *[plgpu.ACC((WG_ROWS, WG_ROWS), f32) for _ in range(n_dh)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            for d in range(n_dh):  # (the P buffers' memory: no tile reads them any more)
+            dik, val = pl.run_scoped(run, *[plgpu.ACC(sq, f32) for _ in range(n_dh)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this consumer's last d iq left its P tile
+            plgpu.barrier_arrive(end_bar)
+            plgpu.barrier_wait(end_bar)  # both are done with P: its memory takes d ik now
+            for d in range(n_dh):
                 dik_stage.at[w, d][...] = dik[d] * scale_idx
             val_stage.at[w][...] = val
             plgpu.commit_smem()
@@ -311,10 +310,8 @@ def check_supported(G_pad: int, D_pad: int, Di_pad: int, block_size: int, dtype)
     """The Mosaic GPU KL kernel's limits (ValueError otherwise)."""
     if jnp.dtype(dtype) != jnp.bfloat16:
         raise ValueError(f"the Mosaic GPU KL pass takes bfloat16 inputs, got {jnp.dtype(dtype).name}")
-    if G_pad not in (8, 16, 32):
-        raise ValueError(f"G_pad must be 8, 16 or 32 for the Mosaic GPU KL pass, got {G_pad}")
-    if block_size not in (64, 128, 256):
-        raise ValueError(f"block_size must be 64, 128 or 256 for the Mosaic GPU KL pass, got {block_size}")
+    if G_pad not in (8, 16):
+        raise ValueError(f"G_pad must be 8 or 16 for the Mosaic GPU KL pass (BQ >= 8 token rows), got {G_pad}")
     if block_size != 2 * WG_ROWS:
         raise ValueError(f"block_size must be {2 * WG_ROWS} (one key half per consumer), got {block_size}")
     for name, d in (("D", D_pad), ("D_idx", Di_pad)):
@@ -333,8 +330,8 @@ def supported(G_pad: int, D_pad: int, Di_pad: int, block_size: int, dtype) -> bo
 def fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg, *, block_size: int, G_pad: int,
                 groups: int, H_kv: int, n_tiles: int, W: int, D_orig: int, Di_orig: int, q_slots: int | None = None,
                 regs_a: bool | None = None, interpret=False):
-    """The Mosaic GPU tile kernel on one query chunk (layouts: `_kernel`'s arguments) -> (d iq^T
-    bf16 [BH, n_tiles, Di, N] (columns >= BQ unused), d ik f32 [BH, U, block_size, Di], value terms f32 [BH, U, block_size]:
+    """The Mosaic GPU tile kernel on one query chunk (layouts: `_kernel`'s arguments) -> (d iq
+    bf16 [BH, n_tiles * BQ, Di] (a row per padded position), d ik f32 [BH, U, block_size, Di], value terms f32 [BH, U, block_size]:
     per unit and key, the sum over the unit's tokens of w1 * (their KL terms at that key); the sum
     over units and keys is sum_i w1_i kl_i of the row). interpret: False (a GPU), True or a `plgpu.InterpretGPUParams`."""
     BH, U, _ = units.shape
@@ -343,37 +340,36 @@ def fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg
     N = n_cols(bq)
     if regs_a is None:
         regs_a = not interpret
-    if q_slots is None:
-        q_slots = default_q_slots(G_pad, D, Di, block_size, W, regs_a)
-    iq_slots = 2
+    q_slots, iq_slots = default_slots(G_pad, D, Di, block_size, W, regs_a) if q_slots is None else (q_slots, 2)
     tf = _tf
     unit_n = W * bq + N
-    p_tile = plgpu.SMEM((2, ROWS, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS))  # [key half, row, key]
+    t64 = lambda *lead: plgpu.SMEM((*lead, WG_ROWS, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS))  # noqa: E731
+    n_dh = Di // WG_ROWS
     scratch = [
         plgpu.SMEM((4,), jnp.int32),  # unit_smem
         *(plgpu.SMEM((unit_n,), dt) for dt in (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)),
-        plgpu.SMEM((W * ROWS,), jnp.int32),  # rpos_smem
-        plgpu.SMEM((W * ROWS,), jnp.float32),  # lse_smem
+        plgpu.SMEM((q_slots, ROWS), jnp.int32),  # rpos_smem (with the q ring)
+        plgpu.SMEM((q_slots, ROWS), jnp.float32),  # lse_smem
         plgpu.SMEM((q_slots, N_CONSUMERS, WG_ROWS, D), jnp.bfloat16, transforms=tf(D)),  # q_smem
-        plgpu.SMEM((iq_slots, Di // WG_ROWS, N, WG_ROWS), jnp.bfloat16, transforms=tf(16)),  # iq_smem
+        t64(iq_slots, n_dh),  # iq_smem: [slot, dims half, token row, dim]
         plgpu.SMEM((block_size, D), jnp.bfloat16, transforms=tf(D)),  # k_smem
-        plgpu.SMEM((Di // WG_ROWS, block_size, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS)),  # ik_smem
-        plgpu.SMEM((ROWS, N), jnp.bfloat16, transforms=tf(16)),  # sel_smem (Sel^T)
-        plgpu.RefUnion((p_tile, p_tile), plgpu.SMEM((N_CONSUMERS, Di // WG_ROWS, WG_ROWS, WG_ROWS), jnp.float32)),  # P | d ik
-        plgpu.SMEM((block_size, N), jnp.bfloat16, transforms=tf(16)),  # dzt_smem
-        plgpu.SMEM((N_CONSUMERS, WG_ROWS, N), jnp.bfloat16),  # diq_stage
+        plgpu.SMEM((n_dh, block_size, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS)),  # ik_smem: [dims half, key, dim]
+        t64(N_CONSUMERS, 2) if not regs_a else plgpu.SMEM((1,), jnp.int32),  # sel_stage (interpreted: Sel)
+        # P hi, lo [consumer (its 64 teacher rows), key half, row, key] | d ik [consumer, dims half, key, dim]
+        plgpu.RefUnion((t64(N_CONSUMERS, 2), t64(N_CONSUMERS, 2)),
+                       plgpu.SMEM((N_CONSUMERS, n_dh, WG_ROWS, WG_ROWS), jnp.float32)),
+        t64(N_CONSUMERS),  # dz_smem: [key half, token row, key]
         plgpu.SMEM((N_CONSUMERS, WG_ROWS), jnp.float32),  # val_stage
-        (plgpu.SMEM((N_CONSUMERS, WG_ROWS, N), jnp.bfloat16, transforms=tf(16)) if not regs_a
-         else plgpu.SMEM((1,), jnp.int32)),  # a_stage (dz^T for wgmma, interpreted)
         plgpu.Barrier(),  # meta_bar
-        plgpu.Barrier(num_arrivals=5 * -(-unit_n // TMA_MAX) + 2 * -(-(W * ROWS) // TMA_MAX)),  # unit_bar
+        plgpu.Barrier(num_arrivals=5 * -(-unit_n // TMA_MAX)),  # unit_bar
         plgpu.Barrier(num_arrivals=1 + Di // WG_ROWS),  # kv_bar: K_c, ik_c halves
-        plgpu.Barrier(num_arrivals=bq, num_barriers=q_slots),  # q_bar
+        plgpu.Barrier(num_arrivals=bq + 2, num_barriers=q_slots),  # q_bar: slabs, positions, lse
         plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=q_slots),  # q_free
         plgpu.Barrier(num_arrivals=Di // WG_ROWS, num_barriers=iq_slots),  # iq_bar
         plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=iq_slots),  # iq_free
         plgpu.Barrier(num_arrivals=N_CONSUMERS),  # p_bar
         plgpu.Barrier(num_arrivals=N_CONSUMERS),  # dz_bar
+        plgpu.Barrier(num_arrivals=N_CONSUMERS),  # end_bar
     ]
     kernel = functools.partial(
         _kernel, scale=D_orig**-0.5, scale_idx=Di_orig**-0.5, block_size=block_size, heads=G_pad, groups=groups, W=W,
@@ -384,7 +380,7 @@ def fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg
     call = plgpu.kernel(
         kernel,
         out_type=(
-            jax.ShapeDtypeStruct((BH, n_tiles, Di, N), jnp.bfloat16),
+            jax.ShapeDtypeStruct((BH, n_tiles * bq, Di), jnp.bfloat16),
             jax.ShapeDtypeStruct((BH, U, block_size, Di), jnp.float32),
             jax.ShapeDtypeStruct((BH, U, block_size), jnp.float32),
         ),
