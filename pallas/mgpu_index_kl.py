@@ -1,35 +1,36 @@
 """The fused KL teacher pass of `pallas.index_kl.index_kl_sum` on the Pallas Mosaic GPU backend
-(Hopper: TMA + wgmma), next to its Triton kernel (`index_kl._bwd_kernel` with value=True).
+(Hopper: TMA + wgmma), next to its Triton kernel (`index_kl._bwd_kernel` with value=True); chosen by
+`index_kl_sum(..., kl_kernel="mosaic" | "auto")`.
 
-    parts = fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg, ...)
+Same units as the Triton kernel (`kv_outer.units`: a program takes up to W tiles of one block c),
+same math per tile (docs/algorithm.md §6.1): the teacher's P = exp(q k^T * scale - lse) per (token,
+head) row, its per-token head sum, the student's logits z, dz = w1 softmax(z) - w2 sum_h P_h, d iq =
+dz ik, d ik += dz^T iq, and the value sum_i w_i kl_i. The matmuls are laid out for wgmma, whose
+tiles have 64 rows, when a tile holds only BQ = 128 // G_pad tokens (8 for the paper's G = 16):
 
-Same units as the Triton kernel (`kv_outer.units`: a program takes up to W tiles of one block c, all
-sorted by block), same math per tile (docs/algorithm.md §6.1): the teacher's P = exp(q k^T * scale -
-lse) per (token, head) row, its per-token head sum, the student's logits z, dz = w1 softmax(z) - w2
-sum_h P_h, the value's partial sums, d iq = dz ik and d ik += dz^T iq. Only the layout of the
-matmuls differs, to fit wgmma (64-row tiles) when a tile holds few tokens (BQ = 128 // G_pad, 8 for
-the paper's G = 16):
+* the teacher, as the forward (`pallas.mgpu_sparse_attention`): consumer warpgroup w of two takes
+  rows [64 w, 64 w + 64) of the tile's 128 = BQ x G_pad rows; S = Q K_c^T per 64-key half; P in
+  float32, written to SMEM as two bfloat16 terms (hi + lo: the head sum keeps ~2^-17 of precision,
+  as the Triton kernel's) by whole 64 x 64 tiles;
+* the student, with the tile's tokens as 64 rows (BQ real; the rest read the next positions' inputs,
+  which are finite, and are masked): consumer w takes the block's keys [64 w, 64 w + 64): sum_h P =
+  Sel P (Sel: token r <- rows r G_pad .. r G_pad + G_pad - 1, a 0/1 tile held in registers), z =
+  iq ik_w^T, dz; the value's terms summed over its keys per token row;
+* dz goes to SMEM by key halves: d ik_w += dz_w^T iq accumulates in registers over the unit's tiles
+  (wgmma with a transposed A from SMEM), d iq [tokens, dims half w] = dz ik over both key halves
+  (Di = 64: consumer 0 alone), staged in the consumer's own P tile and TMA-stored as BQ rows.
 
-* the teacher: as the forward (`pallas.mgpu_sparse_attention`), consumer warpgroup w of two takes
-  rows [64 w, 64 w + 64) of the tile's M = 128 = BQ x G_pad rows: S = Q K_c^T, P in float32, written
-  to SMEM as two bfloat16 terms (hi + lo, as the Triton kernel's head sum) for the other consumer;
-* the student, transposed (keys as rows, tokens as columns, N = max(BQ, 16) of them): consumer w
-  takes the block's keys [64 w, 64 w + 64): sum_h P^T = P^T Sel^T (Sel: token r <- rows r G_pad ..
-  r G_pad + G_pad - 1, a constant 0/1 tile), z^T = ik_w iq^T, dz^T; d ik_w += dz^T iq accumulates in
-  registers over the unit's tiles; the value's partial sums per token are column sums (each consumer
-  writes its own half; the wrapper adds them);
-* d iq^T = ik^T dz^T over all the block's keys (dz^T of both consumers through SMEM), consumer w
-  taking index dims [64 w, 64 w + 64) (Di = 64: consumer 0 alone); written per tile as [Di, BQ] and
-  transposed by the wrapper.
+Two consumer barriers per tile order the SMEM exchanges (P written -> read; dz written -> read) and
+guarantee that the other consumer is done with the previous tile's buffers; a third orders the
+end (P's memory then stages d ik). A producer warpgroup streams each tile's q slabs (one TMA copy
+per token, as the forward), its rows' positions and teacher lse, and the tokens' index queries
+(`iqp`, one row per padded position) through rings of SMEM slots.
 
-Two consumer barriers per tile order the SMEM exchanges (P written -> read; dz^T written -> read);
-each also guarantees that the other consumer finished reading the previous tile's buffers. A
-producer warpgroup streams each tile's q slabs (one TMA copy per token, as the forward) and index
-queries (one copy of the tile's N rows of the per-position copy `iqp`) through rings of SMEM slots.
-
-Limits (`check_supported`): bfloat16; G_pad 8, 16 or 32 (a token's slab is >= 8 rows of the
-swizzled q tile; BQ >= 4 for 16-byte copies of per-position values); block_size 64, 128 or 256; D
-and Di padded to 64 or 128.
+Found while building it (jax 0.11.2): Mosaic GPU layout inference rejects wgmma accumulators 16 or
+32 wide (B tiles swizzled 32 / 64 bytes) and SMEM operands sliced along their columns; whole
+64 x 64 tiles with a 128-byte swizzle lower. Limits (`check_supported`): bfloat16; G_pad 8 or 16
+(the d iq store slices BQ >= 8 rows of a swizzled tile); block_size 128 (one key half per consumer);
+D and D_idx padded to 64 or 128.
 """
 
 from __future__ import annotations
