@@ -43,22 +43,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas import mgpu_sparse_attention as mg
 from pallas.common import LOG2E
 
 __all__ = ["fused_parts", "check_supported", "supported", "smem_bytes", "N_CONSUMERS"]
 
-ROWS = 128  # teacher rows per tile (BQ * G_pad)
-WG_ROWS = 64  # rows per consumer warpgroup (one wgmma M)
-N_CONSUMERS = 2
-SMEM_LIMIT = 227 * 1024
-SMEM_RESERVE = 4096
-TMA_MAX = 256  # elements per dimension of one TMA copy
-
-
-def _tf(cols: int, itemsize: int = 2):
-    """Tiling + swizzle transforms of an SMEM tile with rows of `cols` elements (wgmma operands)."""
-    sw = min(128, cols * itemsize)
-    return (plgpu.TilingTransform((8, sw // itemsize)), plgpu.SwizzleTransform(sw))
+# the forward's tile geometry and limits (a tile's 128 teacher rows, two consumers of 64 rows)
+ROWS, WG_ROWS, N_CONSUMERS = mg.ROWS, mg.WG_ROWS, mg.N_CONSUMERS
+SMEM_LIMIT, SMEM_RESERVE, TMA_MAX = mg.SMEM_LIMIT, mg.SMEM_RESERVE, mg.TMA_MAX
 
 
 def n_cols(bq: int) -> int:
@@ -342,7 +334,7 @@ def fused_parts(units, tok, tpos, zlse, w1, w2, rpos, lse_rows, qg, iqp, kg, ikg
     if regs_a is None:
         regs_a = not interpret
     q_slots, iq_slots = default_slots(G_pad, D, Di, block_size, W, regs_a) if q_slots is None else (q_slots, 2)
-    tf = _tf
+    tf = mg.smem_transforms
     unit_n = W * bq + N
     t64 = lambda *lead: plgpu.SMEM((*lead, WG_ROWS, WG_ROWS), jnp.bfloat16, transforms=tf(WG_ROWS))  # noqa: E731
     n_dh = Di // WG_ROWS

@@ -96,7 +96,8 @@ def _swizzle(D: int) -> int:
     return min(128, 2 * D)
 
 
-def _smem_transforms(D: int):
+def smem_transforms(D: int):
+    """Tiling + swizzle transforms of a bf16 SMEM tile with rows of D elements (a wgmma operand)."""
     sw = _swizzle(D)
     return (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
 
@@ -336,10 +337,10 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
     if kv_slots is None:
         kv_slots = default_kv_slots(G_pad, D, block_size, nt, q_slots, regs_a)
     swizzled = G_pad >= 8
-    tf = _smem_transforms(D)
+    tf = smem_transforms(D)
     q_tf = tf if swizzled else ()
     staging = lambda cols, need: (  # noqa: E731
-        plgpu.SMEM((N_CONSUMERS, WG_ROWS, cols), qg.dtype, transforms=_smem_transforms(cols)) if need
+        plgpu.SMEM((N_CONSUMERS, WG_ROWS, cols), qg.dtype, transforms=smem_transforms(cols)) if need
         else plgpu.SMEM((1,), jnp.int32))  # (a 4-byte placeholder)
     scratch = [
         plgpu.SMEM((nt,), jnp.int32),  # tiles_smem
