@@ -329,8 +329,9 @@ def _chunk_student(posc, iqc, ix: kvo.ChunkIndex, ikg, *, sz: kvo.Sizes, plan: k
 
 
 def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes, plan: kvo.Plan,
-               Di_pad: int, value: bool = False):
-    """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],).
+               Di_pad: int, value: bool = False, acc):
+    """One query chunk -> d iq float32 [B, Tc, H_kv, Di], (d ik float32 [BH, n_blocks * bs, Di_pad],):
+    acc (the running d ik,) plus this chunk's.
     value=True (`index_kl_sum`): (d iq, kl float32 [B, Tc, H_kv]), (d ik,), kl from the same tiles
     (zlsec must then be the student's lse with 0 for an empty support)."""
     B, Tc, H_q, D = qc.shape
@@ -376,7 +377,7 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
     )(posc, unit_tab, tok, qg, lseg, iqg, zlseg, w1g, w2g, kg, ikg)
 
     (dik,) = kvo.reduce_units(
-        ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
+        ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret, accs=acc
     )
     # Per token the sum over its slots (slot order) of its positions' rows (row t * R + i of tile t);
     # rows of positions that no slot points to (padding, unused tiles) are never read.
@@ -391,7 +392,7 @@ def _chunk_bwd(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg
 
 
 def _chunk_fused_mgpu(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, kg, ikg, *, sz: kvo.Sizes,
-                      plan: kvo.Plan, Di_pad: int, interpret):
+                      plan: kvo.Plan, Di_pad: int, interpret, acc):
     """`_chunk_bwd(..., value=True)` with the tile kernel on Mosaic GPU (`pallas.mgpu_index_kl`) -> d iq
     float32 [B, Tc, H_kv, Di], (d ik [BH, n_blocks * bs, Di_pad], value [B, H_kv]): the value is the
     chunk's sum_i w1_i kl_i (w1 = the weights), summed in the kernel. The per-position inputs it
@@ -431,12 +432,12 @@ def _chunk_fused_mgpu(posc, qc, lsec, iqc, zlsec, w1c, w2c, ix: kvo.ChunkIndex, 
         interpret=interpret,
     )
     (dik,) = kvo.reduce_units(ix.ustart, [dik_part], n_blocks=sz.n_blocks, block_size=sz.block_size,
-                              interpret=plan.interpret)
+                              interpret=plan.interpret, accs=acc[:1])
     diq_part = diqT  # a row per padded position
     diq = kvo.sum_slots(diq_part, ix.inv, G_pad=1, interpret=plan.interpret)
     diq = kvo.ungroup(diq[:, :, 0, :Di], B)
     live = (jnp.arange(plan.n_units) < ix.ustart[:, -1:])[..., None]  # units with tiles (others: not written)
-    value = jnp.where(live, vals, 0.0).sum(axis=(1, 2)).reshape(B, H_kv)
+    value = acc[1] + jnp.where(live, vals, 0.0).sum(axis=(1, 2)).reshape(B, H_kv)
     return diq, (dik, value)
 
 

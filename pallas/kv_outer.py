@@ -393,10 +393,11 @@ def read_unit(unit_ref, u, n_units: int):
     return unit_ref[u], unit_ref[n_units + u], unit_ref[2 * n_units + u]
 
 
-def _reduce_kernel(ustart_ref, *refs, block_size: int):
-    """One block c: sum its units' partials in unit order."""
-    n_in = len(refs) // 2
-    ins, outs = refs[:n_in], refs[n_in:]
+def _reduce_kernel(ustart_ref, *refs, block_size: int, accumulate: bool):
+    """One block c: sum its units' partials in unit order (accumulate: onto the running sums, which
+    alias the outputs; a block without units is left as it is, unread and unwritten)."""
+    n_in = len(refs) // (3 if accumulate else 2)
+    ins, outs = refs[:n_in], refs[-n_in:]
     c = pl.program_id(0)
     u0, u1 = ustart_ref[c], ustart_ref[c + 1]
     shape = outs[0].shape
@@ -404,26 +405,41 @@ def _reduce_kernel(ustart_ref, *refs, block_size: int):
     def body(u, accs):
         return tuple(a + x[u, pl.ds(0, block_size), :] for a, x in zip(accs, ins))
 
-    accs = lax.fori_loop(u0, u1, body, tuple(jnp.zeros(shape, jnp.float32) for _ in ins))
-    for o, a in zip(outs, accs):
-        o[...] = a
+    if not accumulate:
+        accs = lax.fori_loop(u0, u1, body, tuple(jnp.zeros(shape, jnp.float32) for _ in ins))
+        for o, a in zip(outs, accs):
+            o[...] = a
+        return
+
+    @pl.when(u1 > u0)
+    def _():
+        accs = lax.fori_loop(u0, u1, body, tuple(r[...] for r in refs[n_in:2 * n_in]))
+        for o, a in zip(outs, accs):
+            o[...] = a
 
 
-def reduce_units(ustart, parts, *, n_blocks: int, block_size: int, interpret: bool):
+def reduce_units(ustart, parts, *, n_blocks: int, block_size: int, interpret: bool, accs=None):
     """ustart [BH, n_blocks + 1]; parts: float32 [BH, n_units, kv_tile, D] each -> [BH, n_blocks *
-    block_size, D] each: per block, the sum of its units (a fixed order: deterministic)."""
+    block_size, D] each: per block, the sum of its units (a fixed order: deterministic). accs (same
+    shapes as the outputs): add onto these running sums in place (the query chunks' loop: only the
+    blocks with units are read and written)."""
     BH, U, kv_tile, D = parts[0].shape
+    n = len(parts)
+    out_spec = pl.BlockSpec((None, block_size, D), lambda c, bh: (bh, c, 0))
+    extra = [] if accs is None else list(accs)
     return pl.pallas_call(
-        functools.partial(_reduce_kernel, block_size=block_size),
+        functools.partial(_reduce_kernel, block_size=block_size, accumulate=accs is not None),
         grid=(n_blocks, BH),
         in_specs=[pl.BlockSpec((None, n_blocks + 1), lambda c, bh: (bh, 0))]
-        + [pl.BlockSpec((None, U, kv_tile, D), lambda c, bh: (bh, 0, 0, 0)) for _ in parts],
-        out_specs=[pl.BlockSpec((None, block_size, D), lambda c, bh: (bh, c, 0)) for _ in parts],
+        + [pl.BlockSpec((None, U, kv_tile, D), lambda c, bh: (bh, 0, 0, 0)) for _ in parts]
+        + [out_spec for _ in extra],
+        out_specs=[out_spec for _ in parts],
         out_shape=[jax.ShapeDtypeStruct((BH, n_blocks * block_size, D), jnp.float32) for _ in parts],
+        input_output_aliases={1 + n + i: i for i in range(len(extra))},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
-        name="msa_kv_outer_reduce_units",
-    )(ustart, *parts)
+        name="msa_kv_outer_reduce_units" + ("_acc" if extra else ""),
+    )(ustart, *parts, *extra)
 
 
 # -------------------------------------------------------------------------------------- combine
@@ -625,15 +641,16 @@ def map_chunks(fn, xs, n_chunks: int, t_chunk: int, index=None):
 
 
 def scan_chunks(fn, xs, n_chunks: int, t_chunk: int, zeros, index=None):
-    """fn(*chunk, index_c) -> (per-token output(s), tuple of per-key terms) over the query chunks of
-    xs (as `map_chunks`), the per-key terms summed over the chunks in chunk order (`lax.scan` from
-    `zeros`). Returns (per-token output(s) joined along time, sums)."""
+    """fn(*chunk, index_c, acc=sums) -> (per-token output(s), the sums with the chunk's per-key terms
+    added) over the query chunks of xs (as `map_chunks`), in chunk order from `zeros` (`lax.scan`):
+    fn adds its terms itself (e.g. `reduce_units(..., accs=acc)`, in place). Returns (per-token
+    output(s) joined along time, sums)."""
     if n_chunks == 1:
-        return fn(*xs, jax.tree.map(lambda a: a[0], index))
+        return fn(*xs, jax.tree.map(lambda a: a[0], index), acc=zeros)
 
     def step(acc, a):
-        out, terms = fn(*a)
-        return tuple(x + y for x, y in zip(acc, terms)), out
+        out, acc = fn(*a, acc=acc)
+        return tuple(acc), out
 
     sums, out = lax.scan(step, zeros, (*(_split(x, n_chunks) for x in xs), index))
     return jax.tree.map(_join, out), sums

@@ -98,8 +98,9 @@ def _bwd_kernel(
         dv_ref[...] = zeros
 
 
-def _chunk_bwd(posc, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan):
-    """One query chunk -> dq [B, Tc, H_q, D] (q.dtype), (dk, dv) float32 [BH, n_blocks * bs, D_pad]."""
+def _chunk_bwd(posc, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan, acc):
+    """One query chunk -> dq [B, Tc, H_q, D] (q.dtype), (dk, dv) float32 [BH, n_blocks * bs, D_pad]:
+    acc (the running dk, dv) plus this chunk's."""
     B, Tc, H_q, D = qc.shape
     G, G_pad, D_pad, BH, kv_tile = sz.G, sz.G_pad, sz.D_pad, sz.BH, sz.kv_tile
     bq, n_tiles, U = plan.block_q, plan.n_tiles, plan.n_units
@@ -139,7 +140,7 @@ def _chunk_bwd(posc, qc, doc, lsec, deltac, ix: kvo.ChunkIndex, kg, vg, *, sz: k
     )(posc, unit_tab, tok, qg, dog, lseg, deltag, kg, vg)
 
     dk, dv = kvo.reduce_units(
-        ustart, [dk_part, dv_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret
+        ustart, [dk_part, dv_part], n_blocks=sz.n_blocks, block_size=sz.block_size, interpret=plan.interpret, accs=acc
     )
     dq = kvo.sum_slots(dq_part, inv, G_pad=G_pad, out_dtype=qc.dtype, interpret=plan.interpret)
     dq = kvo.ungroup(dq[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
