@@ -719,13 +719,11 @@ def index_kl_sum(
     check_floating("weights", weights)
     mosaic = _mosaic_kl(kl_kernel, sz, q, k, iq, ik, block_q, interpret)
     if mosaic is not None:
-        block_q = ROWS_MGPU // sz.G_pad
+        block_q = mk.ROWS // sz.G_pad
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
     return _index_kl_sum(q, k, iq, ik, block_idx, lse, kvo.positions(q_pos, sz.B, sz.T), weights, block_size,
                          config, interpret, mosaic)
 
-
-ROWS_MGPU = mk.ROWS
 
 
 def _mosaic_kl(kl_kernel: str, sz: kvo.Sizes, q, k, iq, ik, block_q, interpret):
@@ -742,8 +740,8 @@ def _mosaic_kl(kl_kernel: str, sz: kvo.Sizes, q, k, iq, ik, block_q, interpret):
         ok = mg.on_hopper() and not interp and block_q is None and mk.supported(*args)
         return False if ok else None
     mk.check_supported(*args)
-    if block_q is not None and block_q != ROWS_MGPU // sz.G_pad:
-        raise ValueError(f"block_q: the Mosaic GPU KL pass takes {ROWS_MGPU // sz.G_pad} (128 // G_pad), got {block_q}")
+    if block_q is not None and block_q != mk.ROWS // sz.G_pad:
+        raise ValueError(f"block_q: the Mosaic GPU KL pass takes {mk.ROWS // sz.G_pad} (128 // G_pad), got {block_q}")
     return plgpu_mosaic.InterpretGPUParams() if interp else False
 
 
