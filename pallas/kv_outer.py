@@ -270,6 +270,15 @@ def positions(q_pos, B: int, T: int) -> jax.Array:
     return jnp.asarray(q_pos, jnp.int32)
 
 
+def visible_blocks(pos: jax.Array, block_size: int, n_blocks: int, n_groups: int) -> jax.Array:
+    """int32 [B, T, n_groups, n_blocks]: the selection of every block a query can see (ids 0 to
+    p // block_size for a query at position p, then -1; a padding query, p = -1, keeps none): the
+    full causal support of the dense warmup as a selection the sparse kernels take."""
+    ids = jnp.arange(n_blocks, dtype=jnp.int32)
+    ids = jnp.where(ids <= (pos // block_size)[..., None], ids, -1)
+    return jnp.broadcast_to(ids[:, :, None, :], (*pos.shape, n_groups, n_blocks))
+
+
 def clean_ids(block_idx: jax.Array, block_size: int, pos: jax.Array | None = None) -> jax.Array:
     """Ids outside [0, p // block_size] (p = the query's position, `positions`, default 0..T-1; a
     padding query keeps none) -> -1; sort each row; repeated ids -> -1."""

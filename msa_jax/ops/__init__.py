@@ -35,6 +35,7 @@ from msa_jax import determinism
 from msa_jax.checks import (check_block_idx, check_ik_scale, check_index, check_int, check_q_pos, check_qkv,
                             check_shape, fail)
 from msa_jax.ops import pallas_backend, reference, xla
+from pallas import kv_outer
 
 IMPLS = ("xla", "pallas")  # concrete backends tested against the oracle
 _CHOICES = ("auto", "reference") + IMPLS
@@ -130,9 +131,7 @@ def selects_every_block(n_keys: int, block_size: int, top_k: int) -> bool:
 
 def _every_block(B: int, T: int, H_kv: int, block_size: int, top_k: int):
     """select_blocks' result when `selects_every_block`: each query's visible blocks, -1 after."""
-    ids = jnp.arange(top_k, dtype=jnp.int32)
-    ids = jnp.where(ids[None, :] <= (jnp.arange(T, dtype=jnp.int32) // block_size)[:, None], ids, -1)
-    return jnp.broadcast_to(ids[None, :, None, :], (B, T, H_kv, top_k))
+    return kv_outer.visible_blocks(kv_outer.positions(None, B, T), block_size, top_k, H_kv)
 
 
 def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0,

@@ -5,7 +5,7 @@
   the KV-outer backward; the LSE is an output too, and differentiable).
 - `index_kl_loss`: `pallas.index_kl.index_kl_sum` with the mean's weights (value and gradients in
   one teacher pass; teacher normalised by the main branch's LSE when given, else `teacher_lse`); the
-  dense warmup (block_idx=None) uses the xla path.
+  dense warmup (block_idx=None) runs them on a selection of every visible block.
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
 - Queries at an offset (q_pos): the selection runs `pallas.decode`'s index scan (split top-k over
   an index-key cache, bf16 or fp8). The main branch and the KL run the KV-outer kernels above with
@@ -112,11 +112,15 @@ def dense_attention(q, k, v, *, q_pos=None):
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None):
-    if block_idx is None:  # dense warmup: the full causal support, no selection to fuse over
-        return xla.index_kl_loss(q, k, iq, ik, None, block_size=block_size, q_pos=q_pos)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     B, T = q.shape[:2]
     pos = kv_outer.positions(q_pos, B, T)  # an operand of the shard_map either way
+    if block_idx is None:
+        # Dense warmup: the full causal support as a selection of every visible block, so that the
+        # fused kernels run it (the xla path's [chunk, heads, L] float32 logits made a 16K warmup
+        # step ~8x slower than a dense one on an H200).
+        L = k.shape[1]
+        block_idx = kv_outer.visible_blocks(pos, block_size, -(-L // block_size), k.shape[2])
     if lse is None:  # no main-branch LSE at hand: recompute it (a main-branch forward)
         fn = lambda q, k, ids, pos: index_kl.teacher_lse(q, k, ids, block_size=block_size, q_pos=pos)  # noqa: E731
         lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
