@@ -168,6 +168,7 @@ class RunConfig:
     d_ff: int = 192
     n_dense_layers: int = 0
     dtype: str = "float32"
+    rope_theta: float = 10_000.0  # RoPE base; a next stage at a longer --seq-len may raise it
     # MSA
     block_size: int = 32
     top_k: int = 4
@@ -235,7 +236,7 @@ class RunConfig:
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_ff=self.d_ff,
                            attention=self.attention, n_dense_layers=self.n_dense_layers, msa=msa, impl=self.impl,
-                           dtype=self.dtype)
+                           dtype=self.dtype, rope_theta=self.rope_theta)
 
     def train_config(self) -> TrainConfig:
         warm = max(1, round(0.05 * self.steps)) if self.lr_warmup_steps is None else self.lr_warmup_steps

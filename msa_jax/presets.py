@@ -107,6 +107,8 @@ _FLAGS = (
     ("head_dim", int, None),
     ("d_ff", int, "SwiGLU hidden size"),
     ("n_dense_layers", int, "leading layers kept dense in an MSA model"),
+    ("rope_theta", float, "RoPE base (wavelengths up to 2 pi theta tokens); a stage that extends a run to a "
+                          "longer --seq-len (--init-from) may raise it, as long-context continued pre-training does"),
     ("eval_every", int, "steps between evaluations (and at the end)"),
     ("eval_batches", int, "validation batches per evaluation"),
     ("log_every", int, "steps between host syncs / metric writes"),

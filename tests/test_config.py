@@ -69,5 +69,10 @@ def test_run_config_round_trips_and_validates():
     assert RunConfig(attention="dense", init_from="runs/x").init_from == "runs/x"  # a next stage at another length
     with pytest.raises(ValueError, match="n_heads"):  # the model config's own checks run too
         RunConfig(n_heads=5, n_kv_heads=2)
+    assert RunConfig(rope_theta=5e5).model_config().rope_theta == 5e5  # a longer stage may raise the base
+    with pytest.raises(ValueError, match="rope_theta"):
+        RunConfig(rope_theta=0.0)
+    # a run directory written before the field existed loads with the old fixed base
+    assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "rope_theta"}).rope_theta == 1e4
     a, b = RunConfig(), RunConfig(steps=7, d_model=32)
     assert a.differences(b) == ["steps", "d_model"] and "steps" in RunConfig.RESUMABLE
