@@ -9,6 +9,8 @@ environment already does:
     relative error per product), an accuracy choice of the user's, not an error of the code under
     test; bfloat16 cases have bfloat16 tolerances either way. Subprocesses inherit the setting.
   - XLA_PYTHON_CLIENT_PREALLOCATE=false: several pytest-xdist workers share one GPU.
+  - JAX_COMPILATION_CACHE_DIR=<a new temporary directory>, removed at the end of the session: the
+    run's compiled programs are shared by its workers and subprocesses.
 Resumed-run tests expect bit-identical losses where the backend is deterministic (the CPU, or a GPU
 with msa_jax.determinism on) and agreement within `RESUME_RTOL` otherwise (`resume_is_exact`).
 """
@@ -17,9 +19,18 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One on-disk XLA compilation cache for this run of the suite, shared by its xdist workers and the
+# subprocesses some tests start (they inherit the environment): many tests compile the same small
+# models' steps, which then load instead of compiling again. Removed when the session ends.
+_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="msa-jax-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -197,3 +208,8 @@ def export_for_h100(f, *shapes):
     finally:
         pallas_call_registration.gpu_info_lib.get_gpu_info = orig
     return exp.mlir_module()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_XLA_CACHE:  # the process that made the run's compilation cache removes it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
