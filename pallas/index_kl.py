@@ -19,7 +19,7 @@ teacher is detached, docs/algorithm.md §6.2): dz_j = g (S softmax_U(z)_j - Pbar
 
 Design (docs/algorithm.md §7; the machinery is `pallas.kv_outer`): the forward kernel (one tile per
 program) recomputes the teacher's P per (token, head) row, sums each token's rows into Pbar with a
-0/1 matmul (`_head_sum`), computes the student's logits once per token (R = max(BQ, 16) rows: Triton
+0/1 matmul (`kv_outer.head_sum`), computes the student's logits once per token (R = max(BQ, 16) rows: Triton
 dots need 16) and writes four float32 partials per padded position (sum Pbar log Pbar, sum Pbar z,
 S, the student's lse over the block), combined per token by `combine_scalars`. The backward kernel
 runs over units like the main backward: dz per token, g S softmax(z) - (g / G) sum_h P_h (dz is
@@ -43,29 +43,14 @@ from msa_jax.checks import (check_block_idx, check_floating, check_index, check_
 from pallas import kv_outer as kvo
 from pallas import mgpu_index_kl as mk
 from pallas import mgpu_sparse_attention as mg
+from pallas import sparse_attention_bwd as sab
 from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, interpret_mode, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
-__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "teacher_lse"]
+__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "main_and_index_kl_bwd", "teacher_lse"]
 
 
 # --------------------------------------------------------------------------------------- kernels
-
-
-def _head_sum(p, heads: int, rows: int, f32: bool):
-    """[M, kv] float32 rows (token-major, `heads` rows per token) -> [rows, kv] float32: per token the
-    sum of its rows (rows >= M / heads: 0), as a 0/1 matmul (a [M] -> [BQ, heads] reshape of a 2-d
-    tile goes through shared memory, which the KL kernels lack). bfloat16 kernels: p goes in as two
-    bfloat16 terms, hi + lo (~2^-17 relative, exact products, float32 sums); float32 kernels
-    (f32): one IEEE float32 dot."""
-    M = p.shape[0]
-    sel = lax.broadcasted_iota(jnp.int32, (rows, M), 1) // heads == lax.broadcasted_iota(jnp.int32, (rows, M), 0)
-    if f32:
-        return plgpu.dot(sel.astype(jnp.float32), p, precision=lax.Precision.HIGHEST)
-    hi = p.astype(jnp.bfloat16)
-    lo = (p - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    sel = sel.astype(jnp.bfloat16)
-    return plgpu.dot(sel, hi) + plgpu.dot(sel, lo)
 
 
 def _fwd_kernel(
@@ -118,7 +103,7 @@ def _fwd_kernel(
             mask = mask & (key_pos < start + block_size)[None, :]
             zmask = zmask & (key_pos < start + block_size)[None, :]
         p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
-        pbar = _head_sum(p, heads, R, f32_sums) * (1.0 / groups)  # [R, kv_tile]: the teacher per token
+        pbar = kvo.head_sum(p, heads, R, f32_sums) * (1.0 / groups)  # [R, kv_tile]: the teacher per token
         pos = pbar > 0.0
         a_ref[...] = jnp.sum(jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0), axis=1)
         b_ref[...] = jnp.sum(pbar * jnp.where(zmask, z, 0.0), axis=1)
@@ -158,13 +143,11 @@ def _bwd_kernel(
     u = pl.program_id(0)
     c, t0, n = kvo.read_unit(unit_ref, u, n_units)
     prec = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
-    prec_idx = lax.Precision.HIGHEST if iq_ref.dtype == jnp.float32 else None
     zeros = jnp.zeros(dik_ref.shape, jnp.float32)
 
     @pl.when(n > 0)
     def _():
         m_iota = lax.broadcasted_iota(jnp.int32, (M,), 0)
-        r_iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
         start = pl.multiple_of(c * block_size, block_size)
         k = k_ref[pl.ds(start, kv_tile), :]
         ik = ik_ref[pl.ds(start, kv_tile), :]
@@ -174,38 +157,25 @@ def _bwd_kernel(
             t = t0 + j
             row_tok = tok_ref[t * bq + m_iota // heads]
             rows = jnp.maximum(row_tok, 0) * heads + m_iota % heads
-            q = q_ref[rows]
-            lse = lse_ref[rows]
-            r_tok = jnp.where(r_iota < bq, tok_ref[t * bq + jnp.minimum(r_iota, bq - 1)], -1)
-            tok = jnp.maximum(r_tok, 0)
-            iq = iq_ref[tok]  # [R, Di_pad]: one row per token
-            zlse = zlse_ref[tok]
-            w1 = w1_ref[tok]
-            w2 = w2_ref[tok]
-            s = plgpu.dot(q, k, trans_b=True, precision=prec) * (scale * LOG2E)
-            z = plgpu.dot(iq, ik, trans_b=True, precision=prec_idx) * scale_idx  # [R, kv_tile]
+            s = plgpu.dot(q_ref[rows], k, trans_b=True, precision=prec) * (scale * LOG2E)
             row_pos = pos_ref[jnp.maximum(row_tok, 0)]
             mask = (row_tok >= 0)[:, None] & (key_pos[None, :] <= row_pos[:, None])
-            zmask = (r_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[tok][:, None])
             if kv_tile > block_size:
                 mask = mask & (key_pos < start + block_size)[None, :]
-                zmask = zmask & (key_pos < start + block_size)[None, :]
-            p = jnp.where(mask, jnp.exp2(s - (lse * LOG2E)[:, None]), 0.0)
-            # dz summed over a token's G heads (linear in them): g S softmax(z) - (g / G) sum_h P_h.
-            psum = _head_sum(p, heads, R, f32_sums)  # [R, kv_tile]
-            qz = jnp.exp(z - zlse[:, None])
-            dz = jnp.where(zmask, w1[:, None] * qz - w2[:, None] * psum, 0.0).astype(iq.dtype)
-            diq = plgpu.dot(dz, ik, precision=prec_idx) * scale_idx  # [R, Di_pad]
-            diq_ref[pl.ds(pl.multiple_of(t * R, R), R), :] = diq.astype(diq_ref.dtype)
+            p = jnp.where(mask, jnp.exp2(s - (lse_ref[rows] * LOG2E)[:, None]), 0.0)
+            it = kvo.index_grad_tile(p, t, start, key_pos, ik, tok_ref, pos_ref, iq_ref, zlse_ref, w1_ref, w2_ref,
+                                     bq=bq, heads=heads, block_size=block_size, kv_tile=kv_tile,
+                                     scale_idx=scale_idx, f32_sums=f32_sums)
+            diq_ref[pl.ds(pl.multiple_of(t * R, R), R), :] = it.diq.astype(diq_ref.dtype)
             if value_refs:  # the forward's partial sums from the same tile (`index_kl_sum`)
                 a_ref, b_ref, s_ref = value_refs
-                pbar = psum * (1.0 / groups)
+                pbar = it.psum * (1.0 / groups)
                 pos = pbar > 0.0
                 part = pl.ds(pl.multiple_of(t * R, R), R)
                 a_ref[part] = jnp.sum(jnp.where(pos, pbar * jnp.log(jnp.where(pos, pbar, 1.0)), 0.0), axis=1)
-                b_ref[part] = jnp.sum(pbar * jnp.where(zmask, z, 0.0), axis=1)
+                b_ref[part] = jnp.sum(pbar * jnp.where(it.zmask, it.z, 0.0), axis=1)
                 s_ref[part] = jnp.sum(pbar, axis=1)
-            return dik + plgpu.dot(dz, iq, trans_a=True, precision=prec_idx) * scale_idx
+            return dik + it.dik
 
         dik_ref[...] = lax.fori_loop(0, n, tile, zeros)
 
@@ -516,6 +486,79 @@ def _index_kl_sum_fused(q, k, iq, ik, block_idx, lse, pos, w, *, block_size: int
     return value, diq[:, : sz.T], dik
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "plan"))
+def _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, pos, out, lse, dout, dlse, g, *, block_size: int,
+                           plan: kvo.Plan):
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    Di = iq.shape[3]
+    Di_pad = pad_dim(Di)
+    T_pad = plan.n_chunks * plan.t_chunk
+    (kg, vg), xs, index, zeros = sab.prepare(q, k, v, block_idx, pos, out, lse, dout, dlse, sz=sz, plan=plan)
+    ikg = kvo.kv_layout(ik, sz.T_kv_pad, Di_pad)
+    iqp = kvo.pad_time(iq, T_pad)
+    student = functools.partial(_chunk_student, ikg=ikg, sz=sz, plan=plan, Di_pad=Di_pad)
+    zlse = kvo.map_chunks(student, (xs[0], iqp), plan.n_chunks, plan.t_chunk, index)
+    zlse = jnp.where(jnp.isfinite(zlse), zlse, 0.0)  # empty support: no tile reads it
+    w1 = kvo.pad_time(g.astype(jnp.float32), T_pad)  # dz = g (softmax(z) - Pbar), S taken as 1
+    chunk = functools.partial(sab.chunk_bwd, kg=kg, vg=vg, ikg=ikg, sz=sz, plan=plan)
+    dik0 = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
+    (dq, diq), (dk, dv, dik) = kvo.scan_chunks(chunk, xs + (iqp, zlse, w1, w1 * (1.0 / sz.G)), plan.n_chunks,
+                                               plan.t_chunk, (*zeros, dik0), index)
+    dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)
+    d_ik = dik[:, 0]
+    for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order
+        d_ik = d_ik + dik[:, r]
+    T = sz.T
+    return (dq[:, :T], sab.kv_back(dk, sz, k.dtype), sab.kv_back(dv, sz, v.dtype), diq[:, :T].astype(iq.dtype),
+            d_ik[:, : sz.L, :Di].astype(ik.dtype))
+
+
+def main_and_index_kl_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    iq: jax.Array,
+    ik: jax.Array,
+    block_idx: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    g: jax.Array,
+    dlse: jax.Array | None = None,
+    *,
+    block_size: int,
+    q_pos: jax.Array | None = None,
+    block_q: int | None = None,
+    query_chunk: int | None = None,
+    tiles_per_unit: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...]:
+    """The main branch's backward with the index KL's gradient fused in: (dq, dk, dv, d iq, d ik) =
+    `sparse_attention_bwd(q, k, v, block_idx, out, lse, dout, dlse)` and the gradients with respect
+    to iq, ik of sum_{b, i, r} g[b, i, r] kl[b, i, r] (kl as `index_kl`, float32 g [B, T, H_kv]: the
+    weights times the cotangent, as `index_kl_sum` with weights w and cotangent c has g = w c).
+
+    One pass over the units: the backward kernel recomputes every tile's teacher P for dq, dk, dv
+    anyway; the KL's per-token rows (head sum, student logits, dz, d iq, d IK_c,
+    `kv_outer.index_grad_tile`) come from the same P, so no separate teacher pass. A student-only
+    pass (the student's lse over the support) runs first. lse must be the main branch's LSE over the
+    support (the teacher's normaliser; the gradient takes the teacher's mass S as 1, as
+    `index_kl_sum` does). The KL's value is not computed. Options: see `sparse_attention_bwd`.
+    """
+    sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)
+    for name, x in (("out", out), ("dout", dout)):
+        check_shape(name, x, q.shape, "[B, T, H_q, D], as q")
+    check_shape("g", g, (sz.B, sz.T, sz.H_kv), f"[B={sz.B}, T={sz.T}, H_kv={sz.H_kv}]")
+    check_floating("g", g)
+    if dlse is not None:
+        check_shape("dlse", dlse, q.shape[:3], "[B, T, H_q]")
+    config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
+    plan = config.resolve("bwd", sz, f32=jnp.float32 in (q.dtype, iq.dtype), interpret=interpret)
+    return _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, kvo.positions(q_pos, sz.B, sz.T), out, lse, dout, dlse,
+                                  g, block_size=block_size, plan=plan)
+
+
 def _weighted_sum(kl, w):
     """kl [B, T, H_kv], w [B, T] -> float32 [B, H_kv]: sum over tokens of w * kl."""
     return jnp.einsum("btr,bt->br", kl, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
@@ -711,8 +754,8 @@ def index_kl_sum(
     Options: see `index_kl`; kl_kernel: the teacher pass's tile kernel, "triton" (default), "mosaic"
     (`pallas.mgpu_index_kl`: bfloat16, G_pad 8 or 16, block_size 128, D and D_idx 64 or 128; block_q
     is then 128 // G_pad; interpreted on a CPU) or "auto" (Mosaic GPU when compiled for an sm_90
-    GPU and supported). The Mosaic GPU pass matches the Triton one in the interpreter and lowers for
-    sm_90, but has not yet run on a GPU: "triton" stays the default until it has.
+    GPU and supported). The Mosaic GPU pass matches the Triton one, but on an H200 it is slower
+    (BENCHMARKS.md): "triton" stays the default.
     """
     sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     check_shape("weights", weights, (sz.B, sz.T), f"[B={sz.B}, T={sz.T}]")

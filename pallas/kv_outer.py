@@ -451,6 +451,62 @@ def reduce_units(ustart, parts, *, n_blocks: int, block_size: int, interpret: bo
     )(ustart, *parts, *extra)
 
 
+# ------------------------------------------------------------------------- the KL's tile pieces
+
+
+def head_sum(p, heads: int, rows: int, f32: bool):
+    """[M, kv] float32 rows (token-major, `heads` rows per token) -> [rows, kv] float32: per token the
+    sum of its rows (rows >= M / heads: 0), as a 0/1 matmul (a [M] -> [BQ, heads] reshape of a 2-d
+    tile goes through shared memory, which the KL kernels lack). bfloat16 kernels: p goes in as two
+    bfloat16 terms, hi + lo (~2^-17 relative, exact products, float32 sums); float32 kernels
+    (f32): one IEEE float32 dot."""
+    M = p.shape[0]
+    sel = lax.broadcasted_iota(jnp.int32, (rows, M), 1) // heads == lax.broadcasted_iota(jnp.int32, (rows, M), 0)
+    if f32:
+        return plgpu.dot(sel.astype(jnp.float32), p, precision=lax.Precision.HIGHEST)
+    hi = p.astype(jnp.bfloat16)
+    lo = (p - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    sel = sel.astype(jnp.bfloat16)
+    return plgpu.dot(sel, hi) + plgpu.dot(sel, lo)
+
+
+class IndexTile(NamedTuple):
+    """The KL's pieces of one tile of a units kernel (`index_grad_tile`)."""
+
+    psum: jax.Array  # [R, kv_tile] float32: per token the sum of its heads' teacher P
+    z: jax.Array  # [R, kv_tile] float32: the student's logits
+    zmask: jax.Array  # [R, kv_tile] bool: keys in the token's support (rows >= BQ, padding: none)
+    diq: jax.Array  # [R, Di_pad] float32: the tile's d iq rows
+    dik: jax.Array  # [kv_tile, Di_pad] float32: the tile's d IK_c
+
+
+def index_grad_tile(p, t, start, key_pos, ik, tok_ref, pos_ref, iq_ref, zlse_ref, w1_ref, w2_ref, *, bq: int,
+                    heads: int, block_size: int, kv_tile: int, scale_idx: float, f32_sums: bool) -> IndexTile:
+    """The index KL's gradient from tile t of a units kernel, given its rows' teacher P ([BQ * heads,
+    kv_tile] float32, masked): per token (R = max(BQ, 16) rows: Triton dots need 16; rows >= BQ are
+    empty) the student's logits z = iq ik^T * scale_idx and dz = w1 softmax_U(z) - w2 sum_h P_h (dz is
+    linear in the heads), then d iq = dz ik * scale_idx and d IK_c = dz^T iq * scale_idx. The KL's
+    own backward (`pallas.index_kl`) and the main backward with the KL fused in
+    (`pallas.sparse_attention_bwd`) share it. zlse, w1, w2: per token the student's LSE over the
+    support, g S and g / G (g the token's weight)."""
+    R = max(bq, MIN_DOT)
+    r_iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
+    r_tok = jnp.where(r_iota < bq, tok_ref[t * bq + jnp.minimum(r_iota, bq - 1)], -1)
+    tok = jnp.maximum(r_tok, 0)
+    iq = iq_ref[tok]  # [R, Di_pad]: one row per token
+    prec = lax.Precision.HIGHEST if iq_ref.dtype == jnp.float32 else None
+    z = plgpu.dot(iq, ik, trans_b=True, precision=prec) * scale_idx  # [R, kv_tile]
+    zmask = (r_tok >= 0)[:, None] & (key_pos[None, :] <= pos_ref[tok][:, None])
+    if kv_tile > block_size:  # 16-row K tile for block_size 8: drop the rows of block c + 1
+        zmask = zmask & (key_pos < start + block_size)[None, :]
+    psum = head_sum(p, heads, R, f32_sums)
+    qz = jnp.exp(z - zlse_ref[tok][:, None])
+    dz = jnp.where(zmask, w1_ref[tok][:, None] * qz - w2_ref[tok][:, None] * psum, 0.0).astype(iq.dtype)
+    diq = plgpu.dot(dz, ik, precision=prec) * scale_idx
+    dik = plgpu.dot(dz, iq, trans_a=True, precision=prec) * scale_idx
+    return IndexTile(psum, z, zmask, diq, dik)
+
+
 # -------------------------------------------------------------------------------------- combine
 
 

@@ -107,7 +107,6 @@ def _kernel(
     wg = lax.axis_index("wg")
     i32, f32, bf16 = jnp.int32, jnp.float32, jnp.bfloat16
     n_dh = ik_smem.shape[0]  # 64-wide halves of the index dims (1 or 2)
-    Di = n_dh * WG_ROWS
     (p_hi, p_lo), dik_stage = p_union  # (a RefUnion iterates over its groups)
 
     def slot(n, slots):

@@ -21,8 +21,9 @@ import pytest
 
 from conftest import hand_ids, hot_ids, indexer_ids, triton_ir_for_h100
 from msa_jax.ops import reference
-from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, index_kl_sum, teacher_lse
+from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, index_kl_sum, main_and_index_kl_bwd, teacher_lse
 from pallas.sparse_attention import sparse_attention_fwd
+from pallas.sparse_attention_bwd import sparse_attention_bwd
 
 # (kl atol, kl rtol, gradient tolerance relative to the largest |gradient|)
 TOL = {jnp.float32: (2e-5, 1e-5, 1e-5), jnp.bfloat16: (1e-4, 1e-4, 2e-2)}
@@ -178,6 +179,30 @@ def test_index_kl_sum_matches_oracle(case):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="weights"):
         index_kl_sum(q, k, iq, ik, ids, lse, w[:, :1], block_size=bs)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5]], ids=_case_id)
+def test_main_backward_with_the_kl_fused_in(case):
+    """main_and_index_kl_bwd: dq, dk, dv bit-identical to the main backward's (same tiles, same sums),
+    d iq and d ik those of sum(g * kl) against the oracle (G = 3 with junk and empty rows and query
+    chunks, G = 16 with a hot block, bf16)."""
+    bs, dtype, qc = case[6], case[9], case[10]
+    q, k, iq, ik, ids, _, g = _setup(case)
+    rng = np.random.default_rng(7)
+    v, dout = (jnp.asarray(rng.standard_normal(x.shape, np.float32).astype(dtype)) for x in (k, q))
+    out, lse = sparse_attention_fwd(q, k, v, ids, block_size=bs, query_chunk=qc)
+    got = main_and_index_kl_bwd(q, k, v, iq, ik, ids, out, lse, dout, g, block_size=bs, query_chunk=qc)
+    want = sparse_attention_bwd(q, k, v, ids, out, lse, dout, block_size=bs, query_chunk=qc)
+    for a, b in zip(got[:3], want):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _, _, (ref_diq, ref_dik) = _oracle_fn(bs)(q, k, iq, ik, ids, g)
+    d_iq, d_ik = got[3:]
+    assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape and d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
+    _close_grad(d_iq, ref_diq, TOL[dtype][2])
+    _close_grad(d_ik, ref_dik, TOL[dtype][2])
+    with pytest.raises(ValueError, match="g"):
+        main_and_index_kl_bwd(q, k, v, iq, ik, ids, out, lse, dout, g[:, :1], block_size=bs)
 
 
 def test_grad_of_mean_matches_reference_loss():
