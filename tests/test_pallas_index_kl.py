@@ -307,10 +307,14 @@ def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):
         fn = lambda a, b: index_kl(q, k, a, b, ids, lse, block_size=bs, query_chunk=qc, interpret=False).mean()  # noqa: E731
         w = jnp.full(q.shape[:2], 1.0 / T, jnp.float32)
         fused = lambda a, b: index_kl_sum(q, k, a, b, ids, lse, w, block_size=bs, query_chunk=qc, interpret=False).sum()  # noqa: E731
-        return jax.value_and_grad(fn, (0, 1))(iq, ik), jax.value_and_grad(fused, (0, 1))(iq, ik)
+        # the main backward with the KL's gradient (q, k as v, out, dout: shapes are what matter here)
+        g = jnp.broadcast_to(w[:, :, None], k.shape[:3])
+        main_kl = main_and_index_kl_bwd(q, k, k, iq, ik, ids, q, lse, q, g, block_size=bs, query_chunk=qc,
+                                        interpret=False)
+        return jax.value_and_grad(fn, (0, 1))(iq, ik), jax.value_and_grad(fused, (0, 1))(iq, ik), main_kl
 
     text = triton_ir_for_h100(loss_and_grad, *args)
     assert "__gpu$xla.gpu.triton" in text
     for name in ("msa_index_kl_fwd", "msa_index_kl_bwd", "msa_kv_outer_reduce_units", "msa_index_kl_student",
-                 "msa_index_kl_fused"):
+                 "msa_index_kl_fused", "msa_sparse_attention_bwd_kl"):
         assert name in text
