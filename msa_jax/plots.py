@@ -226,6 +226,65 @@ def compare_runs(run_dirs, out: str | pathlib.Path, title: str | None = None) ->
 # ------------------------------------------------------------------------------ retrieval
 
 
+def stage_curves(stages: list[tuple[str, list[dict]]], *, title: str = ""):
+    """A run continued in stages (e.g. a length curriculum: `--init-from` at another `--seq-len`) on
+    one step axis: each stage's metrics rows (`metrics.jsonl`) after the previous stage's last step.
+    Left: validation LM loss (bits/byte); right: the retrieval probe's answers (`val_answer_exact`,
+    `val_answer_bytes`). Stages are shaded and labelled. -> a matplotlib figure (None without
+    matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4))
+    offset = 0
+    for i, (label, rows) in enumerate(stages):
+        evals = [r for r in rows if r["kind"] == "eval"]
+        last = max((r["step"] for r in rows), default=0)
+        for ax in (ax_l, ax_r):
+            ax.axvspan(offset, offset + last, color=f"C{i}", alpha=0.08)
+        ax_r.text(offset + last / 2, 1.02, label, ha="center", va="bottom", fontsize=8)
+        steps = [offset + r["step"] for r in evals]
+        ax_l.plot(steps, [r["val_bpb"] for r in evals], "o-", color=f"C{i}")
+        for key, marker, name in (("val_answer_exact", "s-", "whole answer"), ("val_answer_bytes", "o--", "answer bytes")):
+            pts = [(s, r[key]) for s, r in zip(steps, evals) if r.get(key) is not None]
+            if pts:
+                ax_r.plot(*zip(*pts), marker, color=f"C{i}", label=name if i == 0 else None)
+        offset += last
+    ax_l.set(xlabel="step (all stages)", ylabel="val LM loss (bits/byte)", title=title)
+    ax_r.set(xlabel="step (all stages)", ylabel="share right (val probe)", ylim=(0, 1.12))
+    ax_r.legend(loc="center left")
+    for ax in (ax_l, ax_r):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def block_scores_figure(scores: dict[str, np.ndarray], selected: dict[str, np.ndarray], *, needle_block: int,
+                        title: str = ""):
+    """One query's score per KV block under several pooling rules (`scores`: name -> [n_blocks]) and
+    the blocks each rule's top-k picks (`selected`: name -> block ids), with the needle's block
+    marked: why MSA pools a block's index scores by max. -> a matplotlib figure (None without
+    matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(len(scores), 1, figsize=(12, 2.2 * len(scores)), sharex=True, squeeze=False)
+    for ax, (name, x) in zip(axes[:, 0], scores.items()):
+        x = np.asarray(x)
+        picked = np.zeros(x.size, bool)
+        picked[[b for b in np.asarray(selected[name]).ravel() if 0 <= b < x.size]] = True
+        ax.bar(np.arange(x.size), x, color=np.where(picked, "C1", "C7"), width=0.9)
+        ax.axvline(needle_block, color="C3", ls="--", lw=1)
+        hit = "picks" if picked[needle_block] else "misses"
+        ax.set(ylabel=name, title=f"{name}: top-{picked.sum()} (orange) {hit} the needle's block (red line)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xlabel("KV block")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def retrieval_table(rows: list[dict], depths: list[float], metric: str = "accuracy") -> str:
     """Text table: one line per (run, task, length), one column per needle depth, and the mean."""
     head = ["run", "task", "length"] + [f"d={d:g}" for d in depths] + ["mean"]

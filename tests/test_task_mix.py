@@ -175,6 +175,27 @@ def test_needle_selection_numbers_and_figure(tmp_path):
     assert (tmp_path / "sel.png").stat().st_size > 5000
 
 
+def test_stage_curves_put_stages_on_one_step_axis(tmp_path):
+    def rows(steps, exact):
+        return ([{"kind": "train", "step": s} for s in range(1, steps + 1)]
+                + [{"kind": "eval", "step": s, "val_bpb": 1.0, "val_answer_exact": e, "val_answer_bytes": e}
+                   for s, e in exact])
+    fig = plots.stage_curves([("2K", rows(600, [(300, 0.0), (600, 0.9)])), ("16K", rows(500, [(500, 0.1)]))],
+                             title="t")
+    lines = [ln for ln in fig.axes[1].get_lines() if len(ln.get_xdata()) > 0]
+    assert [list(ln.get_xdata()) for ln in lines] == [[300, 600], [300, 600], [1100], [1100]]  # 16K after 600
+    fig.savefig(tmp_path / "stages.png")
+    assert (tmp_path / "stages.png").stat().st_size > 5000
+
+
+def test_block_scores_figure_marks_the_picked_blocks(tmp_path):
+    fig = plots.block_scores_figure({"max": np.arange(8.0), "mean": np.ones(8)}, {"max": [7, 6], "mean": [0, 1]},
+                                    needle_block=7, title="t")
+    assert "picks" in fig.axes[0].get_title() and "misses" in fig.axes[1].get_title()
+    fig.savefig(tmp_path / "blocks.png")
+    assert (tmp_path / "blocks.png").stat().st_size > 5000
+
+
 def test_long_context_preset_and_the_documented_ablations():
     """Every ablation is a valid run, the block ones keep 2048 attended keys per query, and
     docs/long_context.md lists each one's command with exactly its flags."""
