@@ -180,8 +180,8 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, lse=None, q
     lse: optional float32 [B, T, H_q], the main branch's log-sum-exp over the same support
     (`sparse_attention(..., return_lse=True)`), which is the teacher's normaliser (docs/algorithm.md
     §6.1): the fused pallas KL reuses it instead of recomputing it; the other backends do not need it.
-    q_pos: queries at an offset (module docstring; the mean is over real queries, q_pos >= 0); with
-    it every impl runs the xla KL.
+    q_pos: queries at an offset (module docstring; the mean is over real queries, q_pos >= 0): the
+    pallas KL runs its kernels at those positions (a context-parallel slice of a sequence).
     """
     backend = _backend(impl)
     cached = q_pos is not None
