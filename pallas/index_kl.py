@@ -531,6 +531,8 @@ def main_and_index_kl_bwd(
     block_q: int | None = None,
     query_chunk: int | None = None,
     tiles_per_unit: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...]:
     """The main branch's backward with the index KL's gradient fused in: (dq, dk, dv, d iq, d ik) =
@@ -553,7 +555,8 @@ def main_and_index_kl_bwd(
     check_floating("g", g)
     if dlse is not None:
         check_shape("dlse", dlse, q.shape[:3], "[B, T, H_q]")
-    config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit)
+    config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
+                               num_warps=num_warps, num_stages=num_stages)
     plan = config.resolve("bwd", sz, f32=jnp.float32 in (q.dtype, iq.dtype), interpret=interpret)
     return _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, kvo.positions(q_pos, sz.B, sz.T), out, lse, dout, dlse,
                                   g, block_size=block_size, plan=plan)
