@@ -47,7 +47,8 @@ from pallas import sparse_attention_bwd as sab
 from pallas.common import KERNEL_DTYPES, LOG2E, MASK_VALUE, MIN_DOT, interpret_mode, pad_dim
 from pallas.sparse_attention import sparse_attention_fwd
 
-__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "main_and_index_kl_bwd", "teacher_lse"]
+__all__ = ["index_kl", "index_kl_fwd", "index_kl_bwd", "index_kl_sum", "main_and_index_kl_bwd",
+           "sparse_attention_with_kl_grad", "teacher_lse"]
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -560,6 +561,67 @@ def main_and_index_kl_bwd(
     plan = config.resolve("bwd", sz, f32=jnp.float32 in (q.dtype, iq.dtype), interpret=interpret)
     return _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, kvo.positions(q_pos, sz.B, sz.T), out, lse, dout, dlse,
                                   g, block_size=block_size, plan=plan)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _attention_kl_grad(q, k, v, iq, ik, block_idx, pos, w, block_size, interpret):
+    out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, q_pos=pos, interpret=interpret)
+    return out, lse, jnp.zeros((q.shape[0], k.shape[2]), jnp.float32)
+
+
+def _attention_kl_grad_fwd(q, k, v, iq, ik, block_idx, pos, w, block_size, interpret):
+    out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, q_pos=pos, interpret=interpret)
+    kl = jnp.zeros((q.shape[0], k.shape[2]), jnp.float32)
+    return (out, lse, kl), (q, k, v, iq, ik, block_idx, pos, w, out, lse)
+
+
+def _attention_kl_grad_bwd(block_size, interpret, res, cts):
+    q, k, v, iq, ik, block_idx, pos, w, out, lse = res
+    dout, dlse, dkl = cts
+    g = w.astype(jnp.float32)[:, :, None] * dkl.astype(jnp.float32)[:, None, :]  # [B, T, H_kv]
+    dq, dk, dv, d_iq, d_ik = main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, out, lse, dout, g, dlse,
+                                                   block_size=block_size, q_pos=pos, interpret=interpret)
+    return dq, dk, dv, d_iq, d_ik, None, None, None
+
+
+_attention_kl_grad.defvjp(_attention_kl_grad_fwd, _attention_kl_grad_bwd)
+
+
+def sparse_attention_with_kl_grad(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    iq: jax.Array,
+    ik: jax.Array,
+    block_idx: jax.Array,
+    weights: jax.Array,
+    *,
+    block_size: int,
+    q_pos: jax.Array | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A training step's main branch and index-KL gradient in one backward pass: (out, lse, kl).
+
+    out, lse are `pallas.sparse_attention.sparse_attention`'s (differentiable in q, k, v). kl float32
+    [B, H_kv] is ZERO in value, but its gradient with respect to iq and ik is that of
+    `index_kl_sum(q, k, iq, ik, block_idx, lse, weights)` (q, k get none from it: the teacher is
+    detached), so a loss `... + kl.sum()` trains the index branch as the KL would: the backward runs
+    `main_and_index_kl_bwd`, one teacher pass for both. For the steps that do not need the KL's
+    value (a training step's update does not depend on it); take the value from `index_kl_sum`
+    where it is logged.
+    """
+    cached = q_pos is not None
+    check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=cached)
+    check_index(iq, ik, k, dtypes=KERNEL_DTYPES, cached=cached)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
+    check_int("block_size", block_size, 1)
+    if cached:
+        check_q_pos(q_pos, *q.shape[:2])
+    sz = kvo.sizes(q, k, block_idx, block_size)
+    check_shape("weights", weights, (sz.B, sz.T), f"[B={sz.B}, T={sz.T}]")
+    check_floating("weights", weights)
+    return _attention_kl_grad(q, k, v, iq, ik, block_idx, kvo.positions(q_pos, sz.B, sz.T), weights, block_size,
+                              interpret)
 
 
 def _weighted_sum(kl, w):

@@ -859,6 +859,37 @@ def test_index_kl_loss_given_lse(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_attention_and_index_kl_without_the_value_keeps_the_gradients(impl):
+    """sparse_attention_and_index_kl: with kl_value the two ops' out and KL; without, the same out, a
+    KL of 0 and the same gradients of sum(out * ct) + kl to q, k, v, iq, ik (pallas: the KL's
+    gradient from the main backward's tiles), also at query positions (a context-parallel slice)."""
+    cfg = CONFIGS["g2_4groups"]
+    q, k, v, iq, ik = make_inputs(cfg, seed=147)
+    idx = jops.select_blocks(iq, ik, block_size=cfg.bs, top_k=cfg.topk, impl="reference")
+    ct = jnp.asarray(np.random.default_rng(148).standard_normal(q.shape).astype(np.float32))
+    half = q.shape[1] // 2
+    q_pos = jnp.broadcast_to(jnp.arange(half, q.shape[1]), (q.shape[0], q.shape[1] - half))
+
+    for sl, pos in ((slice(None), None), (slice(half, None), q_pos)):
+        def f(q, k, v, iq, ik, kl_value):
+            out, kl = ops.sparse_attention_and_index_kl(q[:, sl], k, v, iq[:, sl], ik, idx[:, sl], block_size=cfg.bs,
+                                                        kl_value=kl_value, q_pos=pos, impl=impl)
+            return (out * ct[:, sl]).sum() + 0.5 * kl, (out, kl)
+
+        grads = lambda kl_value: jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(  # noqa: E731
+            q, k, v, iq, ik, kl_value)
+        (_, (out1, kl1)), g1 = grads(True)
+        (_, (out0, kl0)), g0 = grads(False)
+        want_kl = ops.index_kl_loss(q[:, sl], k, iq[:, sl], ik, idx[:, sl], block_size=cfg.bs, q_pos=pos, impl=impl)
+        assert_close(kl1, want_kl, 1e-5)
+        assert float(kl0) == 0.0
+        assert_close(out0, out1, 1e-6)
+        for name, a, b in zip(("q", "k", "v", "iq", "ik"), g0, g1):
+            assert np.abs(np.asarray(b)).max() > 0, name  # every input gets a gradient: the test can fail
+            assert_close(a, b, 1e-5, msg=f"d{name} q_pos={pos is not None}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_grads_of_shared_keys_sum_in_f32(impl):
     """bf16 inputs, a sink block every query selects (plus each local block): dk, dv and d ik sum
     over hundreds of queries. Summed in bf16 (a scatter-add or a chunk loop carrying bf16) they

@@ -49,6 +49,7 @@ __all__ = [
     "index_kl_loss",
     "selection_recall",
     "selects_every_block",
+    "sparse_attention_and_index_kl",
 ]
 
 
@@ -198,6 +199,33 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int = 128, lse=None, q
     if cached:
         kw["q_pos"] = _q_pos(q_pos, *q.shape[:2])
     return _jit(backend.index_kl_loss, "block_size")(q, k, iq, ik, block_idx, **kw)
+
+
+def sparse_attention_and_index_kl(q, k, v, iq, ik, block_idx, *, block_size: int = 128, kl_value: bool = True,
+                                  q_pos=None, impl: str = "auto"):
+    """(out, kl): a training step's main branch over block_idx and index KL on the same support, as
+    `sparse_attention(..., return_lse=True)` then `index_kl_loss(..., lse=lse)`.
+
+    kl_value=False: kl is 0 in value but keeps the KL's gradient (to iq and ik), for the steps that do
+    not log the KL (an update does not depend on its value). The pallas backend then takes the KL's
+    gradient from the main backward's own tiles (`pallas.index_kl.sparse_attention_with_kl_grad`:
+    no teacher pass of the KL's own); the others compute the KL and subtract its stop_gradient.
+    """
+    backend = _backend(impl, block_size)
+    check_qkv(q, k, v, cached=q_pos is not None)
+    check_index(iq, ik, k, cached=q_pos is not None)
+    check_block_idx(block_idx, k, n_queries=q.shape[1])
+    check_int("block_size", block_size, 1)
+    sequence = q_pos is None or q.shape[1] > pallas_backend.DECODE_MAX_QUERIES  # not decoding: KV-outer kernels
+    if not kl_value and backend is pallas_backend and sequence:
+        kw = dict(block_size=block_size)
+        if q_pos is not None:
+            kw["q_pos"] = _q_pos(q_pos, *q.shape[:2])
+        fn = _jit(pallas_backend.sparse_attention_and_index_kl_grad, "block_size")
+        return fn(q, k, v, iq, ik, block_idx.astype(jnp.int32), **kw)
+    out, lse = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=True, q_pos=q_pos, impl=impl)
+    kl = index_kl_loss(q, k, iq, ik, block_idx, block_size=block_size, lse=lse, q_pos=q_pos, impl=impl)
+    return out, (kl if kl_value else kl - jax.lax.stop_gradient(kl))
 
 
 def selection_recall(q, k, block_idx, *, block_size: int = 128, top_k: int = 16, q_pos=None, impl: str = "auto"):

@@ -111,6 +111,27 @@ def dense_attention(q, k, v, *, q_pos=None):
     return out
 
 
+def _kl_weights(pos, q_pos, n_groups: int):
+    """float32 [B, T]: the weight of each token's KL in the mean over (real query, group)."""
+    B, T = pos.shape
+    n_real = B * T if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)
+    return jnp.where(pos >= 0, 1.0 / (n_real * n_groups), 0.0).astype(jnp.float32)
+
+
+def sparse_attention_and_index_kl_grad(q, k, v, iq, ik, block_idx, *, block_size: int, q_pos=None):
+    """(out, kl): the main branch, and a kl that is 0 in value with the mean KL's gradient, both from
+    one backward pass (`index_kl.sparse_attention_with_kl_grad`)."""
+    B, T = q.shape[:2]
+    pos = kv_outer.positions(q_pos, B, T)
+    w = _kl_weights(pos, q_pos, iq.shape[2])
+    fn = lambda q, k, v, iq, ik, ids, pos, w: index_kl.sparse_attention_with_kl_grad(  # noqa: E731
+        q, k, v, iq, ik, ids, w, block_size=block_size, q_pos=pos)[::2]
+    out, kl = kernel_shard_map(fn, q, k, v, iq, ik, block_idx, pos, w,
+                               specs=(_BTH_, _BTH_, _BTH_, _BTH_, _BT_, _BTH_, _BT, _BT),
+                               out_specs=(_BTH_, ("batch", "heads")))
+    return out, kl.sum()
+
+
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None):
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     B, T = q.shape[:2]
@@ -126,8 +147,7 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=N
         lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
     # The mean over (real query, group) as token weights: index_kl_sum computes the value and its
     # gradients in one teacher pass (the weights are known in the forward).
-    n_real = B * T if q_pos is None else jnp.maximum((q_pos >= 0).sum(), 1)
-    w = jnp.where(pos >= 0, 1.0 / (n_real * iq.shape[2]), 0.0).astype(jnp.float32)  # [B, T]
+    w = _kl_weights(pos, q_pos, iq.shape[2])
     fn = lambda *a: index_kl.index_kl_sum(*a[:6], a[7], block_size=block_size, q_pos=a[6])  # noqa: E731
     kl = kernel_shard_map(
         fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse), pos, w,
