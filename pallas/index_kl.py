@@ -433,6 +433,15 @@ def _index_kl_fwd(q, k, iq, ik, block_idx, lse, pos, *, block_size: int, plan: k
     return kl[:, :T], (lse_idx[:, :T], S[:, :T])
 
 
+def _group_sum(dik):
+    """[B, H_kv, L, Di] per-group d ik -> [B, L, Di]: ik is shared by the groups, so their sum, in
+    group order (a fixed order: deterministic)."""
+    acc = dik[:, 0]
+    for r in range(1, dik.shape[1]):
+        acc = acc + dik[:, r]
+    return acc
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "plan"))
 def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_size: int, plan: kvo.Plan):
     sz = kvo.sizes(q, k, block_idx, block_size)
@@ -449,10 +458,7 @@ def _index_kl_bwd(q, k, iq, ik, block_idx, lse, pos, lse_idx, S, g, *, block_siz
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
     zeros = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
     diq, (dik,) = kvo.scan_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, (zeros,), index)  # d ik: chunk order
-    dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)
-    acc = dik[:, 0]
-    for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order
-        acc = acc + dik[:, r]
+    acc = _group_sum(dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad))
     return diq[:, : sz.T].astype(iq.dtype), acc[:, : sz.L, :Di].astype(ik.dtype)
 
 
@@ -505,10 +511,7 @@ def _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, pos, out, lse, dout, dlse
     dik0 = jnp.zeros((sz.BH, sz.n_blocks * block_size, Di_pad), jnp.float32)
     (dq, diq), (dk, dv, dik) = kvo.scan_chunks(chunk, xs + (iqp, zlse, w1, w1 * (1.0 / sz.G)), plan.n_chunks,
                                                plan.t_chunk, (*zeros, dik0), index)
-    dik = dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad)
-    d_ik = dik[:, 0]
-    for r in range(1, sz.H_kv):  # ik is shared by the groups: their sum, in group order
-        d_ik = d_ik + dik[:, r]
+    d_ik = _group_sum(dik.reshape(sz.B, sz.H_kv, sz.n_blocks * block_size, Di_pad))
     T = sz.T
     return (dq[:, :T], sab.kv_back(dk, sz, k.dtype), sab.kv_back(dv, sz, v.dtype), diq[:, :T].astype(iq.dtype),
             d_ik[:, : sz.L, :Di].astype(ik.dtype))
@@ -779,9 +782,7 @@ def _sum_vjp_bwd(block_size, config, interpret, mosaic, saved, c):
     diq, dik, iq_dtype, ik_dtype = saved
     c = c.astype(jnp.float32)  # [B, H_kv]: one cotangent per (batch row, group)
     d_iq = (diq * c[:, None, :, None]).astype(iq_dtype.dtype)
-    d_ik = dik[:, 0] * c[:, 0, None, None]
-    for r in range(1, dik.shape[1]):  # ik is shared by the groups: their sum, in group order
-        d_ik = d_ik + dik[:, r] * c[:, r, None, None]
+    d_ik = _group_sum(dik * c[:, :, None, None])
     return None, None, d_iq, d_ik.astype(ik_dtype.dtype), None, None, None, None
 
 
