@@ -568,8 +568,7 @@ def main_and_index_kl_bwd(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _attention_kl_grad(q, k, v, iq, ik, block_idx, pos, w, block_size, interpret):
-    out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, q_pos=pos, interpret=interpret)
-    return out, lse, jnp.zeros((q.shape[0], k.shape[2]), jnp.float32)
+    return _attention_kl_grad_fwd(q, k, v, iq, ik, block_idx, pos, w, block_size, interpret)[0]
 
 
 def _attention_kl_grad_fwd(q, k, v, iq, ik, block_idx, pos, w, block_size, interpret):
