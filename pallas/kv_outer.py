@@ -58,6 +58,7 @@ __all__ = [
     "n_units",
     "units",
     "reduce_units",
+    "slot_loop",
     "combine_outputs",
     "combine_scalars",
     "sum_slots",
@@ -73,6 +74,7 @@ TARGET_ROWS = 128  # MMA rows per tile (BQ * G_pad) for 16-bit inputs
 PARTIAL_ELEMENTS = 2**30  # default cap on the partial buffer of one query chunk (elements)
 TILES_PER_UNIT = 16  # backward kernels: tiles one program handles for one KV block
 COMBINE_ROWS, COMBINE_WARPS = 16, 8  # slot reduction kernel: output rows per program, warps (fastest at 128K on an H200)
+SLOT_UNROLL = 16  # slot loops: unrolled up to this many slots, a loop over groups of them beyond
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -510,6 +512,27 @@ def index_grad_tile(p, t, start, key_pos, ik, tok_ref, pos_ref, iq_ref, zlse_ref
 # -------------------------------------------------------------------------------------- combine
 
 
+def slot_loop(top_k: int, body, carry, unroll: int = SLOT_UNROLL):
+    """carry = body(s, carry) for s = 0 .. top_k - 1, in order. Unrolled for top_k <= unroll (MSA's
+    16 slots: straight-line code); beyond, a loop over groups of `unroll` unrolled slots, so that a
+    selection of every block (the dense warmup: top_k = n_blocks, thousands at 1M tokens) compiles
+    in bounded time (128 slots: the warmup KL's lowering + compile 27 s -> 5 s in interpret mode).
+    The same operations in the same order either way (beyond `unroll`, a compiler may contract a
+    multiply-add differently: within an ulp of the unrolled sums; still the same bits run to run)."""
+    n_groups = top_k // unroll if top_k > unroll else 0
+
+    def group(g, c):
+        for j in range(unroll):
+            c = body(g * unroll + j, c)
+        return c
+
+    if n_groups:
+        carry = lax.fori_loop(0, n_groups, group, carry)
+    for s in range(n_groups * unroll, top_k):
+        carry = body(s, carry)
+    return carry
+
+
 def _gather_slots_kernel(inv_ref, *refs, heads: int, top_k: int, weighted: bool):
     """A tile of tokens x `heads` rows: gather each token's slot partials (rows of its padded
     positions) and reduce them in slot order, in float32. weighted: softmax weights from the
@@ -529,22 +552,27 @@ def _gather_slots_kernel(inv_ref, *refs, heads: int, top_k: int, weighted: bool)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     if not weighted:
-        for s in range(top_k):
+        def add(s, acc):
             valid, r = slot_rows(s)
-            acc += jnp.where(valid[:, None], part_ref[r].astype(jnp.float32), 0.0)
-        out_ref[...] = acc.astype(out_ref.dtype)
+            return acc + jnp.where(valid[:, None], part_ref[r].astype(jnp.float32), 0.0)
+
+        out_ref[...] = slot_loop(top_k, add, acc).astype(out_ref.dtype)
         return
-    m = jnp.full((M,), -jnp.inf, jnp.float32)
-    for s in range(top_k):  # the row's largest slot lse (cheap [M] gathers)
+
+    def row_max(s, m):  # the row's largest slot lse (cheap [M] gathers)
         valid, r = slot_rows(s)
-        m = jnp.maximum(m, jnp.where(valid, lse_ref[r], -jnp.inf))
+        return jnp.maximum(m, jnp.where(valid, lse_ref[r], -jnp.inf))
+
+    m = slot_loop(top_k, row_max, jnp.full((M,), -jnp.inf, jnp.float32))
     m_safe = jnp.where(m > -jnp.inf, m, 0.0)
-    den = jnp.zeros((M,), jnp.float32)
-    for s in range(top_k):
+
+    def add(s, carry):
+        den, acc = carry
         valid, r = slot_rows(s)
         w = jnp.where(valid, jnp.exp(lse_ref[r] - m_safe), 0.0)  # 0 for empty slots and lse = -inf
-        den += w
-        acc += w[:, None] * part_ref[r].astype(jnp.float32)
+        return den + w, acc + w[:, None] * part_ref[r].astype(jnp.float32)
+
+    den, acc = slot_loop(top_k, add, (jnp.zeros((M,), jnp.float32), acc))
     ok = den > 0.0
     den_safe = jnp.where(ok, den, 1.0)
     out_ref[...] = (acc / den_safe[:, None]).astype(out_ref.dtype)
@@ -619,13 +647,14 @@ def combine_scalars(sum_parts, lse_part, inv):
             zg = jnp.where(valid, z[idx], -jnp.inf)  # [Tc, top_k]
             zm = jnp.max(zg, axis=1)
             zm = jnp.where(jnp.isfinite(zm), zm, 0.0)
-        sums = [jnp.zeros(inv_r.shape[:1], jnp.float32) for _ in range(n + with_lse)]
-        for slot in range(top_k):
+        def add(slot, sums):
             ok = valid[:, slot]
             terms = tuple(x[idx[:, slot]] for x in parts)
             if with_lse:
                 terms += (jnp.exp(zg[:, slot] - zm),)
-            sums = [acc + jnp.where(ok, x, 0.0) for acc, x in zip(sums, terms)]
+            return [acc + jnp.where(ok, x, 0.0) for acc, x in zip(sums, terms)]
+
+        sums = slot_loop(top_k, add, [jnp.zeros(inv_r.shape[:1], jnp.float32) for _ in range(n + with_lse)])
         if not with_lse:
             return tuple(sums)
         zl = sums[-1]

@@ -96,7 +96,8 @@ class Cfg(NamedTuple):
 
 
 # Reused everywhere so jit caches are shared between tests. Every GQA ratio 1..16, T not a multiple
-# of the block, T shorter than a block, top_k larger than the number of blocks, top_k == 1.
+# of the block, T shorter than a block, top_k larger than the number of blocks, top_k == 1, more
+# slots than the kernels unroll (kv_outer.SLOT_UNROLL: a loop over groups of slots, then the rest).
 CONFIGS = {
     "g1_partial": Cfg(B=1, T=37, Hq=2, Hkv=2, D=8, Di=8, bs=8, topk=2),
     "g2_batch2": Cfg(B=2, T=22, Hq=4, Hkv=2, D=8, Di=4, bs=4, topk=3),
@@ -105,6 +106,7 @@ CONFIGS = {
     "g16": Cfg(B=1, T=33, Hq=16, Hkv=1, D=4, Di=4, bs=8, topk=2),
     "g2_4groups": Cfg(B=1, T=29, Hq=8, Hkv=4, D=8, Di=8, bs=4, topk=3),
     "topk1": Cfg(B=2, T=20, Hq=4, Hkv=2, D=16, Di=8, bs=8, topk=1),
+    "g2_many_slots": Cfg(B=1, T=83, Hq=4, Hkv=2, D=8, Di=8, bs=4, topk=19),
 }
 
 
@@ -549,7 +551,7 @@ def test_dense_attention_matches_numpy(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("cfg_name", ["g1_partial", "g16", "g2_4groups", "g8_topk_gt_blocks"])
+@pytest.mark.parametrize("cfg_name", ["g1_partial", "g16", "g2_4groups", "g8_topk_gt_blocks", "g2_many_slots"])
 def test_sparse_attention_matches_numpy(impl, cfg_name):
     cfg = CONFIGS[cfg_name]
     q, k, v, iq, ik = make_inputs(cfg, seed=51)
@@ -741,7 +743,7 @@ def _grad_qkv(f, q, k, v, ct):
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("cfg_name", ["g1_partial", "g2_4groups", "g8_topk_gt_blocks"])
+@pytest.mark.parametrize("cfg_name", ["g1_partial", "g2_4groups", "g8_topk_gt_blocks", "g2_many_slots"])
 def test_grads_attention(impl, cfg_name):
     """Grads of sparse/dense attention w.r.t. q, k, v: against autodiff of an independent masked
     jnp attention (all impls) and against the reference (concrete impls)."""
@@ -940,7 +942,7 @@ def test_grads_bf16_vs_reference(impl):
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("cfg_name", ["g1_partial", "g2_batch2", "g16", "g2_4groups", "g4_short"])
+@pytest.mark.parametrize("cfg_name", ["g1_partial", "g2_batch2", "g16", "g2_4groups", "g4_short", "g2_many_slots"])
 def test_index_kl_matches_numpy(impl, cfg_name):
     skip_if_runs_xla(impl, "index_kl_loss")
     cfg = CONFIGS[cfg_name]
