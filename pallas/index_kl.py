@@ -550,6 +550,10 @@ def main_and_index_kl_bwd(
     pass (the student's lse over the support) runs first. lse must be the main branch's LSE over the
     support (the teacher's normaliser; the gradient takes the teacher's mass S as 1, as
     `index_kl_sum` does). The KL's value is not computed. Options: see `sparse_attention_bwd`.
+
+    Measured slower than the two passes it replaces on an H200 at 128K (paper heads: 237 ms against
+    171 ms for `sparse_attention_bwd` + `index_kl_sum`; the extra index tiles outgrow the registers;
+    BENCHMARKS.md), so the train step does not use it.
     """
     sz = _check(q, k, iq, ik, block_idx, lse, block_size, q_pos)
     check_qkv(q, k, v, dtypes=KERNEL_DTYPES, cached=q_pos is not None)

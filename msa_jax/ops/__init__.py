@@ -209,7 +209,9 @@ def sparse_attention_and_index_kl(q, k, v, iq, ik, block_idx, *, block_size: int
     kl_value=False: kl is 0 in value but keeps the KL's gradient (to iq and ik), for the steps that do
     not log the KL (an update does not depend on its value). The pallas backend then takes the KL's
     gradient from the main backward's own tiles (`pallas.index_kl.sparse_attention_with_kl_grad`:
-    no teacher pass of the KL's own); the others compute the KL and subtract its stop_gradient.
+    no teacher pass of the KL's own); the others compute the KL and subtract its stop_gradient. On an
+    H200 at 128K that fused backward is slower than the separate passes (279 against 211 ms for this
+    op; BENCHMARKS.md), so the train step keeps kl_value=True's path.
     """
     backend = _backend(impl, block_size)
     check_qkv(q, k, v, cached=q_pos is not None)
