@@ -213,3 +213,41 @@ def export_for_h100(f, *shapes):
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_XLA_CACHE:  # the process that made the run's compilation cache removes it
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# ------------------------------------------------------------- Mosaic GPU interpreter subprocess
+
+MGPU_INTERPRETER_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def mgpu_interpreter_reports(test_file: str, names, run_case, timeout: int = 600) -> dict:
+    """{name: run_case(name)} for the Mosaic GPU kernel tests: in this process on a GPU; on a CPU from
+    one subprocess `python test_file --child *names` (each case one JSON line on stdout, its "name"
+    key naming it) started with XLA:CPU's concurrency-optimised scheduler off (the interpreter's
+    simulated warpgroups block inside host callbacks and deadlock under it on a 2-core machine; the
+    flag is only read when the CPU backend starts). Each report gains "races": the interpreter's race
+    reports printed before its line."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    if jax.default_backend() == "gpu":
+        return {name: dict(run_case(name), races=0) for name in names}
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MGPU_INTERPRETER_XLA_FLAG).strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file), "--child", *names], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    got, races = {}, 0
+    for line in proc.stdout.splitlines():
+        races += line.startswith("RACE DETECTED")
+        if line.startswith("{"):
+            r = json.loads(line)
+            got[r["name"]], races = dict(r, races=races), 0
+    if proc.returncode != 0 or set(got) != set(names):
+        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return got

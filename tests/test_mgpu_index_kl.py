@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 
 import jax
@@ -20,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import triton_ir_for_h100
+from conftest import mgpu_interpreter_reports, triton_ir_for_h100
 from test_pallas_index_kl import _inputs, _messy_ids, _oracle_fn
 from pallas import kv_outer as kvo
 from pallas import mgpu_index_kl as mk
 from pallas.index_kl import _index_kl_sum_fused, index_kl_sum
 from pallas.sparse_attention import sparse_attention_fwd
 
-XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # B, T, H_kv, G (12 -> G_pad 16: padded heads), D, D_idx, block_size, top_k (messy: repeats, junk ids, empty rows)
 CASE = (1, 260, 2, 12, 64, 64, 128, 5)
 
@@ -60,19 +57,7 @@ def run_case() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    if jax.default_backend() == "gpu":
-        return dict(run_case(), races=0)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG).strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    lines = proc.stdout.splitlines()
-    got = [json.loads(x) for x in lines if x.startswith("{")]
-    if proc.returncode != 0 or len(got) != 1:
-        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return dict(got[0], races=sum(x.startswith("RACE DETECTED") for x in lines))
+    return mgpu_interpreter_reports(__file__, ["kl"], lambda name: dict(run_case(), name=name))["kl"]
 
 
 def test_matches_oracle_and_triton(report):
@@ -127,4 +112,4 @@ def test_kl_kernel_choices_and_limits():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    print(json.dumps(run_case()), flush=True)
+    print(json.dumps(dict(run_case(), name="kl")), flush=True)

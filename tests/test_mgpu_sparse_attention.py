@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -29,13 +27,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from conftest import SELECTIONS, attention_oracle, check_attention, qkv, triton_ir_for_h100
+from conftest import SELECTIONS, attention_oracle, check_attention, mgpu_interpreter_reports, qkv, triton_ir_for_h100
 from pallas import mgpu_sparse_attention as mg
 from pallas import sparse_attention as sa
 from pallas.sparse_attention import sparse_attention_fwd
 
-XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-CHILD_TIMEOUT_S = 600
 
 # name -> (B, T, H_kv, G, D, block_size, top_k, selection, tiles_per_program, q_slots, query_chunk, q_pos)
 CASES = {
@@ -83,7 +79,7 @@ def run_case(name) -> dict:
                                             interpret=interpret)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     # races: the interpreter's happens-before race detector prints "RACE DETECTED" (the parent counts)
-    report = {"name": name, "seconds": time.perf_counter() - t0, "oracle": "skipped", "races": 0}
+    report = {"name": name, "seconds": time.perf_counter() - t0, "oracle": "skipped"}
     t_out, t_lse = sparse_attention_fwd(q, k, v, ids, block_size=bs, q_pos=pos, query_chunk=qc, fwd_kernel="triton")
     t_out, t_lse = np.asarray(t_out.astype(jnp.float32)), np.asarray(t_lse)
     live = np.ones(out.shape[:2], bool) if pos is None else np.asarray(pos) >= 0
@@ -113,33 +109,10 @@ def run_case(name) -> dict:
     return report
 
 
-def _child_env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG).strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 @pytest.fixture(scope="module")
 def reports():
     """Every case's report: in this process on a GPU, else from one interpreter subprocess."""
-    if jax.default_backend() == "gpu":
-        return {name: run_case(name) for name in CASES}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", *CASES], env=_child_env(), capture_output=True,
-        text=True, timeout=CHILD_TIMEOUT_S,
-    )
-    got, races = {}, 0
-    for line in proc.stdout.splitlines():  # a case's race reports come before its JSON line
-        races += line.startswith("RACE DETECTED")
-        if line.startswith("{"):
-            r = json.loads(line)
-            got[r["name"]], races = dict(r, races=races), 0
-    if proc.returncode != 0 or set(got) != set(CASES):
-        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    return got
+    return mgpu_interpreter_reports(__file__, list(CASES), run_case)
 
 
 @pytest.mark.parametrize("name", list(CASES))

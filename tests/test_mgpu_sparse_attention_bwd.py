@@ -4,7 +4,7 @@ float32 oracle.
 
 On a CPU the unit kernel runs in the Mosaic GPU interpreter of jax 0.11.2 (with its race detector) in
 one subprocess started with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false, as in
-tests/test_mgpu_sparse_attention.py (why: there); the Triton backward runs in the Pallas interpreter.
+tests/test_mgpu_sparse_attention.py (conftest.mgpu_interpreter_reports says why); the Triton backward runs in the Pallas interpreter.
 On a GPU the same cases run the compiled kernel in-process. The register-operand variant a GPU runs
 (P^T from registers) is checked by lowering it to Mosaic GPU without a GPU.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -24,13 +22,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from conftest import SELECTIONS, attention_oracle, qkv, triton_ir_for_h100
+from conftest import SELECTIONS, attention_oracle, mgpu_interpreter_reports, qkv, triton_ir_for_h100
 from pallas import mgpu_sparse_attention_bwd as mb
 from pallas.sparse_attention import sparse_attention_fwd
 from pallas.sparse_attention_bwd import sparse_attention_bwd
-
-XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-CHILD_TIMEOUT_S = 600
 
 # name -> (B, T, H_kv, G, D, top_k, selection, tiles_per_unit, query_chunk, q_pos, dlse)
 CASES = {
@@ -89,7 +84,7 @@ def run_case(name) -> dict:
     got = mb.sparse_attention_bwd_mgpu(q, k, v, ids, out, lse, dout, dlse, block_size=BS, q_pos=pos,
                                        config=mb.MGPUBwdConfig(tiles_per_unit=W, query_chunk=qc), interpret=interpret)
     got = jax.block_until_ready(got)
-    report = {"name": name, "seconds": time.perf_counter() - t0, "races": 0}
+    report = {"name": name, "seconds": time.perf_counter() - t0}
     tri = sparse_attention_bwd(q, k, v, ids, out, lse, dout, dlse, block_size=BS, q_pos=pos, query_chunk=qc)
     report["triton"] = [_rel(a, b) for a, b in zip(got, tri)]
     if pos is None:  # autodiff of the float32 oracle (out, lse) with the same cotangents
@@ -108,30 +103,9 @@ def run_case(name) -> dict:
     return report
 
 
-def _child_env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG).strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 @pytest.fixture(scope="module")
 def reports():
-    if jax.default_backend() == "gpu":
-        return {name: run_case(name) for name in CASES}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *CASES], env=_child_env(),
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    got, races = {}, 0
-    for line in proc.stdout.splitlines():  # a case's race reports come before its JSON line
-        races += line.startswith("RACE DETECTED")
-        if line.startswith("{"):
-            r = json.loads(line)
-            got[r["name"]], races = dict(r, races=races), 0
-    if proc.returncode != 0 or set(got) != set(CASES):
-        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    return got
+    return mgpu_interpreter_reports(__file__, list(CASES), run_case)
 
 
 @pytest.mark.parametrize("name", list(CASES))
