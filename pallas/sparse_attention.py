@@ -36,14 +36,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import kv_outer as kvo
 from pallas import mgpu_sparse_attention as mg
+from pallas import mgpu_sparse_attention_bwd as mb
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, interpret_mode
 from pallas.sparse_attention_bwd import sparse_attention_bwd
 
-__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS", "fwd_kernel_used"]
+__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS", "BWD_KERNELS", "fwd_kernel_used"]
 
 # Forward tile kernels: Triton (every GPU, interpret mode, float32) and Mosaic GPU (Hopper, bf16; TMA +
 # wgmma: 1.4x faster end to end at 128K on an H200, BENCHMARKS.md). Same partials and combine.
 FWD_KERNELS = ("auto", "triton", "mosaic")
+BWD_KERNELS = ("triton", "mosaic")
 
 
 def _fwd_kernel(
@@ -240,20 +242,26 @@ def sparse_attention_fwd(
 # ----------------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _sparse_attention(q, k, v, block_idx, pos, block_size, config, interpret, mosaic):
-    return _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _sparse_attention(q, k, v, block_idx, pos, block_size, config, interpret, mosaic, bwd_mosaic):
+    return _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic, bwd_mosaic)[0]
 
 
-def _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic):
+def _vjp_fwd(q, k, v, block_idx, pos, block_size, config, interpret, mosaic, bwd_mosaic):
     out, lse = _forward(q, k, v, block_idx, pos, block_size=block_size, config=config, interpret=interpret,
                         mosaic=mosaic)
     return (out, lse), (q, k, v, block_idx, pos, out, lse)
 
 
-def _vjp_bwd(block_size, config, interpret, mosaic, res, cts):
+def _vjp_bwd(block_size, config, interpret, mosaic, bwd_mosaic, res, cts):
     q, k, v, block_idx, pos, out, lse = res
     dout, dlse = cts
+    if bwd_mosaic:
+        mconf = mb.MGPUBwdConfig(tiles_per_unit=config.tiles_per_unit or kvo.TILES_PER_UNIT,
+                                 query_chunk=config.query_chunk)
+        dq, dk, dv = mb.sparse_attention_bwd_mgpu(q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size,
+                                                  q_pos=pos, config=mconf, interpret=interpret)
+        return dq, dk, dv, None, None
     dq, dk, dv = sparse_attention_bwd(
         q, k, v, block_idx, out, lse, dout, dlse, block_size=block_size, q_pos=pos, block_q=config.block_q,
         query_chunk=config.query_chunk, tiles_per_unit=config.tiles_per_unit, interpret=interpret,
@@ -277,16 +285,23 @@ def sparse_attention(
     tiles_per_unit: int | None = None,
     tiles_per_program: int | None = None,
     fwd_kernel: str = "auto",
+    bwd_kernel: str = "triton",
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out, lse) as `sparse_attention_fwd`, differentiable in q, k, v (the cotangents of out and of
     lse reach the backward kernel); block_idx and q_pos get no gradient. block_q, query_chunk: both
     kernels; tiles_per_program: the forward's, tiles_per_unit: the backward's
     (`kv_outer.KVOuterConfig`). fwd_kernel: the forward's tile kernel, as `sparse_attention_fwd`
-    (block_q or tiles_per_program given: "auto" picks Triton); the backward is Triton's."""
+    (block_q or tiles_per_program given: "auto" picks Triton). bwd_kernel: the backward's, "triton"
+    (`sparse_attention_bwd`) or "mosaic" (`mgpu_sparse_attention_bwd`, experimental: not yet timed;
+    block_q is then its own, 64 // G_pad)."""
+    if bwd_kernel not in BWD_KERNELS:
+        raise ValueError(f"bwd_kernel: expected one of {BWD_KERNELS}, got {bwd_kernel!r}")
     sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                tiles_per_program=tiles_per_program)
     mosaic = _use_mosaic(fwd_kernel, sz, q.dtype, interpret, block_q is not None or tiles_per_program is not None)
+    if bwd_kernel == "mosaic":
+        mb.check_supported(sz, q.dtype)
     return _sparse_attention(q, k, v, block_idx, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret,
-                             mosaic)
+                             mosaic, bwd_kernel == "mosaic")

@@ -24,6 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from conftest import SELECTIONS, attention_oracle, mgpu_interpreter_reports, qkv, triton_ir_for_h100
 from pallas import mgpu_sparse_attention_bwd as mb
+from pallas import sparse_attention as sa
 from pallas.sparse_attention import sparse_attention_fwd
 from pallas.sparse_attention_bwd import sparse_attention_bwd
 
@@ -37,6 +38,7 @@ CASES = {
     "g6_d64_qpos": (1, 120, 2, 6, 64, 3, "indexer", 16, 60, True, False),
 }
 BS = 128
+VJP_CASE = "g6_d64_qpos"  # also through pallas.sparse_attention's custom_vjp
 
 
 def seed_of(name) -> int:
@@ -100,6 +102,17 @@ def run_case(name) -> dict:
         report["oracle"] = [_rel(a, b) for a, b in zip(got, ref)]
     if pos is not None:  # padding queries get dq = 0
         report["padding_dq_zero"] = bool((np.asarray(got[0])[np.asarray(pos) < 0] == 0).all())
+    if name == VJP_CASE:  # sparse_attention(bwd_kernel="mosaic"): the same gradients through the custom_vjp
+        w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+
+        def loss(q, k, v, kernel):
+            o, l = sa.sparse_attention(q, k, v, ids, block_size=BS, q_pos=pos, query_chunk=qc, tiles_per_unit=W,
+                                       fwd_kernel="triton", bwd_kernel=kernel)
+            return (o.astype(jnp.float32) * w).sum() + jnp.where(jnp.isfinite(l), l, 0.0).sum()
+
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "mosaic")
+        t_grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "triton")
+        report["vjp"] = [_rel(a, b) for a, b in zip(grads, t_grads)]
     return report
 
 
@@ -118,6 +131,8 @@ def test_matches_triton_and_oracle(name, reports):
         assert max(r["oracle"]) <= 2e-2, r
     if "padding_dq_zero" in r:
         assert r["padding_dq_zero"], r
+    if name == VJP_CASE:
+        assert max(r["vjp"]) <= 1e-2, r
     assert r["races"] == 0, r
 
 
@@ -147,6 +162,10 @@ def test_bad_arguments():
         mb.sparse_attention_bwd_mgpu(*f, ids, f[0], lse, f[0], block_size=128)
     with pytest.raises(ValueError, match="tiles_per_unit"):
         mb.MGPUBwdConfig(tiles_per_unit=0)
+    with pytest.raises(ValueError, match="bwd_kernel"):
+        sa.sparse_attention(q, k, v, ids, block_size=128, bwd_kernel="cutlass")
+    with pytest.raises(ValueError, match="block_size"):
+        sa.sparse_attention(q, k, v, ids, block_size=64, bwd_kernel="mosaic")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
