@@ -294,6 +294,7 @@ def test_bad_arguments():
     [
         (1, 1024, 4, 16, 128, 128, 128, 16, jnp.bfloat16, None),  # paper heads
         (2, 37, 2, 3, 16, 32, 8, 3, jnp.float32, 16),  # G = 3, block_size 8, chunked
+        (1, 1024, 2, 8, 64, 64, 32, 40, jnp.bfloat16, None),  # 40 slots (> kv_outer.SLOT_UNROLL): slot loops
     ],
 )
 def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):

@@ -185,6 +185,7 @@ def test_bad_arguments():
         (1, 1024, 4, 16, 128, 128, 16, jnp.bfloat16, False, None),  # paper heads
         (2, 37, 2, 3, 16, 8, 3, jnp.float32, False, 16),  # G = 3, block_size 8, chunked
         (1, 100, 1, 1, 64, 32, 1, jnp.bfloat16, True, None),
+        (1, 1024, 2, 8, 64, 32, 40, jnp.bfloat16, False, None),  # 40 slots: the combine's slot loop
     ],
 )
 def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, bs, top_k, dtype, vmapped, qc):
