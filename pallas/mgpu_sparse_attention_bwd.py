@@ -20,9 +20,12 @@ tiles of one selected KV block c, with three warpgroups:
   (D = 64: warpgroup 0 alone), stored to the per-slot dq partials as the Triton kernel's.
   Register budget at D = 128: dK, dV 128 + S^T, dP^T 64 (the dq product reuses the latter's).
 
-Limits: bf16; block_size 128 (two consumers of 64 key rows); G_pad 8 or 16 (BQ = 8 or 4 tokens per
-64-row tile: token slabs of >= 8 rows in the swizzled tile, 16-byte aligned token-id copies); D of
-64 or 128. Interpreted (the Mosaic GPU interpreter of jax 0.11.2 takes SMEM wgmma operands only),
+G_pad = 4 (BQ = 16): 4-row token slabs cannot be copied into the 8-row tiles of a swizzled SMEM tile,
+so the producer copies them into plain SMEM and each consumer rewrites the q and dout tiles into its
+own swizzled copies (through registers) before its products, as the forward does for its q.
+
+Limits: bf16; block_size 128 (two consumers of 64 key rows); G_pad 4, 8 or 16 (16-byte aligned
+token-id copies of <= 256 ids per unit); D of 64 or 128. Interpreted (the Mosaic GPU interpreter of jax 0.11.2 takes SMEM wgmma operands only),
 P^T goes through SMEM (`regs_a=False`) as in the forward.
 """
 
@@ -72,6 +75,8 @@ class MGPUBwdConfig:
 def smem_bytes(D: int, bq: int, W: int, q_slots: int, regs_a: bool = True) -> int:
     """Shared memory of one CTA (buffers only)."""
     ring = q_slots * (2 * ROWS * D * 2 + 3 * ROWS * 4)  # q, dout tiles + position, lse, delta rows
+    if ROWS // bq < 8:  # G_pad < 8: each consumer's swizzled copies of the q and dout tiles
+        ring += N_CONSUMERS * 2 * ROWS * D * 2
     kv = 2 * BLOCK * D * 2
     ds = N_CONSUMERS * KV_ROWS * ROWS * 2
     pa = 0 if regs_a else N_CONSUMERS * KV_ROWS * ROWS * 2
@@ -93,7 +98,7 @@ def _unit_kernel(
     dq_ref,  # GMEM [BH, n_tiles * 64, D] bf16: per-slot dq partials
     dk_ref, dv_ref,  # GMEM [BH, U, 128, D] float32: per-unit partials
     unit_smem, tok_smem, q_smem, do_smem, rpos_smem, rlse_smem, rdelta_smem, k_smem, v_smem, ds_smem, pa_smem,
-    dq_smem, epi_smem,
+    dq_smem, epi_smem, qw_smem, dow_smem,
     unit_bar, tok_bar, kv_bar, q_bar, q_free, ds_full, ds_free,
     *, scale: float, heads: int, W: int, q_slots: int, D: int, regs_a: bool,
 ):
@@ -103,6 +108,7 @@ def _unit_kernel(
     wg = lax.axis_index("wg")
     i32 = jnp.int32
     n_dq = D // COLS  # consumers that compute dq columns
+    swizzled = heads >= 8  # the producer's slabs land in swizzled tiles (else plain, rewritten per consumer)
 
     @pl.when(wg == N_CONSUMERS)
     def _producer():
@@ -159,13 +165,19 @@ def _unit_kernel(
             def _(j):
                 qs = lax.rem(j, i32(q_slots))
                 plgpu.barrier_wait(q_bar.at[qs])
+                q_tile, do_tile = q_smem.at[qs], do_smem.at[qs]
+                if not swizzled:  # plain SMEM -> registers -> this consumer's swizzled copies
+                    for src, dst in ((q_tile, qw_smem), (do_tile, dow_smem)):
+                        dst.at[wg][...] = plgpu.load(src, layout=layout, optimized=False)
+                    plgpu.commit_smem()
+                    q_tile, do_tile = qw_smem.at[wg], dow_smem.at[wg]
 
                 def st(acc_ref):  # S^T = K_w Q^T: [64 keys, 64 query rows]
-                    plgpu.wgmma(acc_ref, k_smem.at[kv_rows], q_smem.at[qs].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, k_smem.at[kv_rows], q_tile.transpose((1, 0)))
                     return acc_ref[...]
 
                 def dpt(acc_ref):  # dP^T = V_w dout^T
-                    plgpu.wgmma(acc_ref, v_smem.at[kv_rows], do_smem.at[qs].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, v_smem.at[kv_rows], do_tile.transpose((1, 0)))
                     return acc_ref[...]
 
                 s = pl.run_scoped(st, plgpu.ACC((KV_ROWS, ROWS), jnp.float32))
@@ -191,8 +203,8 @@ def _unit_kernel(
                     pa_smem.at[wg][...] = p.astype(pa_smem.dtype)
                     p_a = pa_smem.at[wg]
                 plgpu.commit_smem()  # generic-proxy stores -> visible to wgmma (async proxy)
-                plgpu.wgmma(dv_acc, p_a, do_smem.at[qs])  # dV_w += P^T dout
-                plgpu.wgmma(dk_acc, ds_smem.at[wg], q_smem.at[qs])  # dK_w += dS^T Q (scaled at the end)
+                plgpu.wgmma(dv_acc, p_a, do_tile)  # dV_w += P^T dout
+                plgpu.wgmma(dk_acc, ds_smem.at[wg], q_tile)  # dK_w += dS^T Q (scaled at the end)
                 plgpu.barrier_arrive(ds_full)
                 plgpu.barrier_wait(ds_full)
 
@@ -250,11 +262,15 @@ def unit_partials(unit4, tok, rpos, rlse, rdelta, qg, dog, kg, vg, *, G_pad: int
         q_slots = default_q_slots(D, bq, W, regs_a)
     tf = smem_transforms(D)
     tf64 = smem_transforms(ROWS)
+    swizzled = G_pad >= 8
+    q_tf = tf if swizzled else ()
+    per_consumer = (plgpu.SMEM((N_CONSUMERS, ROWS, D), qg.dtype, transforms=tf) if not swizzled
+                    else plgpu.SMEM((1,), jnp.int32))  # (a 4-byte placeholder)
     scratch = [
         plgpu.SMEM((4,), jnp.int32),  # unit_smem
         plgpu.SMEM((W * bq,), jnp.int32),  # tok_smem
-        plgpu.SMEM((q_slots, ROWS, D), qg.dtype, transforms=tf),  # q_smem
-        plgpu.SMEM((q_slots, ROWS, D), dog.dtype, transforms=tf),  # do_smem
+        plgpu.SMEM((q_slots, ROWS, D), qg.dtype, transforms=q_tf),  # q_smem
+        plgpu.SMEM((q_slots, ROWS, D), dog.dtype, transforms=q_tf),  # do_smem
         plgpu.SMEM((q_slots, ROWS), jnp.int32),  # rpos_smem
         plgpu.SMEM((q_slots, ROWS), jnp.float32),  # rlse_smem
         plgpu.SMEM((q_slots, ROWS), jnp.float32),  # rdelta_smem
@@ -265,6 +281,7 @@ def unit_partials(unit4, tok, rpos, rlse, rdelta, qg, dog, kg, vg, *, G_pad: int
          else plgpu.SMEM((N_CONSUMERS, KV_ROWS, ROWS), qg.dtype, transforms=tf64)),  # pa_smem: P^T staged
         plgpu.SMEM((N_CONSUMERS, ROWS, COLS), qg.dtype, transforms=smem_transforms(COLS)),  # dq_smem
         plgpu.SMEM((N_CONSUMERS, KV_ROWS, COLS), jnp.float32),  # epi_smem: dK / dV out, 64 columns at a time
+        per_consumer, per_consumer,  # qw_smem, dow_smem: G_pad < 8, each consumer's swizzled q / dout tile
         plgpu.Barrier(),  # unit_bar
         plgpu.Barrier(),  # tok_bar
         plgpu.Barrier(num_arrivals=2),  # kv_bar
@@ -342,8 +359,8 @@ def check_supported(sz: kvo.Sizes, dtype) -> None:
         raise ValueError(f"the Mosaic GPU backward takes bfloat16 inputs, got {dtype}")
     if sz.block_size != BLOCK:
         raise ValueError(f"the Mosaic GPU backward takes block_size {BLOCK}, got {sz.block_size}")
-    if sz.G_pad not in (8, 16):
-        raise ValueError(f"the Mosaic GPU backward takes 8 or 16 query heads per group (padded), got {sz.G_pad}")
+    if sz.G_pad not in (4, 8, 16):
+        raise ValueError(f"the Mosaic GPU backward takes 4, 8 or 16 query heads per group (padded), got {sz.G_pad}")
     if sz.D_pad not in (64, 128):
         raise ValueError(f"the Mosaic GPU backward takes D of 64 or 128, got D padded to {sz.D_pad}")
 

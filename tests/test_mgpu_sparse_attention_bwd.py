@@ -36,6 +36,8 @@ CASES = {
     # G = 6 -> G_pad 8 (BQ = 8), D = 64 (warpgroup 0 computes dq alone), two KV groups; queries at
     # positions (120 of 384 keys, 7 padding queries), two query chunks
     "g6_d64_qpos": (1, 120, 2, 6, 64, 3, "indexer", 16, 60, True, False),
+    # G = 3 -> G_pad 4 (BQ = 16; plain-SMEM slabs rewritten per consumer), D = 128, messy ids
+    "g3_d128": (1, 200, 2, 3, 128, 7, "messy", 16, None, False, False),
 }
 BS = 128
 VJP_CASE = "g6_d64_qpos"  # also through pallas.sparse_attention's custom_vjp
@@ -136,7 +138,7 @@ def test_matches_triton_and_oracle(name, reports):
     assert r["races"] == 0, r
 
 
-@pytest.mark.parametrize("T, H_kv, G, D", [(4096, 4, 16, 128), (2048, 2, 8, 64)])
+@pytest.mark.parametrize("T, H_kv, G, D", [(4096, 4, 16, 128), (2048, 2, 8, 64), (4096, 4, 4, 64)])
 def test_lowers_to_mosaic_gpu_for_sm90(T, H_kv, G, D):
     """The variant a GPU runs (P^T from registers) lowers for sm_90 without a GPU, within 227 KiB."""
     sd = jax.ShapeDtypeStruct
@@ -154,9 +156,9 @@ def test_bad_arguments():
     lse = jnp.zeros((1, 16, 16), jnp.float32)
     with pytest.raises(ValueError, match="block_size"):
         mb.sparse_attention_bwd_mgpu(q, k, v, ids, q, lse, q, block_size=64)
-    q4, k4, v4 = qkv(0, 1, 16, 1, 4, 64, jnp.bfloat16)
+    q2, k2, v2 = qkv(0, 1, 16, 1, 2, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="heads per group"):
-        mb.sparse_attention_bwd_mgpu(q4, k4, v4, ids, q4, lse[..., :4], q4, block_size=128)
+        mb.sparse_attention_bwd_mgpu(q2, k2, v2, ids, q2, lse[..., :2], q2, block_size=128)
     with pytest.raises(ValueError, match="bfloat16|dtype"):
         f = [x.astype(jnp.float32) for x in (q, k, v)]
         mb.sparse_attention_bwd_mgpu(*f, ids, f[0], lse, f[0], block_size=128)
