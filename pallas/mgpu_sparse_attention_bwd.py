@@ -25,7 +25,7 @@ so the producer copies them into plain SMEM and each consumer rewrites the q and
 own swizzled copies (through registers) before its products, as the forward does for its q.
 
 Limits: bf16; block_size 128 (two consumers of 64 key rows); G_pad 4, 8 or 16 (16-byte aligned
-token-id copies of <= 256 ids per unit); D of 64 or 128. Interpreted (the Mosaic GPU interpreter of jax 0.11.2 takes SMEM wgmma operands only),
+token-id copies of <= 256 ids per unit); D of 64 or 128 (G_pad 4: D 64, shared memory). Interpreted (the Mosaic GPU interpreter of jax 0.11.2 takes SMEM wgmma operands only),
 P^T goes through SMEM (`regs_a=False`) as in the forward.
 """
 
@@ -363,6 +363,9 @@ def check_supported(sz: kvo.Sizes, dtype) -> None:
         raise ValueError(f"the Mosaic GPU backward takes 4, 8 or 16 query heads per group (padded), got {sz.G_pad}")
     if sz.D_pad not in (64, 128):
         raise ValueError(f"the Mosaic GPU backward takes D of 64 or 128, got D padded to {sz.D_pad}")
+    if sz.G_pad < 8 and sz.D_pad > 64:  # the per-consumer q / dout copies: 235 KB of shared memory at D 128
+        raise ValueError(f"the Mosaic GPU backward takes D 64 with {sz.G_pad} query heads per group (padded); "
+                         f"D {sz.D_pad} needs G_pad 8 or 16 (shared memory)")
 
 
 def sparse_attention_bwd_mgpu(q, k, v, block_idx, out, lse, dout, dlse=None, *, block_size: int, q_pos=None,

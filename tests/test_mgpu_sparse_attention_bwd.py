@@ -36,8 +36,8 @@ CASES = {
     # G = 6 -> G_pad 8 (BQ = 8), D = 64 (warpgroup 0 computes dq alone), two KV groups; queries at
     # positions (120 of 384 keys, 7 padding queries), two query chunks
     "g6_d64_qpos": (1, 120, 2, 6, 64, 3, "indexer", 16, 60, True, False),
-    # G = 3 -> G_pad 4 (BQ = 16; plain-SMEM slabs rewritten per consumer), D = 128, messy ids
-    "g3_d128": (1, 200, 2, 3, 128, 7, "messy", 16, None, False, False),
+    # G = 3 -> G_pad 4 (BQ = 16; plain-SMEM slabs rewritten per consumer), D = 64, messy ids
+    "g3_d64": (1, 200, 2, 3, 64, 7, "messy", 16, None, False, False),
 }
 BS = 128
 VJP_CASE = "g6_d64_qpos"  # also through pallas.sparse_attention's custom_vjp
@@ -164,6 +164,9 @@ def test_bad_arguments():
         mb.sparse_attention_bwd_mgpu(*f, ids, f[0], lse, f[0], block_size=128)
     with pytest.raises(ValueError, match="tiles_per_unit"):
         mb.MGPUBwdConfig(tiles_per_unit=0)
+    q4, k4, v4 = qkv(0, 1, 16, 1, 4, 128, jnp.bfloat16)  # G_pad 4 with D 128: does not fit in shared memory
+    with pytest.raises(ValueError, match="shared memory"):
+        mb.sparse_attention_bwd_mgpu(q4, k4, v4, ids, q4, lse[..., :4], q4, block_size=128)
     with pytest.raises(ValueError, match="bwd_kernel"):
         sa.sparse_attention(q, k, v, ids, block_size=128, bwd_kernel="cutlass")
     with pytest.raises(ValueError, match="block_size"):
