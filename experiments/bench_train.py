@@ -405,7 +405,9 @@ def main(argv=None):
     print(f"device: {device} | jax {jax.__version__} | {dtype_name} | impls {impls} | {cfg}", flush=True)
     result["rates"] = rates = card_rates()
     result["main_fwd_kernel"] = main_fwd_kernel(cfg, dtype)
-    log(f"main-branch forward tile kernel (impl pallas): {result['main_fwd_kernel']}")
+    result["main_bwd_kernel"] = main_fwd_kernel(cfg, dtype, which="bwd")
+    log(f"main-branch tile kernels (impl pallas): forward {result['main_fwd_kernel']}, "
+        f"backward {result['main_bwd_kernel']}")
     log(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
     result["grad_check"] = guarded("f32 gradient check", lambda: check_grads_f32(cfg, impls, args.check_T))
     log(f"gradient check (f32, T={args.check_T}), max relative error: "

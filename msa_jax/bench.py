@@ -32,16 +32,18 @@ def inputs(key, shape: dict, T: int, dtype):
     return [jax.random.normal(k, s, dtype) for k, s in zip(jax.random.split(key, 5), shapes)]
 
 
-def main_fwd_kernel(shape: dict, dtype, T: int = 8192) -> str:
-    """Which main-branch forward tile kernel impl="pallas" runs for a head `shape` in `dtype` on this
-    machine ("mosaic" on a Hopper GPU for bf16, else "triton"; `pallas.sparse_attention.fwd_kernel_used`)."""
-    from pallas.sparse_attention import fwd_kernel_used
+def main_fwd_kernel(shape: dict, dtype, T: int = 8192, which: str = "fwd") -> str:
+    """Which main-branch tile kernel impl="pallas" runs for a head `shape` in `dtype` on this machine:
+    which="fwd", the forward's ("mosaic" on a Hopper GPU for bf16, else "triton";
+    `pallas.sparse_attention.fwd_kernel_used`); which="bwd", the backward's (`bwd_kernel_used`)."""
+    from pallas.sparse_attention import bwd_kernel_used, fwd_kernel_used
 
     B, Hq, R, D = shape["batch"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     q = jax.ShapeDtypeStruct((B, T, Hq, D), dtype)
     k = jax.ShapeDtypeStruct((B, T, R, D), dtype)
     idx = jax.ShapeDtypeStruct((B, T, R, shape["top_k"]), jnp.int32)
-    return fwd_kernel_used(q, k, idx, block_size=shape["block_size"])
+    used = fwd_kernel_used if which == "fwd" else bwd_kernel_used
+    return used(q, k, idx, block_size=shape["block_size"])
 
 
 def selection_union(block_idx, tile_tokens: int) -> float:

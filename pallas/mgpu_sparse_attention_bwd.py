@@ -46,7 +46,7 @@ from pallas.common import LOG2E, interpret_mode
 from pallas.mgpu_sparse_attention import SMEM_LIMIT, SMEM_RESERVE, row_positions, smem_transforms
 from pallas.sparse_attention_bwd import kv_back, prepare
 
-__all__ = ["MGPUBwdConfig", "sparse_attention_bwd_mgpu", "unit_partials", "smem_bytes", "check_supported"]
+__all__ = ["MGPUBwdConfig", "sparse_attention_bwd_mgpu", "unit_partials", "smem_bytes", "check_supported", "supported"]
 
 ROWS = 64  # M: query rows per tile (BQ * G_pad)
 KV_ROWS = 64  # key rows per consumer warpgroup (the wgmma M of S^T, dP^T, dK, dV)
@@ -366,6 +366,15 @@ def check_supported(sz: kvo.Sizes, dtype) -> None:
     if sz.G_pad < 8 and sz.D_pad > 64:  # the per-consumer q / dout copies: 235 KB of shared memory at D 128
         raise ValueError(f"the Mosaic GPU backward takes D 64 with {sz.G_pad} query heads per group (padded); "
                          f"D {sz.D_pad} needs G_pad 8 or 16 (shared memory)")
+
+
+def supported(sz: kvo.Sizes, dtype) -> bool:
+    """Whether `check_supported` passes."""
+    try:
+        check_supported(sz, dtype)
+    except ValueError:
+        return False
+    return True
 
 
 def sparse_attention_bwd_mgpu(q, k, v, block_idx, out, lse, dout, dlse=None, *, block_size: int, q_pos=None,

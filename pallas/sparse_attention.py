@@ -40,12 +40,16 @@ from pallas import mgpu_sparse_attention_bwd as mb
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, interpret_mode
 from pallas.sparse_attention_bwd import sparse_attention_bwd
 
-__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS", "BWD_KERNELS", "fwd_kernel_used"]
+__all__ = ["sparse_attention", "sparse_attention_fwd", "FWD_KERNELS", "BWD_KERNELS", "fwd_kernel_used",
+           "bwd_kernel_used"]
 
 # Forward tile kernels: Triton (every GPU, interpret mode, float32) and Mosaic GPU (Hopper, bf16; TMA +
 # wgmma: 1.4x faster end to end at 128K on an H200, BENCHMARKS.md). Same partials and combine.
 FWD_KERNELS = ("auto", "triton", "mosaic")
-BWD_KERNELS = ("triton", "mosaic")
+# Backward unit kernels: Triton, and Mosaic GPU (Hopper, bf16; keys on wgmma's M dimension): 13% faster
+# at 128K with 16 query heads per group on an H200, even at 4 heads of dim 64 (BENCHMARKS.md), so "auto"
+# takes it from 8 heads per group up.
+BWD_KERNELS = ("auto", "triton", "mosaic")
 
 
 def _fwd_kernel(
@@ -182,10 +186,30 @@ def _use_mosaic(fwd_kernel: str, sz: kvo.Sizes, dtype, interpret, triton_knobs: 
             and mg.supported(sz, dtype))
 
 
+def _use_mosaic_bwd(bwd_kernel: str, sz: kvo.Sizes, dtype, interpret, triton_knobs: bool) -> bool:
+    """Which unit kernel runs the backward. "auto": Mosaic GPU on a Hopper GPU (not interpreted) for the
+    shapes it takes with >= 8 (padded) query heads per group, unless block_q (a Triton knob) was given;
+    "mosaic": always (ValueError for shapes it does not take; interpreted off a GPU)."""
+    if bwd_kernel not in BWD_KERNELS:
+        raise ValueError(f"bwd_kernel: expected one of {BWD_KERNELS}, got {bwd_kernel!r}")
+    if bwd_kernel == "mosaic":
+        mb.check_supported(sz, dtype)
+        return True
+    return (bwd_kernel == "auto" and not triton_knobs and not interpret_mode(interpret) and mg.on_hopper()
+            and sz.G_pad >= 8 and mb.supported(sz, dtype))
+
+
 def fwd_kernel_used(q, k, block_idx, *, block_size: int, fwd_kernel: str = "auto", interpret=None) -> str:
     """"mosaic" or "triton": the tile kernel `sparse_attention(_fwd)` runs for these operands (arrays or
     `jax.ShapeDtypeStruct`s) with no tuning knob given; for benchmark records."""
     mosaic = _use_mosaic(fwd_kernel, kvo.sizes(q, k, block_idx, block_size), q.dtype, interpret, False)
+    return "mosaic" if mosaic else "triton"
+
+
+def bwd_kernel_used(q, k, block_idx, *, block_size: int, bwd_kernel: str = "auto", interpret=None) -> str:
+    """"mosaic" or "triton": the unit kernel `sparse_attention`'s backward runs for these operands (arrays
+    or `jax.ShapeDtypeStruct`s) with no tuning knob given; for benchmark records."""
+    mosaic = _use_mosaic_bwd(bwd_kernel, kvo.sizes(q, k, block_idx, block_size), q.dtype, interpret, False)
     return "mosaic" if mosaic else "triton"
 
 
@@ -285,23 +309,21 @@ def sparse_attention(
     tiles_per_unit: int | None = None,
     tiles_per_program: int | None = None,
     fwd_kernel: str = "auto",
-    bwd_kernel: str = "triton",
+    bwd_kernel: str = "auto",
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out, lse) as `sparse_attention_fwd`, differentiable in q, k, v (the cotangents of out and of
     lse reach the backward kernel); block_idx and q_pos get no gradient. block_q, query_chunk: both
     kernels; tiles_per_program: the forward's, tiles_per_unit: the backward's
     (`kv_outer.KVOuterConfig`). fwd_kernel: the forward's tile kernel, as `sparse_attention_fwd`
-    (block_q or tiles_per_program given: "auto" picks Triton). bwd_kernel: the backward's, "triton"
-    (`sparse_attention_bwd`) or "mosaic" (`mgpu_sparse_attention_bwd`, experimental: not yet timed;
-    block_q is then its own, 64 // G_pad)."""
-    if bwd_kernel not in BWD_KERNELS:
-        raise ValueError(f"bwd_kernel: expected one of {BWD_KERNELS}, got {bwd_kernel!r}")
+    (block_q or tiles_per_program given: "auto" picks Triton). bwd_kernel: the backward's, "auto"
+    (Mosaic GPU on Hopper for bf16, block 128 and >= 8 query heads per group; otherwise Triton),
+    "triton" (`sparse_attention_bwd`) or "mosaic" (`mgpu_sparse_attention_bwd`; its block_q is its
+    own, 64 // G_pad; block_q given: "auto" picks Triton)."""
     sz = _check(q, k, v, block_idx, block_size, q_pos)
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                tiles_per_program=tiles_per_program)
     mosaic = _use_mosaic(fwd_kernel, sz, q.dtype, interpret, block_q is not None or tiles_per_program is not None)
-    if bwd_kernel == "mosaic":
-        mb.check_supported(sz, q.dtype)
+    bwd_mosaic = _use_mosaic_bwd(bwd_kernel, sz, q.dtype, interpret, block_q is not None)
     return _sparse_attention(q, k, v, block_idx, kvo.positions(q_pos, sz.B, sz.T), block_size, config, interpret,
-                             mosaic, bwd_kernel == "mosaic")
+                             mosaic, bwd_mosaic)

@@ -173,6 +173,31 @@ def test_bad_arguments():
         sa.sparse_attention(q, k, v, ids, block_size=64, bwd_kernel="mosaic")
 
 
+def test_auto_picks_mosaic_on_hopper_from_8_heads_per_group(monkeypatch):
+    from pallas import mgpu_sparse_attention as mg
+
+    def abstract(G, D, dtype=jnp.bfloat16):
+        return (jax.ShapeDtypeStruct((1, 512, 2 * G, D), dtype), jax.ShapeDtypeStruct((1, 512, 2, D), dtype),
+                jax.ShapeDtypeStruct((1, 512, 2, 4), jnp.int32))
+
+    used = functools.partial(sa.bwd_kernel_used, block_size=128, interpret=False)
+    assert used(*abstract(16, 128)) == ("mosaic" if mg.on_hopper() else "triton")
+    monkeypatch.setattr(mg, "on_hopper", lambda: True)
+    assert used(*abstract(16, 128)) == "mosaic"
+    assert used(*abstract(8, 64)) == "mosaic"
+    assert used(*abstract(5, 128)) == "mosaic"  # padded to 8
+    assert used(*abstract(4, 64)) == "triton"  # as fast as Triton there (BENCHMARKS.md)
+    assert used(*abstract(16, 128, jnp.float32)) == "triton"
+    assert used(*abstract(16, 128), bwd_kernel="triton") == "triton"
+    assert used(*abstract(4, 64), bwd_kernel="mosaic") == "mosaic"
+    assert sa.bwd_kernel_used(*abstract(16, 128), block_size=128, interpret=True) == "triton"
+    assert sa.bwd_kernel_used(*abstract(16, 128), block_size=64, interpret=False) == "triton"
+    sz = mb.kvo.sizes(*[abstract(16, 128)[i] for i in (0, 1, 2)], 128)
+    assert not sa._use_mosaic_bwd("auto", sz, jnp.bfloat16, False, True)  # block_q (a Triton knob) given
+    monkeypatch.setattr(mg, "on_hopper", lambda: False)
+    assert used(*abstract(16, 128)) == "triton"
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
     for case in sys.argv[2:]:
         print(json.dumps(run_case(case)), flush=True)
