@@ -62,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation batches for bits/byte and per-layer recall at the training length (default: "
                         "the run's --eval-batches; 0: skip)")
     p.add_argument("--selection-depth", type=float, default=0.5,
-                   help="needle depth of the passkey example whose selection is drawn (MSA runs)")
-    p.add_argument("--no-selection", dest="selection", action="store_false", help="skip the selection picture")
+                   help="needle depth of the passkey examples where the attention and (MSA) the index branch's "
+                        "selection are traced to the needle; the first one's selection is drawn")
+    p.add_argument("--selection-examples", type=int, default=8,
+                   help="passkey examples at the training length for that trace (per layer: the dense attention's "
+                        "mass on the needle's block at the answer's rows, whether the block is in its top-k, and "
+                        "(MSA) whether the index branch selected it)")
+    p.add_argument("--no-selection", dest="selection", action="store_false",
+                   help="skip the needle trace and the selection picture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/retrieval")
     return p
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--n and --batch-size: expected ints >= 1")
     if args.val_batches is not None and args.val_batches < 0:
         raise SystemExit(f"--val-batches: expected an int >= 0, got {args.val_batches}")
+    if args.selection_examples < 1:
+        raise SystemExit(f"--selection-examples: expected an int >= 1, got {args.selection_examples}")
     if not 0.0 <= args.selection_depth <= 1.0:
         raise SystemExit(f"--selection-depth: expected a number in [0, 1], got {args.selection_depth}")
 
@@ -102,13 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
     from msa_jax import bench, data, loop, sharding
     from msa_jax.checkpoint import load_run
     from msa_jax.generate import generate
-    from msa_jax.model import layer_selections
+    from msa_jax.model import layer_block_mass, layer_selections
 
     @nnx.jit
     def forward(model, tokens):
         return model(tokens, sparse=True)[0]  # sparse: top-k routing for MSA (ignored by dense)
 
     selections = nnx.jit(layer_selections, static_argnames="with_recall")
+    mass_fn = nnx.jit(layer_block_mass, static_argnames="n_rows")
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,23 +167,40 @@ def main(argv: list[str] | None = None) -> dict:
                                          union_tile_tokens=tile) for i, (b, s, u) in zip(msa_layers, mean)]
                 print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
                       f"layer: {', '.join(f'{u:.1f}' for u in mean[:, 2])}")
-        if is_msa and args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
-            ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed)
-            sel = [np.asarray(s["block_idx"])[0] for s in selections(model, jax.numpy.asarray(ex.tokens[None]))
-                   if s is not None]
-            needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
-            answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
-            correct = bool(retrieval.exact_match(logits_fn, ex.tokens[None], retrieval.answer_mask_of(ex)[None])[0])
-            hits = [retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel]
-            val["selection"] = dict(task="passkey", depth=args.selection_depth, needle=needle, answer_rows=answer,
-                                    correct=correct, needle_selected=dict(zip(map(str, msa_layers), hits)))
-            fig = plots.needle_selection_figure(
-                sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
-                title=f"{name}: passkey at depth {args.selection_depth:g}, T={cfg.seq_len} "
-                      f"({'right' if correct else 'wrong'} answer)")
-            if fig is not None:
-                fig.savefig(out / f"selection_{name}.png", dpi=110)
-                plots.pyplot().close(fig)
+        if args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
+            # Pass-key examples at the training length: where the dense attention of the answer's rows
+            # goes (the teacher an index branch learns from), and (MSA) whether the index selected it.
+            teacher, hits, right = [], [], []
+            for e in range(args.selection_examples):
+                ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed + e)
+                tokens = jax.numpy.asarray(ex.tokens[None])
+                needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
+                answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
+                right.append(bool(retrieval.exact_match(logits_fn, ex.tokens[None], retrieval.answer_mask_of(ex)[None])[0]))
+                masses = mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])
+                teacher.append([retrieval.needle_mass(np.asarray(m)[0], needle, cfg.block_size, cfg.top_k)
+                                for m in masses])
+                if not is_msa:
+                    continue
+                sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
+                hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
+                if e == 0:
+                    fig = plots.needle_selection_figure(
+                        sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
+                        title=f"{name}: passkey at depth {args.selection_depth:g}, T={cfg.seq_len} "
+                              f"({'right' if right[0] else 'wrong'} answer)")
+                    if fig is not None:
+                        fig.savefig(out / f"selection_{name}.png", dpi=110)
+                        plots.pyplot().close(fig)
+            teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
+            layers = [str(i) for i in range(cfg.n_layers)]
+            val["selection"] = dict(
+                task="passkey", depth=args.selection_depth, examples=args.selection_examples,
+                correct=float(np.mean(right)),
+                teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
+                teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
+            if is_msa:
+                val["selection"]["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
         val_rows.append(val)
         print(f"  {time.perf_counter() - t0:.0f}s")
 
@@ -201,15 +227,29 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _val_markdown(val_rows: list[dict]) -> str:
-    """Validation at the training length: bits/byte, mean and per-layer recall (MSA)."""
-    lines = ["| run | attention | step | T | val bits/byte | block recall | score recall | block recall per layer |"
-             " needle selected per layer |", "|---|---|---|---|---|---|---|---|---|"]
+    """Validation at the training length: bits/byte, mean and per-layer recall (MSA); then the needle
+    trace per layer (the dense attention at the answer's rows, the index branch's selection)."""
+    lines = ["| run | attention | step | T | val bits/byte | block recall | score recall | block recall per layer |",
+             "|---|---|---|---|---|---|---|---|"]
     f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    per_layer = lambda d: " ".join(f"{k}:{x:.2f}" for k, x in d.items()) or "–"  # noqa: E731
     for v in val_rows:
         per = " ".join(f"{p['layer']}:{p['block_recall']:.2f}" for p in v.get("per_layer", [])) or "–"
-        hits = " ".join(f"{k}:{x:.2f}" for k, x in v.get("selection", {}).get("needle_selected", {}).items()) or "–"
         lines.append(f"| {v['run']} | {v['attention']} | {v['step']} | {v['seq_len']} | {f(v.get('val_bpb'))} | "
-                     f"{f(v.get('block_recall'))} | {f(v.get('score_recall'))} | {per} | {hits} |")
+                     f"{f(v.get('block_recall'))} | {f(v.get('score_recall'))} | {per} |")
+    traced = [v for v in val_rows if "selection" in v]
+    if traced:
+        sel = traced[0]["selection"]
+        lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples at depth "
+                  f"{sel['depth']:g} (training length): the dense attention's mass on the needle's block, the share "
+                  "of (row, group) whose top-k blocks by that mass include it (what the index branch is taught), "
+                  "and the share whose index selection includes it (MSA).", "",
+                  "| run | answers right | attention mass on the needle | needle in the attention's top-k | "
+                  "needle selected by the index |", "|---|---|---|---|---|"]
+        for v in traced:
+            s = v["selection"]
+            lines.append(f"| {v['run']} | {s['correct']:.2f} | {per_layer(s['teacher_needle_mass'])} | "
+                         f"{per_layer(s['teacher_needle_in_top_k'])} | {per_layer(s.get('needle_selected', {}))} |")
     return "\n".join(lines)
 
 

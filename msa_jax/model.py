@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from msa_jax import context, ops
+from msa_jax.ops import reference
 from msa_jax.cache import Cache
 from msa_jax.config import BATCH_AXES, ModelConfig
 from msa_jax.layers import MLP, GQAAttention, MSAAttention, RMSNorm
@@ -167,5 +168,26 @@ def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool =
             out.append(entry)
         else:
             out.append(None)
+        x, _ = block(x, positions, sparse=True)
+    return out
+
+
+def layer_block_mass(model: DecoderLM, tokens: jax.Array, start: jax.Array, n_rows: int) -> list[jax.Array]:
+    """The dense attention's mass per KV block at the query rows [start, start + n_rows) of `tokens`
+    [B, T], in every layer (dense or MSA): float32 [B, H_kv, n_rows, n_blocks] per layer, the
+    probabilities of the group's heads over all visible keys, averaged over the heads and summed per
+    block of `cfg.msa.block_size` (`reference.block_mass`: what an index branch's KL is taught; in an
+    MSA layer the main branch's own q and k, whatever it selected). The layers run their usual sparse
+    forward in between. start: an int (traced under jit, so one compile serves every example)."""
+    cfg = model.cfg
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    rows = start + jnp.arange(n_rows, dtype=jnp.int32)
+    x = model._embed(tokens)
+    out = []
+    for block in model.blocks:
+        q, k, _ = block.attn.qkv(block.attn_norm(x), positions)
+        q_rows = jax.lax.dynamic_slice_in_dim(q, start, n_rows, axis=1)
+        q_pos = jnp.broadcast_to(rows, (tokens.shape[0], n_rows))
+        out.append(reference.block_mass(q_rows, k, cfg.msa.block_size, q_pos=q_pos))
         x, _ = block(x, positions, sparse=True)
     return out

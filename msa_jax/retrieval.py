@@ -596,6 +596,20 @@ def evaluate(
     return rows
 
 
+def needle_mass(mass, needle: tuple[int, int], block_size: int, top_k: int) -> tuple[float, float]:
+    """(mass share, in top-k) of the dense attention at a retrieval example's answer rows (`mass`
+    float [H_kv, rows, n_blocks] of one sequence, `model.layer_block_mass`): the mean share of each
+    (row, group)'s attention on the needle's blocks (tokens [needle[0], needle[1])), and the share of
+    (row, group) whose top_k blocks by mass include one of them: whether the teacher an index branch
+    learns from points at the needle at all."""
+    mass = np.asarray(mass, np.float64)
+    first, last = needle[0] // block_size, (needle[1] - 1) // block_size
+    share = mass[..., first : last + 1].sum(-1)
+    k = min(top_k, mass.shape[-1])
+    top = np.argsort(-mass, axis=-1, kind="stable")[..., :k]
+    return float(share.mean()), float(((top >= first) & (top <= last)).any(-1).mean())
+
+
 def needle_selected(block_idx, needle: tuple[int, int], rows: tuple[int, int], block_size: int) -> float:
     """Share of (query row in [rows[0], rows[1]), KV group) whose selected blocks (`block_idx` int
     [T, H_kv, top_k] of one sequence, -1 = none) include a block of the needle's tokens [needle[0],

@@ -337,3 +337,27 @@ def test_msa_model_train_step_pallas_matches_xla():
         np.testing.assert_allclose(mp[key], mx[key], rtol=2e-5, err_msg=key)
     for a, b in zip(jax.tree.leaves(pp), jax.tree.leaves(px)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["dense", "msa"])
+def test_layer_block_mass_is_the_dense_attention_of_each_layer_at_the_rows(attention):
+    from msa_jax.model import layer_block_mass
+    from msa_jax.ops import reference
+
+    cfg = make_cfg(attention, n_layers=2, n_dense_layers=1 if attention == "msa" else 0)
+    model = DecoderLM(cfg, seed=7)
+    T, bs = 40, cfg.msa.block_size
+    toks = jax.random.randint(jax.random.key(11), (2, T), 0, cfg.vocab_size)
+    whole = layer_block_mass(model, toks, 0, n_rows=T)  # every row
+    part = layer_block_mass(model, toks, jnp.int32(23), n_rows=5)  # rows 23..27, start traced as under jit
+    assert len(whole) == len(part) == cfg.n_layers
+    n_blocks = -(-T // bs)
+    for w, p in zip(whole, part):
+        assert w.shape == (2, cfg.n_kv_heads, T, n_blocks) and p.shape == (2, cfg.n_kv_heads, 5, n_blocks)
+        np.testing.assert_allclose(p, w[:, :, 23:28], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)  # probabilities over the visible keys
+        assert float(w[:, :, :bs].max(axis=(0, 1, 2))[1:].max()) == 0.0  # rows of block 0 see nothing later
+    # layer 0 by hand: its q, k on the embedded tokens
+    block = model.blocks[0]
+    q, k, _ = block.attn.qkv(block.attn_norm(model._embed(toks)), jnp.arange(T, dtype=jnp.int32))
+    np.testing.assert_allclose(whole[0], reference.block_mass(q, k, bs), rtol=1e-5, atol=1e-6)

@@ -335,7 +335,12 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     top_k = json.loads((full / "config.json").read_text())["top_k"]
     for p in val["per_layer"]:  # distinct blocks per query-outer tile: at most tile tokens x top_k
         assert 1 <= p["block_union"] <= p["union_tile_tokens"] * top_k
-    assert set(val["selection"]["needle_selected"]) == {"0", "1"}
+    sel = val["selection"]
+    assert set(sel["needle_selected"]) == {"0", "1"} and sel["examples"] == 8 and 0 <= sel["correct"] <= 1
+    n_layers = json.loads((full / "config.json").read_text())["n_layers"]
+    assert set(sel["teacher_needle_mass"]) == set(sel["teacher_needle_in_top_k"]) == {str(i) for i in range(n_layers)}
+    assert all(0 <= x <= 1 for x in [*sel["teacher_needle_mass"].values(), *sel["teacher_needle_in_top_k"].values()])
+    assert "needle in the attention's top-k" in (out / "results.md").read_text()
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0 and "checkpoints" in output

@@ -175,6 +175,20 @@ def test_needle_selection_numbers_and_figure(tmp_path):
     assert (tmp_path / "sel.png").stat().st_size > 5000
 
 
+def test_needle_mass_is_the_attention_share_and_top_k_membership_of_the_needle_block():
+    # 2 groups x 3 answer rows over 6 blocks of 8; the needle (tokens 17..22) is in block 2.
+    rng = np.random.default_rng(3)
+    mass = rng.random((2, 3, 6)) + 0.1
+    mass[0, :, 2] = 5.0  # group 0: the needle's block is every row's largest
+    mass[1, :, 2] = 0.0  # group 1: never in any top-k
+    mass /= mass.sum(-1, keepdims=True)
+    share, in_top = retrieval.needle_mass(mass, (17, 23), 8, top_k=2)
+    assert share == pytest.approx(mass[..., 2].mean()) and in_top == 0.5
+    assert retrieval.needle_mass(mass, (17, 23), 8, top_k=6)[1] == 1.0  # top-k of all blocks: every (row, group)
+    share2, _ = retrieval.needle_mass(mass, (14, 20), 8, top_k=2)  # a needle over blocks 1 and 2
+    assert share2 == pytest.approx(mass[..., 1:3].sum(-1).mean())
+
+
 def test_stage_curves_put_stages_on_one_step_axis(tmp_path):
     def rows(steps, exact):
         return ([{"kind": "train", "step": s} for s in range(1, steps + 1)]
