@@ -259,23 +259,35 @@ def _flat(tree) -> dict[str, object]:
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *, step: int | None = None) -> list[str]:
+def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *, step: int | None = None,
+                       index: bool | None = False) -> list[str]:
     """Copy every non-index weight of a dense checkpoint into `msa_model` (CPT start, docs/algorithm.md §6.3).
     The same works for any checkpoint into any model of the same sizes (a dense target has no index
     branches): `--init-from` uses it for a next stage at another sequence length too.
 
-    `directory` is a `Checkpointer` directory; `step` defaults to its latest step. The index branches
-    of `msa_model` keep their current (fresh) values. Index weights found in the checkpoint (when it
-    is itself an MSA checkpoint) are ignored. Raises ValueError when a non-index weight of the model
-    is missing from the checkpoint, has another shape, or the checkpoint holds a non-index weight
-    the model lacks: all signs that the two model configs do not match.
-    Returns the sorted paths of the weights loaded.
+    `directory` is a `Checkpointer` directory; `step` defaults to its latest step. index: False (the
+    CPT start) keeps the index branches of `msa_model` at their current (fresh) values and ignores any
+    in the checkpoint; True loads them too (the checkpoint must be an MSA one with the same index
+    shapes: an MSA run continued as the same MSA model, e.g. at a longer --seq-len); None loads them
+    when the checkpoint has index weights and keeps them fresh when it has none. Raises ValueError
+    when a loaded weight of the model is missing from the checkpoint, has another shape, or the
+    checkpoint holds a non-index weight the model lacks: all signs that the two model configs do not
+    match. Returns the sorted paths of the weights loaded.
     """
     with Checkpointer(directory, read_only=True) as ckpt:
         step = ckpt.resolve_step(step)
-        saved = {k: v for k, v in _flat(ckpt.restore_raw_model(step)).items() if "index" not in k.split("/")}
+        raw = _flat(ckpt.restore_raw_model(step))
+    is_index = lambda k: "index" in k.split("/")  # noqa: E731
+    saved = {k: v for k, v in raw.items() if not is_index(k)}
+    saved_index = {k: v for k, v in raw.items() if is_index(k)}
+    if index is None:
+        index = bool(saved_index)
+    if index and not saved_index:
+        raise ValueError(f"checkpoint {directory} (step {step}) holds no index weights to load (a dense run?)")
+    if index:
+        saved.update(saved_index)
 
-    target = nnx.state(msa_model, MAIN_PARAMS)
+    target = nnx.state(msa_model, nnx.Param if index else MAIN_PARAMS)
     wanted = _flat(target)
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
@@ -285,7 +297,8 @@ def load_dense_into_msa(directory: str | pathlib.Path, msa_model: nnx.Module, *,
         if np.shape(saved[k]) != np.shape(wanted[k])
     )
     if missing or extra or bad_shape:
-        lines = [f"dense checkpoint {directory} (step {step}) does not match the MSA model's non-index weights:"]
+        what = "weights" if index else "non-index weights"
+        lines = [f"checkpoint {directory} (step {step}) does not match the model's {what}:"]
         if missing:
             lines.append(f"  missing from the checkpoint: {missing}")
         if extra:

@@ -194,7 +194,7 @@ class RunConfig:
     stop_at: int | None = None  # stop (with a checkpoint) after this step
     # start from another run's weights: dense -> MSA conversion (continued pre-training), or a new
     # stage at another length (e.g. 2K -> 16K; dense or MSA), with a fresh optimizer
-    init_from: str | None = None  # a run directory (or its checkpoints/); its non-index weights are loaded
+    init_from: str | None = None  # a run directory (or its checkpoints/): its weights are loaded (index: MSA into MSA)
     init_step: int | None = None  # step of init_from to load (None: its latest)
     init_loaded_step: int | None = None  # filled in by the loop: the step actually loaded
 

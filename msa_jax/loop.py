@@ -241,12 +241,16 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     else:
         if run.init_from:
             src = checkpoint_dir(run.init_from)
-            loaded = load_dense_into_msa(src, model, step=run.init_step)
+            # an MSA run continued as an MSA model keeps its trained index branches; from a dense run
+            # they start fresh (the CPT start)
+            loaded = load_dense_into_msa(src, model, step=run.init_step, index=None if is_msa else False)
             with Checkpointer(src, read_only=True) as dense_ckpt:
                 run = dataclasses.replace(run, init_loaded_step=dense_ckpt.resolve_step(run.init_step))
             sharding.shard_model(model, mesh)  # loading placed the weights on the default device
-            say(f"initialised {len(loaded)} non-index weights from {src} step {run.init_loaded_step} "
-                + ("(index branches fresh)" if is_msa else "(fresh optimizer)"))
+            n_index = sum("index" in k.split("/") for k in loaded)
+            say(f"initialised {len(loaded) - n_index} non-index weights from {src} step {run.init_loaded_step} "
+                + (f"(and its {n_index} index-branch weights; fresh optimizer)" if n_index
+                   else "(index branches fresh)" if is_msa else "(fresh optimizer)"))
         # haystacks of the mixed-in retrieval rows come from the training split too, never from val
         batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed,
                                      task_mix=run.task_mix, tasks=run.mix_tasks)

@@ -126,9 +126,10 @@ _FLAGS = (
                              "about the share they have at T = 512"),
     ("mesh", str, "device mesh, e.g. data=2,fsdp=2,tensor=2 or context=4,data=2 (context: each sequence split "
                   "over that many devices; default: data=<all devices>)"),
-    ("init_from", str, "run directory whose non-index weights start this run (fresh optimizer, index branches "
-                       "fresh): a dense run converted to MSA (continued pre-training), or a next stage at another "
-                       "--seq-len (a length curriculum: retrieval is learned fastest at short T)"),
+    ("init_from", str, "run directory whose weights start this run (fresh optimizer): a dense run converted to "
+                       "MSA (continued pre-training; the index branches start fresh), or a next stage at another "
+                       "--seq-len (a length curriculum: retrieval is learned fastest at short T; an MSA run into "
+                       "an MSA model keeps its trained index branches)"),
     ("init_step", int, "step of --init-from to load (default: its latest)"),
     ("stop_at", int, "stop after this step with a checkpoint, as on Ctrl-C; for jobs with a time limit"),
 )

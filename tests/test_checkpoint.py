@@ -31,7 +31,7 @@ DATA_SEED = 7
 
 def make_cfg(attention: str, **kw) -> ModelConfig:
     base = dict(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, rope_fraction=0.5)
-    return ModelConfig(**{**base, **kw}, attention=attention, msa=MSA)
+    return ModelConfig(**{**base, "msa": MSA, **kw}, attention=attention)
 
 
 def leaves(tree) -> dict:
@@ -305,3 +305,34 @@ def test_dense_checkpoint_loads_into_msa(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_dense_into_msa(tmp_path / "nowhere", msa)
     assert not (tmp_path / "nowhere").exists()  # loading creates nothing
+
+
+def test_msa_checkpoint_into_msa_keeps_its_index_branches_on_request(tmp_path):
+    src, src_opt = fresh(0, "msa")
+    train(src, src_opt, range(2))  # trained weights, index branches included
+    with Checkpointer(tmp_path / "msa") as ckpt:
+        ckpt.save(1, src, src_opt, {"step": 1})
+    with Checkpointer(tmp_path / "dense") as ckpt:
+        ckpt.save(0, DecoderLM(make_cfg("dense"), seed=0), None)
+
+    trained_index = leaves(nnx.state(src, INDEX_PARAMS))
+    for index in (None, True):  # None: load them because the checkpoint has them
+        msa = DecoderLM(make_cfg("msa"), seed=3)
+        loaded = load_dense_into_msa(tmp_path / "msa", msa, index=index)
+        assert len(loaded) == len(leaves(nnx.state(src, nnx.Param)))
+        assert_trees_equal(nnx.state(msa, nnx.Param), nnx.state(src, nnx.Param))
+    msa = DecoderLM(make_cfg("msa"), seed=3)
+    fresh_index = leaves(nnx.state(msa, INDEX_PARAMS))
+    load_dense_into_msa(tmp_path / "msa", msa)  # default index=False: the CPT start, index fresh
+    got = leaves(nnx.state(msa, INDEX_PARAMS))
+    assert any(not np.array_equal(trained_index[k], fresh_index[k]) for k in got)  # the check can fail
+    for k in got:
+        np.testing.assert_array_equal(got[k], fresh_index[k], err_msg=k)
+    load_dense_into_msa(tmp_path / "dense", msa, index=None)  # a dense checkpoint: index stays fresh
+    with pytest.raises(ValueError, match="no index weights"):
+        load_dense_into_msa(tmp_path / "dense", msa, index=True)
+    wide = DecoderLM(make_cfg("msa", msa=dataclasses.replace(MSA, index_dim=16)), seed=3)  # another index_dim
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_dense_into_msa(tmp_path / "msa", wide, index=True)
+    with pytest.raises(ValueError, match="in the checkpoint but not in the model"):
+        load_dense_into_msa(tmp_path / "msa", DecoderLM(make_cfg("dense"), seed=0), index=True)

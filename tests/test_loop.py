@@ -280,6 +280,17 @@ def test_init_from_dense_converts_then_warms_up_and_extends_the_length(tmp_path)
     batch = data.batch_at(corpus.train, cfg.batch_size, 512, seed=cfg.seed, step=0)
     _, m = loss_fn(dense, jnp.asarray(batch), sparse=False, kl_weight=0.0)
     np.testing.assert_allclose(rows(long_dir)[0]["loss"], float(m["lm_loss"]), rtol=1e-5)
+    # An MSA stage from the MSA run keeps its trained index branches: the first step's KL is the loaded
+    # model's (a fresh index branch gives another KL).
+    msa_long = tmp_path / "msa_long"
+    train(msa_long, steps=1, init_from=str(cpt_dir))
+    cpt, _, _ = load_run(cpt_dir)
+    batch = data.batch_at(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=0)
+    _, m = loss_fn(cpt, jnp.asarray(batch), sparse=False, kl_weight=1.0)
+    first = rows(msa_long)[0]
+    assert not first["sparse"]
+    np.testing.assert_allclose(first["kl"], float(m["kl"]), rtol=1e-5)
+    np.testing.assert_allclose(first["loss"], float(m["lm_loss"]), rtol=1e-5)
 
 
 def test_resume_refuses_a_different_run(full, tmp_path):

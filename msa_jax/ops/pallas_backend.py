@@ -5,7 +5,8 @@
   the KV-outer backward; the LSE is an output too, and differentiable).
 - `index_kl_loss`: `pallas.index_kl.index_kl_sum` with the mean's weights (value and gradients in
   one teacher pass; teacher normalised by the main branch's LSE when given, else `teacher_lse`); the
-  dense warmup (block_idx=None) runs them on a selection of every visible block.
+  dense warmup (block_idx=None) runs `pallas.index_kl_full.index_kl_full_sum` (query-outer over the
+  full causal support, the teacher's LSE computed in its own pass unless given).
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
 - Queries at an offset (q_pos): the selection runs `pallas.decode`'s index scan (split top-k over
   an index-key cache, bf16 or fp8). The main branch and the KL run the KV-outer kernels above with
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 
 from msa_jax.ops import xla
 from msa_jax.ops.shard import kernel_shard_map
-from pallas import decode, index_kl, index_topk, kv_outer
+from pallas import decode, index_kl, index_kl_full, index_topk, kv_outer
 from pallas import sparse_attention as main_branch
 from pallas.common import MIN_DOT, is_pow2
 
@@ -136,18 +137,25 @@ def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=N
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     B, T = q.shape[:2]
     pos = kv_outer.positions(q_pos, B, T)  # an operand of the shard_map either way
+    # The mean over (real query, group) as token weights: the kernels compute the value and its
+    # gradients together (the weights are known in the forward).
+    w = _kl_weights(pos, q_pos, iq.shape[2])
     if block_idx is None:
-        # Dense warmup: the full causal support as a selection of every visible block, so that the
-        # fused kernels run it (the xla path's [chunk, heads, L] float32 logits made a 16K warmup
-        # step ~8x slower than a dense one on an H200).
-        L = k.shape[1]
-        block_idx = kv_outer.visible_blocks(pos, block_size, -(-L // block_size), k.shape[2])
+        # Dense warmup: the full causal support, query-outer (no selection, no reverse index, O(T)
+        # memory); the teacher's LSE from the main branch when given, else its own pass.
+        if lse is None:
+            fn = lambda q, k, iq, ik, pos, w: index_kl_full.index_kl_full_sum(q, k, iq, ik, w, q_pos=pos)  # noqa: E731
+            kl = kernel_shard_map(fn, q, k, iq, ik, pos, w, specs=(_BTH_, _BTH_, _BTH_, _BT_, _BT, _BT),
+                                  out_specs=("batch", "heads"))
+        else:
+            fn = lambda q, k, iq, ik, lse, pos, w: index_kl_full.index_kl_full_sum(  # noqa: E731
+                q, k, iq, ik, w, lse=lse, q_pos=pos)
+            kl = kernel_shard_map(fn, q, k, iq, ik, jax.lax.stop_gradient(lse), pos, w,
+                                  specs=(_BTH_, _BTH_, _BTH_, _BT_, _BTH, _BT, _BT), out_specs=("batch", "heads"))
+        return kl.sum()  # [B, H_kv]: the weighted sums per batch row and group
     if lse is None:  # no main-branch LSE at hand: recompute it (a main-branch forward)
         fn = lambda q, k, ids, pos: index_kl.teacher_lse(q, k, ids, block_size=block_size, q_pos=pos)  # noqa: E731
         lse = kernel_shard_map(fn, q, k, block_idx, pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=_BTH)
-    # The mean over (real query, group) as token weights: index_kl_sum computes the value and its
-    # gradients in one teacher pass (the weights are known in the forward).
-    w = _kl_weights(pos, q_pos, iq.shape[2])
     fn = lambda *a: index_kl.index_kl_sum(*a[:6], a[7], block_size=block_size, q_pos=a[6])  # noqa: E731
     kl = kernel_shard_map(
         fn, q, k, iq, ik, block_idx, jax.lax.stop_gradient(lse), pos, w,
