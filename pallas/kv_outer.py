@@ -515,8 +515,8 @@ def index_grad_tile(p, t, start, key_pos, ik, tok_ref, pos_ref, iq_ref, zlse_ref
 def slot_loop(top_k: int, body, carry, unroll: int = SLOT_UNROLL):
     """carry = body(s, carry) for s = 0 .. top_k - 1, in order. Unrolled for top_k <= unroll (MSA's
     16 slots: straight-line code); beyond, a loop over groups of `unroll` unrolled slots, so that a
-    selection of every block (the dense warmup: top_k = n_blocks, thousands at 1M tokens) compiles
-    in bounded time (128 slots: the warmup KL's lowering + compile 27 s -> 5 s in interpret mode).
+    selection of every block (top_k = n_blocks, thousands at 1M tokens) compiles
+    in bounded time (128 slots: a KL's lowering + compile 27 s -> 5 s in interpret mode).
     The same operations in the same order either way (beyond `unroll`, a compiler may contract a
     multiply-add differently: within an ulp of the unrolled sums; still the same bits run to run)."""
     n_groups = top_k // unroll if top_k > unroll else 0

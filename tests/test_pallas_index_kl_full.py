@@ -46,7 +46,8 @@ def _positions(kind, B, T, L, seed):
         pos = np.broadcast_to(np.arange(L - T, L), (B, T)).copy()
     else:
         half = T // 2
-        pos = np.broadcast_to(np.concatenate([np.arange(half) + 3, np.arange(T - half) + L - (T - half)]), (B, T)).copy()
+        rows = np.concatenate([np.arange(half) + 3, np.arange(T - half) + L - (T - half)])
+        pos = np.broadcast_to(rows, (B, T)).copy()
     for b in range(B):
         pos[b, rng.choice(T, size=3, replace=False)] = -1
     return jnp.asarray(pos, jnp.int32)
@@ -60,7 +61,9 @@ def _oracle(q_pos_kind):
         q_pos = None if q_pos_kind is None else q_pos
         with jax.default_matmul_precision("highest"):
             q, k, iq, ik = (x.astype(jnp.float32) for x in (q, k, iq, ik))
-            loss = lambda a, b: reference.index_kl_loss(q, k, a, b, None, block_size=ORACLE_BLOCK, q_pos=q_pos)  # noqa: E731
+            def loss(a, b):
+                return reference.index_kl_loss(q, k, a, b, None, block_size=ORACLE_BLOCK, q_pos=q_pos)
+
             value, grads = jax.value_and_grad(loss, (0, 1))(iq, ik)
             mask = reference.support_mask(None, q.shape[1], 1, q_pos=q_pos, L=k.shape[1])
             lse = reference._lse(q, k, mask)
@@ -146,7 +149,7 @@ def test_matches_oracle(case):
             assert ct.shape == x.shape and not np.asarray(ct, np.float32).any()
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[6]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[5], CASES[6]], ids=_case_id)
 def test_matches_kv_outer_on_every_visible_block(case):
     """Random token weights, a random cotangent per (row, group): value and d iq, d ik against
     `index_kl_sum` on `kv_outer.visible_blocks` with the same lse (lse None: the teacher_lse of that
