@@ -39,6 +39,7 @@ import time
 from msa_jax import plots, retrieval
 
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
+UNION_TILES = (4, 8, 16, 32)  # query-outer tile sizes (tokens) whose block union the evaluation reports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,14 +160,21 @@ def main(argv: list[str] | None = None) -> dict:
                 # the group's heads) would read, against top_k per token (docs/algorithm.md §7)
                 g = cfg.n_heads // cfg.n_kv_heads
                 tile = max(1, 128 // (1 << (g - 1).bit_length()))
-                per = [[(float(s["block_recall"]), float(s["score_recall"]), bench.selection_union(s["block_idx"], tile))
+                # also at other tile sizes: a tile of 16 heads per group holds 4 (64 rows) or 8 tokens
+                tiles = sorted({tile, *UNION_TILES})
+                per = [[(float(s["block_recall"]), float(s["score_recall"]),
+                         *(bench.selection_union(s["block_idx"], t) for t in tiles))
                         for s in selections(model, jax.numpy.asarray(b[:, :-1]), with_recall=True) if s is not None]
                        for b in eval_set]
-                mean = np.mean(np.array(per), axis=0)  # [layer, (block, score, union)]
-                val["per_layer"] = [dict(layer=i, block_recall=float(b), score_recall=float(s), block_union=float(u),
-                                         union_tile_tokens=tile) for i, (b, s, u) in zip(msa_layers, mean)]
+                mean = np.mean(np.array(per), axis=0)  # [layer, (block, score, union per tile size)]
+                col = 2 + tiles.index(tile)
+                val["per_layer"] = [dict(layer=i, block_recall=float(m[0]), score_recall=float(m[1]),
+                                         block_union=float(m[col]), union_tile_tokens=tile,
+                                         union_by_tile={str(t): float(u) for t, u in zip(tiles, m[2:])})
+                                    for i, m in zip(msa_layers, mean)]
                 print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
-                      f"layer: {', '.join(f'{u:.1f}' for u in mean[:, 2])}")
+                      f"layer: {', '.join(f'{u:.1f}' for u in mean[:, col])}; mean over layers by tile tokens: "
+                      + ", ".join(f"{t}: {u:.1f}" for t, u in zip(tiles, mean[:, 2:].mean(0))))
         if args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
             # Pass-key examples at the training length: where the dense attention of the answer's rows
             # goes (the teacher an index branch learns from), and (MSA) whether the index selected it.

@@ -62,6 +62,7 @@ LONG_CONTEXT_ABLATIONS: dict[str, dict] = {
     "kl-off": dict(kl_weight=0.0),
     "index-lr-x0.1": dict(index_lr_scale=0.1),
     "index-lr-x3": dict(index_lr_scale=3.0),
+    "index-lr-x10": dict(index_lr_scale=10.0),
     "warmup-0": dict(msa_warmup_steps=0),
     "warmup-1600": dict(msa_warmup_steps=1600),
     "top8": dict(top_k=8),

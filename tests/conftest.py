@@ -166,6 +166,15 @@ def attention_oracle(block_size):
     return jax.jit(f)
 
 
+def close_grad(got, want, tol):
+    """Max abs error of `got` against `want`, asserted <= tol x max |want| (and got finite)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all()
+    err = np.abs(got - want).max()
+    assert err <= tol * np.abs(want).max(), (err, np.abs(want).max())
+    return err
+
+
 def check_attention(out, lse, ref_out, ref_lse, dtype):
     """A kernel's (out, lse) against the oracle's, within TOL[dtype]."""
     assert out.dtype == dtype and lse.dtype == jnp.float32

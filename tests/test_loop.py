@@ -346,6 +346,10 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     top_k = json.loads((full / "config.json").read_text())["top_k"]
     for p in val["per_layer"]:  # distinct blocks per query-outer tile: at most tile tokens x top_k
         assert 1 <= p["block_union"] <= p["union_tile_tokens"] * top_k
+        unions = {int(t): u for t, u in p["union_by_tile"].items()}
+        assert {4, 8, 16, 32, p["union_tile_tokens"]} == set(unions) and unions[p["union_tile_tokens"]] == p["block_union"]
+        assert all(1 <= unions[t] <= t * top_k for t in unions)
+        assert [unions[t] for t in sorted(unions)] == sorted(unions.values())  # wider tiles read more blocks
     sel = val["selection"]
     assert set(sel["needle_selected"]) == {"0", "1"} and sel["examples"] == 8 and 0 <= sel["correct"] <= 1
     n_layers = json.loads((full / "config.json").read_text())["n_layers"]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hand_ids, hot_ids, indexer_ids, triton_ir_for_h100
+from conftest import close_grad, hand_ids, hot_ids, indexer_ids, triton_ir_for_h100
 from msa_jax.ops import reference
 from pallas.index_kl import index_kl, index_kl_bwd, index_kl_fwd, index_kl_sum, main_and_index_kl_bwd, teacher_lse
 from pallas.sparse_attention import sparse_attention_fwd
@@ -91,14 +91,6 @@ def _oracle_fn(block_size):
     return jax.jit(f)
 
 
-def _close_grad(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.isfinite(got).all()
-    err = np.abs(got - want).max()
-    assert err <= tol * np.abs(want).max(), (err, np.abs(want).max())
-    return err
-
-
 # ------------------------------------------------------------------------------------ tests
 
 # (B, T, H_kv, G, D, D_idx, block_size, top_k, selection, dtype, query_chunk)
@@ -144,8 +136,8 @@ def test_matches_oracle(case):
     np.testing.assert_allclose(kl.mean(), float(ref_loss), atol=atol, rtol=rtol)
     assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape
     assert d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
-    _close_grad(d_iq, ref_diq, gtol)
-    _close_grad(d_ik, ref_dik, gtol)
+    close_grad(d_iq, ref_diq, gtol)
+    close_grad(d_ik, ref_dik, gtol)
     for x, ct in ((q, dq), (k, dk), (lse, dlse)):
         assert ct.shape == x.shape and not np.asarray(ct, np.float32).any()
 
@@ -172,8 +164,8 @@ def test_index_kl_sum_matches_oracle(case):
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(iq, ik)), np.asarray(value), atol=1e-6 * T, rtol=1e-5)
     assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape
     assert d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
-    _close_grad(d_iq, ref_diq, gtol)
-    _close_grad(d_ik, ref_dik, gtol)
+    close_grad(d_iq, ref_diq, gtol)
+    close_grad(d_ik, ref_dik, gtol)
     again = jax.vjp(fn, iq, ik)[1](c)  # fixed summation orders: the same bits
     for a, b in zip(again, (d_iq, d_ik)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
@@ -199,8 +191,8 @@ def test_main_backward_with_the_kl_fused_in(case):
     _, _, (ref_diq, ref_dik) = _oracle_fn(bs)(q, k, iq, ik, ids, g)
     d_iq, d_ik = got[3:]
     assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape and d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
-    _close_grad(d_iq, ref_diq, TOL[dtype][2])
-    _close_grad(d_ik, ref_dik, TOL[dtype][2])
+    close_grad(d_iq, ref_diq, TOL[dtype][2])
+    close_grad(d_ik, ref_dik, TOL[dtype][2])
     with pytest.raises(ValueError, match="g"):
         main_and_index_kl_bwd(q, k, v, iq, ik, ids, out, lse, dout, g[:, :1], block_size=bs)
 
@@ -214,7 +206,7 @@ def test_grad_of_mean_matches_reference_loss():
     with jax.default_matmul_precision("highest"):
         want = jax.jit(jax.grad(lambda a, b: reference.index_kl_loss(q, k, a, b, ids, block_size=bs), (0, 1)))(iq, ik)
     for a, b in zip(got, want):
-        _close_grad(a, b, 1e-5)
+        close_grad(a, b, 1e-5)
 
 
 def test_backward_is_deterministic():

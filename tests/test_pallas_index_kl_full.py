@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import triton_ir_for_h100
+from conftest import close_grad, triton_ir_for_h100
 from msa_jax.ops import reference
 from pallas import kv_outer
 from pallas.index_kl import index_kl_sum, teacher_lse
@@ -78,14 +78,6 @@ def _mean_weights(q_pos, B, T, H_kv):
     return jnp.where(real, 1.0 / (real.sum() * H_kv), 0.0).astype(jnp.float32)
 
 
-def _close_grad(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.isfinite(got).all()
-    err = np.abs(got - want).max()
-    assert err <= tol * np.abs(want).max(), (err, np.abs(want).max())
-    return err
-
-
 # (B, T, L, H_kv, G, D, D_idx, dtype, lse, q_pos); L None: L = T
 CASES = [
     (1, 300, None, 2, 1, 16, 16, jnp.float32, None, None),  # G = 1: 5 query tiles of 64, 5 key tiles, T % 64 != 0
@@ -139,8 +131,8 @@ def test_matches_oracle(case):
     np.testing.assert_allclose(float(got), float(value.sum()), atol=1e-7, rtol=1e-6)
     assert d_iq.dtype == iq.dtype and d_iq.shape == iq.shape
     assert d_ik.dtype == ik.dtype and d_ik.shape == ik.shape
-    _close_grad(d_iq, ref_diq, gtol)
-    _close_grad(d_ik, ref_dik, gtol)
+    close_grad(d_iq, ref_diq, gtol)
+    close_grad(d_ik, ref_dik, gtol)
     if q_pos is not None:  # padding queries: no gradient
         assert not np.asarray(d_iq, np.float32)[np.asarray(q_pos) < 0].any()
     if lse is not None:  # the teacher is detached
@@ -174,7 +166,7 @@ def test_matches_kv_outer_on_every_visible_block(case):
     np.testing.assert_allclose(np.asarray(value), np.asarray(want), atol=atol * T, rtol=rtol)
     for a, b in zip(grads, want_grads):
         assert a.dtype == b.dtype and a.shape == b.shape
-        _close_grad(a, b, gtol)
+        close_grad(a, b, gtol)
     again = jax.vjp(full, iq, ik)[1](c)  # fixed summation orders: the same bits
     for a, b in zip(again, grads):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
@@ -193,7 +185,7 @@ def test_tiles_do_not_change_the_result():
     (v0, g0), (v1, g1) = runs
     np.testing.assert_allclose(float(v1), float(v0), atol=1e-6, rtol=1e-5)
     for a, b in zip(g1, g0):
-        _close_grad(a, b, 2e-2)
+        close_grad(a, b, 2e-2)
 
 
 def test_bad_arguments():
