@@ -163,7 +163,7 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
 
     row["mgpu"] = []
     variants = [dict()] + ([dict(approx_math=True)] if args.approx_math else []) + (
-        [dict(regs_a=False)] if args.p_through_smem else [])
+        [dict(regs_a=False)] if args.p_through_smem else []) + ([dict(pingpong=True)] if args.pingpong else [])
     for nt, qs, var in itertools.product(args.tiles_per_program, args.q_slots, variants):
         config = mg.MGPUConfig(tiles_per_program=nt, q_slots=qs, **var)
 
@@ -204,21 +204,21 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
 
     row["triton_tile"] = guarded(f"T={T} triton tile", triton_tile)
     row["mgpu_tile"] = []
-    for nt in args.tiles_per_program:
-        for qs in args.q_slots:
-            if plan.n_tiles % nt:
-                continue
+    for nt, qs, pp in itertools.product(args.tiles_per_program, args.q_slots, [False, True][:1 + args.pingpong]):
+        if plan.n_tiles % nt:
+            continue
 
-            def mgpu_tile(nt=nt, qs=qs):
-                fn = jax.jit(functools.partial(mg.tile_partials, block_size=bs, G_pad=sz.G_pad,
-                                               D_orig=shape["head_dim"], nt=nt, q_slots=qs, interpret=interpret))
-                a = (opnds["tiles"], opnds["tok"], opnds["rpos"], opnds["qg"], opnds["kg"], opnds["vg"])
-                t, n, _ = timeit(fn, *a, reps=args.reps, budget=args.budget)
-                return dict(chunk_ms=t * 1e3, ms=t * 1e3 * nc, tflops=tf(t * 1e3 * nc), n=n)
+        def mgpu_tile(nt=nt, qs=qs, pp=pp):
+            fn = jax.jit(functools.partial(mg.tile_partials, block_size=bs, G_pad=sz.G_pad, D_orig=shape["head_dim"],
+                                           nt=nt, q_slots=qs, pingpong=pp, interpret=interpret))
+            a = (opnds["tiles"], opnds["tok"], opnds["rpos"], opnds["qg"], opnds["kg"], opnds["vg"])
+            t, n, _ = timeit(fn, *a, reps=args.reps, budget=args.budget)
+            return dict(chunk_ms=t * 1e3, ms=t * 1e3 * nc, tflops=tf(t * 1e3 * nc), n=n)
 
-            r = dict(tiles_per_program=nt, q_slots=qs, **guarded(f"T={T} mgpu tile nt={nt}", mgpu_tile))
-            row["mgpu_tile"].append(r)
-            log(f"T={T} mgpu tile nt={nt} q_slots={qs}: {r.get('ms')} ms")
+        what = f"T={T} mgpu tile nt={nt} q_slots={qs}" + (" pingpong" if pp else "")
+        r = dict(tiles_per_program=nt, q_slots=qs, **(dict(pingpong=True) if pp else {}), **guarded(what, mgpu_tile))
+        row["mgpu_tile"].append(r)
+        log(f"{what}: {r.get('ms')} ms")
     return row
 
 
@@ -230,12 +230,12 @@ def print_table(results: dict) -> None:
         print(f"T={r['T']:>7}  triton {ms(r['triton'])}   tile kernel floor {fl['floor_ms']:.2f} ms ({fl['bound']})")
         print(f"  triton tile (x{r['tile_plan']['n_chunks']} chunks) {ms(r['triton_tile'])}")
         for m in r["mgpu"]:
-            var = "".join(f" {k}={m[k]}" for k in ("approx_math", "regs_a") if k in m)
+            var = "".join(f" {k}={m[k]}" for k in ("approx_math", "regs_a", "pingpong") if k in m)
             cfg = f"nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}{var}"
             print(f"  mgpu {cfg}: {ms(m)} {m.get('tflops', 0):6.1f} TF/s  out diff {m.get('out_maxdiff')}"
                   f"  lse diff {m.get('lse_maxdiff')}{'  FLAGGED' if m.get('flagged') else ''}")
         for m in r["mgpu_tile"]:
-            cfg = f"nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}"
+            cfg = f"nt={m['tiles_per_program']:>2} q_slots={m['q_slots']}" + (" pingpong" if m.get("pingpong") else "")
             print(f"  mgpu tile {cfg}: {ms(m)} {m.get('tflops', 0):6.1f} TF/s")
 
 
@@ -246,6 +246,8 @@ def main(argv=None):
                    help="mgpu: consecutive tiles per CTA (multiples of 4)")
     p.add_argument("--q-slots", type=int, nargs="+", default=[2, 3], help="mgpu: q ring depth (2 or 3)")
     p.add_argument("--approx-math", action="store_true", help="mgpu: also time approx_math=True (end to end)")
+    p.add_argument("--pingpong", action="store_true",
+                   help="mgpu: also time MGPUConfig(pingpong=True), the consumers taking turns (end to end)")
     p.add_argument("--p-through-smem", action="store_true",
                    help="mgpu: also time regs_a=False (P staged through SMEM for its wgmma, the interpreter's variant)")
     p.add_argument("--reps", type=int, default=10)

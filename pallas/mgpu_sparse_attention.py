@@ -72,7 +72,9 @@ class MGPUConfig:
       TMA-copied, 16-byte units). q_slots / kv_slots: SMEM ring depths of the q tiles and of the K/V
       blocks (kv_slots None: 2 when it fits in shared memory, else 1). query_chunk: as
       `kv_outer.KVOuterConfig`. approx_math: Mosaic GPU's approximate exp2 / log. regs_a:
-      `tile_partials` (None: P from registers on a GPU, through SMEM interpreted).
+      `tile_partials` (None: P from registers on a GPU, through SMEM interpreted). pingpong: stagger
+      the two consumers with a schedule barrier so that one's softmax and epilogue run while the other's
+      matmuls do (`tile_partials`; experimental, not yet timed).
     """
 
     tiles_per_program: int = 16
@@ -81,6 +83,7 @@ class MGPUConfig:
     query_chunk: int | None = None
     approx_math: bool = False
     regs_a: bool | None = None
+    pingpong: bool = False
 
     def __post_init__(self):
         check_int("tiles_per_program", self.tiles_per_program, 1)
@@ -130,9 +133,9 @@ def _tile_kernel(
     o_ref,  # GMEM [BH, n_tiles * M, D] bf16: per-slot partial outputs
     lse_ref,  # GMEM [BH, n_tiles * M] f32
     tiles_smem, tok_smem, q_smem, rpos_smem, k_smem, v_smem, o_smem, lse_smem, qa_smem, pa_smem,
-    meta_bar, q_bar, k_bar, v_bar, q_free, kv_free,
+    meta_bar, q_bar, k_bar, v_bar, q_free, kv_free, sched_bar,
     *, scale: float, block_size: int, heads: int, nt: int, q_slots: int, kv_slots: int, swizzled: bool,
-    regs_a: bool,
+    regs_a: bool, pingpong: bool,
 ):
     bq = ROWS // heads
     prog = lax.axis_index("t")
@@ -223,6 +226,17 @@ def _tile_kernel(
         layout = plgpu.Layout.WGMMA
         row_layout = plgpu.Layout.WGMMA.reduce(1)
 
+        # pingpong: the two consumers take turns on the tensor cores. sched_bar completes a phase when
+        # both have arrived; consumer 1 starts one phase late (its extra arrival here, consumer 0's at
+        # the end), so each consumer's Q K^T and P V are issued while the other one is in its softmax
+        # or epilogue. Both consumers run the same tiles, so their arrivals pair up.
+        def sched_sync():
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(sched_bar)
+
+        if pingpong:
+            pl.when(wg == 1)(sched_sync)
+
         def a_operand(x, staging):
             """A wgmma A operand held in registers: itself (regs_a), or staged through this consumer's
             swizzled SMEM tile (the interpreter's wgmma reads SMEM operands only)."""
@@ -253,6 +267,8 @@ def _tile_kernel(
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[ks].transpose((1, 0)))
+                    if pingpong:
+                        sched_sync()  # the other consumer's turn on the tensor cores
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_size), jnp.float32))
@@ -270,10 +286,15 @@ def _tile_kernel(
                 # empty row (m = MASK_VALUE) gets p = 1 everywhere and is zeroed below.
                 p = jnp.exp2(s - lax.broadcast_in_dim(m, s.shape, [0]))
                 l = p.sum(axis=1)
+                if pingpong:
+                    plgpu.barrier_arrive(sched_bar)  # this softmax is done
 
                 @pl.when(new)
                 def _():
                     plgpu.barrier_wait(v_bar.at[ks])
+
+                if pingpong:
+                    plgpu.barrier_wait(sched_bar)  # the tensor cores are free: P V
 
                 p_tile = a_operand(p.astype(v_smem.dtype), pa_smem)
 
@@ -304,6 +325,8 @@ def _tile_kernel(
             return kvn, jnp.where(live, c, carry[1])
 
         lax.fori_loop(0, nt, body, (i32(-1), i32(-1)))
+        if pingpong:
+            pl.when(wg == 0)(sched_sync)  # pairs consumer 1's extra arrival at the start
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -319,7 +342,7 @@ def row_positions(tok, posc, *, H_kv: int, G_pad: int):
 
 def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, D_orig: int, nt: int,
                   q_slots: int = 2, kv_slots: int | None = None, approx_math: bool = False,
-                  regs_a: bool | None = None, interpret=False):
+                  regs_a: bool | None = None, pingpong: bool = False, interpret=False):
     """The Mosaic GPU tile kernel on one query chunk: tiles [BH, n_tiles], tok [BH, n_tiles * BQ],
     rpos [BH, n_tiles * 128] (`row_positions`), qg [BH, Tc * G_pad, D] (`kv_outer.rows`), kg, vg
     [BH, T_kv_pad, D] (`kv_outer.kv_layout`), all bf16 -> (o_part bf16 [BH, n_tiles * 128, D],
@@ -359,10 +382,11 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
         plgpu.Barrier(num_barriers=kv_slots),  # v_bar
         plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=q_slots),  # q_free
         plgpu.Barrier(num_arrivals=N_CONSUMERS, num_barriers=kv_slots),  # kv_free
+        plgpu.Barrier(num_arrivals=N_CONSUMERS),  # sched_bar (pingpong)
     ]
     kernel = functools.partial(
         _tile_kernel, scale=D_orig**-0.5, block_size=block_size, heads=G_pad, nt=nt, q_slots=q_slots,
-        kv_slots=kv_slots, swizzled=swizzled, regs_a=regs_a,
+        kv_slots=kv_slots, swizzled=swizzled, regs_a=regs_a, pingpong=pingpong,
     )
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
@@ -397,7 +421,7 @@ def _chunk_fwd(posc, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo
     o_part, lse_part = tile_partials(
         ix.tiles, ix.tok, rpos, qg, kg, vg, block_size=sz.block_size, G_pad=G_pad, D_orig=D,
         nt=plan.tiles_per_program, q_slots=config.q_slots, kv_slots=config.kv_slots,
-        approx_math=config.approx_math, regs_a=config.regs_a, interpret=interpret,
+        approx_math=config.approx_math, regs_a=config.regs_a, pingpong=config.pingpong, interpret=interpret,
     )
     out, lse = kvo.combine_outputs(o_part, lse_part, ix.inv, G_pad=G_pad, out_dtype=qc.dtype,
                                    interpret=plan.interpret)

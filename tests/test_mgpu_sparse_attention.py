@@ -42,6 +42,9 @@ CASES = {
     # queries at positions (a slice of 120 of 384 keys, 7 padding queries), G = 12 -> G_pad 16, 2 chunks,
     # 3 q buffers, 4 tiles per CTA
     "g12_qpos_chunks": (1, 120, 2, 12, 64, 128, 3, "hand", 4, 3, 60, True),
+    # the pingpong schedule (MGPUConfig(pingpong=True): the consumers take turns through a schedule
+    # barrier), G = 16, BQ = 8, hot blocks split over CTAs, dead tiles at the end of the last CTA
+    "g16_pingpong": (1, 200, 1, 16, 64, 128, 2, "hand", 8, 2, None, False),
 }
 
 
@@ -71,7 +74,7 @@ def run_case(name) -> dict:
     without q_pos, against the oracle. Returns a JSON-able report."""
     B, T, H_kv, G, D, bs, top_k, selection, nt, q_slots, qc, with_pos = CASES[name]
     q, k, v, ids, pos = _inputs(name)
-    config = mg.MGPUConfig(tiles_per_program=nt, q_slots=q_slots, query_chunk=qc)
+    config = mg.MGPUConfig(tiles_per_program=nt, q_slots=q_slots, query_chunk=qc, pingpong=name.endswith("pingpong"))
     gpu = jax.default_backend() == "gpu"
     interpret = None if gpu else plgpu.InterpretGPUParams(detect_races=True)
     t0 = time.perf_counter()
@@ -171,16 +174,17 @@ def _abstract(B, T, H_kv, G, D, top_k, L=None):
 
 
 @pytest.mark.parametrize(
-    "B, T, H_kv, G, D, bs, top_k, nt, q_slots",
+    "B, T, H_kv, G, D, bs, top_k, nt, q_slots, pingpong",
     [
-        (1, 4096, 4, 16, 128, 128, 16, 16, 2),  # paper heads: one K/V buffer
-        (1, 4096, 4, 16, 128, 128, 16, 32, 3),  # three q buffers
-        (1, 1000, 2, 4, 64, 128, 4, 16, 2),  # G_pad < 8: q through registers; two K/V buffers
-        (2, 1000, 1, 8, 64, 64, 4, 8, 2),  # block_size 64
+        (1, 4096, 4, 16, 128, 128, 16, 16, 2, False),  # paper heads: one K/V buffer
+        (1, 4096, 4, 16, 128, 128, 16, 16, 2, True),  # the same with the pingpong schedule
+        (1, 4096, 4, 16, 128, 128, 16, 32, 3, False),  # three q buffers
+        (1, 1000, 2, 4, 64, 128, 4, 16, 2, False),  # G_pad < 8: q through registers; two K/V buffers
+        (2, 1000, 1, 8, 64, 64, 4, 8, 2, False),  # block_size 64
     ],
 )
-def test_lowers_to_mosaic_gpu_for_sm90(B, T, H_kv, G, D, bs, top_k, nt, q_slots):
-    config = mg.MGPUConfig(tiles_per_program=nt, q_slots=q_slots)
+def test_lowers_to_mosaic_gpu_for_sm90(B, T, H_kv, G, D, bs, top_k, nt, q_slots, pingpong):
+    config = mg.MGPUConfig(tiles_per_program=nt, q_slots=q_slots, pingpong=pingpong)
     fn = functools.partial(mg.sparse_attention_fwd_mgpu, block_size=bs, config=config, interpret=False)
     text = triton_ir_for_h100(fn, *_abstract(B, T, H_kv, G, D, top_k))
     assert "mosaic_gpu" in text  # the tile kernel
