@@ -165,27 +165,22 @@ def _lse_kernel(hi_ref, full_ref, pos_ref, iq_ref, ik_ref, *refs, scale: float, 
     def body(j, carry, masked: bool):
         start = pl.multiple_of(j * bk, bk)
         key_pos = start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        z = _dot(iq, ik_ref[pl.ds(start, bk), :], trans_b=True) * scale_idx  # [R, BK]
-        zm, zl = carry[:2]
-        if masked:
-            zmask = key_pos[None, :] <= r_pos[:, None]
-            z = jnp.where(zmask, z, MASK_VALUE)
-        zm_new = jnp.maximum(zm, jnp.max(z, axis=1))
-        e = jnp.exp(z - zm_new[:, None])
-        if masked:
-            e = jnp.where(zmask, e, 0.0)
-        out = (zm_new, zl * jnp.exp(zm - zm_new) + jnp.sum(e, axis=1))
-        if teacher:
-            m, l = carry[2:]
-            s = _dot(q, k_ref[pl.ds(start, bk), :], trans_b=True) * (scale * LOG2E)  # [M, BK], base 2
+        def online(x, pos, m, l, exp):
+            """One key tile of a running (max, sum of exp) per row; masked keys (after pos) count 0."""
             if masked:
-                mask = key_pos[None, :] <= row_pos[:, None]
-                s = jnp.where(mask, s, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            e = jnp.exp2(s - m_new[:, None])
+                mask = key_pos[None, :] <= pos[:, None]
+                x = jnp.where(mask, x, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(x, axis=1))
+            e = exp(x - m_new[:, None])
             if masked:
                 e = jnp.where(mask, e, 0.0)
-            out += (m_new, l * jnp.exp2(m - m_new) + jnp.sum(e, axis=1))
+            return m_new, l * exp(m - m_new) + jnp.sum(e, axis=1)
+
+        z = _dot(iq, ik_ref[pl.ds(start, bk), :], trans_b=True) * scale_idx  # [R, BK]
+        out = online(z, r_pos, *carry[:2], jnp.exp)
+        if teacher:
+            s = _dot(q, k_ref[pl.ds(start, bk), :], trans_b=True) * (scale * LOG2E)  # [M, BK], base 2
+            out += online(s, row_pos, *carry[2:], jnp.exp2)
         return out
 
     init = (jnp.full((R,), MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
