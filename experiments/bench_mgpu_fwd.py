@@ -13,8 +13,9 @@ Reported: ms, effective TFLOP/s (4 * H_q * D per visible selected (query, key) p
 |out| and |lse| differences of each mgpu run against triton (error > 2e-2 on out or 1e-3 on lse is
 flagged), the floor of the tile kernel on the card (FLOPs at the measured bf16 matmul rate or the
 bytes of gathered q rows in + partials out at the measured copy bandwidth: `msa_jax.bench`). Before
-timing, a small case (T 2048) runs in a subprocess with a time limit, so that a kernel that hangs
-(a barrier protocol error) costs --smoke-timeout seconds, not the session.
+timing, a small case (T 2000, so that blocks change inside CTAs; with --pingpong that variant too) runs
+in a subprocess with a time limit, so that a kernel that hangs (a barrier protocol error) costs
+--smoke-timeout seconds, not the session.
 
     python experiments/bench_mgpu_fwd.py                         # GPU: T 32K and 128K, ~3-5 min
     python experiments/bench_mgpu_fwd.py --smoke                 # CPU: tiny shapes, Mosaic GPU interpreter
@@ -112,9 +113,9 @@ def check(a_out, a_lse, b_out, b_lse) -> dict:
                 flagged=bool(d_out > 2e-2 or d_lse > 1e-3 or not same_inf))
 
 
-def smoke(timeout: int) -> dict:
+def smoke(timeout: int, pingpong: bool = False) -> dict:
     """A small GPU case in a child process with a time limit (a hang costs `timeout` seconds)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-smoke"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-smoke"] + (["--pingpong"] if pingpong else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -125,17 +126,17 @@ def smoke(timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
-def child_smoke(shape=None, T: int = 2048) -> dict:
+def child_smoke(shape=None, T: int = 2000, pingpong: bool = False) -> dict:
     """mgpu against triton on a small case (also the CPU --smoke run, interpreted)."""
     shape = shape or dict(BENCH_SHAPES["paper"])
     q, k, v, iq, ik = inputs(jax.random.key(1), shape, T, jnp.bfloat16)
     idx = select_blocks(iq, ik, block_size=shape["block_size"], top_k=shape["top_k"])
     out, lse = sa.sparse_attention_fwd(q, k, v, idx, block_size=shape["block_size"], fwd_kernel="triton")
     res = {}
-    for nt in (4, 16):
+    for nt, pp in [(4, False), (16, False)] + [(16, True)] * pingpong:  # each timed variant runs here first
         m_out, m_lse = mg.sparse_attention_fwd_mgpu(q, k, v, idx, block_size=shape["block_size"],
-                                                    config=mg.MGPUConfig(tiles_per_program=nt))
-        res[f"nt{nt}"] = check(m_out, m_lse, out, lse)
+                                                    config=mg.MGPUConfig(tiles_per_program=nt, pingpong=pp))
+        res[f"nt{nt}" + "_pingpong" * pp] = check(m_out, m_lse, out, lse)
     res["status"] = "ok" if not any(r["flagged"] for r in res.values()) else "mismatch"
     return res
 
@@ -261,7 +262,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.child_smoke:
-        print(json.dumps(child_smoke()), flush=True)
+        print(json.dumps(child_smoke(pingpong=args.pingpong)), flush=True)
         return
     gpu = jax.default_backend() == "gpu"
     if not gpu and args.dry_run:
@@ -280,7 +281,7 @@ def main(argv=None):
                   "kernels on an H100/H200; --smoke runs a tiny interpreted check instead. Nothing to do.")
             return
         log("smoke: Mosaic GPU interpreter vs Triton interpreter, tiny shapes")
-        res = child_smoke(SMOKE_SHAPE, T=300)
+        res = child_smoke(SMOKE_SHAPE, T=300, pingpong=args.pingpong)
         print(json.dumps(res))
         if res["status"] != "ok":
             raise SystemExit(1)
@@ -289,8 +290,8 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=BENCH_SHAPES["paper"], rows=[])
-    log("smoke: T=2048 in a subprocess")
-    results["smoke"] = smoke(args.smoke_timeout)
+    log("smoke: T=2000 in a subprocess")
+    results["smoke"] = smoke(args.smoke_timeout, args.pingpong)
     log(f"smoke: {json.dumps(results['smoke'])[:400]}")
     results["rates"] = rates = card_rates()
     log(f"card: {rates}")

@@ -258,6 +258,11 @@ def _tile_kernel(
 
                 @pl.when(new)
                 def _():
+                    if pingpong:
+                        # Arrive before waiting for a new block's K/V, not after issuing Q K^T: with one
+                        # K/V buffer the producer loads this block only once the other consumer's P V of
+                        # the last one is done, and that P V waits for this arrival (a deadlock otherwise).
+                        plgpu.barrier_arrive(sched_bar)
                     plgpu.barrier_wait(k_bar.at[ks])
 
                 row_pos = plgpu.load(rpos_smem.at[qs, pl.ds(wg * WG_ROWS, WG_ROWS)], layout=row_layout)
@@ -267,8 +272,9 @@ def _tile_kernel(
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[ks].transpose((1, 0)))
-                    if pingpong:
-                        sched_sync()  # the other consumer's turn on the tensor cores
+                    if pingpong:  # the other consumer's turn on the tensor cores
+                        pl.when(~new)(lambda: plgpu.barrier_arrive(sched_bar))  # (a new block arrived above)
+                        plgpu.barrier_wait(sched_bar)
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_size), jnp.float32))
