@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 15 at 16K on one H200, idempotent: every run resumes where the last call's deadline stopped it
+# (SIGTERM = checkpoint and exit) while the machine stays warm (runs/ survives), and a done run is
+# skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, then one
+# evaluation at 16K (50 examples per cell, 8-example needle trace) of every finished 16K run.
+# Usage: bash _gpu/lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed).
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+DEADLINE=$((SECONDS + ${1:-540})); shift
+mkdir -p $OUT/a runs
+left() { echo $((DEADLINE - SECONDS)); }
+# (a CPU dry run of this script: LC_EXTRA="<small model flags>" B2K=... S16=... EVAL=... bash _gpu/lc.sh ...)
+LC="--preset long-context --task-mix 1.0 --rope-theta 500000 --eval-batches 2 ${LC_EXTRA:-}"
+B2K=${B2K:-"--seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-every 200"}
+S16=${S16:-"--steps 300 --eval-every 100 --ckpt-every 50"}
+EVAL=${EVAL:-"--lengths 16384 --n 50 --batch-size 8"}
+declare -A BASE=( [lc_2k]="--attention dense $B2K"
+                  [lc_2k_msa]="--attention msa $B2K" )  # at 2K, 128 x 16 sees every block: dense + full KL
+# Ablations start from the 2K MSA stage (as scratch, their baseline) except kl-off (index branch never trained,
+# against msa, which starts from the 2K dense stage with the KL on).
+declare -A ARGS=(
+  [dense]="--attention dense --init-from runs/lc_2k $S16"
+  [msa]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100"
+  [scratch]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100"  # keeps the 2K-trained index
+  [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
+  [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
+  [index-lr-x3]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 3"
+  [kl-off]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100 --kl-weight 0"  # index never trained: vs msa
+  [block64-top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 64 --top-k 32"
+  [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
+  [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
+)
+train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
+  local dir=$1; shift
+  [ -e runs/$dir/DONE ] && return 0
+  local t=$(( $(left) - 15 ))
+  if [ $t -lt 90 ]; then echo "$dir: no time left ($t s)"; return 1; fi
+  timeout -s TERM -k 30 $t python3 experiments/train_lm.py $LC --run-dir runs/$dir "$@" >> $OUT/a/train_$dir.txt 2>&1
+  tail -c 300 $OUT/a/train_$dir.txt | tr '\r' '\n' | tail -2
+  if grep -q "^done: step" $OUT/a/train_$dir.txt; then touch runs/$dir/DONE; return 0; fi
+  echo "$dir: stopped, resumes next call"; return 1
+}
+ok=1
+for name in "$@"; do
+  base=$(echo "${ARGS[$name]}" | sed -n 's/.*--init-from runs\/\([a-z0-9_]*\).*/\1/p')
+  train $base ${BASE[$base]} && train lc16_$name ${ARGS[$name]} || { ok=0; break; }
+done
+done_runs=$(for name in "$@"; do [ -e runs/lc16_$name/DONE ] && echo runs/lc16_$name; done | tr '\n' ' ')
+if [ $ok = 1 ] && [ ! -e runs/eval_done ] && [ $(left) -gt 200 ] && [ -n "$done_runs" ]; then
+  timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py $done_runs $EVAL --out $OUT/a/eval > $OUT/a/eval.txt 2>&1 && touch runs/eval_done
+  tail -c 2500 $OUT/a/eval.txt
+fi
+for d in runs/lc_2k runs/lc_2k_msa runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
+cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
