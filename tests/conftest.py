@@ -35,9 +35,34 @@ if _OWN_XLA_CACHE:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from msa_jax import determinism  # noqa: E402
 from msa_jax.ops import reference  # noqa: E402
+
+# On a CPU the suite is mostly XLA compile time of small programs, which the tests run once: compile
+# them with little optimisation (about a third less time; the values are the same up to float
+# rounding, which the tolerances cover). Tests of compiled memory turn it back on
+# (`optimized_compile`, `optimized_env`); MSA_TEST_OPTIMIZE=1 runs the whole suite optimised.
+# Subprocesses inherit it.
+FAST_COMPILE = os.environ.get("MSA_TEST_OPTIMIZE") != "1" and jax.default_backend() == "cpu"
+if FAST_COMPILE:
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+
+
+def optimized_env(env: dict) -> dict:
+    """`env` for a subprocess that compiles with XLA's full optimisation (measures compiled memory)."""
+    return {k: v for k, v in env.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+
+
+@pytest.fixture
+def optimized_compile():
+    """XLA's full optimisation for this test's compiles (it measures compiled memory)."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", FAST_COMPILE)
+
 
 jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import optimized_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
@@ -42,7 +44,7 @@ print("ok memory", t1, t4, flush=True)
 def test_a_context_mesh_uses_less_memory_per_device():
     """The train step's compiled temp bytes (activations kept for the backward and the attention
     scratch) at T = 4096 on context=4 are well below one device's (ideally 1/4)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = optimized_env({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -10,6 +10,8 @@ import pytest
 
 from msa_jax.ops import xla
 
+pytestmark = pytest.mark.usefixtures("optimized_compile")  # compiled memory, as users compile
+
 B, H_Q, H_KV, D, D_IDX, BLOCK, TOP_K, CHUNK = 1, 4, 2, 16, 16, 64, 4, 256
 
 
