@@ -28,6 +28,7 @@ declare -A ARGS=(
   [kl-off]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100 --kl-weight 0"  # index never trained: vs msa
   [block64-top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 64 --top-k 32"
   [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
+  [top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 8"
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
 )
 train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
