@@ -47,7 +47,7 @@ for name in "$@"; do
   train $base ${BASE[$base]} && train lc16_$name ${ARGS[$name]} || { ok=0; break; }
 done
 done_runs=$(for name in "$@"; do [ -e runs/lc16_$name/DONE ] && echo runs/lc16_$name; done | tr '\n' ' ')
-if [ $ok = 1 ] && [ ! -e runs/eval_done ] && [ $(left) -gt 200 ] && [ -n "$done_runs" ]; then
+if [ $ok = 1 ] && [ ! -e runs/eval_done ] && [ $(left) -gt 130 ] && [ -n "$done_runs" ]; then
   timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py $done_runs $EVAL --out $OUT/a/eval > $OUT/a/eval.txt 2>&1 && touch runs/eval_done
   tail -c 2500 $OUT/a/eval.txt
 fi
