@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15 at 16K on one H200, idempotent: every run resumes where the last call's deadline stopped it
 # (SIGTERM = checkpoint and exit) while the machine stays warm (runs/ survives), and a done run is
-# skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, then one
-# evaluation at 16K (50 examples per cell, 8-example needle trace) of every finished 16K run.
-# Usage: bash _gpu/lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed).
+# skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, then an
+# evaluation at 16K (50 examples per cell, 8-example needle trace) of each finished 16K run named.
+# Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed, a 16K run's
+# base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 DEADLINE=$((SECONDS + ${1:-540})); shift
@@ -22,6 +23,7 @@ declare -A ARGS=(
   [dense]="--attention dense --init-from runs/lc_2k $S16"
   [msa]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100"
   [scratch]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100"  # keeps the 2K-trained index
+  [cpt]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50"  # converted from 16K dense
   [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
   [index-lr-x3]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 3"
@@ -41,15 +43,28 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
   if grep -q "^done: step" $OUT/a/train_$dir.txt; then touch runs/$dir/DONE; return 0; fi
   echo "$dir: stopped, resumes next call"; return 1
 }
+ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), then itself
+  local dir=$1 name=${1#lc16_}
+  local args=${BASE[$dir]:-${ARGS[$name]}}
+  local base=$(echo "$args" | sed -n 's/.*--init-from runs\/\([a-z0-9_-]*\).*/\1/p')
+  if [ -n "$base" ]; then ensure $base || return 1; fi
+  train $dir $args
+}
 ok=1
 for name in "$@"; do
-  base=$(echo "${ARGS[$name]}" | sed -n 's/.*--init-from runs\/\([a-z0-9_]*\).*/\1/p')
-  train $base ${BASE[$base]} && train lc16_$name ${ARGS[$name]} || { ok=0; break; }
+  [ -n "${ARGS[$name]:-}" ] || { echo "unknown run $name"; exit 2; }
+  ensure lc16_$name || { ok=0; break; }
 done
-done_runs=$(for name in "$@"; do [ -e runs/lc16_$name/DONE ] && echo runs/lc16_$name; done | tr '\n' ' ')
-if [ $ok = 1 ] && [ ! -e runs/eval_done ] && [ $(left) -gt 130 ] && [ -n "$done_runs" ]; then
-  timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py $done_runs $EVAL --out $OUT/a/eval > $OUT/a/eval.txt 2>&1 && touch runs/eval_done
-  tail -c 2500 $OUT/a/eval.txt
+# Evaluate each finished run on its own (each once per machine and EVAL), so that a deadline loses at most one
+if [ $ok = 1 ]; then
+  for name in "$@"; do
+    mark=runs/lc16_$name/eval_done_$(echo "$EVAL" | md5sum | cut -c1-8)
+    [ -e runs/lc16_$name/DONE ] && [ ! -e $mark ] || continue
+    if [ $(left) -lt 130 ]; then echo "eval lc16_$name: no time left"; break; fi
+    timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py runs/lc16_$name $EVAL --out $OUT/a/eval_$name \
+      > $OUT/a/eval_$name.txt 2>&1 && touch $mark
+    tail -c 2500 $OUT/a/eval_$name.txt
+  done
 fi
 for d in runs/lc_2k runs/lc_2k_msa runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
 cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
