@@ -18,6 +18,10 @@ the oracle on a small slice, and the pallas main branch against xla on the first
     python experiments/bench_prefill.py --preset cpu           # tiny smoke run (interpret mode off a GPU)
     python experiments/bench_prefill.py --preset paper         # GPU: 64/4/128, T 8K .. 1M
 
+With --profile, also each MSA stage's kernels (GPU time per call from a `jax.profiler` trace:
+`msa_jax.bench.kernel_profile`), printed and kept in results.json ("profile"): where the main
+branch's time goes (tile kernel, combine, layout copies, reverse index).
+
 Writes --out/results.json (rewritten after every length), --out/speedup.png, and prints a table.
 """
 
@@ -33,12 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import (card_rates, flop_bound, inputs, main_fwd_kernel, skewed_selection, stage_floors, support_pairs,
-                           timeit)
+from msa_jax.bench import (card_rates, flop_bound, inputs, kernel_profile, main_fwd_kernel, skewed_selection, stage_floors,
+                           support_pairs, timeit, top_kernels)
 from msa_jax.presets import BENCH_SHAPES
 
 SEQ_LENS = {"cpu": [128, 256], "paper": [2048, 8192, 32768, 131072, 524288, 1048576]}
 PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
+PROFILE_TOP = 25  # kernels per stage kept in results.json
 
 
 def parse_args(argv=None):
@@ -50,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--xla-max-T", type=int, default=131072, help="time impl=xla up to this length")
     p.add_argument("--hot", type=int, default=4, help="hot blocks in the skewed pattern")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, f32 off it")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace the indexer and the main branch once per length: time per kernel")
     p.add_argument("--out", default="runs/bench_prefill")
     return p.parse_args(argv)
 
@@ -142,6 +149,13 @@ def bench_length(cfg, T, dtype, args, fns, rates):
                                    total_ms=total * 1e3, speedup=row["dense"]["ms"] / (total * 1e3))
         if name == "indexer":
             row["floors"] = stage_floors(cfg, T, support_pairs(sel, bs), rates, jnp.dtype(dtype).itemsize)
+    if args.profile:  # the kernels behind the indexer and main branch times (indexer selection)
+        row["profile"] = {}
+        for stage, fn, a in (("indexer", sel_fn, (iq, ik)), ("main", main_fn, (q, k, v, idx))):
+            times = kernel_profile(fn, *a)
+            row["profile"][stage] = dict(list(times.items())[:PROFILE_TOP])
+            print(f"T={T} {stage}: kernels, ms per call (sum {sum(times.values()):.3f})\n{top_kernels(times)}",
+                  flush=True)
     # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
     Tc = min(T, 8192)
     sl = lambda x: x[:, :Tc]

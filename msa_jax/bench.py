@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: inputs, selection patterns, FLOP counts, timing, error capture.
+"""Helpers the benchmark scripts share: inputs, selection patterns, FLOP counts, timing, per-kernel
+profiles, error capture.
 
 The method (docs/benchmarking.md): fresh random inputs in the benchmark dtype, compile first, the
 median of several timed runs with `jax.block_until_ready`, the dense baseline timed in the same
@@ -8,7 +9,12 @@ raised, so one bad size does not lose the others.
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import statistics
+import tempfile
 import time
 
 import jax
@@ -132,6 +138,57 @@ def timeit(fn, *args, reps: int, budget: float, group: int = 1):
     n = max(1, min(reps, int(budget / max(one * group, 1e-6))))
     times = [one] + [sample() for _ in range(n - 1)]
     return statistics.median(times), len(times) * group, first
+
+
+# Events of the XLA CPU client's threads that are waits or markers, not work.
+_CPU_NOT_WORK = ("end: ", "SlinkyThreadPool", "ThunkExecutor", "ThreadpoolListener")
+
+
+def kernel_times(trace_events: list, calls: int = 1) -> dict:
+    """Device time per call of each kernel name (ms) in a perfetto trace's events: on a GPU the
+    events of its processes ("/device:GPU:0", ...: kernels and copies); with no GPU process, the
+    XLA CPU client's threads (fusions, custom calls; waits and markers left out)."""
+    meta = [e for e in trace_events if e.get("ph") == "M"]
+    process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    gpu = {pid for pid, name in process.items() if "GPU" in name}
+
+    def on_device(e):
+        if gpu:
+            return e.get("pid") in gpu
+        return (thread.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLAPjRtCpuClient")
+                and not e["name"].startswith(_CPU_NOT_WORK))
+
+    times = collections.defaultdict(float)
+    for e in trace_events:
+        if "dur" in e and on_device(e):
+            times[e["name"]] += e["dur"] / 1e3 / calls  # µs -> ms
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_profile(fn, *args, calls: int = 2) -> dict:
+    """{kernel name: ms per call}, largest first, of fn(*args) (compiled and run once first), from a
+    `jax.profiler` trace of `calls` calls (`kernel_times`). The sum is the device's busy time per
+    call; next to the wall time it says how much is launch gaps or host work."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    return kernel_times(trace["traceEvents"] if isinstance(trace, dict) else trace, calls)
+
+
+def top_kernels(times: dict, n: int = 8, width: int = 70) -> str:
+    """The n largest entries of a `kernel_profile` as lines "  ms  name", then the rest's sum."""
+    items = list(times.items())
+    lines = [f"  {ms:9.3f}  {name[:width]}" for name, ms in items[:n]]
+    rest = sum(ms for _, ms in items[n:])
+    if rest:
+        lines.append(f"  {rest:9.3f}  ({len(items) - n} more)")
+    return "\n".join(lines)
 
 
 def copy_bandwidth(n_bytes: int = 1 << 32) -> float:

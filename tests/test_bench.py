@@ -62,3 +62,35 @@ def test_selection_union_counts_distinct_blocks_per_tile():
     padded = np.array(disjoint)
     padded[..., 2] = -1
     assert bench.selection_union(padded, 5) == 10.0
+
+
+def test_kernel_times_sums_device_events_per_name():
+    meta = lambda pid, tid, what, name: dict(ph="M", pid=pid, tid=tid, name=what, args=dict(name=name))  # noqa: E731
+    gpu_trace = [
+        meta(1, 0, "process_name", "/host:CPU"), meta(1, 5, "thread_name", "python"),
+        meta(2, 0, "process_name", "/device:GPU:0"), meta(2, 7, "thread_name", "Stream #13"),
+        dict(ph="X", pid=2, tid=7, name="msa_tile", dur=3000.0), dict(ph="X", pid=2, tid=7, name="msa_tile", dur=1000.0),
+        dict(ph="X", pid=2, tid=7, name="combine", dur=5000.0),
+        dict(ph="X", pid=1, tid=5, name="PjitFunction", dur=9e6),  # host work: not a kernel
+    ]
+    assert bench.kernel_times(gpu_trace, calls=2) == {"combine": 2.5, "msa_tile": 2.0}
+    assert list(bench.kernel_times(gpu_trace)) == ["combine", "msa_tile"]  # largest first
+    cpu_trace = [  # no GPU process: the XLA CPU client's threads, without its waits and markers
+        meta(1, 0, "process_name", "/host:CPU"), meta(1, 5, "thread_name", "python"),
+        meta(1, 6, "thread_name", "tf_XLAPjRtCpuClient/123"),
+        dict(ph="X", pid=1, tid=6, name="dot_fusion", dur=400.0),
+        dict(ph="X", pid=1, tid=6, name="SlinkyThreadPool::Await", dur=900.0),
+        dict(ph="X", pid=1, tid=6, name="end: dot_fusion", dur=1.0),
+        dict(ph="X", pid=1, tid=5, name="PjitFunction", dur=9e6),
+    ]
+    assert bench.kernel_times(cpu_trace) == {"dot_fusion": 0.4}
+
+
+def test_kernel_profile_traces_the_compiled_function():
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(0))
+    a = jax.random.normal(jax.random.key(0), (256, 256))
+    times = bench.kernel_profile(f, a, a, calls=2)
+    assert times and all(ms > 0 for ms in times.values())
+    assert list(times.values()) == sorted(times.values(), reverse=True)
+    text = bench.top_kernels(times, n=1)
+    assert text.splitlines()[0].strip().endswith(next(iter(times))[:70])
