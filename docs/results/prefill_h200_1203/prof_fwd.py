@@ -1,4 +1,6 @@
-"""Per-kernel GPU time of the main-branch forward at 128K (real indexer selection), default vs pingpong."""
+"""Per-kernel GPU time of the main-branch forward at 128K (real indexer selection) for MGPUConfig variants.
+Usage: prof_fwd.py T OUT.json [default,pingpong,qc2048,qc1024]. The query-chunk variants ask whether the tile
+kernel's q slab reads come from L2 (a chunk's q per KV group: 4096 tokens x 16 heads x 128 x 2 B = 16.8 MB)."""
 import collections, glob, gzip, json, sys, time
 import jax, jax.numpy as jnp
 from msa_jax import bench, ops
@@ -9,7 +11,10 @@ cfg = BENCH_SHAPES["paper"]; bs, K = cfg["block_size"], cfg["top_k"]
 q, k, v, iq, ik = bench.inputs(jax.random.key(0), cfg, T, jnp.bfloat16)
 idx = jax.jit(lambda iq, ik: ops.select_blocks(iq, ik, block_size=bs, top_k=K, impl="pallas"))(iq, ik)
 res = {}
-for name, c in dict(default=mg.MGPUConfig(), pingpong=mg.MGPUConfig(pingpong=True)).items():
+VARIANTS = dict(default=mg.MGPUConfig(), pingpong=mg.MGPUConfig(pingpong=True),
+                qc2048=mg.MGPUConfig(query_chunk=2048), qc1024=mg.MGPUConfig(query_chunk=1024))
+names = sys.argv[3].split(",") if len(sys.argv) > 3 else ["default", "pingpong"]
+for name, c in ((n, VARIANTS[n]) for n in names):
     f = jax.jit(lambda q, k, v, i, c=c: mg.sparse_attention_fwd_mgpu(q, k, v, i, block_size=bs, config=c))
     jax.block_until_ready(f(q, k, v, idx)); t0 = time.perf_counter()
     for _ in range(5): r = f(q, k, v, idx)
