@@ -14,8 +14,9 @@ Tile kernel (`tile_partials`): grid (programs, B*H_kv), a program (CTA) handles 
 (nt) consecutive tiles of one row, with three warpgroups:
 
 * warpgroup 2, the producer: TMA-copies the program's tile table and token ids into SMEM, then per
-  live tile (block c >= 0) the BQ token slabs [G_pad, D] of q at dynamic row offsets tok * G_pad
-  (padding positions, tok = -1, copy token 0's slab; their rows are masked by position -1), the
+  live tile (block c >= 0) the BQ token slabs [G_pad, D] of q (from q's own [B, T, H_q, D] layout when
+  G and D need no padding, `native_q`, else from the chunk's rows copy at offsets tok * G_pad;
+  padding positions, tok = -1, copy token 0's slab; their rows are masked by position -1), the
   rows' query positions, and K_c, V_c at row offset c * block_size when c differs from the previous
   tile's block (the tiles of a row are sorted by block, so a block's K/V is loaded once per run of
   tiles). q (+ positions) and K/V live in rings of `q_slots` / `kv_slots` SMEM buffers guarded by
@@ -127,7 +128,8 @@ def _tile_kernel(
     tiles_ref,  # GMEM [BH, n_tiles] int32: block id per tile, -1 = unused (a suffix of the row)
     tok_ref,  # GMEM [BH, n_tiles * BQ] int32: chunk-local token per padded position, -1 = padding
     rpos_ref,  # GMEM [BH, n_tiles * M] int32: query position per tile row, -1 = padding row
-    q_ref,  # GMEM [BH, Tc * G_pad, D] bf16: the chunk's queries, token-major per group
+    q_ref,  # GMEM bf16: [BH, Tc * G_pad, D] the chunk's queries, token-major per group (`kv_outer.rows`), or
+    #        (kv_groups set) q itself, [B, T, H_kv * G_pad, D], a token's group heads one [G_pad, D] slab
     k_ref,  # GMEM [BH, T_kv_pad, D] bf16
     v_ref,  # GMEM [BH, T_kv_pad, D] bf16
     o_ref,  # GMEM [BH, n_tiles * M, D] bf16: per-slot partial outputs
@@ -135,7 +137,7 @@ def _tile_kernel(
     tiles_smem, tok_smem, q_smem, rpos_smem, k_smem, v_smem, o_smem, lse_smem, qa_smem, pa_smem,
     meta_bar, q_bar, k_bar, v_bar, q_free, kv_free, sched_bar,
     *, scale: float, block_size: int, heads: int, nt: int, q_slots: int, kv_slots: int, swizzled: bool,
-    regs_a: bool, pingpong: bool,
+    regs_a: bool, pingpong: bool, kv_groups: int | None,
 ):
     bq = ROWS // heads
     prog = lax.axis_index("t")
@@ -185,9 +187,11 @@ def _tile_kernel(
                     # the positions at 128K, bench_mgpu_fwd.py reports it.)
                     tk = jnp.maximum(tok_smem[j * bq + b], 0)
                     w, r0 = divmod(b * heads, WG_ROWS)
-                    plgpu.copy_gmem_to_smem(
-                        q_ref.at[bh, pl.ds(tk * heads, heads)], q_smem.at[qs, w, pl.ds(r0, heads)], q_bar.at[qs]
-                    )
+                    if kv_groups is None:
+                        slab = q_ref.at[bh, pl.ds(tk * heads, heads)]
+                    else:  # q's own layout: batch row bh // H_kv, token tk, the heads of group bh % H_kv
+                        slab = q_ref.at[bh // kv_groups, tk, pl.ds(lax.rem(bh, kv_groups) * heads, heads)]
+                    plgpu.copy_gmem_to_smem(slab, q_smem.at[qs, w, pl.ds(r0, heads)], q_bar.at[qs])
 
                 # A new block: its K/V once the slot's previous block is done (after the q copies, which
                 # need not wait for that).
@@ -350,8 +354,10 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
                   q_slots: int = 2, kv_slots: int | None = None, approx_math: bool = False,
                   regs_a: bool | None = None, pingpong: bool = False, interpret=False):
     """The Mosaic GPU tile kernel on one query chunk: tiles [BH, n_tiles], tok [BH, n_tiles * BQ],
-    rpos [BH, n_tiles * 128] (`row_positions`), qg [BH, Tc * G_pad, D] (`kv_outer.rows`), kg, vg
-    [BH, T_kv_pad, D] (`kv_outer.kv_layout`), all bf16 -> (o_part bf16 [BH, n_tiles * 128, D],
+    rpos [BH, n_tiles * 128] (`row_positions`), qg [BH, Tc * G_pad, D] (`kv_outer.rows`; tok indexes
+    its tokens) or q itself [B, T, H_kv * G_pad, D] (no copy; tok indexes T: chunk-local tokens plus
+    the chunk's start), kg, vg [BH, T_kv_pad, D] (`kv_outer.kv_layout`), all bf16 -> (o_part bf16
+    [BH, n_tiles * 128, D],
     lse_part f32 [BH, n_tiles * 128]) as the Triton kernel's per-slot partials. interpret: False (a
     GPU), True or a `plgpu.InterpretGPUParams` (the Mosaic GPU interpreter on CPU). regs_a: wgmma A
     operands held in registers (P; q for G_pad < 8) feed wgmma from registers; False stages them
@@ -359,6 +365,11 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
     BH, n_tiles = tiles.shape
     D = qg.shape[-1]
     bq = ROWS // G_pad
+    kv_groups = None
+    if qg.ndim == 4:
+        kv_groups = BH // qg.shape[0]
+        if qg.shape[0] * kv_groups != BH or qg.shape[2] != kv_groups * G_pad:
+            raise ValueError(f"q {qg.shape}: expected [B, T, H_kv * G_pad, D] with B * H_kv = {BH}, G_pad = {G_pad}")
     if n_tiles % nt:
         raise ValueError(f"n_tiles {n_tiles} is not a multiple of tiles_per_program {nt}")
     if regs_a is None:
@@ -392,7 +403,7 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
     ]
     kernel = functools.partial(
         _tile_kernel, scale=D_orig**-0.5, block_size=block_size, heads=G_pad, nt=nt, q_slots=q_slots,
-        kv_slots=kv_slots, swizzled=swizzled, regs_a=regs_a, pingpong=pingpong,
+        kv_slots=kv_slots, swizzled=swizzled, regs_a=regs_a, pingpong=pingpong, kv_groups=kv_groups,
     )
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
@@ -417,23 +428,29 @@ def tile_partials(tiles, tok, rpos, qg, kg, vg, *, block_size: int, G_pad: int, 
 # ------------------------------------------------------------------------------------- wrapper
 
 
-def _chunk_fwd(posc, qc, ix: kvo.ChunkIndex, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan, config: MGPUConfig,
+def _chunk_fwd(posc, ix: kvo.ChunkIndex, qg, tok, kg, vg, *, sz: kvo.Sizes, plan: kvo.Plan, config: MGPUConfig,
                interpret):
-    """One query chunk: positions posc [B, Tc], qc [B, Tc, H_q, D], ix its reverse index -> out, lse."""
-    B, Tc, H_q, D = qc.shape
-    G, G_pad, D_pad = sz.G, sz.G_pad, sz.D_pad
-    qg = kvo.rows(qc, sz.H_kv, G_pad, D_pad)  # [BH, Tc * G_pad, D_pad]
+    """One query chunk: positions posc [B, Tc], ix its reverse index, qg / tok the tile kernel's q and the
+    token of each position in it (`tile_partials`) -> out [B, Tc, H_q, D], lse [B, Tc, H_q]."""
+    B, Tc = posc.shape
+    G, G_pad = sz.G, sz.G_pad
     rpos = row_positions(ix.tok, posc, H_kv=sz.H_kv, G_pad=G_pad)
     o_part, lse_part = tile_partials(
-        ix.tiles, ix.tok, rpos, qg, kg, vg, block_size=sz.block_size, G_pad=G_pad, D_orig=D,
+        ix.tiles, tok, rpos, qg, kg, vg, block_size=sz.block_size, G_pad=G_pad, D_orig=sz.D,
         nt=plan.tiles_per_program, q_slots=config.q_slots, kv_slots=config.kv_slots,
         approx_math=config.approx_math, regs_a=config.regs_a, pingpong=config.pingpong, interpret=interpret,
     )
-    out, lse = kvo.combine_outputs(o_part, lse_part, ix.inv, G_pad=G_pad, out_dtype=qc.dtype,
+    out, lse = kvo.combine_outputs(o_part, lse_part, ix.inv, G_pad=G_pad, out_dtype=qg.dtype,
                                    interpret=plan.interpret)
-    out = kvo.ungroup(out[:, :, :G, :D], B).reshape(B, Tc, H_q, D)
-    lse = kvo.ungroup(lse[..., :G], B).reshape(B, Tc, H_q)
+    out = kvo.ungroup(out[:, :, :G, :sz.D], B).reshape(B, Tc, sz.H_q, sz.D)
+    lse = kvo.ungroup(lse[..., :G], B).reshape(B, Tc, sz.H_q)
     return out, lse
+
+
+def native_q(sz: kvo.Sizes) -> bool:
+    """Whether the tile kernel gathers q slabs from q's own [B, T, H_q, D] layout (a token's G heads of a group
+    are one contiguous [G, D] slab when G and D need no padding), saving the copy of q into rows."""
+    return sz.G == sz.G_pad and sz.D == sz.D_pad
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "plan", "config", "interpret"))
@@ -443,9 +460,22 @@ def _fwd(q, k, v, block_idx, pos, *, block_size: int, plan: kvo.Plan, config: MG
     kg, vg = (kvo.kv_layout(x, sz.T_kv_pad, sz.D_pad) for x in (k, v))
     ids = kvo.clean_ids(block_idx, block_size, pos)
     index = kvo.chunk_index(kvo.pad_time(ids, T_pad, -1), sz=sz, plan=plan)
+    starts = jnp.arange(plan.n_chunks, dtype=jnp.int32) * plan.t_chunk
     chunk = functools.partial(_chunk_fwd, kg=kg, vg=vg, sz=sz, plan=plan, config=config, interpret=interpret)
-    xs = (kvo.pad_time(pos, T_pad, -1), kvo.pad_time(q, T_pad))
-    out, lse = kvo.map_chunks(chunk, xs, plan.n_chunks, plan.t_chunk, index)
+    pos_pad = kvo.pad_time(pos, T_pad, -1)
+    if native_q(sz):
+        def native(posc, ix_start):
+            ix, start = ix_start
+            return chunk(posc, ix, q, jnp.where(ix.tok >= 0, ix.tok + start, -1))
+
+        out, lse = kvo.map_chunks(native, (pos_pad,), plan.n_chunks, plan.t_chunk, (index, starts))
+    else:
+        def rows(posc, qc, ix_start):
+            ix, _ = ix_start
+            return chunk(posc, ix, kvo.rows(qc, sz.H_kv, sz.G_pad, sz.D_pad), ix.tok)
+
+        out, lse = kvo.map_chunks(rows, (pos_pad, kvo.pad_time(q, T_pad)), plan.n_chunks, plan.t_chunk,
+                                  (index, starts))
     return out[:, : sz.T], lse[:, : sz.T]
 
 

@@ -39,6 +39,10 @@ CASES = {
     "g16_bq8_d128": (1, 300, 1, 16, 128, 128, 2, "hand", 8, 2, None, False),
     # G = 4, BQ = 32 (q slabs of 4 rows: plain SMEM, then registers); B*H_kv = 2; two K/V buffers
     "g4_bq32_d64": (1, 300, 2, 4, 64, 128, 3, "indexer", 16, 2, None, False),
+    # q slabs gathered from q's own layout (G = G_pad, D = D_pad: `native_q`) with B = 2, H_kv = 2 and
+    # 2 query chunks (the slabs' batch row, group and chunk offset); the other cases without padding
+    # take this path too, g12 the rows copy
+    "g4_b2_chunks": (2, 200, 2, 4, 64, 128, 3, "indexer", 8, 2, 100, False),
     # queries at positions (a slice of 120 of 384 keys, 7 padding queries), G = 12 -> G_pad 16, 2 chunks,
     # 3 q buffers, 4 tiles per CTA
     "g12_qpos_chunks": (1, 120, 2, 12, 64, 128, 3, "hand", 4, 3, 60, True),
