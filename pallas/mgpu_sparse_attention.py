@@ -75,7 +75,8 @@ class MGPUConfig:
       `kv_outer.KVOuterConfig`. approx_math: Mosaic GPU's approximate exp2 / log. regs_a:
       `tile_partials` (None: P from registers on a GPU, through SMEM interpreted). pingpong: stagger
       the two consumers with a schedule barrier so that one's softmax and epilogue run while the other's
-      matmuls do (`tile_partials`; on an H200 no faster end to end at 128K, so off).
+      matmuls do (`tile_partials`; on an H200 no faster end to end at 128K, so off). q_in_place: gather
+      q slabs from q's own layout where `native_q` allows (False: always from a rows copy of each chunk).
     """
 
     tiles_per_program: int = 16
@@ -85,6 +86,7 @@ class MGPUConfig:
     approx_math: bool = False
     regs_a: bool | None = None
     pingpong: bool = False
+    q_in_place: bool = True
 
     def __post_init__(self):
         check_int("tiles_per_program", self.tiles_per_program, 1)
@@ -463,7 +465,7 @@ def _fwd(q, k, v, block_idx, pos, *, block_size: int, plan: kvo.Plan, config: MG
     starts = jnp.arange(plan.n_chunks, dtype=jnp.int32) * plan.t_chunk
     chunk = functools.partial(_chunk_fwd, kg=kg, vg=vg, sz=sz, plan=plan, config=config, interpret=interpret)
     pos_pad = kvo.pad_time(pos, T_pad, -1)
-    if native_q(sz):
+    if config.q_in_place and native_q(sz):
         def native(posc, ix_start):
             ix, start = ix_start
             return chunk(posc, ix, q, jnp.where(ix.tok >= 0, ix.tok + start, -1))

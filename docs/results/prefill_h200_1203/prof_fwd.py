@@ -1,5 +1,6 @@
 """Per-kernel GPU time of the main-branch forward at 128K (real indexer selection) for MGPUConfig variants.
-Usage: prof_fwd.py T OUT.json [default,pingpong,qc2048,qc1024]. The query-chunk variants ask whether the tile
+Usage: prof_fwd.py T OUT.json [default,pingpong,qc2048,qc1024,rows] (rows: the q rows copy of before
+2026-12-03's q_in_place). The query-chunk variants ask whether the tile
 kernel's q slab reads come from L2 (a chunk's q per KV group: 4096 tokens x 16 heads x 128 x 2 B = 16.8 MB)."""
 import collections, glob, gzip, json, sys, time
 import jax, jax.numpy as jnp
@@ -12,7 +13,8 @@ q, k, v, iq, ik = bench.inputs(jax.random.key(0), cfg, T, jnp.bfloat16)
 idx = jax.jit(lambda iq, ik: ops.select_blocks(iq, ik, block_size=bs, top_k=K, impl="pallas"))(iq, ik)
 res = {}
 VARIANTS = dict(default=mg.MGPUConfig(), pingpong=mg.MGPUConfig(pingpong=True),
-                qc2048=mg.MGPUConfig(query_chunk=2048), qc1024=mg.MGPUConfig(query_chunk=1024))
+                qc2048=mg.MGPUConfig(query_chunk=2048), qc1024=mg.MGPUConfig(query_chunk=1024),
+                rows=mg.MGPUConfig(q_in_place=False))
 names = sys.argv[3].split(",") if len(sys.argv) > 3 else ["default", "pingpong"]
 for name, c in ((n, VARIANTS[n]) for n in names):
     f = jax.jit(lambda q, k, v, i, c=c: mg.sparse_attention_fwd_mgpu(q, k, v, i, block_size=bs, config=c))
