@@ -332,6 +332,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     t_run = time.perf_counter()
     step = start
     end = tcfg.steps if run.stop_at is None else max(start, min(tcfg.steps, run.stop_at))
+    saved_step = start  # the step of the newest checkpoint (a resumed run's is `start`)
     with StopFlag() as stop, ckpt, bar:
         while step < end and not stop.requested:
             sparse = bool(is_msa and use_sparse(step, mcfg.msa))
@@ -369,9 +370,12 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             if save_now:
                 t0 = time.perf_counter()
                 save(step)
+                saved_step = step
                 interval["excluded_s"] += time.perf_counter() - t0
             bar.update(step - bar.n)
         flush()
+        if stop.requested and step != saved_step:  # the signal came after this step had decided not to save
+            save(step)
     wall = time.perf_counter() - t_run
     rows = log.rows() if is_main else []
     if step < tcfg.steps:

@@ -219,6 +219,30 @@ def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, 
     assert values(rows(run_dir)) == values(reference)  # bit for bit
 
 
+def test_a_signal_after_the_save_decision_still_saves_that_step(tmp_path, monkeypatch):
+    """SIGTERM landing between a step's "save now?" decision and the loop's check of the flag (a race
+    that a loaded machine hits): the loop saves that step on its way out instead of stopping unsaved."""
+    import tqdm.auto
+
+    class SignalAtStep2(tqdm.auto.tqdm):
+        calls = 0
+
+        def update(self, n=1):  # once per step, after its save decision (steps 1-2 save nothing)
+            super().update(n)
+            SignalAtStep2.calls += 1
+            if SignalAtStep2.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", SignalAtStep2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train(run_dir)
+    assert exit_info.value.code == 130
+    assert max(r["step"] for r in rows(run_dir)) == 2
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.latest_step() == 2
+
+
 def test_resume_on_context_meshes_of_other_sizes_gives_the_single_device_losses(full, tmp_path):
     """Checkpoints do not depend on the mesh: one device -> context=2 (with data and tensor), same
     losses. (One hop: training on each context mesh is tests/test_context.py's.)"""
