@@ -21,6 +21,7 @@ Output (under --out, default runs/retrieval):
   results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
   heatmap_<run>.png     exact match, depth x length, one panel per task
   selection_<run>.png   MSA runs: the index branch's selection on one passkey example vs the needle
+  by_length.png         exact match over all depths against context length, per task (2+ lengths)
   retrieval.png         all runs' heatmaps on one figure; retrieval_bytes.png: the share of answer
                         bytes right (partial credit)
 
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     plots.plot_retrieval(rows, names, tasks, out / "retrieval_bytes.png", "byte_accuracy")
     for name in names:
         plots.plot_retrieval(rows, [name], tasks, out / f"heatmap_{name}.png")
+    train_lens = {v["seq_len"] for v in val_rows}  # a dashed line at the training length when the runs share one
+    plots.retrieval_by_length(rows, names, tasks, out / "by_length.png",
+                              train_len=train_lens.pop() if len(train_lens) == 1 else None)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
           + (f" and the figures (heatmap_<run>.png, selection_<run>.png, retrieval.png) in {out}" if plotted else ""))
     return results

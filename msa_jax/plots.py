@@ -350,6 +350,44 @@ def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pa
     return True
 
 
+def retrieval_by_length(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path,
+                        train_len: int | None = None) -> bool:
+    """Exact match pooled over needle depths against context length, with 95% Wilson intervals: one
+    panel per task, one line per run (rows of `retrieval.evaluate` + "run"); train_len: a dashed line
+    at the training length. False (nothing drawn) without matplotlib or with fewer than two lengths."""
+    from msa_jax.retrieval import wilson_interval
+
+    plt = pyplot()
+    lengths = sorted({r["context_len"] for r in rows})
+    if plt is None or len(lengths) < 2:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        for run in runs:
+            pts = []
+            for T in lengths:
+                sub = [r for r in rows if r["run"] == run and r["task"] == task and r["context_len"] == T]
+                if sub:
+                    k, n = sum(r["correct"] for r in sub), sum(r["n"] for r in sub)
+                    pts.append((T, k / n, *wilson_interval(k, n)))
+            if pts:
+                T, acc, lo, hi = map(np.array, zip(*pts))
+                line, = ax.plot(T, acc, "o-", label=run)
+                ax.fill_between(T, lo, hi, color=line.get_color(), alpha=0.15)
+        if train_len:
+            ax.axvline(train_len, color="gray", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{T // 1024}K" if T % 1024 == 0 else str(T) for T in lengths])
+        ax.set(title=task, xlabel="context length", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("exact match, all depths (95% CI)")
+    axes[0, -1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0, title: str = ""):
     """One (sequence, KV group) in three panels, queries down, KV blocks across: the index branch's
     block scores (max-pooled index scores, `ops.reference.block_scores`), the blocks `select_blocks`

@@ -358,6 +358,7 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert "passkey" in saved["table"] and "exact match" in output
     assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
     assert (out / f"heatmap_{full.name}.png").stat().st_size > 10_000
+    assert (out / "by_length.png").stat().st_size > 10_000
     assert (out / f"selection_{full.name}.png").stat().st_size > 10_000
     assert saved["markdown"] in (out / "results.md").read_text()
     # Validation at the training length: the loop's own last evaluation, and its recall per layer.

@@ -162,6 +162,30 @@ def test_evaluate_rows_carry_counts_and_intervals_and_the_markdown_shows_them(co
     assert "| x | passkey | 200 | 1.00 [0.51, 1.00] | 1.00 [0.51, 1.00] | 1.00 [0.68, 1.00] |" in md
 
 
+def test_retrieval_by_length_pools_depths_per_length(tmp_path, monkeypatch):
+    rows = [dict(run=run, task="passkey", context_len=T, depth=d, correct=c, n=10)
+            for run, c in (("dense", 9), ("msa", 3)) for T in (4096, 16384) for d in (0.0, 1.0)]
+    drawn = {}
+    real = plots.pyplot()
+
+    class Recorder:  # the figure's lines, as drawn
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def subplots(self, *a, **k):
+            fig, axes = real.subplots(*a, **k)
+            drawn["axes"] = axes
+            return fig, axes
+
+    monkeypatch.setattr(plots, "pyplot", lambda: Recorder())
+    assert plots.retrieval_by_length(rows, ["dense", "msa"], ["passkey"], tmp_path / "len.png", train_len=16384)
+    assert (tmp_path / "len.png").stat().st_size > 5000
+    lines = [ln for ln in drawn["axes"][0, 0].get_lines() if ln.get_label() in ("dense", "msa")]
+    assert {ln.get_label(): list(ln.get_ydata()) for ln in lines} == {"dense": [0.9, 0.9], "msa": [0.3, 0.3]}
+    assert not plots.retrieval_by_length([r for r in rows if r["context_len"] == 4096], ["dense"], ["passkey"],
+                                         tmp_path / "one.png")  # one length: nothing to draw
+
+
 def test_needle_selection_numbers_and_figure(tmp_path):
     # T = 64, blocks of 8: the needle is in block 2, the answer rows are 60..63.
     ids = np.full((64, 2, 2), -1)
