@@ -37,13 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import (card_rates, flop_bound, inputs, kernel_profile, main_fwd_kernel, skewed_selection, stage_floors,
-                           support_pairs, timeit, top_kernels)
+from msa_jax.bench import (card_rates, flop_bound, inputs, main_fwd_kernel, profile_stages, skewed_selection, stage_floors,
+                           support_pairs, timeit)
 from msa_jax.presets import BENCH_SHAPES
 
 SEQ_LENS = {"cpu": [128, 256], "paper": [2048, 8192, 32768, 131072, 524288, 1048576]}
 PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
-PROFILE_TOP = 25  # kernels per stage kept in results.json
 
 
 def parse_args(argv=None):
@@ -150,12 +149,7 @@ def bench_length(cfg, T, dtype, args, fns, rates):
         if name == "indexer":
             row["floors"] = stage_floors(cfg, T, support_pairs(sel, bs), rates, jnp.dtype(dtype).itemsize)
     if args.profile:  # the kernels behind the indexer and main branch times (indexer selection)
-        row["profile"] = {}
-        for stage, fn, a in (("indexer", sel_fn, (iq, ik)), ("main", main_fn, (q, k, v, idx))):
-            times = kernel_profile(fn, *a)
-            row["profile"][stage] = dict(list(times.items())[:PROFILE_TOP])
-            print(f"T={T} {stage}: kernels, ms per call (sum {sum(times.values()):.3f})\n{top_kernels(times)}",
-                  flush=True)
+        row["profile"] = profile_stages(dict(indexer=(sel_fn, (iq, ik)), main=(main_fn, (q, k, v, idx))), f"T={T} ")
     # pallas main branch vs xla on the first queries (same selection): a correctness check at scale
     Tc = min(T, 8192)
     sl = lambda x: x[:, :Tc]

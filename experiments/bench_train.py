@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import (card_rates, cell, fmt, guarded, inputs, is_oom, kernel_profile, log, main_fwd_kernel,
-                           stage_floors, support_pairs, timeit, top_kernels)
+from msa_jax.bench import (card_rates, cell, fmt, guarded, inputs, is_oom, log, main_fwd_kernel, profile_stages,
+                           stage_floors, support_pairs, timeit)
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
 
 # Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
@@ -55,7 +55,6 @@ DEFAULTS = {
 TARGET_T, TARGET_SPEEDUP = 131072, 8.0  # docs/benchmarking.md: training attention fwd+bwd + KL >= 8x dense at 128K
 BWD_FACTOR = 3.5  # fwd + bwd FLOPs = (1 + 2.5) x the forward's
 CHECK_TOL_F32 = 1e-3  # relative gradient error allowed in the float32 check (the test uses it too)
-PROFILE_TOP = 25  # kernels per stage kept in results.json
 
 
 def parse_args(argv=None):
@@ -253,7 +252,13 @@ def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result, r
             res["kl"] = guarded(f"T={T} {impl} KL fwd+bwd", run_kl)
             on_result(row)
             if args.profile:
-                res["profile"] = guarded(f"T={T} {impl} profile", lambda: profile_stages(fns, q, k, v, iq, ik, dout, idx["idx"]))
+                def run_profile():
+                    lse = fns["lse"](q, k, v, idx["idx"])
+                    return profile_stages(dict(indexer=(fns["sel"], (iq, ik)),
+                                               main=(fns["main"], (q, k, v, idx["idx"], dout)),
+                                               kl=(fns["kl"], (iq, ik, q, k, idx["idx"], lse))), f"T={T} {impl} ")
+
+                res["profile"] = guarded(f"T={T} {impl} profile", run_profile)
                 on_result(row)
             del idx["idx"]
 
@@ -270,20 +275,6 @@ def bench_attention(cfg, T, dtype, args, impls, dense, fns_by_impl, on_result, r
         on_result(row)
         log(f"T={T} {impl}: {json.dumps(res)}")
     return row
-
-
-def profile_stages(fns, q, k, v, iq, ik, dout, block_idx) -> dict:
-    """{stage: {kernel: ms per call}} (the PROFILE_TOP largest) of the indexer, the main branch's fwd+bwd and
-    the KL's fwd+bwd, each printed as it is traced."""
-    lse = fns["lse"](q, k, v, block_idx)
-    stages = dict(indexer=(fns["sel"], (iq, ik)), main=(fns["main"], (q, k, v, block_idx, dout)),
-                  kl=(fns["kl"], (iq, ik, q, k, block_idx, lse)))
-    out = {}
-    for stage, (fn, a) in stages.items():
-        times = kernel_profile(fn, *a)
-        out[stage] = dict(list(times.items())[:PROFILE_TOP])
-        log(f"{stage}: kernels, ms per call (sum {sum(times.values()):.3f})\n{top_kernels(times)}")
-    return out
 
 
 # ------------------------------------------------------------------------------------ part 2

@@ -191,6 +191,20 @@ def top_kernels(times: dict, n: int = 8, width: int = 70) -> str:
     return "\n".join(lines)
 
 
+PROFILE_TOP = 25  # kernels per stage that `profile_stages` keeps
+
+
+def profile_stages(stages: dict, label: str = "") -> dict:
+    """{stage: {kernel: ms per call}} (the PROFILE_TOP largest) of each stage = (fn, args), as the
+    benchmarks' --profile keeps it; each stage's kernels are logged as it is traced."""
+    out = {}
+    for stage, (fn, args) in stages.items():
+        times = kernel_profile(fn, *args)
+        out[stage] = dict(list(times.items())[:PROFILE_TOP])
+        log(f"{label}{stage}: kernels, ms per call (sum {sum(times.values()):.3f})\n{top_kernels(times)}")
+    return out
+
+
 def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
     """Bytes/s of a device copy (read + write) of an n_bytes float32 array: the card's practical ceiling."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)

@@ -94,3 +94,5 @@ def test_kernel_profile_traces_the_compiled_function():
     assert list(times.values()) == sorted(times.values(), reverse=True)
     text = bench.top_kernels(times, n=1)
     assert text.splitlines()[0].strip().endswith(next(iter(times))[:70])
+    stages = bench.profile_stages(dict(mm=(f, (a, a)), neg=(jax.jit(lambda x: -x), (a,))))
+    assert list(stages) == ["mm", "neg"] and all(0 < len(t) <= bench.PROFILE_TOP for t in stages.values())
