@@ -76,7 +76,8 @@ class MGPUConfig:
       `tile_partials` (None: P from registers on a GPU, through SMEM interpreted). pingpong: stagger
       the two consumers with a schedule barrier so that one's softmax and epilogue run while the other's
       matmuls do (`tile_partials`; on an H200 no faster end to end at 128K, so off). q_in_place: gather
-      q slabs from q's own layout where `native_q` allows (False: always from a rows copy of each chunk).
+      q slabs from q's own layout where `native_q` allows (False: always from a rows copy of each chunk;
+      1.5 ms slower at 128K on an H200).
     """
 
     tiles_per_program: int = 16
