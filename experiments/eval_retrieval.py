@@ -11,16 +11,18 @@ caches, `msa_jax.generate`). An MSA model is evaluated with top-k routing on. De
 4096 (or the training length, if shorter), doubling, up to 2x the training length. For each run it
 also measures, at the training length, the validation loss in bits/byte (`--val-batches` windows of
 unseen packages, as the training loop's evaluation does) and, for MSA, the block / score recall of
-every MSA layer; and draws, for one passkey example at the training length, which blocks each
-layer's index branch selected against where the needle is.
+every MSA layer; and traces passkey examples at the training length at one or more needle depths
+(`--selection-depths`): where each layer's dense attention and (MSA) index branch put the answer's
+rows against where the needle is, with a picture of the first example's selection per depth.
 
 Output (under --out, default runs/retrieval):
   results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
                         byte_accuracy), each run's validation metrics, per-layer recall and
-                        needle selection, and the runs' configs
+                        needle traces (val[...]["selections"], one per traced depth), and the runs' configs
   results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
   heatmap_<run>.png     exact match, depth x length, one panel per task
-  selection_<run>.png   MSA runs: the index branch's selection on one passkey example vs the needle
+  selection_<run>_depth<d>.png   MSA runs: the index branch's selection on one passkey example vs
+                        the needle, per traced depth
   by_length.png         exact match over all depths against context length, per task (2+ lengths)
   retrieval.png         all runs' heatmaps on one figure; retrieval_bytes.png: the share of answer
                         bytes right (partial credit)
@@ -63,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", type=int, default=None,
                    help="validation batches for bits/byte and per-layer recall at the training length (default: "
                         "the run's --eval-batches; 0: skip)")
-    p.add_argument("--selection-depth", type=float, default=0.5,
-                   help="needle depth of the passkey examples where the attention and (MSA) the index branch's "
-                        "selection are traced to the needle; the first one's selection is drawn")
+    p.add_argument("--selection-depths", "--selection-depth", default="0.5",
+                   help="comma list of needle depths of the passkey examples where the attention and (MSA) the "
+                        "index branch's selection are traced to the needle; each depth's first example is drawn")
     p.add_argument("--selection-examples", type=int, default=8,
                    help="passkey examples at the training length for that trace (per layer: the dense attention's "
                         "mass on the needle's block at the answer's rows, whether the block is in its top-k, and "
@@ -101,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--val-batches: expected an int >= 0, got {args.val_batches}")
     if args.selection_examples < 1:
         raise SystemExit(f"--selection-examples: expected an int >= 1, got {args.selection_examples}")
-    if not 0.0 <= args.selection_depth <= 1.0:
-        raise SystemExit(f"--selection-depth: expected a number in [0, 1], got {args.selection_depth}")
+    trace_depths = _floats(args.selection_depths, "selection-depths")
+    if not trace_depths or not all(0.0 <= d <= 1.0 for d in trace_depths):
+        raise SystemExit(f"--selection-depths: expected numbers in [0, 1], got {args.selection_depths!r}")
 
     import jax
     import numpy as np
@@ -179,37 +182,41 @@ def main(argv: list[str] | None = None) -> dict:
         if args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
             # Pass-key examples at the training length: where the dense attention of the answer's rows
             # goes (the teacher an index branch learns from), and (MSA) whether the index selected it.
-            teacher, hits, right = [], [], []
-            for e in range(args.selection_examples):
-                ex = retrieval.passkey(corpus.val, cfg.seq_len, args.selection_depth, args.seed + e)
-                tokens = jax.numpy.asarray(ex.tokens[None])
-                needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
-                answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
-                right.append(bool(retrieval.exact_match(logits_fn, ex.tokens[None], retrieval.answer_mask_of(ex)[None])[0]))
-                masses = mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])
-                teacher.append([retrieval.needle_mass(np.asarray(m)[0], needle, cfg.block_size, cfg.top_k)
-                                for m in masses])
-                if not is_msa:
-                    continue
-                sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
-                hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
-                if e == 0:
-                    fig = plots.needle_selection_figure(
-                        sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
-                        title=f"{name}: passkey at depth {args.selection_depth:g}, T={cfg.seq_len} "
-                              f"({'right' if right[0] else 'wrong'} answer)")
-                    if fig is not None:
-                        fig.savefig(out / f"selection_{name}.png", dpi=110)
-                        plots.pyplot().close(fig)
-            teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
-            layers = [str(i) for i in range(cfg.n_layers)]
-            val["selection"] = dict(
-                task="passkey", depth=args.selection_depth, examples=args.selection_examples,
-                correct=float(np.mean(right)),
-                teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
-                teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
-            if is_msa:
-                val["selection"]["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
+            def trace(depth: float) -> dict:  # one needle depth: answers right; per layer mass, top-k, selected
+                teacher, hits, right = [], [], []
+                for e in range(args.selection_examples):
+                    ex = retrieval.passkey(corpus.val, cfg.seq_len, depth, args.seed + e)
+                    tokens = jax.numpy.asarray(ex.tokens[None])
+                    needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
+                    answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
+                    right.append(bool(retrieval.exact_match(logits_fn, ex.tokens[None],
+                                                            retrieval.answer_mask_of(ex)[None])[0]))
+                    masses = mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])
+                    teacher.append([retrieval.needle_mass(np.asarray(m)[0], needle, cfg.block_size, cfg.top_k)
+                                    for m in masses])
+                    if not is_msa:
+                        continue
+                    sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
+                    hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
+                    if e == 0:
+                        fig = plots.needle_selection_figure(
+                            sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
+                            title=f"{name}: passkey at depth {depth:g}, T={cfg.seq_len} "
+                                  f"({'right' if right[0] else 'wrong'} answer)")
+                        if fig is not None:
+                            fig.savefig(out / f"selection_{name}_depth{depth:g}.png", dpi=110)
+                            plots.pyplot().close(fig)
+                teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
+                layers = [str(i) for i in range(cfg.n_layers)]
+                res = dict(task="passkey", depth=depth, examples=args.selection_examples,
+                           correct=float(np.mean(right)),
+                           teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
+                           teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
+                if is_msa:
+                    res["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
+                return res
+
+            val["selections"] = [trace(d) for d in trace_depths]
         val_rows.append(val)
         print(f"  {time.perf_counter() - t0:.0f}s")
 
@@ -234,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     plots.retrieval_by_length(rows, names, tasks, out / "by_length.png",
                               train_len=train_lens.pop() if len(train_lens) == 1 else None)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
-          + (f" and the figures (heatmap_<run>.png, selection_<run>.png, retrieval.png) in {out}" if plotted else ""))
+          + (f" and the figures (heatmap_<run>.png, selection_<run>_depth<d>.png, retrieval.png) in {out}"
+             if plotted else ""))
     return results
 
 
@@ -249,19 +257,20 @@ def _val_markdown(val_rows: list[dict]) -> str:
         per = " ".join(f"{p['layer']}:{p['block_recall']:.2f}" for p in v.get("per_layer", [])) or "–"
         lines.append(f"| {v['run']} | {v['attention']} | {v['step']} | {v['seq_len']} | {f(v.get('val_bpb'))} | "
                      f"{f(v.get('block_recall'))} | {f(v.get('score_recall'))} | {per} |")
-    traced = [v for v in val_rows if "selection" in v]
+    traced = [v for v in val_rows if v.get("selections")]
     if traced:
-        sel = traced[0]["selection"]
-        lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples at depth "
-                  f"{sel['depth']:g} (training length): the dense attention's mass on the needle's block, the share "
+        sel = traced[0]["selections"][0]
+        lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples per needle "
+                  "depth (training length): the dense attention's mass on the needle's block, the share "
                   "of (row, group) whose top-k blocks by that mass include it (what the index branch is taught), "
                   "and the share whose index selection includes it (MSA).", "",
-                  "| run | answers right | attention mass on the needle | needle in the attention's top-k | "
-                  "needle selected by the index |", "|---|---|---|---|---|"]
+                  "| run | depth | answers right | attention mass on the needle | needle in the attention's top-k | "
+                  "needle selected by the index |", "|---|---|---|---|---|---|"]
         for v in traced:
-            s = v["selection"]
-            lines.append(f"| {v['run']} | {s['correct']:.2f} | {per_layer(s['teacher_needle_mass'])} | "
-                         f"{per_layer(s['teacher_needle_in_top_k'])} | {per_layer(s.get('needle_selected', {}))} |")
+            for s in v["selections"]:
+                lines.append(f"| {v['run']} | {s['depth']:g} | {s['correct']:.2f} | "
+                             f"{per_layer(s['teacher_needle_mass'])} | {per_layer(s['teacher_needle_in_top_k'])} | "
+                             f"{per_layer(s.get('needle_selected', {}))} |")
     return "\n".join(lines)
 
 

@@ -345,7 +345,7 @@ def test_load_run_restores_the_trained_model(full):
 def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     out = tmp_path / "ret"
     proc = run_script("eval_retrieval.py", [str(full), "--lengths", "256,384", "--depths", "0,1", "--n", "2",
-                                            "--out", str(out)])
+                                            "--selection-depths", "0,1", "--out", str(out)])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-3000:]
     saved = json.loads((out / "results.json").read_text())
@@ -359,7 +359,7 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
     assert (out / f"heatmap_{full.name}.png").stat().st_size > 10_000
     assert (out / "by_length.png").stat().st_size > 10_000
-    assert (out / f"selection_{full.name}.png").stat().st_size > 10_000
+    assert all((out / f"selection_{full.name}_depth{d}.png").stat().st_size > 10_000 for d in (0, 1))
     assert saved["markdown"] in (out / "results.md").read_text()
     # Validation at the training length: the loop's own last evaluation, and its recall per layer.
     (val,) = saved["val"]
@@ -375,12 +375,15 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
         assert {4, 8, 16, 32, p["union_tile_tokens"]} == set(unions) and unions[p["union_tile_tokens"]] == p["block_union"]
         assert all(1 <= unions[t] <= t * top_k for t in unions)
         assert [unions[t] for t in sorted(unions)] == sorted(unions.values())  # wider tiles read more blocks
-    sel = val["selection"]
-    assert set(sel["needle_selected"]) == {"0", "1"} and sel["examples"] == 8 and 0 <= sel["correct"] <= 1
+    assert [t["depth"] for t in val["selections"]] == [0.0, 1.0]  # one needle trace per --selection-depths
     n_layers = json.loads((full / "config.json").read_text())["n_layers"]
-    assert set(sel["teacher_needle_mass"]) == set(sel["teacher_needle_in_top_k"]) == {str(i) for i in range(n_layers)}
-    assert all(0 <= x <= 1 for x in [*sel["teacher_needle_mass"].values(), *sel["teacher_needle_in_top_k"].values()])
-    assert "needle in the attention's top-k" in (out / "results.md").read_text()
+    for sel in val["selections"]:
+        assert set(sel["needle_selected"]) == {"0", "1"} and sel["examples"] == 8 and 0 <= sel["correct"] <= 1
+        mass, top = sel["teacher_needle_mass"], sel["teacher_needle_in_top_k"]
+        assert set(mass) == set(top) == {str(i) for i in range(n_layers)}
+        assert all(0 <= x <= 1 for x in [*mass.values(), *top.values()])
+    md = (out / "results.md").read_text()
+    assert "needle in the attention's top-k" in md and f"| {full.name} | 1 |" in md
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0 and "checkpoints" in output

@@ -14,7 +14,7 @@ left() { echo $((DEADLINE - SECONDS)); }
 LC="--preset long-context --task-mix 1.0 --rope-theta 500000 --eval-batches 2 ${LC_EXTRA:-}"
 B2K=${B2K:-"--seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-every 200"}
 S16=${S16:-"--steps 300 --eval-every 100 --ckpt-every 50"}
-EVAL=${EVAL:-"--lengths 16384 --n 50 --batch-size 8"}
+EVAL=${EVAL:-"--lengths 16384 --n 50 --batch-size 8 --selection-depths 0,0.25,0.5"}  # the runs up to kl-off traced depth 0.5 only
 declare -A BASE=( [lc_2k]="--attention dense $B2K"
                   [lc_2k_msa]="--attention msa $B2K" )  # at 2K, 128 x 16 sees every block: dense + full KL
 # Ablations start from the 2K MSA stage (as scratch, their baseline) except kl-off (index branch never trained,
