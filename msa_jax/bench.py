@@ -205,6 +205,14 @@ def profile_stages(stages: dict, label: str = "") -> dict:
     return out
 
 
+def peak_memory_bytes(devices=None) -> int | None:
+    """The largest peak of memory in use (bytes) over `devices` (default: this process's), from the
+    runtime allocator's statistics; None where the backend keeps none (the CPU)."""
+    peaks = [stats["peak_bytes_in_use"] for d in (jax.local_devices() if devices is None else devices)
+             if (stats := d.memory_stats()) and "peak_bytes_in_use" in stats]
+    return int(max(peaks)) if peaks else None
+
+
 def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
     """Bytes/s of a device copy (read + write) of an n_bytes float32 array: the card's practical ceiling."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)

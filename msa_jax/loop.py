@@ -43,7 +43,7 @@ import time
 import jax
 import numpy as np
 
-from msa_jax import data, determinism, plots, retrieval, sharding
+from msa_jax import bench, data, determinism, plots, retrieval, sharding
 from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
 from msa_jax.config import RunConfig
 from msa_jax.model import DecoderLM, count_params
@@ -387,15 +387,21 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         return dict(steps=step, stopped=True, run_dir=str(run_dir))
     evals = [r for r in rows if r["kind"] == "eval"]
     tps = [r["tokens_per_s"] for r in rows if r["kind"] == "train" and r.get("tokens_per_s")]
+    peak = bench.peak_memory_bytes()  # this process's devices; None on the CPU
     summary = dict(steps=step, wall_s=wall, n_params=int(n_params), final_eval=evals[-1] if evals else None,
-                   median_tokens_per_s=float(np.median(tps)) if tps else None, run_dir=str(run_dir),
-                   env=dict(jax=jax.__version__, device=jax.devices()[0].device_kind, n_devices=jax.device_count()))
+                   median_tokens_per_s=float(np.median(tps)) if tps else None,
+                   median_step_s=tokens_per_step / float(np.median(tps)) if tps else None,
+                   peak_memory_gib=peak / 2**30 if peak is not None else None, run_dir=str(run_dir),
+                   env=dict(jax=jax.__version__, device=jax.devices()[0].device_kind, n_devices=jax.device_count(),
+                            mesh=dict(mesh.shape)))
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if evals:
             e = evals[-1]
             say(f"done: step {step}, val loss {e['val_loss']:.4f} nats/byte ({e['val_bpb']:.3f} bits/byte)"
                 + (f", block recall {e['block_recall']:.3f}, score recall {e['score_recall']:.3f}" if is_msa else "")
-                + (f", {summary['median_tokens_per_s']:,.0f} tokens/s" if tps else "") + f"; {wall:.0f}s this session")
+                + (f", {summary['median_tokens_per_s']:,.0f} tokens/s" if tps else "")
+                + (f", peak memory {summary['peak_memory_gib']:.1f} GiB per device" if peak is not None else "")
+                + f"; {wall:.0f}s this session")
         say(f"wrote {log.path}" + (f", {run_dir / 'loss.png'}" if run.plot else "") + f", checkpoints in {ckpt.directory}")
     return summary

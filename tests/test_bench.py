@@ -96,3 +96,18 @@ def test_kernel_profile_traces_the_compiled_function():
     assert text.splitlines()[0].strip().endswith(next(iter(times))[:70])
     stages = bench.profile_stages(dict(mm=(f, (a, a)), neg=(jax.jit(lambda x: -x), (a,))))
     assert list(stages) == ["mm", "neg"] and all(0 < len(t) <= bench.PROFILE_TOP for t in stages.values())
+
+
+def test_peak_memory_is_the_largest_device_peak_and_none_without_statistics():
+    class Dev:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    devs = [Dev({"peak_bytes_in_use": 3 << 30, "bytes_in_use": 1}), Dev(None), Dev({"peak_bytes_in_use": 5 << 30})]
+    assert bench.peak_memory_bytes(devs) == 5 << 30
+    assert bench.peak_memory_bytes([Dev(None), Dev({"bytes_in_use": 7})]) is None
+    mine = bench.peak_memory_bytes()  # this process's devices: the CPU keeps no allocator statistics
+    assert mine is None if jax.default_backend() == "cpu" else mine > 0

@@ -80,6 +80,13 @@ def full(tmp_path_factory) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp("full")
     summary = train(run_dir)
     assert summary["steps"] == STEPS
+    # step time from the median tokens/s; peak memory (none on the CPU: no allocator statistics); the mesh
+    tokens_per_step = SIZES["batch_size"] * SIZES["seq_len"]
+    assert summary["median_step_s"] == pytest.approx(tokens_per_step / summary["median_tokens_per_s"])
+    peak = summary["peak_memory_gib"]
+    assert peak is None if jax.default_backend() == "cpu" else peak > 0
+    assert summary["env"]["mesh"]["data"] == jax.device_count()
+    assert json.loads((run_dir / "summary.json").read_text())["median_step_s"] == summary["median_step_s"]
     return run_dir
 
 
