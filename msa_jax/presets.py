@@ -67,6 +67,7 @@ LONG_CONTEXT_ABLATIONS: dict[str, dict] = {
     "warmup-1600": dict(msa_warmup_steps=1600),
     "top8": dict(top_k=8),
     "top32": dict(top_k=32),
+    "index-nope": dict(index_rope=False),  # does the index branch's RoPE keep it from far blocks?
 }
 
 BENCH_SHAPES: dict[str, dict] = {
@@ -152,6 +153,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, attention=("dense", "msa"),
     for field, typ, text in _FLAGS:
         text = f"{text} {_preset_help(field)}" if text else _preset_help(field)
         p.add_argument(f"--{field.replace('_', '-')}", type=typ, default=None, help=text)
+    p.add_argument("--no-index-rope", dest="index_rope", action="store_false", default=None,
+                   help="MSA: no RoPE on the index queries and keys (block scores from content alone; default: the "
+                   "main q/k's partial RoPE, as in the paper)")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the loss plot")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic GPU ops: bit-identical losses across runs and resumes, somewhat slower "

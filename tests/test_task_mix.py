@@ -234,6 +234,13 @@ def test_block_scores_figure_marks_the_picked_blocks(tmp_path):
     assert (tmp_path / "blocks.png").stat().st_size > 5000
 
 
+def test_no_index_rope_flag_reaches_the_index_branch():
+    assert parse().index_rope and parse().model_config().msa.index_rope
+    run = parse("--attention", "msa", "--no-index-rope")
+    assert run.index_rope is False and run.model_config().msa.index_rope is False
+    assert RunConfig.from_dict({k: v for k, v in run.to_dict().items() if k != "index_rope"}).index_rope  # old configs
+
+
 def test_long_context_preset_and_the_documented_ablations():
     """Every ablation is a valid run, the block ones keep 2048 attended keys per query, and
     docs/long_context.md lists each one's command with exactly its flags."""
@@ -247,7 +254,8 @@ def test_long_context_preset_and_the_documented_ablations():
         if name.startswith("block"):
             assert run.block_size * run.top_k == 2048, name
         if overrides:
-            flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in overrides.items())
+            flags = " ".join(f"--no-{k.replace('_', '-')}" if v is False else f"--{k.replace('_', '-')} {v:g}"
+                             for k, v in overrides.items())
             assert f"--run-dir runs/lc_{name} {flags}\n" in doc, name
 
 

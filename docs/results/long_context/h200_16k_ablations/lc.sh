@@ -16,7 +16,8 @@ B2K=${B2K:-"--seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-e
 S16=${S16:-"--steps 300 --eval-every 100 --ckpt-every 50"}
 EVAL=${EVAL:-"--lengths 16384 --n 50 --batch-size 8 --selection-depths 0,0.25,0.5"}  # the runs up to kl-off traced depth 0.5 only
 declare -A BASE=( [lc_2k]="--attention dense $B2K"
-                  [lc_2k_msa]="--attention msa $B2K" )  # at 2K, 128 x 16 sees every block: dense + full KL
+                  [lc_2k_msa]="--attention msa $B2K"   # at 2K, 128 x 16 sees every block: dense + full KL
+                  [lc_2k_msa_nope]="--attention msa --no-index-rope $B2K" )
 # Ablations start from the 2K MSA stage (as scratch, their baseline) except kl-off (index branch never trained,
 # against msa, which starts from the 2K dense stage with the KL on).
 declare -A ARGS=(
@@ -32,6 +33,7 @@ declare -A ARGS=(
   [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
   [top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 8"
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
+  [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
 )
 train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
   local dir=$1; shift
@@ -66,5 +68,5 @@ if [ $ok = 1 ]; then
     tail -c 2500 $OUT/a/eval_$name.txt
   done
 fi
-for d in runs/lc_2k runs/lc_2k_msa runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
+for d in runs/lc_2k runs/lc_2k_msa runs/lc_2k_msa_nope runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
 cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
