@@ -1,7 +1,9 @@
 """Compare training runs: a loss / recall table (Markdown) and curves on one figure.
 
 A run converted from a dense checkpoint (`--init-from`) is drawn from the dense step it started
-at, so dense, MSA-from-scratch and MSA-converted runs line up on one "total steps" axis.
+at, so dense, MSA-from-scratch and MSA-converted runs line up on one "total steps" axis. The table
+also has each run's length, mesh, step time and peak memory per device (GPU runs): the same model
+on several `--mesh context=N` makes the context-parallel scaling table.
 
   python experiments/compare_runs.py runs/tiny_dense runs/tiny_msa runs/tiny_cpt --out runs/compare
 """

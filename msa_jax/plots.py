@@ -148,7 +148,19 @@ def summarize(run: dict) -> dict:
         score_recall=last.get("score_recall"),
         tokens_per_s=float(np.median(tps)) if tps else None,
         wall_s=run["summary"].get("wall_s"),
+        seq_len=cfg["seq_len"],
+        mesh=_mesh_text(run["summary"].get("env", {}).get("mesh"), cfg.get("mesh")),
+        step_s=cfg["batch_size"] * cfg["seq_len"] / float(np.median(tps)) if tps else None,
+        peak_memory_gib=run["summary"].get("peak_memory_gib"),  # per device, GPU runs only
     )
+
+
+def _mesh_text(shape: dict | None, spec: str | None) -> str:
+    """A run's mesh as its axes of size > 1 ("context=4,data=2"; "1 device"), from summary.json's
+    env.mesh, else the --mesh flag (older runs), else "–"."""
+    if shape:
+        return ",".join(f"{k}={v}" for k, v in shape.items() if v > 1) or "1 device"
+    return spec or "–"
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -157,12 +169,14 @@ def markdown_table(table: list[dict]) -> str:
         return "–" if x is None else format(x, fmt)
 
     lines = ["| run | attention | init | params | steps (total) | train loss | val loss | val bits/byte | "
-             "block recall | score recall | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "block recall | score recall | tokens/s | T | mesh | s/step | peak GiB/device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         params = "–" if r.get("n_params") is None else f"{r['n_params'] / 1e6:.2f}M"
         lines.append(f"| {r['run']} | {r['attention']} | {r['init']} | {params} | {r['steps']} ({r['total_steps']}) "
                      f"| {f(r['train_loss'], '.3f')} | {f(r['val_loss'], '.3f')} | {f(r['val_bpb'], '.3f')} | "
-                     f"{f(r['block_recall'], '.3f')} | {f(r['score_recall'], '.3f')} | {f(r['tokens_per_s'], ',.0f')} |")
+                     f"{f(r['block_recall'], '.3f')} | {f(r['score_recall'], '.3f')} | {f(r['tokens_per_s'], ',.0f')} | "
+                     f"{r['seq_len']} | {r['mesh']} | {f(r['step_s'], '.3f')} | {f(r['peak_memory_gib'], '.1f')} |")
     return "\n".join(lines)
 
 

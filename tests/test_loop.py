@@ -402,6 +402,12 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     table = json.loads((cmp_out / "compare.json").read_text())["table"]
     assert len(table) == 2 and table[0]["steps"] == STEPS and table[0]["block_recall"] is not None
     assert "| run |" in output and (cmp_out / "compare.png").stat().st_size > 10_000
+    # the columns of a context-parallel comparison: length, mesh, step time, peak memory (GPU only)
+    n = jax.device_count()
+    assert table[0]["seq_len"] == SIZES["seq_len"] and table[0]["mesh"] == (f"data={n}" if n > 1 else "1 device")
+    assert table[0]["step_s"] == pytest.approx(SIZES["batch_size"] * SIZES["seq_len"] / table[0]["tokens_per_s"])
+    assert (table[0]["peak_memory_gib"] is None) == (jax.default_backend() == "cpu")
+    assert "| T | mesh | s/step | peak GiB/device |" in output
 
 
 def test_generate_from_the_trained_checkpoint(full):
