@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The device calls behind this folder (one H200, 2026-12-03, fifth session of the day), each run from the
+# repository root with ../h200_16k_ablations/lc.sh copied to _gpu/lc.sh:
+#   E='--lengths 4096,16384,32768 --n 50 --batch-size 8 --selection-depths 0,0.25,0.5'
+#   call 1: EVAL="$E" bash _gpu/lc.sh 520 dense cpt   # lc_2k, lc16_dense, lc16_cpt to step 65; that machine
+#           was then released, so its runs/ was lost: its lc_2k / lc16_dense metrics are the *_repeat.jsonl files
+#   call 2: EVAL="$E" bash _gpu/lc.sh 570 dense cpt   # fresh machine: lc_2k and lc16_dense again, lc16_cpt to step 117
+#   call 3: EVAL="$E" bash _gpu/lc.sh 490 dense cpt   # lc16_cpt resumed at 117 to 150, then both evaluations
+# lc.sh runs, in effect:
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+LC="--preset long-context --task-mix 1.0 --rope-theta 500000 --eval-batches 2"
+S16="--steps 300 --eval-every 100 --ckpt-every 50"
+python3 experiments/train_lm.py $LC --run-dir runs/lc_2k --attention dense --seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-every 200
+python3 experiments/train_lm.py $LC --run-dir runs/lc16_dense --attention dense --init-from runs/lc_2k $S16
+python3 experiments/train_lm.py $LC --run-dir runs/lc16_cpt --attention msa --init-from runs/lc16_dense $S16 --steps 150 --msa-warmup-steps 50
+for run in dense cpt; do
+  python3 experiments/eval_retrieval.py runs/lc16_$run --lengths 4096,16384,32768 --n 50 --batch-size 8 \
+    --selection-depths 0,0.25,0.5 --out eval_$run
+done
+# figures: python3 docs/results/long_context/h200_final_eval/figures.py
