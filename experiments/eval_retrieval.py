@@ -11,18 +11,22 @@ caches, `msa_jax.generate`). An MSA model is evaluated with top-k routing on. De
 4096 (or the training length, if shorter), doubling, up to 2x the training length. For each run it
 also measures, at the training length, the validation loss in bits/byte (`--val-batches` windows of
 unseen packages, as the training loop's evaluation does) and, for MSA, the block / score recall of
-every MSA layer; and traces passkey examples at the training length at one or more needle depths
-(`--selection-depths`): where each layer's dense attention and (MSA) index branch put the answer's
-rows against where the needle is, with a picture of the first example's selection per depth.
+every MSA layer; and traces passkey examples at the training length (or `--selection-lengths`) at one
+or more needle depths (`--selection-depths`): where each layer's dense attention and (MSA) index
+branch put the answer's rows against where the needle is, with a picture of the first example's
+selection per length and depth. Past the training length the trace also gives, per MSA layer, the
+share of the answer's selected blocks at distances the model never trained on (`selected_beyond`).
 
 Output (under --out, default runs/retrieval):
   results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
                         byte_accuracy), each run's validation metrics, per-layer recall and
-                        needle traces (val[...]["selections"], one per traced depth), and the runs' configs
+                        needle traces (val[...]["selections"], one per traced length and depth), and the
+                        runs' configs
   results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
   heatmap_<run>.png     exact match, depth x length, one panel per task
   selection_<run>_depth<d>.png   MSA runs: the index branch's selection on one passkey example vs
-                        the needle, per traced depth
+                        the needle, per traced depth (selection_<run>_T<len>_depth<d>.png for a
+                        traced length other than the training length)
   by_length.png         exact match over all depths against context length, per task (2+ lengths)
   retrieval.png         all runs' heatmaps on one figure; retrieval_bytes.png: the share of answer
                         bytes right (partial credit)
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-depths", "--selection-depth", default="0.5",
                    help="comma list of needle depths of the passkey examples where the attention and (MSA) the "
                         "index branch's selection are traced to the needle; each depth's first example is drawn")
+    p.add_argument("--selection-lengths", default=None,
+                   help="comma list of context lengths for the needle trace (default: each run's training length; "
+                        "a longer one shows where the index selects past the distances it trained on)")
     p.add_argument("--selection-examples", type=int, default=8,
                    help="passkey examples at the training length for that trace (per layer: the dense attention's "
                         "mass on the needle's block at the answer's rows, whether the block is in its top-k, and "
@@ -106,6 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     trace_depths = _floats(args.selection_depths, "selection-depths")
     if not trace_depths or not all(0.0 <= d <= 1.0 for d in trace_depths):
         raise SystemExit(f"--selection-depths: expected numbers in [0, 1], got {args.selection_depths!r}")
+    trace_lengths = None
+    if args.selection_lengths is not None:
+        got = _floats(args.selection_lengths, "selection-lengths")
+        if not got or not all(x == int(x) and x >= retrieval.min_context_len("passkey") for x in got):
+            raise SystemExit(f"--selection-lengths: expected ints >= {retrieval.min_context_len('passkey')} "
+                             f"(a passkey example's shortest context), got {args.selection_lengths!r}")
+        trace_lengths = [int(x) for x in got]
 
     import jax
     import numpy as np
@@ -179,13 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
                       f"layer: {', '.join(f'{u:.1f}' for u in mean[:, col])}; mean over layers by tile tokens: "
                       + ", ".join(f"{t}: {u:.1f}" for t, u in zip(tiles, mean[:, 2:].mean(0))))
-        if args.selection and cfg.seq_len >= retrieval.min_context_len("passkey"):
-            # Pass-key examples at the training length: where the dense attention of the answer's rows
-            # goes (the teacher an index branch learns from), and (MSA) whether the index selected it.
-            def trace(depth: float) -> dict:  # one needle depth: answers right; per layer mass, top-k, selected
-                teacher, hits, right = [], [], []
+        traced = trace_lengths or ([cfg.seq_len] if cfg.seq_len >= retrieval.min_context_len("passkey") else [])
+        if args.selection and traced:
+            # Pass-key examples at the training length (or the lengths asked for): where the dense attention
+            # of the answer's rows goes (the teacher an index branch learns from), and (MSA) whether the
+            # index selected it; past the training length, how much of its selection lies at distances it
+            # never trained on.
+            def trace(T: int, depth: float) -> dict:  # answers right; per layer mass, top-k, selected
+                teacher, hits, beyond, right = [], [], [], []
                 for e in range(args.selection_examples):
-                    ex = retrieval.passkey(corpus.val, cfg.seq_len, depth, args.seed + e)
+                    ex = retrieval.passkey(corpus.val, T, depth, args.seed + e)
                     tokens = jax.numpy.asarray(ex.tokens[None])
                     needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
                     answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
@@ -198,25 +215,31 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
                     hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
+                    beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
                     if e == 0:
                         fig = plots.needle_selection_figure(
                             sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
-                            title=f"{name}: passkey at depth {depth:g}, T={cfg.seq_len} "
+                            title=f"{name}: passkey at depth {depth:g}, T={T} "
                                   f"({'right' if right[0] else 'wrong'} answer)")
                         if fig is not None:
-                            fig.savefig(out / f"selection_{name}_depth{depth:g}.png", dpi=110)
+                            at = "" if T == cfg.seq_len else f"_T{T}"
+                            fig.savefig(out / f"selection_{name}{at}_depth{depth:g}.png", dpi=110)
                             plots.pyplot().close(fig)
                 teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
                 layers = [str(i) for i in range(cfg.n_layers)]
-                res = dict(task="passkey", depth=depth, examples=args.selection_examples,
+                res = dict(task="passkey", context_len=T, depth=depth, examples=args.selection_examples,
                            correct=float(np.mean(right)),
                            teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
                            teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
                 if is_msa:
                     res["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
+                    if T > cfg.seq_len:  # [example, layer, (selected share, uniform share)]
+                        beyond = np.mean(np.array(beyond), axis=0)
+                        res["selected_beyond"] = dict(zip(map(str, msa_layers), beyond[:, 0].tolist()))
+                        res["beyond_uniform"] = float(beyond[0, 1])
                 return res
 
-            val["selections"] = [trace(d) for d in trace_depths]
+            val["selections"] = [trace(T, d) for T in traced for d in trace_depths]
         val_rows.append(val)
         print(f"  {time.perf_counter() - t0:.0f}s")
 
@@ -260,17 +283,23 @@ def _val_markdown(val_rows: list[dict]) -> str:
     traced = [v for v in val_rows if v.get("selections")]
     if traced:
         sel = traced[0]["selections"][0]
-        lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples per needle "
-                  "depth (training length): the dense attention's mass on the needle's block, the share "
+        far = any("selected_beyond" in s for v in traced for s in v["selections"])
+        lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples per context "
+                  "length and needle depth: the dense attention's mass on the needle's block, the share "
                   "of (row, group) whose top-k blocks by that mass include it (what the index branch is taught), "
-                  "and the share whose index selection includes it (MSA).", "",
-                  "| run | depth | answers right | attention mass on the needle | needle in the attention's top-k | "
-                  "needle selected by the index |", "|---|---|---|---|---|---|"]
+                  "and the share whose index selection includes it (MSA)"
+                  + ("; past the training length, the share of the index's selected blocks lying wholly at "
+                     "distances the model never trained on (in brackets: a uniform choice's share)." if far else "."),
+                  "", "| run | T | depth | answers right | attention mass on the needle | needle in the attention's top-k | "
+                  "needle selected by the index |" + (" selected past the training distance |" if far else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if far else "")]
         for v in traced:
             for s in v["selections"]:
-                lines.append(f"| {v['run']} | {s['depth']:g} | {s['correct']:.2f} | "
+                beyond = (f" {per_layer(s['selected_beyond'])} [{s['beyond_uniform']:.2f}] |"
+                          if "selected_beyond" in s else " – |") if far else ""
+                lines.append(f"| {v['run']} | {s.get('context_len', v['seq_len'])} | {s['depth']:g} | {s['correct']:.2f} | "
                              f"{per_layer(s['teacher_needle_mass'])} | {per_layer(s['teacher_needle_in_top_k'])} | "
-                             f"{per_layer(s.get('needle_selected', {}))} |")
+                             f"{per_layer(s.get('needle_selected', {}))} |" + beyond)
     return "\n".join(lines)
 
 

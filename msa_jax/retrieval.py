@@ -617,3 +617,17 @@ def needle_selected(block_idx, needle: tuple[int, int], rows: tuple[int, int], b
     ids = np.asarray(block_idx)[rows[0] : rows[1]]
     first, last = needle[0] // block_size, (needle[1] - 1) // block_size
     return float(((ids >= first) & (ids <= last)).any(-1).mean())
+
+
+def selected_beyond(block_idx, rows: tuple[int, int], distance: int, block_size: int) -> tuple[float, float]:
+    """How much of the selection for query rows [rows[0], rows[1]) (`block_idx` int [T, H_kv, top_k] of
+    one sequence, -1 = none) lies wholly `distance` or more tokens back: every key of the block at a
+    query-key distance a model trained at T = `distance` never saw. -> (share of the selected blocks,
+    share of those rows' causal blocks), the second being what a uniform choice would give."""
+    ids = np.asarray(block_idx)[rows[0] : rows[1]]
+    q = np.arange(rows[0], rows[1])[:, None, None]
+    far_limit = (q - distance + 1) // block_size  # blocks b < far_limit end at least `distance` back
+    valid = ids >= 0
+    far = valid & (ids < far_limit)
+    causal = q[:, 0, 0] // block_size + 1  # blocks 0..q // block_size
+    return float(far.sum() / max(valid.sum(), 1)), float(np.mean(np.clip(far_limit[:, 0, 0], 0, None) / causal))

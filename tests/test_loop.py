@@ -352,7 +352,8 @@ def test_load_run_restores_the_trained_model(full):
 def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     out = tmp_path / "ret"
     proc = run_script("eval_retrieval.py", [str(full), "--lengths", "256,384", "--depths", "0,1", "--n", "2",
-                                            "--selection-depths", "0,1", "--out", str(out)])
+                                            "--selection-depths", "0,1", "--selection-lengths", "256,384",
+                                            "--out", str(out)])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-3000:]
     saved = json.loads((out / "results.json").read_text())
@@ -366,7 +367,8 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert (out / "retrieval.png").stat().st_size > 10_000 and (out / "retrieval_bytes.png").exists()
     assert (out / f"heatmap_{full.name}.png").stat().st_size > 10_000
     assert (out / "by_length.png").stat().st_size > 10_000
-    assert all((out / f"selection_{full.name}_depth{d}.png").stat().st_size > 10_000 for d in (0, 1))
+    assert all((out / f"selection_{full.name}{at}_depth{d}.png").stat().st_size > 10_000
+               for d in (0, 1) for at in ("", "_T384"))  # 256: the training length
     assert saved["markdown"] in (out / "results.md").read_text()
     # Validation at the training length: the loop's own last evaluation, and its recall per layer.
     (val,) = saved["val"]
@@ -382,15 +384,22 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
         assert {4, 8, 16, 32, p["union_tile_tokens"]} == set(unions) and unions[p["union_tile_tokens"]] == p["block_union"]
         assert all(1 <= unions[t] <= t * top_k for t in unions)
         assert [unions[t] for t in sorted(unions)] == sorted(unions.values())  # wider tiles read more blocks
-    assert [t["depth"] for t in val["selections"]] == [0.0, 1.0]  # one needle trace per --selection-depths
+    # one needle trace per --selection-lengths x --selection-depths
+    assert [(t["context_len"], t["depth"]) for t in val["selections"]] == [(256, 0.0), (256, 1.0), (384, 0.0), (384, 1.0)]
     n_layers = json.loads((full / "config.json").read_text())["n_layers"]
     for sel in val["selections"]:
         assert set(sel["needle_selected"]) == {"0", "1"} and sel["examples"] == 8 and 0 <= sel["correct"] <= 1
+        # past the training length: how much of the selection lies where the model never trained
+        assert ("selected_beyond" in sel) == (sel["context_len"] > 256)
+        if sel["context_len"] > 256:
+            assert set(sel["selected_beyond"]) == {"0", "1"} and all(0 <= x <= 1 for x in sel["selected_beyond"].values())
+            assert 0 < sel["beyond_uniform"] < 1
         mass, top = sel["teacher_needle_mass"], sel["teacher_needle_in_top_k"]
         assert set(mass) == set(top) == {str(i) for i in range(n_layers)}
         assert all(0 <= x <= 1 for x in [*mass.values(), *top.values()])
     md = (out / "results.md").read_text()
-    assert "needle in the attention's top-k" in md and f"| {full.name} | 1 |" in md
+    assert "needle in the attention's top-k" in md and f"| {full.name} | 256 | 1 |" in md
+    assert "selected past the training distance" in md and f"| {full.name} | 384 | 0 |" in md
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0 and "checkpoints" in output

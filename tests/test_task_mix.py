@@ -193,6 +193,10 @@ def test_needle_selection_numbers_and_figure(tmp_path):
     ids[60:62, 0, 1] = 2  # two of the four answer rows, group 0 only, select the needle's block
     assert retrieval.needle_selected(ids, (17, 23), (60, 64), 8) == 2 / 8
     assert retrieval.needle_selected(ids, (17, 23), (0, 60), 8) == pytest.approx(16 / 120)  # rows 16..23: local
+    # Blocks wholly 32+ tokens back from rows 60..63 are 0..2 (3 for row 63): of the 10 selected blocks, the
+    # two needle picks; a uniform choice over each row's causal blocks: (3 + 3 + 3 + 4) / (4 * 8)
+    assert retrieval.selected_beyond(ids, (60, 64), 32, 8) == (pytest.approx(2 / 10), pytest.approx(13 / 32))
+    assert retrieval.selected_beyond(ids, (60, 64), 64, 8) == (0.0, 0.0)  # nothing is that far back
     fig = plots.needle_selection_figure([ids, ids], layers=[1, 2], block_size=8, needle=(17, 23), answer=(60, 64),
                                         title="t")
     fig.savefig(tmp_path / "sel.png")
