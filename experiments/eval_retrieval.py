@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
                     hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
-                    beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
+                    if T > cfg.seq_len:  # only past the training length can a block be that far back
+                        beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
                     if e == 0:
                         fig = plots.needle_selection_figure(
                             sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
