@@ -14,8 +14,10 @@ unseen packages, as the training loop's evaluation does) and, for MSA, the block
 every MSA layer; and traces passkey examples at the training length (or `--selection-lengths`) at one
 or more needle depths (`--selection-depths`): where each layer's dense attention and (MSA) index
 branch put the answer's rows against where the needle is, with a picture of the first example's
-selection per length and depth. Past the training length the trace also gives, per MSA layer, the
-share of the answer's selected blocks at distances the model never trained on (`selected_beyond`).
+selection per length and depth. Past the training length the trace also gives, per layer, the share
+of the answer's dense attention mass and of its top-k blocks at distances the model never trained on
+(`attention_mass_beyond`, `attention_top_k_beyond`), and per MSA layer the share of the index's
+selected blocks there (`selected_beyond`), beside a uniform choice's (`beyond_uniform`).
 
 Output (under --out, default runs/retrieval):
   results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             # index selected it; past the training length, how much of its selection lies at distances it
             # never trained on.
             def trace(T: int, depth: float) -> dict:  # answers right; per layer mass, top-k, selected
-                teacher, hits, beyond, right = [], [], [], []
+                teacher, teacher_far, hits, beyond, right = [], [], [], [], []
                 for e in range(args.selection_examples):
                     ex = retrieval.passkey(corpus.val, T, depth, args.seed + e)
                     tokens = jax.numpy.asarray(ex.tokens[None])
@@ -211,11 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
                     masses = mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])
                     teacher.append([retrieval.needle_mass(np.asarray(m)[0], needle, cfg.block_size, cfg.top_k)
                                     for m in masses])
+                    if T > cfg.seq_len:  # only past the training length can a block be that far back
+                        teacher_far.append([retrieval.mass_beyond(np.asarray(m)[0], answer, cfg.seq_len,
+                                                                  cfg.block_size, cfg.top_k) for m in masses])
                     if not is_msa:
                         continue
                     sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
                     hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
-                    if T > cfg.seq_len:  # only past the training length can a block be that far back
+                    if T > cfg.seq_len:
                         beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
                     if e == 0:
                         fig = plots.needle_selection_figure(
@@ -232,12 +237,16 @@ def main(argv: list[str] | None = None) -> dict:
                            correct=float(np.mean(right)),
                            teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
                            teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
+                if T > cfg.seq_len:  # [layer, (mass share, top-k share)] past the training distance
+                    teacher_far = np.mean(np.array(teacher_far), axis=0)
+                    res["attention_mass_beyond"] = dict(zip(layers, teacher_far[:, 0].tolist()))
+                    res["attention_top_k_beyond"] = dict(zip(layers, teacher_far[:, 1].tolist()))
+                    res["beyond_uniform"] = retrieval.uniform_beyond(answer, cfg.seq_len, cfg.block_size)
                 if is_msa:
                     res["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
                     if T > cfg.seq_len:  # [example, layer, (selected share, uniform share)]
                         beyond = np.mean(np.array(beyond), axis=0)
                         res["selected_beyond"] = dict(zip(map(str, msa_layers), beyond[:, 0].tolist()))
-                        res["beyond_uniform"] = float(beyond[0, 1])
                 return res
 
             val["selections"] = [trace(T, d) for T in traced for d in trace_depths]
@@ -284,20 +293,26 @@ def _val_markdown(val_rows: list[dict]) -> str:
     traced = [v for v in val_rows if v.get("selections")]
     if traced:
         sel = traced[0]["selections"][0]
-        far = any("selected_beyond" in s for v in traced for s in v["selections"])
+        far = any("attention_top_k_beyond" in s for v in traced for s in v["selections"])
         lines += ["", f"The needle, per layer, at the answer's rows of {sel['examples']} pass-key examples per context "
                   "length and needle depth: the dense attention's mass on the needle's block, the share "
                   "of (row, group) whose top-k blocks by that mass include it (what the index branch is taught), "
                   "and the share whose index selection includes it (MSA)"
-                  + ("; past the training length, the share of the index's selected blocks lying wholly at "
-                     "distances the model never trained on (in brackets: a uniform choice's share)." if far else "."),
+                  + ("; past the training length, on blocks lying wholly at distances the model never trained on: "
+                     "the share of the dense attention's mass and of its top-k blocks there, and the share of "
+                     "the index's selected blocks there (in brackets: a uniform choice's share)." if far else "."),
                   "", "| run | T | depth | answers right | attention mass on the needle | needle in the attention's top-k | "
-                  "needle selected by the index |" + (" selected past the training distance |" if far else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if far else "")]
+                  "needle selected by the index |" + (" attention mass past the training distance | attention's "
+                                                      "top-k past it | selected past it [uniform] |" if far else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|---|---|" if far else "")]
         for v in traced:
             for s in v["selections"]:
-                beyond = (f" {per_layer(s['selected_beyond'])} [{s['beyond_uniform']:.2f}] |"
-                          if "selected_beyond" in s else " – |") if far else ""
+                beyond = ""
+                if far and "attention_top_k_beyond" in s:
+                    beyond = (f" {per_layer(s['attention_mass_beyond'])} | {per_layer(s['attention_top_k_beyond'])} | "
+                              f"{per_layer(s.get('selected_beyond', {}))} [{s['beyond_uniform']:.2f}] |")
+                elif far:
+                    beyond = " – | – | – |"
                 lines.append(f"| {v['run']} | {s.get('context_len', v['seq_len'])} | {s['depth']:g} | {s['correct']:.2f} | "
                              f"{per_layer(s['teacher_needle_mass'])} | {per_layer(s['teacher_needle_in_top_k'])} | "
                              f"{per_layer(s.get('needle_selected', {}))} |" + beyond)

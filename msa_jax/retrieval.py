@@ -629,5 +629,27 @@ def selected_beyond(block_idx, rows: tuple[int, int], distance: int, block_size:
     far_limit = (q - distance + 1) // block_size  # blocks b < far_limit end at least `distance` back
     valid = ids >= 0
     far = valid & (ids < far_limit)
-    causal = q[:, 0, 0] // block_size + 1  # blocks 0..q // block_size
-    return float(far.sum() / max(valid.sum(), 1)), float(np.mean(np.clip(far_limit[:, 0, 0], 0, None) / causal))
+    return float(far.sum() / max(valid.sum(), 1)), uniform_beyond(rows, distance, block_size)
+
+
+def uniform_beyond(rows: tuple[int, int], distance: int, block_size: int) -> float:
+    """The share of query rows [rows[0], rows[1])'s causal blocks lying wholly `distance` or more tokens
+    back: what a uniform choice among them would put there (the yardstick of `selected_beyond`)."""
+    q = np.arange(rows[0], rows[1])
+    far_limit = np.clip((q - distance + 1) // block_size, 0, None)
+    return float(np.mean(far_limit / (q // block_size + 1)))  # causal blocks: 0..q // block_size
+
+
+def mass_beyond(mass, rows: tuple[int, int], distance: int, block_size: int, top_k: int) -> tuple[float, float]:
+    """The dense attention's side of `selected_beyond`: for query rows [rows[0], rows[1]) (`mass` float
+    [H_kv, rows, n_blocks] of one sequence, `model.layer_block_mass`), the mean share of each (row,
+    group)'s attention on blocks wholly `distance` or more tokens back, and the share of its top_k blocks
+    by mass lying there: what an index branch that imitated its teacher exactly would select."""
+    mass = np.asarray(mass, np.float64)
+    q = np.arange(rows[0], rows[1])[None, :, None]
+    far_limit = (q - distance + 1) // block_size  # as in `selected_beyond`
+    far = np.arange(mass.shape[-1]) < far_limit  # [1, rows, n_blocks]
+    share = (mass * far).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
+    k = min(top_k, mass.shape[-1])
+    top = np.argsort(-mass, axis=-1, kind="stable")[..., :k]
+    return float(share.mean()), float((top < far_limit).mean())

@@ -394,12 +394,18 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
         if sel["context_len"] > 256:
             assert set(sel["selected_beyond"]) == {"0", "1"} and all(0 <= x <= 1 for x in sel["selected_beyond"].values())
             assert 0 < sel["beyond_uniform"] < 1
+        # and the dense attention's side, per layer (every layer, dense ones too)
+        assert ("attention_top_k_beyond" in sel) == (sel["context_len"] > 256)
+        if sel["context_len"] > 256:
+            assert set(sel["attention_mass_beyond"]) == set(sel["attention_top_k_beyond"]) == {str(i) for i in range(n_layers)}
+            assert all(0 <= x <= 1 for x in [*sel["attention_mass_beyond"].values(), *sel["attention_top_k_beyond"].values()])
+            assert any(x > 0 for x in sel["attention_top_k_beyond"].values())  # 16 blocks of 24 at 384: some are far
         mass, top = sel["teacher_needle_mass"], sel["teacher_needle_in_top_k"]
         assert set(mass) == set(top) == {str(i) for i in range(n_layers)}
         assert all(0 <= x <= 1 for x in [*mass.values(), *top.values()])
     md = (out / "results.md").read_text()
     assert "needle in the attention's top-k" in md and f"| {full.name} | 256 | 1 |" in md
-    assert "selected past the training distance" in md and f"| {full.name} | 384 | 0 |" in md
+    assert "attention mass past the training distance" in md and f"| {full.name} | 384 | 0 |" in md
     proc = run_script("eval_retrieval.py", [str(tmp_path / "nothing")])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0 and "checkpoints" in output

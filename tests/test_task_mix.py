@@ -197,6 +197,17 @@ def test_needle_selection_numbers_and_figure(tmp_path):
     # two needle picks; a uniform choice over each row's causal blocks: (3 + 3 + 3 + 4) / (4 * 8)
     assert retrieval.selected_beyond(ids, (60, 64), 32, 8) == (pytest.approx(2 / 10), pytest.approx(13 / 32))
     assert retrieval.selected_beyond(ids, (60, 64), 64, 8) == (0.0, 0.0)  # nothing is that far back
+    assert retrieval.uniform_beyond((60, 64), 32, 8) == pytest.approx(13 / 32)
+    # The dense attention's side: rows 60..63, 2 groups, 8 blocks; blocks 0..2 are wholly 32+ back
+    # (block 3 too for row 63). Mass 0.5 on block 1 for group 0, spread evenly for group 1.
+    mass = np.zeros((2, 4, 8))
+    mass[0, :, 1], mass[0, :, 7] = 0.5, 0.5
+    mass[1] = 1 / 8
+    share, top = retrieval.mass_beyond(mass, (60, 64), 32, 8, top_k=2)
+    assert share == pytest.approx((4 * 0.5 + 3 * 3 / 8 + 4 / 8) / 8)
+    # group 0's top 2 are blocks 1 (far) and 7; group 1's (ties, stable order) blocks 0 and 1 (both far)
+    assert top == pytest.approx((4 * 1 + 4 * 2) / 16)
+    assert retrieval.mass_beyond(mass, (60, 64), 64, 8, top_k=2) == (0.0, 0.0)
     fig = plots.needle_selection_figure([ids, ids], layers=[1, 2], block_size=8, needle=(17, 23), answer=(60, 64),
                                         title="t")
     fig.savefig(tmp_path / "sel.png")
