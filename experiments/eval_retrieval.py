@@ -17,7 +17,10 @@ branch put the answer's rows against where the needle is, with a picture of the 
 selection per length and depth. Past the training length the trace also gives, per layer, the share
 of the answer's dense attention mass and of its top-k blocks at distances the model never trained on
 (`attention_mass_beyond`, `attention_top_k_beyond`), and per MSA layer the share of the index's
-selected blocks there (`selected_beyond`), beside a uniform choice's (`beyond_uniform`).
+selected blocks there (`selected_beyond`), beside a uniform choice's (`beyond_uniform`). It also
+draws the selection rate against distance per layer (`selection_rate_by_distance`,
+distance_<run>_T<len>_depth<d>.png): the attention's top-k and the index's picks at the answer's
+rows, and the index's picks over every row past the training length.
 
 Output (under --out, default runs/retrieval):
   results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
@@ -29,6 +32,8 @@ Output (under --out, default runs/retrieval):
   selection_<run>_depth<d>.png   MSA runs: the index branch's selection on one passkey example vs
                         the needle, per traced depth (selection_<run>_T<len>_depth<d>.png for a
                         traced length other than the training length)
+  distance_<run>_T<len>_depth<d>.png   traced lengths past the training length: selection rate against
+                        query-key distance per layer (attention's top-k, index)
   by_length.png         exact match over all depths against context length, per task (2+ lengths)
   retrieval.png         all runs' heatmaps on one figure; retrieval_bytes.png: the share of answer
                         bytes right (partial credit)
@@ -203,6 +208,13 @@ def main(argv: list[str] | None = None) -> dict:
             # never trained on.
             def trace(T: int, depth: float) -> dict:  # answers right; per layer mass, top-k, selected
                 teacher, teacher_far, hits, beyond, right = [], [], [], [], []
+                by_distance = {}  # (layer, curve) -> summed (picks, visible) per distance, past the training length
+                past = f"index (rows past {cfg.seq_len})"
+
+                def count(layer, curve, counts):
+                    old = by_distance.get((layer, curve))
+                    by_distance[(layer, curve)] = counts if old is None else (old[0] + counts[0], old[1] + counts[1])
+
                 for e in range(args.selection_examples):
                     ex = retrieval.passkey(corpus.val, T, depth, args.seed + e)
                     tokens = jax.numpy.asarray(ex.tokens[None])
@@ -216,12 +228,18 @@ def main(argv: list[str] | None = None) -> dict:
                     if T > cfg.seq_len:  # only past the training length can a block be that far back
                         teacher_far.append([retrieval.mass_beyond(np.asarray(m)[0], answer, cfg.seq_len,
                                                                   cfg.block_size, cfg.top_k) for m in masses])
+                        for layer, m in enumerate(masses):
+                            count(layer, "attention's top-k (answer rows)",
+                                  retrieval.top_k_by_distance(np.asarray(m)[0], answer, cfg.block_size, cfg.top_k))
                     if not is_msa:
                         continue
                     sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
                     hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
                     if T > cfg.seq_len:
                         beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
+                        for layer, s in zip(msa_layers, sel):
+                            count(layer, "index (answer rows)", retrieval.selection_by_distance(s, answer, cfg.block_size))
+                            count(layer, past, retrieval.selection_by_distance(s, (cfg.seq_len, T), cfg.block_size))
                     if e == 0:
                         fig = plots.needle_selection_figure(
                             sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
@@ -242,6 +260,21 @@ def main(argv: list[str] | None = None) -> dict:
                     res["attention_mass_beyond"] = dict(zip(layers, teacher_far[:, 0].tolist()))
                     res["attention_top_k_beyond"] = dict(zip(layers, teacher_far[:, 1].tolist()))
                     res["beyond_uniform"] = retrieval.uniform_beyond(answer, cfg.seq_len, cfg.block_size)
+                    # selection rate per distance (blocks), per layer: the MSA layers (dense runs: every layer)
+                    rates = {}
+                    for (layer, curve), (picks, visible) in sorted(by_distance.items()):
+                        if is_msa and layer not in msa_layers:
+                            continue
+                        rates.setdefault(str(layer), {})[curve] = [round(float(p) / v, 6) if v else None
+                                                                   for p, v in zip(picks, visible)]
+                    res["selection_rate_by_distance"] = rates
+                    fig = plots.selection_distance_figure(
+                        rates, block_size=cfg.block_size, train_len=cfg.seq_len,
+                        title=f"{name}: selection rate by distance\npasskey at depth {depth:g}, T={T}, "
+                              f"{args.selection_examples} examples; dashed: the training length")
+                    if fig is not None:
+                        fig.savefig(out / f"distance_{name}_T{T}_depth{depth:g}.png", dpi=100)
+                        plots.pyplot().close(fig)
                 if is_msa:
                     res["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
                     if T > cfg.seq_len:  # [example, layer, (selected share, uniform share)]

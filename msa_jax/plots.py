@@ -481,6 +481,37 @@ def needle_selection_figure(block_idx: list, *, layers: list[int], block_size: i
     return fig
 
 
+def selection_distance_figure(rates: dict, *, block_size: int, train_len: int, title: str = ""):
+    """Selection rate against query-key distance, one panel per layer: `rates` maps a layer number to
+    {curve label: rate per distance in blocks} (`retrieval.selection_by_distance`'s picks / visible,
+    summed over examples; None where nothing could be that far). A dashed line marks the training
+    length: right of it are distances the model never trained on. A choice blind to distance is flat;
+    peaks at a few far distances are a score that depends on the distance alone. Returns the figure
+    (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None or not rates:
+        return None
+    n = len(rates)
+    cols = min(n, 4)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, sharey=True)
+    for ax, (layer, curves) in zip(axes.flat, rates.items()):
+        for i, (label, rate) in enumerate(curves.items()):
+            r = np.array([np.nan if x is None else x for x in rate], float)
+            ax.plot(np.arange(len(r)) * block_size, r, lw=0.9, color=f"C{i}", label=label, alpha=0.85)
+        ax.axvline(train_len, color="gray", ls="--", lw=0.8)
+        ax.set(yscale="log", title=f"layer {layer}", xlabel="distance back (tokens)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("selection rate")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def speedup_curves(results: dict) -> dict[str, list[tuple]]:
     """The speedup series of a committed benchmark result (the results.json of bench_prefill,
     bench_train or bench_decode): {label: [(length, speedup), ...]}, bounds included ("... bound")."""

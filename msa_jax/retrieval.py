@@ -640,6 +640,38 @@ def uniform_beyond(rows: tuple[int, int], distance: int, block_size: int) -> flo
     return float(np.mean(far_limit / (q // block_size + 1)))  # causal blocks: 0..q // block_size
 
 
+def selection_by_distance(block_idx, rows: tuple[int, int], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often the selection for query rows [rows[0], rows[1]) (`block_idx` int [T, H_kv, top_k] of one
+    sequence, -1 = none) picks the block d blocks back (d = the query's block - the selected block):
+    -> (picks [n_blocks], visible [n_blocks]) counts, visible[d] = the (row, group) cases that can see
+    distance d. Sum them over examples; picks / visible is the selection rate per distance, flat for a
+    choice blind to distance."""
+    block_idx = np.asarray(block_idx)
+    n_blocks = -(-block_idx.shape[0] // block_size)
+    return _picks_by_distance(block_idx[rows[0] : rows[1]], np.arange(*rows), block_size, n_blocks)
+
+
+def top_k_by_distance(mass, rows: tuple[int, int], block_size: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`selection_by_distance` for the dense attention's top_k causal blocks by mass at query rows
+    [rows[0], rows[1]) (`mass` float [H_kv, rows, n_blocks], `model.layer_block_mass`): what an index
+    branch that imitated its teacher exactly would pick, by distance."""
+    mass = np.asarray(mass, np.float64)
+    q = np.arange(*rows)
+    causal = np.arange(mass.shape[-1]) <= (q // block_size)[:, None]  # [rows, n_blocks]
+    top = np.argsort(np.where(causal, -mass, np.inf), axis=-1, kind="stable")[..., :top_k]  # [H_kv, rows, k]
+    top = np.where(np.take_along_axis(np.broadcast_to(causal, mass.shape), top, -1), top, -1)
+    return _picks_by_distance(np.moveaxis(top, 0, 1), q, block_size, mass.shape[-1])
+
+
+def _picks_by_distance(ids, q, block_size: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids int [rows, groups, k] (-1 = none) of query positions q [rows] -> (picks, visible) by distance."""
+    qb = q // block_size
+    dist = (qb[:, None, None] - ids)[ids >= 0]
+    picks = np.bincount(dist, minlength=n_blocks)[:n_blocks]
+    visible = np.bincount(qb, minlength=n_blocks)[:n_blocks][::-1].cumsum()[::-1] * ids.shape[1]  # qb >= d
+    return picks, visible
+
+
 def mass_beyond(mass, rows: tuple[int, int], distance: int, block_size: int, top_k: int) -> tuple[float, float]:
     """The dense attention's side of `selected_beyond`: for query rows [rows[0], rows[1]) (`mass` float
     [H_kv, rows, n_blocks] of one sequence, `model.layer_block_mass`), the mean share of each (row,

@@ -369,6 +369,8 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert (out / "by_length.png").stat().st_size > 10_000
     assert all((out / f"selection_{full.name}{at}_depth{d}.png").stat().st_size > 10_000
                for d in (0, 1) for at in ("", "_T384"))  # 256: the training length
+    assert all((out / f"distance_{full.name}_T384_depth{d}.png").stat().st_size > 10_000 for d in (0, 1))
+    assert not list(out.glob("distance_*_T256_*"))  # nothing is past the training length at it
     assert saved["markdown"] in (out / "results.md").read_text()
     # Validation at the training length: the loop's own last evaluation, and its recall per layer.
     (val,) = saved["val"]
@@ -400,6 +402,12 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
             assert set(sel["attention_mass_beyond"]) == set(sel["attention_top_k_beyond"]) == {str(i) for i in range(n_layers)}
             assert all(0 <= x <= 1 for x in [*sel["attention_mass_beyond"].values(), *sel["attention_top_k_beyond"].values()])
             assert any(x > 0 for x in sel["attention_top_k_beyond"].values())  # 16 blocks of 24 at 384: some are far
+            rates = sel["selection_rate_by_distance"]  # MSA layers; distances in blocks
+            assert set(rates) == {"0", "1"}
+            for curves in rates.values():
+                assert set(curves) == {"attention's top-k (answer rows)", "index (answer rows)", "index (rows past 256)"}
+                assert all(x is None or 0 <= x <= 1 for c in curves.values() for x in c)
+                assert curves["index (rows past 256)"][0] == 1.0  # the local block is always selected
         mass, top = sel["teacher_needle_mass"], sel["teacher_needle_in_top_k"]
         assert set(mass) == set(top) == {str(i) for i in range(n_layers)}
         assert all(0 <= x <= 1 for x in [*mass.values(), *top.values()])

@@ -208,6 +208,18 @@ def test_needle_selection_numbers_and_figure(tmp_path):
     # group 0's top 2 are blocks 1 (far) and 7; group 1's (ties, stable order) blocks 0 and 1 (both far)
     assert top == pytest.approx((4 * 1 + 4 * 2) / 16)
     assert retrieval.mass_beyond(mass, (60, 64), 64, 8, top_k=2) == (0.0, 0.0)
+    # By distance (in blocks): rows 60..63 sit in block 7, so the local picks are at distance 0 and the
+    # needle's block 2 at 5; every distance 0..7 is visible to all 4 rows x 2 groups.
+    picks, visible = retrieval.selection_by_distance(ids, (60, 64), 8)
+    assert picks.tolist() == [8, 0, 0, 0, 0, 2, 0, 0] and visible.tolist() == [8] * 8
+    picks, visible = retrieval.selection_by_distance(ids, (0, 16), 8)  # rows of blocks 0 and 1
+    assert picks.tolist() == [32, 0, 0, 0, 0, 0, 0, 0] and visible.tolist() == [32, 16, 0, 0, 0, 0, 0, 0]
+    # the attention's top 2: group 0 blocks 1 and 7 (distances 6, 0), group 1 (ties) blocks 0 and 1 (7, 6)
+    picks, visible = retrieval.top_k_by_distance(mass, (60, 64), 8, top_k=2)
+    assert picks.tolist() == [4, 0, 0, 0, 0, 0, 8, 4] and visible.tolist() == [8] * 8
+    # only causal blocks count: row 3 (block 0) of an even mass picks block 0 alone
+    picks, _ = retrieval.top_k_by_distance(np.full((1, 1, 4), 0.25), (3, 4), 8, top_k=2)
+    assert picks.tolist() == [1, 0, 0, 0]
     fig = plots.needle_selection_figure([ids, ids], layers=[1, 2], block_size=8, needle=(17, 23), answer=(60, 64),
                                         title="t")
     fig.savefig(tmp_path / "sel.png")
