@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 at 16K on one H200, idempotent: every run resumes where the last call's deadline stopped it
 # (SIGTERM = checkpoint and exit) while the machine stays warm (runs/ survives), and a done run is
-# skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, then an
-# evaluation at 16K (50 examples per cell, 8-example needle trace) of each finished 16K run named.
+# skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, each evaluated at
+# 16K (50 examples per cell, 8-example needle trace) as soon as it is trained, before the next named run.
 # Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed, a 16K run's
 # base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 set -u
@@ -52,21 +52,20 @@ ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), th
   if [ -n "$base" ]; then ensure $base || return 1; fi
   train $dir $args
 }
-ok=1
+# Each run is evaluated as soon as it is trained (once per machine and EVAL), before the next one trains, so that
+# a budget that ends mid-list loses at most the run in progress; a call that stops resumes both next time.
 for name in "$@"; do
   [ -n "${ARGS[$name]:-}" ] || { echo "unknown run $name"; exit 2; }
-  ensure lc16_$name || { ok=0; break; }
 done
-# Evaluate each finished run on its own (each once per machine and EVAL), so that a deadline loses at most one
-if [ $ok = 1 ]; then
-  for name in "$@"; do
-    mark=runs/lc16_$name/eval_done_$(echo "$EVAL" | md5sum | cut -c1-8)
-    [ -e runs/lc16_$name/DONE ] && [ ! -e $mark ] || continue
-    if [ $(left) -lt 130 ]; then echo "eval lc16_$name: no time left"; break; fi
-    timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py runs/lc16_$name $EVAL --out $OUT/a/eval_$name \
-      > $OUT/a/eval_$name.txt 2>&1 && touch $mark
-    tail -c 2500 $OUT/a/eval_$name.txt
-  done
-fi
+for name in "$@"; do
+  ensure lc16_$name || break
+  mark=runs/lc16_$name/eval_done_$(echo "$EVAL" | md5sum | cut -c1-8)
+  [ -e $mark ] && continue
+  if [ $(left) -lt 130 ]; then echo "eval lc16_$name: no time left"; break; fi
+  timeout $(( $(left) - 10 )) python3 experiments/eval_retrieval.py runs/lc16_$name $EVAL --out $OUT/a/eval_$name \
+    > $OUT/a/eval_$name.txt 2>&1 && touch $mark
+  tail -c 2500 $OUT/a/eval_$name.txt
+  [ -e $mark ] || break
+done
 for d in runs/lc_2k runs/lc_2k_msa runs/lc_2k_msa_nope runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
 cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
