@@ -136,14 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     from msa_jax import bench, data, loop, sharding
     from msa_jax.checkpoint import load_run
     from msa_jax.generate import generate
-    from msa_jax.model import layer_block_mass, layer_selections
+    from msa_jax.model import layer_selections
+    from msa_jax.needle_trace import needle_trace
 
     @nnx.jit
     def forward(model, tokens):
         return model(tokens, sparse=True)[0]  # sparse: top-k routing for MSA (ignored by dense)
 
     selections = nnx.jit(layer_selections, static_argnames="with_recall")
-    mass_fn = nnx.jit(layer_block_mass, static_argnames="n_rows")
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,83 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
             # of the answer's rows goes (the teacher an index branch learns from), and (MSA) whether the
             # index selected it; past the training length, how much of its selection lies at distances it
             # never trained on.
-            def trace(T: int, depth: float) -> dict:  # answers right; per layer mass, top-k, selected
-                teacher, teacher_far, hits, beyond, right = [], [], [], [], []
-                by_distance = {}  # (layer, curve) -> summed (picks, visible) per distance, past the training length
-                past = f"index (rows past {cfg.seq_len})"
-
-                def count(layer, curve, counts):
-                    old = by_distance.get((layer, curve))
-                    by_distance[(layer, curve)] = counts if old is None else (old[0] + counts[0], old[1] + counts[1])
-
-                for e in range(args.selection_examples):
-                    ex = retrieval.passkey(corpus.val, T, depth, args.seed + e)
-                    tokens = jax.numpy.asarray(ex.tokens[None])
-                    needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
-                    answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
-                    right.append(bool(retrieval.exact_match(logits_fn, ex.tokens[None],
-                                                            retrieval.answer_mask_of(ex)[None])[0]))
-                    masses = mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])
-                    teacher.append([retrieval.needle_mass(np.asarray(m)[0], needle, cfg.block_size, cfg.top_k)
-                                    for m in masses])
-                    if T > cfg.seq_len:  # only past the training length can a block be that far back
-                        teacher_far.append([retrieval.mass_beyond(np.asarray(m)[0], answer, cfg.seq_len,
-                                                                  cfg.block_size, cfg.top_k) for m in masses])
-                        for layer, m in enumerate(masses):
-                            count(layer, "attention's top-k (answer rows)",
-                                  retrieval.top_k_by_distance(np.asarray(m)[0], answer, cfg.block_size, cfg.top_k))
-                    if not is_msa:
-                        continue
-                    sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
-                    hits.append([retrieval.needle_selected(s, needle, answer, cfg.block_size) for s in sel])
-                    if T > cfg.seq_len:
-                        beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, cfg.block_size) for s in sel])
-                        for layer, s in zip(msa_layers, sel):
-                            count(layer, "index (answer rows)", retrieval.selection_by_distance(s, answer, cfg.block_size))
-                            count(layer, past, retrieval.selection_by_distance(s, (cfg.seq_len, T), cfg.block_size))
-                    if e == 0:
-                        fig = plots.needle_selection_figure(
-                            sel, layers=msa_layers, block_size=cfg.block_size, needle=needle, answer=answer,
-                            title=f"{name}: passkey at depth {depth:g}, T={T} "
-                                  f"({'right' if right[0] else 'wrong'} answer)")
-                        if fig is not None:
-                            at = "" if T == cfg.seq_len else f"_T{T}"
-                            fig.savefig(out / f"selection_{name}{at}_depth{depth:g}.png", dpi=110)
-                            plots.pyplot().close(fig)
-                teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
-                layers = [str(i) for i in range(cfg.n_layers)]
-                res = dict(task="passkey", context_len=T, depth=depth, examples=args.selection_examples,
-                           correct=float(np.mean(right)),
-                           teacher_needle_mass=dict(zip(layers, teacher[:, 0].tolist())),
-                           teacher_needle_in_top_k=dict(zip(layers, teacher[:, 1].tolist())))
-                if T > cfg.seq_len:  # [layer, (mass share, top-k share)] past the training distance
-                    teacher_far = np.mean(np.array(teacher_far), axis=0)
-                    res["attention_mass_beyond"] = dict(zip(layers, teacher_far[:, 0].tolist()))
-                    res["attention_top_k_beyond"] = dict(zip(layers, teacher_far[:, 1].tolist()))
-                    res["beyond_uniform"] = retrieval.uniform_beyond(answer, cfg.seq_len, cfg.block_size)
-                    # selection rate per distance (blocks), per layer: the MSA layers (dense runs: every layer)
-                    rates = {}
-                    for (layer, curve), (picks, visible) in sorted(by_distance.items()):
-                        if is_msa and layer not in msa_layers:
-                            continue
-                        rates.setdefault(str(layer), {})[curve] = [round(float(p) / v, 6) if v else None
-                                                                   for p, v in zip(picks, visible)]
-                    res["selection_rate_by_distance"] = rates
-                    fig = plots.selection_distance_figure(
-                        rates, block_size=cfg.block_size, train_len=cfg.seq_len,
-                        title=f"{name}: selection rate by distance\npasskey at depth {depth:g}, T={T}, "
-                              f"{args.selection_examples} examples; dashed: the training length")
-                    if fig is not None:
-                        fig.savefig(out / f"distance_{name}_T{T}_depth{depth:g}.png", dpi=100)
-                        plots.pyplot().close(fig)
-                if is_msa:
-                    res["needle_selected"] = dict(zip(map(str, msa_layers), np.mean(hits, axis=0).tolist()))
-                    if T > cfg.seq_len:  # [example, layer, (selected share, uniform share)]
-                        beyond = np.mean(np.array(beyond), axis=0)
-                        res["selected_beyond"] = dict(zip(map(str, msa_layers), beyond[:, 0].tolist()))
-                return res
-
-            val["selections"] = [trace(T, d) for T in traced for d in trace_depths]
+            val["selections"] = [needle_trace(model, cfg, corpus.val, T, d, examples=args.selection_examples,
+                                              seed=args.seed, name=name, figure_dir=out)
+                                 for T in traced for d in trace_depths]
         val_rows.append(val)
         print(f"  {time.perf_counter() - t0:.0f}s")
 

@@ -422,3 +422,44 @@ def test_answer_counts_score_the_retrieval_rows_like_answer_accuracy(corpus):
     assert loop.answer_rates({k: 0.0 for k in loop.ANSWER_COUNTS}) == {"answer_bytes": None, "answer_exact": None}
     probe = loop.retrieval_probe(run, corpus.val, 4, 2)
     assert len(probe) == 2 and probe[0].shape == (4, T + 1) and all(is_task_row(r) for b in probe for r in b)
+
+
+@pytest.mark.parametrize("attention", ["msa", "dense"])
+def test_needle_trace_at_and_past_the_training_length(corpus, attention, tmp_path):
+    """needle_trace on a fresh model: at the training length the needle's numbers per layer; past it
+    the shares at unseen distances and the rate by distance, each equal to retrieval's statistics
+    of that one example's selection and attention (examples=1), and the figures."""
+    import jax.numpy as jnp
+
+    from msa_jax.model import DecoderLM, layer_block_mass, layer_selections
+    from msa_jax.needle_trace import needle_trace
+
+    cfg = presets.run_config("tiny", attention=attention, seq_len=128, block_size=16, top_k=3, n_dense_layers=0)
+    model = DecoderLM(cfg.model_config(), seed=1)
+    at = needle_trace(model, cfg, corpus.val, 128, 0.0, examples=2, seed=5, name="m", figure_dir=tmp_path)
+    assert "attention_top_k_beyond" not in at and at["examples"] == 2 and 0 <= at["correct"] <= 1
+    assert set(at["teacher_needle_mass"]) == {"0", "1"}
+    assert ("needle_selected" in at) == (attention == "msa")
+    far = needle_trace(model, cfg, corpus.val, 256, 0.0, examples=1, seed=5, name="m", figure_dir=tmp_path)
+    ex = retrieval.passkey(corpus.val, 256, 0.0, 5)
+    answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))
+    tokens = jnp.asarray(ex.tokens[None])
+    masses = [np.asarray(m)[0] for m in layer_block_mass(model, tokens, answer[0], n_rows=answer[1] - answer[0])]
+    for layer, m in enumerate(masses):
+        share, top = retrieval.mass_beyond(m, answer, 128, 16, 3)
+        assert far["attention_mass_beyond"][str(layer)] == pytest.approx(share)
+        assert far["attention_top_k_beyond"][str(layer)] == pytest.approx(top)
+        picks, visible = retrieval.top_k_by_distance(m, answer, 16, 3)
+        rate = far["selection_rate_by_distance"][str(layer)]["attention's top-k (answer rows)"]
+        assert rate == pytest.approx([p / v if v else None for p, v in zip(picks, visible)], abs=1e-6)
+    assert far["beyond_uniform"] == pytest.approx(retrieval.uniform_beyond(answer, 128, 16))
+    assert (tmp_path / "distance_m_T256_depth0.png").stat().st_size > 10_000
+    if attention == "msa":
+        sel = [np.asarray(s["block_idx"])[0] for s in layer_selections(model, tokens)]
+        for layer, s in enumerate(sel):
+            assert far["selected_beyond"][str(layer)] == pytest.approx(retrieval.selected_beyond(s, answer, 128, 16)[0])
+            rates = far["selection_rate_by_distance"][str(layer)]
+            assert rates["index (rows past 128)"][0] == 1.0  # the local block, always selected
+        assert (tmp_path / "selection_m_depth0.png").exists() and (tmp_path / "selection_m_T256_depth0.png").exists()
+    else:
+        assert not list(tmp_path.glob("selection_*"))  # no index branch to draw

@@ -1,0 +1,123 @@
+"""The needle trace: where a trained model's attention and (MSA) index branch send the rows that
+answer a pass-key example, against where the needle is (docs/long_context.md, "the needle trace").
+
+Per layer: the dense attention's mass on the needle's block and whether it is among that attention's
+top-k blocks (the teacher the index branch's KL learns from; in an MSA layer its main branch's own q
+and k), and for MSA whether the index branch selected it. Past the training length, also how much of
+the attention's and of the index's choice lies at distances the model never trained on, and the
+selection rate against distance. The statistics are `retrieval`'s; this module runs the model.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from msa_jax import plots, retrieval
+
+
+def _jitted():
+    """The model functions the trace runs, jitted once (imported late: this module loads without jax)."""
+    global _FNS
+    if _FNS is None:
+        from flax import nnx
+
+        from msa_jax.model import layer_block_mass, layer_selections
+
+        forward = nnx.jit(lambda model, tokens: model(tokens, sparse=True)[0])  # top-k routing for MSA
+        _FNS = (forward, nnx.jit(layer_selections, static_argnames="with_recall"),
+                nnx.jit(layer_block_mass, static_argnames="n_rows"))
+    return _FNS
+
+
+_FNS = None
+
+
+def needle_trace(model, cfg, source: np.ndarray, T: int, depth: float, *, examples: int = 8, seed: int = 0,
+                 name: str = "", figure_dir: str | pathlib.Path | None = None) -> dict:
+    """Trace `examples` pass-key examples of context length T with the needle at `depth` (haystacks from
+    `source`, seeds seed, seed + 1, ...) through `model` (a `DecoderLM` trained with RunConfig `cfg`).
+
+    Returns {task, context_len, depth, examples, correct (share answered right, teacher-forced),
+    teacher_needle_mass, teacher_needle_in_top_k (per layer), and for MSA needle_selected (per MSA
+    layer)}; when T > cfg.seq_len also attention_mass_beyond, attention_top_k_beyond (per layer),
+    beyond_uniform, selection_rate_by_distance ({layer: {curve: rate per distance in blocks}}) and for
+    MSA selected_beyond (per MSA layer). With `figure_dir`, draws the first example's selection
+    (MSA: selection_<name>[_T<T>]_depth<d>.png, the T only off the training length) and past the
+    training length the rate by distance (distance_<name>_T<T>_depth<d>.png)."""
+    import jax.numpy as jnp
+
+    forward, selections, mass_fn = _jitted()
+    is_msa = cfg.attention == "msa"
+    msa_layers = [i for i in range(cfg.n_layers) if cfg.model_config().is_msa_layer(i)]
+    bs, far = cfg.block_size, T > cfg.seq_len  # only past the training length can a block be that far back
+    logits_fn = lambda t: forward(model, jnp.asarray(t))  # noqa: E731
+    teacher, teacher_far, hits, beyond, right = [], [], [], [], []
+    by_distance = {}  # (layer, curve) -> (picks, visible) per distance, summed over the examples
+    past = f"index (rows past {cfg.seq_len})"
+
+    def count(layer, curve, counts):
+        old = by_distance.get((layer, curve))
+        by_distance[(layer, curve)] = counts if old is None else (old[0] + counts[0], old[1] + counts[1])
+
+    for e in range(examples):
+        ex = retrieval.passkey(source, T, depth, seed + e)
+        tokens = jnp.asarray(ex.tokens[None])
+        needle = (ex.needle_pos, ex.needle_pos + len(ex.needle))
+        answer = (ex.answer_start - 1, ex.answer_start - 1 + len(ex.answer))  # the rows predicting it
+        right.append(bool(retrieval.exact_match(logits_fn, ex.tokens[None], retrieval.answer_mask_of(ex)[None])[0]))
+        masses = [np.asarray(m)[0] for m in mass_fn(model, tokens, answer[0], n_rows=answer[1] - answer[0])]
+        teacher.append([retrieval.needle_mass(m, needle, bs, cfg.top_k) for m in masses])
+        if far:
+            teacher_far.append([retrieval.mass_beyond(m, answer, cfg.seq_len, bs, cfg.top_k) for m in masses])
+            for layer, m in enumerate(masses):
+                count(layer, "attention's top-k (answer rows)", retrieval.top_k_by_distance(m, answer, bs, cfg.top_k))
+        if not is_msa:
+            continue
+        sel = [np.asarray(s["block_idx"])[0] for s in selections(model, tokens) if s is not None]
+        hits.append([retrieval.needle_selected(s, needle, answer, bs) for s in sel])
+        if far:
+            beyond.append([retrieval.selected_beyond(s, answer, cfg.seq_len, bs)[0] for s in sel])
+            for layer, s in zip(msa_layers, sel):
+                count(layer, "index (answer rows)", retrieval.selection_by_distance(s, answer, bs))
+                count(layer, past, retrieval.selection_by_distance(s, (cfg.seq_len, T), bs))
+        if e == 0 and figure_dir is not None:
+            fig = plots.needle_selection_figure(
+                sel, layers=msa_layers, block_size=bs, needle=needle, answer=answer,
+                title=f"{name}: passkey at depth {depth:g}, T={T} ({'right' if right[0] else 'wrong'} answer)")
+            if fig is not None:
+                at = "" if T == cfg.seq_len else f"_T{T}"
+                fig.savefig(pathlib.Path(figure_dir) / f"selection_{name}{at}_depth{depth:g}.png", dpi=110)
+                plots.pyplot().close(fig)
+
+    per_layer = lambda layers, values: dict(zip(map(str, layers), np.asarray(values).tolist()))  # noqa: E731
+    layers = range(cfg.n_layers)
+    teacher = np.mean(np.array(teacher), axis=0)  # [layer, (mass share, in top-k)]
+    res = dict(task="passkey", context_len=T, depth=depth, examples=examples, correct=float(np.mean(right)),
+               teacher_needle_mass=per_layer(layers, teacher[:, 0]),
+               teacher_needle_in_top_k=per_layer(layers, teacher[:, 1]))
+    if far:
+        teacher_far = np.mean(np.array(teacher_far), axis=0)  # [layer, (mass share, top-k share)]
+        res["attention_mass_beyond"] = per_layer(layers, teacher_far[:, 0])
+        res["attention_top_k_beyond"] = per_layer(layers, teacher_far[:, 1])
+        res["beyond_uniform"] = retrieval.uniform_beyond(answer, cfg.seq_len, bs)
+        rates = {}  # per distance in blocks; the MSA layers (dense runs: every layer)
+        for (layer, curve), (picks, visible) in sorted(by_distance.items()):
+            if not is_msa or layer in msa_layers:
+                rates.setdefault(str(layer), {})[curve] = [round(float(p) / v, 6) if v else None
+                                                           for p, v in zip(picks, visible)]
+        res["selection_rate_by_distance"] = rates
+        if figure_dir is not None:
+            fig = plots.selection_distance_figure(
+                rates, block_size=bs, train_len=cfg.seq_len,
+                title=f"{name}: selection rate by distance\npasskey at depth {depth:g}, T={T}, {examples} "
+                      "examples; dashed: the training length")
+            if fig is not None:
+                fig.savefig(pathlib.Path(figure_dir) / f"distance_{name}_T{T}_depth{depth:g}.png", dpi=100)
+                plots.pyplot().close(fig)
+    if is_msa:
+        res["needle_selected"] = per_layer(msa_layers, np.mean(hits, axis=0))
+        if far:
+            res["selected_beyond"] = per_layer(msa_layers, np.mean(beyond, axis=0))
+    return res
