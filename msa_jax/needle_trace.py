@@ -10,6 +10,7 @@ selection rate against distance. The statistics are `retrieval`'s; this module r
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import numpy as np
@@ -17,21 +18,16 @@ import numpy as np
 from msa_jax import plots, retrieval
 
 
+@functools.cache
 def _jitted():
     """The model functions the trace runs, jitted once (imported late: this module loads without jax)."""
-    global _FNS
-    if _FNS is None:
-        from flax import nnx
+    from flax import nnx
 
-        from msa_jax.model import layer_block_mass, layer_selections
+    from msa_jax.model import layer_block_mass, layer_selections
 
-        forward = nnx.jit(lambda model, tokens: model(tokens, sparse=True)[0])  # top-k routing for MSA
-        _FNS = (forward, nnx.jit(layer_selections, static_argnames="with_recall"),
-                nnx.jit(layer_block_mass, static_argnames="n_rows"))
-    return _FNS
-
-
-_FNS = None
+    forward = nnx.jit(lambda model, tokens: model(tokens, sparse=True)[0])  # top-k routing for MSA
+    return (forward, nnx.jit(layer_selections, static_argnames="with_recall"),
+            nnx.jit(layer_block_mass, static_argnames="n_rows"))
 
 
 def needle_trace(model, cfg, source: np.ndarray, T: int, depth: float, *, examples: int = 8, seed: int = 0,

@@ -655,12 +655,18 @@ def top_k_by_distance(mass, rows: tuple[int, int], block_size: int, top_k: int) 
     """`selection_by_distance` for the dense attention's top_k causal blocks by mass at query rows
     [rows[0], rows[1]) (`mass` float [H_kv, rows, n_blocks], `model.layer_block_mass`): what an index
     branch that imitated its teacher exactly would pick, by distance."""
-    mass = np.asarray(mass, np.float64)
     q = np.arange(*rows)
+    top = _causal_top_k(mass, q, block_size, top_k)  # [H_kv, rows, k]
+    return _picks_by_distance(np.moveaxis(top, 0, 1), q, block_size, np.shape(mass)[-1])
+
+
+def _causal_top_k(mass, q, block_size: int, top_k: int) -> np.ndarray:
+    """The top_k blocks by mass (`mass` [H_kv, rows, n_blocks] at query positions q [rows]) among each
+    row's causal blocks, -1 where a row has fewer: int [H_kv, rows, top_k]."""
+    mass = np.asarray(mass, np.float64)
     causal = np.arange(mass.shape[-1]) <= (q // block_size)[:, None]  # [rows, n_blocks]
-    top = np.argsort(np.where(causal, -mass, np.inf), axis=-1, kind="stable")[..., :top_k]  # [H_kv, rows, k]
-    top = np.where(np.take_along_axis(np.broadcast_to(causal, mass.shape), top, -1), top, -1)
-    return _picks_by_distance(np.moveaxis(top, 0, 1), q, block_size, mass.shape[-1])
+    top = np.argsort(np.where(causal, -mass, np.inf), axis=-1, kind="stable")[..., :top_k]
+    return np.where(np.take_along_axis(np.broadcast_to(causal, mass.shape), top, -1), top, -1)
 
 
 def _picks_by_distance(ids, q, block_size: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -682,6 +688,5 @@ def mass_beyond(mass, rows: tuple[int, int], distance: int, block_size: int, top
     far_limit = (q - distance + 1) // block_size  # as in `selected_beyond`
     far = np.arange(mass.shape[-1]) < far_limit  # [1, rows, n_blocks]
     share = (mass * far).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
-    k = min(top_k, mass.shape[-1])
-    top = np.argsort(-mass, axis=-1, kind="stable")[..., :k]
-    return float(share.mean()), float((top < far_limit).mean())
+    top = _causal_top_k(mass, np.arange(rows[0], rows[1]), block_size, top_k)
+    return float(share.mean()), float(((top >= 0) & (top < far_limit)).sum() / max((top >= 0).sum(), 1))
