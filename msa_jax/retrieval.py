@@ -625,11 +625,15 @@ def selected_beyond(block_idx, rows: tuple[int, int], distance: int, block_size:
     query-key distance a model trained at T = `distance` never saw. -> (share of the selected blocks,
     share of those rows' causal blocks), the second being what a uniform choice would give."""
     ids = np.asarray(block_idx)[rows[0] : rows[1]]
-    q = np.arange(rows[0], rows[1])[:, None, None]
-    far_limit = (q - distance + 1) // block_size  # blocks b < far_limit end at least `distance` back
+    return _share_beyond(ids, np.arange(*rows), distance, block_size), uniform_beyond(rows, distance, block_size)
+
+
+def _share_beyond(ids, q, distance: int, block_size: int) -> float:
+    """Of the blocks ids int [rows, groups, k] (-1 = none) chosen for query positions q [rows], the share
+    lying wholly `distance` or more tokens back."""
+    far_limit = ((q - distance + 1) // block_size)[:, None, None]  # blocks b < far_limit end that far back
     valid = ids >= 0
-    far = valid & (ids < far_limit)
-    return float(far.sum() / max(valid.sum(), 1)), uniform_beyond(rows, distance, block_size)
+    return float((valid & (ids < far_limit)).sum() / max(valid.sum(), 1))
 
 
 def uniform_beyond(rows: tuple[int, int], distance: int, block_size: int) -> float:
@@ -684,9 +688,8 @@ def mass_beyond(mass, rows: tuple[int, int], distance: int, block_size: int, top
     group)'s attention on blocks wholly `distance` or more tokens back, and the share of its top_k blocks
     by mass lying there: what an index branch that imitated its teacher exactly would select."""
     mass = np.asarray(mass, np.float64)
-    q = np.arange(rows[0], rows[1])[None, :, None]
-    far_limit = (q - distance + 1) // block_size  # as in `selected_beyond`
-    far = np.arange(mass.shape[-1]) < far_limit  # [1, rows, n_blocks]
+    q = np.arange(*rows)
+    far = np.arange(mass.shape[-1]) < ((q - distance + 1) // block_size)[:, None]  # [rows, n_blocks], as in `_share_beyond`
     share = (mass * far).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
-    top = _causal_top_k(mass, np.arange(rows[0], rows[1]), block_size, top_k)
-    return float(share.mean()), float(((top >= 0) & (top < far_limit)).sum() / max((top >= 0).sum(), 1))
+    top = _causal_top_k(mass, q, block_size, top_k)  # [H_kv, rows, k]
+    return float(share.mean()), _share_beyond(np.moveaxis(top, 0, 1), q, distance, block_size)
