@@ -26,3 +26,11 @@ python3 experiments/eval_retrieval.py runs/lc16_dense $E --out eval_dense
 python3 experiments/eval_retrieval.py runs/lc16_cpt $E --out eval_cpt
 python3 experiments/eval_retrieval.py runs/lc16_scratch $E --selection-lengths 16384,32768 --out eval_scratch
 # figures: python3 docs/results/long_context/h200_final_eval/figures.py
+# The index branch without RoPE (2026-12-04), two calls on a machine that stayed warm (lc.sh copied as above):
+#   E3="$E --selection-lengths 16384,32768"
+#   call 1: EVAL="$E3" bash _gpu/lc.sh 580 index-nope block64-top32   # lc_2k_msa_nope, lc16_index-nope to step 200
+#   call 2: the same command with 585   # lc16_index-nope resumed at 200 to 300, its evaluation; then
+#           lc_2k_msa (for ../h200_16k_ablations/'s block64-top32) to step 379
+python3 experiments/train_lm.py $LC --run-dir runs/lc_2k_msa_nope --attention msa --no-index-rope --seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-every 200
+python3 experiments/train_lm.py $LC --run-dir runs/lc16_index-nope --attention msa --no-index-rope --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100
+python3 experiments/eval_retrieval.py runs/lc16_index-nope $E --selection-lengths 16384,32768 --out eval_index-nope

@@ -10,7 +10,8 @@ import pathlib
 from msa_jax import plots
 
 here = pathlib.Path(__file__).parent
-names = {"lc16_dense": "dense", "lc16_scratch": "MSA from scratch", "lc16_cpt": "MSA converted from 16K dense"}
+names = {"lc16_dense": "dense", "lc16_scratch": "MSA from scratch", "lc16_cpt": "MSA converted from 16K dense",
+         "lc16_index-nope": "MSA from scratch, index without RoPE"}
 tasks = ["passkey", "multikey", "variable_tracking"]
 
 cells = []
