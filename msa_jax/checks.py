@@ -38,6 +38,13 @@ def check_int(name: str, value, minimum: int = 1) -> None:
         fail(name, f"an int >= {minimum}", repr(value))
 
 
+def check_local_blocks(local_blocks, top_k: int) -> None:
+    """Always-selected local blocks: at least the query's own, at most top_k."""
+    check_int("local_blocks", local_blocks, 1)
+    if local_blocks > top_k:
+        fail("local_blocks", f"an int <= top_k ({top_k})", repr(local_blocks))
+
+
 def check_pow2(name: str, value, minimum: int = 1) -> None:
     """A power of two >= minimum."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum and value & (value - 1) == 0

@@ -40,6 +40,7 @@ class MSAConfig:
     index_norm: bool = True  # Gemma-style RMSNorm on iq and ik (as in M3)
     index_rope: bool = True  # same partial RoPE as the main q/k on iq and ik (as in M3)
     sink_blocks: int = 0  # always-selected leading blocks; ablation only (paper: none)
+    local_blocks: int = 1  # always-selected blocks ending at the query's own (paper: 1, the local block)
     kl_weight: float = 1.0  # lambda in L = L_LM + lambda * sum_layers L_KL
     warmup_steps: int = 0  # dense warmup: full attention and full-support KL for this many steps
 
@@ -48,6 +49,8 @@ class MSAConfig:
         _positive_int("top_k", self.top_k)
         _positive_int("index_dim", self.index_dim)
         _non_negative_int("sink_blocks", self.sink_blocks)
+        _positive_int("local_blocks", self.local_blocks)
+        _require(self.local_blocks <= self.top_k, "local_blocks", f"<= top_k ({self.top_k})", self.local_blocks)
         _non_negative_int("warmup_steps", self.warmup_steps)
         _require(isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0, "kl_weight", "a number >= 0", self.kl_weight)
 
@@ -177,6 +180,7 @@ class RunConfig:
     kl_weight: float = 1.0
     index_lr_scale: float = 1.0  # index branch LR / backbone LR (0: the index branch never changes)
     index_rope: bool = True  # the main q/k's partial RoPE on the index queries and keys too (False: content only)
+    local_blocks: int = 1  # always-selected blocks ending at the query's own, of the top_k (paper: 1)
     # data
     max_bytes: int | None = 4_000_000
     sources: str = "stdlib,site-packages"
@@ -233,7 +237,8 @@ class RunConfig:
 
     def model_config(self) -> ModelConfig:
         msa = MSAConfig(block_size=self.block_size, top_k=self.top_k, index_dim=self.index_dim,
-                        kl_weight=self.kl_weight, warmup_steps=self.warmup_steps, index_rope=self.index_rope)
+                        kl_weight=self.kl_weight, warmup_steps=self.warmup_steps, index_rope=self.index_rope,
+                        local_blocks=self.local_blocks)
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_ff=self.d_ff,
                            attention=self.attention, n_dense_layers=self.n_dense_layers, msa=msa, impl=self.impl,

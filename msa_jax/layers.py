@@ -225,7 +225,8 @@ class MSAAttention(GQAAttention):
             sparse = False  # every query selects all its blocks: the dense path gives the same out and KL, faster
         if sparse:
             # msa_attention's two steps, so that a context-parallel backward keeps the selection
-            block_idx = context.keep(ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks, **kw))
+            block_idx = context.keep(ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks,
+                                                       local_blocks=m.local_blocks, **kw))
             o, lse = ops.sparse_attention(q, k, v, block_idx, return_lse=True, **kw)
             # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
             kl = ops.index_kl_loss(q, k, iq, ik, block_idx, lse=lse, **kw)
@@ -236,7 +237,8 @@ class MSAAttention(GQAAttention):
         aux = {"kl": (kl.astype(jnp.float32), 1.0)}  # every slice has as many queries
         if with_recall:
             if block_idx is None:
-                block_idx = ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks, **kw)
+                block_idx = ops.select_blocks(iq, ik, top_k=m.top_k, sink_blocks=m.sink_blocks,
+                                              local_blocks=m.local_blocks, **kw)
             # the op detaches q and k itself; it averages over queries that see more than top_k blocks
             block_recall, score_recall = ops.selection_recall(q, k, block_idx, top_k=m.top_k, **kw)
             counted = 1.0 if q_pos is None else ((q_pos // m.block_size + 1) > m.top_k).sum()
@@ -252,7 +254,8 @@ class MSAAttention(GQAAttention):
         q, k, v = self.qkv(x, q_pos)
         iq, ik = self.index(x, q_pos)
         lc = write(lc, q_pos, k, v, ik)
-        kw = dict(block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, impl=cfg.impl)
+        kw = dict(block_size=m.block_size, top_k=m.top_k, sink_blocks=m.sink_blocks, local_blocks=m.local_blocks,
+                  impl=cfg.impl)
         if not sparse:
             o = (ops.dense_attention(q, k, v, impl=cfg.impl) if prefill
                  else ops.dense_attention(q, lc.k, lc.v, q_pos=q_pos, impl=cfg.impl))

@@ -68,6 +68,8 @@ LONG_CONTEXT_ABLATIONS: dict[str, dict] = {
     "top8": dict(top_k=8),
     "top32": dict(top_k=32),
     "index-nope": dict(index_rope=False),  # does the index branch's RoPE keep it from far blocks?
+    # index-nope found far needles and missed near ones: does keeping the block before the local one fix that?
+    "index-nope-local2": dict(index_rope=False, local_blocks=2),
 }
 
 BENCH_SHAPES: dict[str, dict] = {
@@ -101,6 +103,8 @@ _FLAGS = (
                               "freezes it): what sets how fast the index branch learns"),
     ("block_size", int, "MSA: KV block size"),
     ("top_k", int, "MSA: blocks per query and group, the local block included"),
+    ("local_blocks", int, "MSA: always-selected blocks ending at the query's own, counted in --top-k (the paper: 1; "
+                          "2 also keeps the block before it, an ablation)"),
     ("index_dim", int, "MSA: index head dim"),
     ("d_model", int, None),
     ("n_layers", int, None),

@@ -5,8 +5,9 @@ q_pos int32 [B, S] (q_pos = -1: a padding query; its outputs are -1 ids / zeros,
 caches of capacity L: k, v [B, L, H_kv, D], index keys ik [B, L, D_idx]. Cache entries past a
 query's position are junk and invisible (key j is visible iff j <= p). A query at position p is
 exactly row p of the full-sequence ops of `msa_jax.ops.reference`: `decode_select_blocks` =
-`select_blocks` (local block p // block_size, then sinks, then the best top_k - 1 other visible
-blocks by max-pooled index score, ties to the lower id; ascending ids, -1 padding),
+`select_blocks` (local block p // block_size and the local_blocks - 1 before it, then sinks, then the
+best other visible blocks by max-pooled index score, top_k in all, ties to the lower id; ascending
+ids, -1 padding),
 `decode_sparse_attention` = `sparse_attention` (+ lse), `decode_dense_attention` = causal attention.
 
 Design. The caches are used in their natural layout (no relayout per step) and read as pages of
@@ -17,10 +18,10 @@ tile with row stride H_kv * D.
 * Index scan (`decode_select_blocks`), grid (row tiles, n_splits, B): one program reads its share
   of the blocks a sequence's queries can rank (blocks below the largest local block of its rows:
   no junk is read) ONCE for all S * H_kv rows (padded to >= 16), in a fori_loop over whole
-  [block_size, D_idx] tiles: one dot, a row max, a streaming top-(top_k - 1) over the non-local
-  blocks (strictly-greater replacement in ascending id order = ties to the lower id; sinks enter
-  with +inf). Per-split candidates (f32 values, int32 ids) are merged in plain JAX (a
-  lexicographic sort by (-value, id)), then the local block is added, ids sorted, -1 padded.
+  [block_size, D_idx] tiles: one dot, a row max, a streaming top-(top_k - local_blocks) over the
+  non-local blocks (strictly-greater replacement in ascending id order = ties to the lower id; sinks
+  enter with +inf). Per-split candidates (f32 values, int32 ids) are merged in plain JAX (a
+  lexicographic sort by (-value, id)), then the local blocks are added, ids sorted, -1 padded.
 * Attention: flash-decoding, grid (B * S * H_kv, n_splits); a program holds the G heads of one
   (query, group) (padded to >= 16 rows), walks a balanced share of the row's block list (selected
   ids cleaned, deduplicated and sorted in the wrapper; dense: every visible block) with an online
@@ -40,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_block_idx, check_index, check_int, check_q_pos, check_qkv
+from msa_jax.checks import check_block_idx, check_index, check_int, check_local_blocks, check_q_pos, check_qkv
 from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, next_pow2
 
 __all__ = [
@@ -167,7 +168,7 @@ def _clean_pos(q_pos, L):
 
 
 def _scan_kernel(pos_ref, iq_ref, ik_ref, *rest, block_size: int, n_blocks: int, n_splits: int,
-                 n_slots: int, n_pad_slots: int, sink_blocks: int, sm_scale: float,
+                 n_slots: int, n_pad_slots: int, sink_blocks: int, local_blocks: int, sm_scale: float,
                  scale_mode: str | None, precision):
     """One program: (row tile, split, sequence b). Ranks blocks [c0, c1) of sequence b for its rows.
 
@@ -185,8 +186,9 @@ def _scan_kernel(pos_ref, iq_ref, ik_ref, *rest, block_size: int, n_blocks: int,
 
     pos = pos_ref[...]
     local = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)), -1)
-    # Rows rank blocks c < local only (the local block is added after the merge): blocks at or
-    # past the largest local block are never read, so no key past any row's position is read.
+    first_local = local - (local_blocks - 1)  # the local blocks [first_local, local] are added later
+    # Rows rank blocks c < first_local only (the local blocks are added after the merge): blocks at
+    # or past the largest local block are never read, so no key past any row's position is read.
     need = jnp.maximum(jnp.max(local), 0)
     c0 = lax.div(split * need, jnp.int32(n_splits))  # balanced share of [0, need)
     c1 = lax.div((split + 1) * need, jnp.int32(n_splits))
@@ -211,10 +213,10 @@ def _scan_kernel(pos_ref, iq_ref, ik_ref, *rest, block_size: int, n_blocks: int,
         if scale_mode == "block":  # max(s * c) = c * max(s) for c >= 0
             v = v * scale_ref[page]
         v = v * sm_scale  # after the max: rounding is monotone, same as max(s * sm_scale)
-        ranked = (c < local) & (jnp.abs(v) < _INF)  # finite scores of visible non-local blocks
+        ranked = (c < first_local) & (jnp.abs(v) < _INF)  # finite scores of visible non-local blocks
         if sink_blocks > 0:
-            v = jnp.where((c < sink_blocks) & (c < local), _INF, v)
-            ranked = ranked | ((c < sink_blocks) & (c < local))
+            v = jnp.where((c < sink_blocks) & (c < first_local), _INF, v)
+            ranked = ranked | ((c < sink_blocks) & (c < first_local))
         v = jnp.where(ranked, v, -_INF)  # -inf never enters (strict >)
         # Replace the worst slot (minimum value; among equal minima the highest id) iff strictly
         # better: blocks arrive in ascending id order, so equal scores keep the lower id.
@@ -229,15 +231,15 @@ def _scan_kernel(pos_ref, iq_ref, ik_ref, *rest, block_size: int, n_blocks: int,
 
 
 def _scan_call(iq_rows, pos_rows, ik2, scale, *, d_real, block_size, n_blocks, n_splits, n_slots,
-               n_pad_slots, sink_blocks, scale_mode, block_r, interpret, num_warps, num_stages):
+               n_pad_slots, sink_blocks, local_blocks, scale_mode, block_r, interpret, num_warps, num_stages):
     """iq_rows [Bc, R_pad, D]; pos_rows [Bc, R_pad]; ik2 [Bc * L, D]; scale 1-d or None."""
     Bc, R_pad, D = iq_rows.shape
     n_row_tiles = R_pad // block_r
     precision = lax.Precision.HIGHEST if iq_rows.dtype == jnp.float32 else None
     kernel = functools.partial(
         _scan_kernel, block_size=block_size, n_blocks=n_blocks, n_splits=n_splits,
-        n_slots=n_slots, n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, sm_scale=d_real ** -0.5,
-        scale_mode=scale_mode, precision=precision)
+        n_slots=n_slots, n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        sm_scale=d_real ** -0.5, scale_mode=scale_mode, precision=precision)
     in_specs = [
         pl.BlockSpec((None, block_r), lambda t, p, b: (b, t)),
         pl.BlockSpec((None, block_r, D), lambda t, p, b: (b, t, 0)),
@@ -281,11 +283,12 @@ def _merge_candidates(vals, ids, n_slots):
     return jnp.where(neg < _INF, key, -1)
 
 
-def _finish_ids(ranked, local, top_k):
-    """ranked [B, S, H, n] (-1: none) + local [B, S] (-1: padding query) -> ascending ids, -1 last,
-    width top_k."""
+def _finish_ids(ranked, local, top_k, local_blocks=1):
+    """ranked [B, S, H, n] (-1: none) + local [B, S] (-1: padding query) and the local_blocks - 1
+    blocks before it -> ascending ids, -1 last, width top_k."""
     B, S, H = ranked.shape[:3]
-    loc = jnp.broadcast_to(local[:, :, None, None], (B, S, H, 1)).astype(jnp.int32)
+    loc = jnp.where(local[:, :, None, None] >= 0, local[:, :, None, None] - jnp.arange(local_blocks), -1)
+    loc = jnp.broadcast_to(jnp.maximum(loc, -1), (B, S, H, local_blocks)).astype(jnp.int32)
     out = jnp.concatenate([ranked, loc], axis=-1)
     out = jnp.sort(jnp.where(out < 0, _INT_MAX, out), axis=-1)
     out = jnp.where(out == _INT_MAX, -1, out)
@@ -296,18 +299,18 @@ def _finish_ids(ranked, local, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "top_k", "sink_blocks", "n_splits", "scale_mode", "interpret", "num_warps",
+    "block_size", "top_k", "sink_blocks", "local_blocks", "n_splits", "scale_mode", "interpret", "num_warps",
     "num_stages"))
-def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, n_splits,
+def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, local_blocks, n_splits,
                    scale_mode, interpret, num_warps, num_stages):
     B, S, H, D = iq.shape
     L = ik.shape[1]
     n_blocks = L // block_size
     pos = _clean_pos(q_pos, L)
     local = jnp.where(pos >= 0, pos // block_size, -1)  # [B, S]
-    n_slots = min(top_k - 1, n_blocks - 1)  # non-local blocks that can ever be selected
-    if n_slots <= 0:  # only the local block is ever selected: nothing to rank
-        return _finish_ids(jnp.zeros((B, S, H, 0), jnp.int32), local, top_k)
+    n_slots = min(top_k - local_blocks, n_blocks - local_blocks)  # non-local blocks that can ever be selected
+    if n_slots <= 0:  # only the local blocks are ever selected: nothing to rank
+        return _finish_ids(jnp.zeros((B, S, H, 0), jnp.int32), local, top_k, local_blocks)
 
     R = S * H
     R_pad = max(MIN_DOT, next_pow2(R))
@@ -331,17 +334,17 @@ def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, n
         v, i = _scan_call(
             sl(iq_rows), sl(pos_rows), sl(ik_p).reshape(-1, D_pad), sc, d_real=D,
             block_size=block_size, n_blocks=n_blocks, n_splits=n_splits, n_slots=n_slots,
-            n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, scale_mode=scale_mode,
+            n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, local_blocks=local_blocks, scale_mode=scale_mode,
             block_r=block_r, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
         return v, i
 
     vals, ids = _in_chunks(B, chunk, call)
     ranked = _merge_candidates(vals[:, :, :R], ids[:, :, :R], n_slots)  # [B, R, n_slots]
-    return _finish_ids(ranked.reshape(B, S, H, n_slots), local, top_k)
+    return _finish_ids(ranked.reshape(B, S, H, n_slots), local, top_k, local_blocks)
 
 
 def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blocks: int = 0,
-                         ik_scale=None, n_splits: int | None = None, interpret: bool | None = None,
+                         local_blocks: int = 1, ik_scale=None, n_splits: int | None = None, interpret: bool | None = None,
                          num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
     """MSA block selection for S new queries per sequence against an index-key cache.
 
@@ -354,6 +357,8 @@ def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blo
       block_size: KV block size, a power of two (>= 16 on GPU); L % block_size == 0.
       top_k: blocks per (query, group), local block included (>= 1; may exceed the visible blocks).
       sink_blocks: the first sink_blocks visible blocks are always selected (ablation).
+      local_blocks: the local block and the local_blocks - 1 before it are always selected (the
+        paper: 1; 1 <= local_blocks <= top_k).
       ik_scale: None (scale 1), or float32 [B, L] (per token) or [B, L // block_size] (per block,
         must be >= 0) dequantisation scales.
       n_splits: programs per sequence along the key range (default: `default_scan_splits`).
@@ -373,6 +378,7 @@ def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blo
     _check_cache_rows(B, L)
     check_int("top_k", top_k, 1)
     check_int("sink_blocks", sink_blocks, 0)
+    check_local_blocks(local_blocks, top_k)
     if n_splits is not None:
         check_int("n_splits", n_splits, 1)
     check_q_pos(q_pos, B, S)
@@ -390,7 +396,7 @@ def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blo
     if L == 0 or S == 0:
         return jnp.full((B, S, H, top_k), -1, jnp.int32)
     return _decode_select(iq, ik, q_pos, ik_scale, block_size=block_size, top_k=top_k,
-                          sink_blocks=sink_blocks, n_splits=n_splits, scale_mode=scale_mode,
+                          sink_blocks=sink_blocks, local_blocks=local_blocks, n_splits=n_splits, scale_mode=scale_mode,
                           interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 

@@ -1,11 +1,12 @@
 """MSA index branch (docs/algorithm.md §3): fused indexer, scores + causal block max + streaming top-k.
 
-    block_idx = select_blocks(iq, ik, *, block_size, top_k, sink_blocks=0)
+    block_idx = select_blocks(iq, ik, *, block_size, top_k, sink_blocks=0, local_blocks=1)
 
 iq [B, T, H_kv, D_idx], ik [B, T, D_idx] (one dtype: bfloat16, float16 or float32). Per (token i,
 group r): s_j = <iq[i, r], ik[j]> / sqrt(D_idx) (float32, j <= i), block score = max over the
-visible tokens of the block; selected: the local block i // block_size, then the sink blocks (lower
-id first), then the other visible blocks by score (ties: lower id), top_k in all. Returns int32
+visible tokens of the block; selected: the local block i // block_size (and the local_blocks - 1 before
+it), then the sink blocks (lower id first), then the other visible blocks by score (ties: lower id),
+top_k in all. Returns int32
 [B, T, H_kv, top_k], ids ascending, -1 padding after: exactly `msa_jax.ops.reference.select_blocks`
 (given the same float32 scores).
 
@@ -15,9 +16,9 @@ reverse (longest causal rows first). The program loops over key tiles of bk rows
 blocks per tile below 16 tokens), computes S = iq_tile ik_tile^T (float32; IEEE precision for f32
 inputs), the causal mask only on tiles that reach the diagonal, the per-block row max times the
 scale (after the max: bit-identical to the oracle's max of scaled scores), and keeps a streaming
-top-(top_k - 1) in registers (values and ids; replace the worst slot on a STRICTLY greater score,
-so equal scores keep the lower id; sinks enter at +inf, the local block never enters). The wrapper
-adds the local block and sorts. Neither the [T, T] scores nor the block scores reach memory. The
+top-(top_k - local_blocks) in registers (values and ids; replace the worst slot on a STRICTLY greater
+score, so equal scores keep the lower id; sinks enter at +inf, the local blocks never enter). The
+wrapper adds the local blocks and sorts. Neither the [T, T] scores nor the block scores reach memory. The
 batch is split over several calls when an operand would reach 2**31 elements (int32 offsets).
 """
 
@@ -32,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from msa_jax.checks import check_index, check_int, check_pow2
+from msa_jax.checks import check_index, check_int, check_local_blocks, check_pow2
 from pallas.common import INT32_LIMIT, MIN_DOT, cdiv, interpret_mode, next_pow2
 
 __all__ = ["IndexTopkConfig", "select_blocks"]
@@ -83,7 +84,7 @@ class IndexTopkConfig:
 
 def _index_topk_kernel(iq_ref, ik_ref, o_ref, *, seq_len: int, n_kv: int, block_size: int,
                        nsub: int, bk: int, block_q: int, n_slots: int, n_pad_slots: int,
-                       sink_blocks: int, scale: float, n_row_tiles: int, precision):
+                       sink_blocks: int, local_blocks: int, scale: float, n_row_tiles: int, precision):
     """One program: rows [m0, m0 + block_q) of the flattened (token, group) axis of one batch."""
     tile = n_row_tiles - 1 - pl.program_id(0)  # heavy (late) tiles launch first
     m0 = tile * block_q
@@ -129,7 +130,7 @@ def _index_topk_kernel(iq_ref, ik_ref, o_ref, *, seq_len: int, n_kv: int, block_
             v = bmax * scale
             if sink_blocks > 0:
                 v = jnp.where((c < sink_blocks) & (c < local), _INF, v)
-            v = jnp.where(c == local, -_INF, v)  # the local block is added by the wrapper
+            v = jnp.where((c <= local) & (c > local - local_blocks), -_INF, v)  # added by the wrapper
             vals, ids = insert(vals, ids, v, c)
         return vals, ids
 
@@ -141,16 +142,18 @@ def _index_topk_kernel(iq_ref, ik_ref, o_ref, *, seq_len: int, n_kv: int, block_
 
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "top_k", "sink_blocks", "config", "interpret"))
-def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, config: IndexTopkConfig,
-                   interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_size", "top_k", "sink_blocks", "local_blocks", "config",
+                                             "interpret"))
+def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, local_blocks: int,
+                   config: IndexTopkConfig, interpret: bool):
     B, T, H, D = iq.shape
     nb = cdiv(T, block_size)
-    local = (jnp.arange(T, dtype=jnp.int32) // block_size)[None, :, None, None]
-    local = jnp.broadcast_to(local, (B, T, H, 1))
-    n_slots = min(top_k - 1, nb - 1)  # non-local blocks that can ever be selected
+    # The local blocks i // block_size - [0, local_blocks) of each token (-1 before block 0).
+    local = (jnp.arange(T, dtype=jnp.int32) // block_size)[None, :, None, None] - jnp.arange(local_blocks)
+    local = jnp.broadcast_to(jnp.maximum(local, -1), (B, T, H, local_blocks))
+    n_slots = max(0, min(top_k - local_blocks, nb - local_blocks))  # non-local blocks that can ever be selected
 
-    if n_slots == 0:  # only the local block is ever selected: nothing to rank
+    if n_slots == 0:  # only the local blocks are ever selected: nothing to rank
         out = local
     else:
         R = T * H
@@ -175,7 +178,7 @@ def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, con
         kernel = functools.partial(
             _index_topk_kernel, seq_len=T, n_kv=H, block_size=block_size, nsub=nsub, bk=bk,
             block_q=block_q, n_slots=n_slots, n_pad_slots=n_pad_slots, sink_blocks=sink_blocks,
-            scale=D ** -0.5, n_row_tiles=n_row_tiles, precision=precision)
+            local_blocks=local_blocks, scale=D ** -0.5, n_row_tiles=n_row_tiles, precision=precision)
 
         def call(q_chunk, k_chunk):
             nbatch = q_chunk.shape[0]
@@ -212,7 +215,7 @@ def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, con
                                      for b0 in range(0, B, chunk)], axis=0)
         slots = slots[:, :R, :n_slots].reshape(B, T, H, n_slots)
         slots = jnp.where(slots < 0, -1, slots)
-        out = jnp.concatenate([slots, local], axis=-1)  # [B, T, H, n_slots + 1]
+        out = jnp.concatenate([slots, local], axis=-1)  # [B, T, H, n_slots + local_blocks]
 
     # Canonical layout: ascending ids, -1 last, width top_k.
     big = jnp.iinfo(jnp.int32).max
@@ -224,12 +227,14 @@ def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, con
     return out.astype(jnp.int32)
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0,
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, local_blocks: int = 1,
                   block_q: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                   interpret: bool | None = None) -> jax.Array:
     """int32 [B, T, H_kv, top_k]: the selected block ids ascending, then -1 padding (module docstring).
 
     sink_blocks: the first sink_blocks blocks are always selected when visible (ablation).
+    local_blocks: the query's own block and the local_blocks - 1 before it are always selected (the
+      paper: 1; 1 <= local_blocks <= top_k).
     block_q, num_warps, num_stages: see `IndexTopkConfig`.
     interpret: None = the Pallas interpreter unless jax.default_backend() == "gpu".
     """
@@ -237,9 +242,10 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0,
     check_int("block_size", block_size, 1)
     check_int("top_k", top_k, 1)
     check_int("sink_blocks", sink_blocks, 0)
+    check_local_blocks(local_blocks, top_k)
     config = IndexTopkConfig(block_q=block_q, num_warps=num_warps, num_stages=num_stages)
     B, T, H, _ = iq.shape
     if T == 0:
         return jnp.zeros((B, 0, H, top_k), jnp.int32)
     return _select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
-                          config=config.resolve(T, H, block_size), interpret=interpret_mode(interpret))
+                          local_blocks=local_blocks, config=config.resolve(T, H, block_size), interpret=interpret_mode(interpret))

@@ -14,6 +14,8 @@ from msa_jax.config import MSAConfig, ModelConfig, TrainConfig
         (MSAConfig, "top_k", 0),
         (MSAConfig, "index_dim", -4),
         (MSAConfig, "sink_blocks", -1),
+        (MSAConfig, "local_blocks", 0),
+        (MSAConfig, "local_blocks", 17),  # more than top_k (16)
         (MSAConfig, "kl_weight", -1.0),
         (MSAConfig, "warmup_steps", 1.5),
         (ModelConfig, "attention", "sparse"),
@@ -36,7 +38,7 @@ def test_bad_values_raise_naming_the_field(cls, field, value):
 
 def test_configs_are_frozen_and_defaults_follow_the_paper():
     msa = MSAConfig()
-    assert (msa.block_size, msa.top_k, msa.index_dim, msa.sink_blocks) == (128, 16, 128, 0)
+    assert (msa.block_size, msa.top_k, msa.index_dim, msa.sink_blocks, msa.local_blocks) == (128, 16, 128, 0, 1)
     assert msa.dense_span == 2048
     with pytest.raises(dataclasses.FrozenInstanceError):
         msa.top_k = 4

@@ -3,6 +3,8 @@ sharing between dense and MSA, dense==MSA equivalence for short sequences, gradi
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,6 +233,33 @@ def test_dense_and_msa_models_agree_within_dense_span_and_differ_beyond(impl):
         # Warmup mode (sparse=False) is dense attention at every length.
         lw, _ = forward(msa, toks, sparse=False)
         np.testing.assert_allclose(lw, ld, rtol=1e-5, atol=1e-5)
+
+
+def test_local_blocks_reach_every_msa_layer():
+    """MSAConfig.local_blocks = 2: every MSA layer selects each query's block and the one before it,
+    as ops.select_blocks does on that layer's index queries and keys; the logits differ from the
+    paper's one local block (the model is otherwise the same)."""
+    from msa_jax.model import layer_selections
+
+    cfg2 = make_cfg("msa", msa=dataclasses.replace(MSA, local_blocks=2))
+    model2, model1 = DecoderLM(cfg2, seed=3), DecoderLM(make_cfg("msa"), seed=3)
+    toks = tokens(4, 2, 61)
+    sel = layer_selections(model2, toks)
+    blk = np.arange(61) // MSA.block_size
+    for entry in sel:
+        ids = np.asarray(entry["block_idx"])  # [B, T, H_kv, top_k]
+        for c in (blk, blk - 1):
+            want = np.broadcast_to(c[None, :, None], ids.shape[:3])
+            assert ((ids == want[..., None]).any(-1) | (want < 0)).all()
+    first = model2.blocks[0]
+    x = first.attn_norm(model2._embed(toks))
+    iq, ik = first.attn.index(x, jnp.arange(61, dtype=jnp.int32))
+    want = ops.select_blocks(iq, ik, block_size=8, top_k=4, local_blocks=2, impl="reference")
+    np.testing.assert_array_equal(np.sort(np.asarray(sel[0]["block_idx"]), -1), np.sort(np.asarray(want), -1))
+    l2, _ = forward(model2, toks)
+    l1, _ = forward(model1, toks)
+    np.testing.assert_allclose(l2[:, :32], l1[:, :32], rtol=1e-5, atol=1e-5)  # within the dense span
+    assert np.abs(np.asarray(l2[:, 32:] - l1[:, 32:])).max() > 1e-3
 
 
 def test_auto_runs_short_sequences_dense_with_the_same_logits_kl_and_gradients(monkeypatch):

@@ -176,19 +176,20 @@ def np_block_scores(iq, ik, block_size):
     return out
 
 
-def forced_blocks(i, block_size, top_k, sink_blocks):
-    """Local block first, then sinks by lower id, while slots remain."""
+def forced_blocks(i, block_size, top_k, sink_blocks, local_blocks=1):
+    """The local block(s) first (the query's own and the local_blocks - 1 before it), then sinks by
+    lower id, while slots remain."""
     n_vis = i // block_size + 1
     count = min(top_k, n_vis)
     local = i // block_size
-    forced = [local]
+    forced = [local - j for j in range(local_blocks) if local - j >= 0]
     for blk in range(min(sink_blocks, n_vis)):
         if len(forced) < count and blk not in forced:
             forced.append(blk)
     return forced
 
 
-def np_select_blocks(iq, ik, block_size, top_k, sink_blocks=0):
+def np_select_blocks(iq, ik, block_size, top_k, sink_blocks=0, local_blocks=1):
     """docs/algorithm.md §3, literally. Returns a [B,T,H_kv] object array of frozensets."""
     bsc = np_block_scores(iq, ik, block_size)
     B, T, H, _ = bsc.shape
@@ -198,7 +199,7 @@ def np_select_blocks(iq, ik, block_size, top_k, sink_blocks=0):
             for r in range(H):
                 n_vis = i // block_size + 1
                 count = min(top_k, n_vis)
-                sel = forced_blocks(i, block_size, top_k, sink_blocks)
+                sel = forced_blocks(i, block_size, top_k, sink_blocks, local_blocks)
                 others = [blk for blk in range(n_vis) if blk not in sel and np.isfinite(bsc[b, i, r, blk])]
                 others.sort(key=lambda blk: (-bsc[b, i, r, blk], blk))  # ties -> lower id
                 sel = sel + others[: count - len(sel)]
@@ -206,7 +207,7 @@ def np_select_blocks(iq, ik, block_size, top_k, sink_blocks=0):
     return out
 
 
-def check_selection_valid(idx, iq, ik, block_size, top_k, sink_blocks=0, tol=0.0):
+def check_selection_valid(idx, iq, ik, block_size, top_k, sink_blocks=0, tol=0.0, local_blocks=1):
     """Structural checks + optimality of the free slots (up to `tol` on the block scores)."""
     idx = np.asarray(idx)
     B, T, H = np.shape(iq)[:3]
@@ -224,7 +225,7 @@ def check_selection_valid(idx, iq, ik, block_size, top_k, sink_blocks=0, tol=0.0
         assert n == min(top_k, n_vis), f"count {n} != min(top_k, visible={n_vis}) {where}"
         assert max(valid) < n_vis, f"future block {where}"
         assert i // block_size in valid, f"local block missing {where}"
-        forced = forced_blocks(i, block_size, top_k, sink_blocks)
+        forced = forced_blocks(i, block_size, top_k, sink_blocks, local_blocks)
         assert set(forced) <= set(valid), f"forced blocks {forced} missing {where}"
         free_sel = set(valid) - set(forced)
         free_unsel = set(range(n_vis)) - set(valid)
@@ -478,6 +479,28 @@ def test_select_blocks_sinks(impl, sink_blocks, top_k):
     got = as_sets(idx)
     bad = [(pos, sorted(got[pos]), sorted(expected[pos])) for pos in np.ndindex(*got.shape) if got[pos] != expected[pos]]
     assert not bad, f"{len(bad)} rows differ, first (pos, got, expected): {bad[:3]}"
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("local_blocks,sink_blocks,top_k", [(2, 0, 3), (3, 0, 3), (2, 2, 4), (4, 1, 5), (2, 0, 2)])
+def test_select_blocks_local_blocks(impl, local_blocks, sink_blocks, top_k):
+    """local_blocks > 1: the query's block and the ones just before it are always in, then sinks,
+    then the best by score (integer inputs: many ties, resolved to the lower id)."""
+    B, T, H, Di, bs = 2, 29, 2, 4, 4
+    rng = np.random.default_rng(5 + 10 * local_blocks + sink_blocks + 100 * top_k)
+    iq = jnp.asarray(rng.integers(-2, 3, (B, T, H, Di)), jnp.float32)
+    ik = jnp.asarray(rng.integers(-2, 3, (B, T, Di)), jnp.float32)
+    kw = dict(block_size=bs, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    idx = jops.select_blocks(iq, ik, impl=impl, **kw)
+    check_selection_valid(idx, iq, ik, bs, top_k, sink_blocks=sink_blocks, tol=0.0, local_blocks=local_blocks)
+    expected = np_select_blocks(iq, ik, bs, top_k, sink_blocks, local_blocks)
+    got = as_sets(idx)
+    bad = [(pos, sorted(got[pos]), sorted(expected[pos])) for pos in np.ndindex(*got.shape) if got[pos] != expected[pos]]
+    assert not bad, f"{len(bad)} rows differ, first (pos, got, expected): {bad[:3]}"
+    # The paper's selection (one local block) differs: the block before the local one is ranked there.
+    if local_blocks < top_k:
+        paper = as_sets(jops.select_blocks(iq, ik, impl=impl, **dict(kw, local_blocks=1)))
+        assert any(paper[pos] != got[pos] for pos in np.ndindex(*got.shape))
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
@@ -1111,6 +1134,9 @@ def _bad_cases():
         ("bs0_select", sel, (iq, ik), dict(block_size=0), r"block_size"),
         ("sink_neg_select", sel, (iq, ik), dict(sink_blocks=-1), r"sink_blocks"),
         ("sink_neg_msa", msa, (q, k, v, iq, ik), dict(sink_blocks=-1), r"sink_blocks"),
+        ("local0_select", sel, (iq, ik), dict(local_blocks=0), r"local_blocks"),
+        ("local_gt_topk_select", sel, (iq, ik), dict(top_k=3, local_blocks=4), r"local_blocks.*top_k"),
+        ("local_gt_topk_msa", msa, (q, k, v, iq, ik), dict(top_k=2, local_blocks=3), r"local_blocks.*top_k"),
         ("bs0_sparse", sa, (q, k, v, idx), dict(block_size=0), r"block_size"),
         ("bs0_msa", msa, (q, k, v, iq, ik), dict(block_size=0), r"block_size"),
         ("bs0_kl", kl, (q, k, iq, ik, idx), dict(block_size=0), r"block_size"),

@@ -23,12 +23,13 @@ from msa_jax.cache import quantize_index_keys
 
 IMPLS = ("reference", "xla", "pallas")
 
-# (B, L, H_q, H_kv, D, D_idx, block_size, top_k, sink_blocks), positions [B, S] (-1 = padding)
+# (B, L, H_q, H_kv, D, D_idx, block_size, top_k, sink_blocks[, local_blocks]), positions [B, S] (-1 = padding)
 CASES = {
     "g4_ragged": ((2, 48, 8, 2, 16, 16, 8, 3, 0), [[0, 17, 47], [31, -1, 8]]),
     "g1_decode": ((3, 40, 2, 2, 8, 8, 8, 2, 0), [[39], [7], [24]]),  # S = 1, L = 5 blocks
     "g16_topk_gt_blocks": ((1, 32, 16, 1, 8, 8, 16, 4, 0), [[5, 16, 31]]),
     "g2_sinks_partial_L": ((2, 37, 4, 2, 8, 16, 8, 3, 1), [[36, 9], [20, 0]]),  # L = 37: a partial block
+    "g2_local2": ((2, 48, 4, 2, 8, 8, 8, 3, 0, 2), [[47, 9, 3], [20, -1, 40]]),  # two always-selected blocks
     # S = 10 > DECODE_MAX_QUERIES: pallas runs the KV-outer training kernels at these positions
     "g2_slice_padded": ((2, 45, 4, 2, 8, 8, 8, 3, 0),
                         [[3, 40, -1, 17, 44, 8, 9, 31, -1, 26], [0, 12, 13, 14, 39, -1, 22, 5, 44, 30]]),
@@ -36,11 +37,12 @@ CASES = {
 
 
 def _inputs(case, dtype, seed=0):
-    (B, L, Hq, R, D, Di, bs, k, sinks), pos = CASES[case]
+    (B, L, Hq, R, D, Di, bs, k, sinks, *local), pos = CASES[case]
     rng = np.random.default_rng(seed)
     arr = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32), dtype)  # noqa: E731
     q, kk, v, iq, ik = arr(B, L, Hq, D), arr(B, L, R, D), arr(B, L, R, D), arr(B, L, R, Di), arr(B, L, Di)
-    return (q, kk, v, iq, ik), np.asarray(pos, np.int32), dict(block_size=bs, top_k=k, sink_blocks=sinks)
+    kw = dict(block_size=bs, top_k=k, sink_blocks=sinks, local_blocks=local[0] if local else 1)
+    return (q, kk, v, iq, ik), np.asarray(pos, np.int32), kw
 
 
 def rows(x, pos):

@@ -119,15 +119,15 @@ def _dense(*args, **kw):
 
 
 @functools.cache
-def _oracle_select_fn(block_size, top_k, sink_blocks):
+def _oracle_select_fn(block_size, top_k, sink_blocks, local_blocks=1):
     return jax.jit(lambda iq, ik: reference.select_blocks(
         iq.astype(jnp.float32), ik.astype(jnp.float32), block_size=block_size, top_k=top_k,
-        sink_blocks=sink_blocks))
+        sink_blocks=sink_blocks, local_blocks=local_blocks))
 
 
 def _oracle_select(iq_full, ik_deq, q_pos, **kw):
-    return _rows(_oracle_select_fn(kw["block_size"], kw["top_k"], kw.get("sink_blocks", 0))(
-        iq_full, ik_deq), q_pos)
+    return _rows(_oracle_select_fn(kw["block_size"], kw["top_k"], kw.get("sink_blocks", 0),
+                                   kw.get("local_blocks", 1))(iq_full, ik_deq), q_pos)
 
 
 @functools.cache
@@ -257,6 +257,22 @@ def test_select_matches_oracle(dtype, kind, B, S, L, H, D, block_size, top_k, si
     if kind == "tie":  # the case must exercise the tie rule
         assert _boundary_ties(want, _block_scores(iq, ik, q_pos, block_size), q_pos,
                               block_size=block_size, sink_blocks=sink_blocks) >= 10
+
+
+@pytest.mark.parametrize("top_k,sink_blocks,local_blocks,n_splits", [
+    (4, 0, 2, 3), (4, 1, 3, None), (3, 0, 3, 2), (20, 1, 2, 2)])  # ..., every slot forced, top_k > n_blocks
+def test_select_local_blocks_matches_oracle(top_k, sink_blocks, local_blocks, n_splits):
+    B, S, L, H, D, bs = 3, 5, 96, 2, 16, 8
+    iq_full, ik, rng = _select_inputs(3 + top_k + local_blocks, jnp.float32, "int", B, L, H, D)
+    q_pos = _positions(rng, B, S, L, bs)
+    kw = dict(block_size=bs, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    got = _select(jnp.asarray(_rows(iq_full, q_pos)), ik, q_pos, n_splits=n_splits, **kw)
+    _check_ids(got, _oracle_select(iq_full, ik, q_pos, **kw), q_pos)
+    got = np.asarray(got)
+    for b, s in np.ndindex(B, S):  # the local blocks are in every row
+        p = int(q_pos[b, s])
+        for c in range(max(0, p // bs - local_blocks + 1), p // bs + 1 if p >= 0 else 0):
+            assert (got[b, s] == c).any(axis=-1).all(), (b, s, c)
 
 
 def test_select_random_normal_up_to_near_ties():

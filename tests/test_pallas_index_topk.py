@@ -47,18 +47,18 @@ def _inputs(kind, seed, B, T, H, D, dtype):
 
 
 @functools.cache
-def _oracle_fn(block_size, top_k, sink_blocks):
+def _oracle_fn(block_size, top_k, sink_blocks, local_blocks=1):
     def f(iq, ik):
         iq, ik = iq.astype(jnp.float32), ik.astype(jnp.float32)
         return (reference.select_blocks(iq, ik, block_size=block_size, top_k=top_k,
-                                        sink_blocks=sink_blocks),
+                                        sink_blocks=sink_blocks, local_blocks=local_blocks),
                 reference.block_scores(iq, ik, block_size))
     return jax.jit(f)
 
 
-def _oracle(iq, ik, *, block_size, top_k, sink_blocks=0):
+def _oracle(iq, ik, *, block_size, top_k, sink_blocks=0, local_blocks=1):
     """(ids [B, T, R, k], block scores [B, R, T, nb]) of the oracle on the inputs cast to f32."""
-    ids, bs = _oracle_fn(block_size, top_k, sink_blocks)(iq, ik)
+    ids, bs = _oracle_fn(block_size, top_k, sink_blocks, local_blocks)(iq, ik)
     return np.asarray(ids), np.asarray(bs)
 
 
@@ -143,6 +143,28 @@ def test_exact_integer_inputs(B, T, H, D, block_size, top_k, sink_blocks, dtype)
     assert out.shape == (B, T, H, top_k) and out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out), ref_ids)
     _check_layout(out, T=T, **kw)
+
+
+# (B, T, H, D, block_size, top_k, sink_blocks, local_blocks)
+LOCAL_CASES = [
+    (2, 55, 2, 16, 8, 3, 0, 2),  # one ranked slot
+    (2, 31, 4, 16, 8, 4, 1, 2),  # sinks after the local blocks
+    (2, 20, 2, 16, 8, 3, 0, 3),  # every slot forced: nothing ranked
+    (2, 12, 2, 16, 8, 4, 0, 3),  # fewer blocks (2) than local blocks
+    (1, 70, 2, 16, 16, 5, 0, 2),  # top_k > n_blocks
+]
+
+
+@pytest.mark.parametrize("B,T,H,D,block_size,top_k,sink_blocks,local_blocks", LOCAL_CASES)
+def test_local_blocks_exact(B, T, H, D, block_size, top_k, sink_blocks, local_blocks):
+    iq, ik = _inputs("int", 7 + T + H + top_k, B, T, H, D, jnp.float32)
+    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    out = np.asarray(select_blocks(iq, ik, **kw))
+    ref_ids, _ = _oracle(iq, ik, **kw)
+    np.testing.assert_array_equal(out, ref_ids)
+    for i in range(T):  # the local blocks are in every row
+        for c in range(max(0, i // block_size - local_blocks + 1), i // block_size + 1):
+            assert (out[:, i] == c).any(axis=-1).all(), (i, c)
 
 
 @pytest.mark.parametrize("block_size,top_k,sink_blocks,block_q,H", [

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from msa_jax import determinism
 
-from msa_jax.checks import (check_block_idx, check_ik_scale, check_index, check_int, check_q_pos, check_qkv,
-                            check_shape, fail)
+from msa_jax.checks import (check_block_idx, check_ik_scale, check_index, check_int, check_local_blocks,
+                            check_q_pos, check_qkv, check_shape, fail)
 from msa_jax.ops import pallas_backend, reference, xla
 from pallas import kv_outer
 
@@ -81,11 +81,14 @@ def _q_pos(q_pos, B: int, S: int):
     return jnp.asarray(q_pos, jnp.int32)
 
 
-def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, q_pos=None,
-                  ik_scale=None, impl: str = "auto"):
+def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0, local_blocks: int = 1,
+                  q_pos=None, ik_scale=None, impl: str = "auto"):
     """Index branch: per (query, group) the ids of the top_k KV blocks, local block always in.
 
     Returns int32 [B, T, H_kv, top_k]: valid ids first (order unspecified), -1 padding after.
+    local_blocks: the query's own block and the local_blocks - 1 before it are always selected (the
+    paper: 1; more: an ablation, 1 <= local_blocks <= top_k). sink_blocks: the first sink_blocks
+    blocks too, after those (ablation).
     q_pos, ik_scale: queries at an offset against a cache of index keys (module docstring).
     """
     backend = _backend(impl, block_size)
@@ -94,8 +97,9 @@ def select_blocks(iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks
     check_int("block_size", block_size, 1)
     check_int("top_k", top_k, 1)
     check_int("sink_blocks", sink_blocks, 0)
+    check_local_blocks(local_blocks, top_k)
     q_pos = _q_pos(q_pos, *iq.shape[:2])
-    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
     if ik_scale is not None:
         check_ik_scale(ik_scale, ik, block_size)
         if cached and backend is pallas_backend:  # the decode scan reads fp8 keys and their scales
@@ -136,7 +140,7 @@ def _every_block(B: int, T: int, H_kv: int, block_size: int, top_k: int):
 
 
 def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, sink_blocks: int = 0,
-                  return_lse: bool = False, q_pos=None, ik_scale=None, impl: str = "auto"):
+                  local_blocks: int = 1, return_lse: bool = False, q_pos=None, ik_scale=None, impl: str = "auto"):
     """Index branch + main branch. Returns (out [B, T, H_q, D], block_idx) (+ lse with return_lse).
 
     impl="auto" on a sequence that `selects_every_block` (T <= top_k * block_size) runs dense
@@ -148,9 +152,10 @@ def msa_attention(q, k, v, iq, ik, *, block_size: int = 128, top_k: int = 16, si
     if impl == "auto" and not (cached or return_lse) and selects_every_block(k.shape[1], block_size, top_k):
         check_int("block_size", block_size, 1)
         check_int("top_k", top_k, 1)
+        check_local_blocks(local_blocks, top_k)
         return dense_attention(q, k, v), _every_block(q.shape[0], q.shape[1], k.shape[2], block_size, top_k)
-    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, q_pos=q_pos,
-                              ik_scale=ik_scale, impl=impl)
+    block_idx = select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
+                              local_blocks=local_blocks, q_pos=q_pos, ik_scale=ik_scale, impl=impl)
     out = sparse_attention(q, k, v, block_idx, block_size=block_size, return_lse=return_lse, q_pos=q_pos, impl=impl)
     return (out[0], block_idx, out[1]) if return_lse else (out, block_idx)
 

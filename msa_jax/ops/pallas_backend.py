@@ -60,10 +60,11 @@ def _pages(x, block_size: int):
     return jax.numpy.pad(x, [(0, 0), (0, -L % block_size)] + [(0, 0)] * (x.ndim - 2))
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_pos=None, ik_scale=None):
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, local_blocks: int = 1, q_pos=None,
+                  ik_scale=None):
     # The selection is integer-valued: no gradient flows through it (pallas_call has no JVP rule).
     iq, ik = jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik)
-    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    kw = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
     if q_pos is None:
         fn = functools.partial(index_topk.select_blocks, **kw)
         return kernel_shard_map(fn, iq, ik, specs=(_BTH_, _BT_), out_specs=_BTH_)

@@ -56,20 +56,22 @@ def block_scores(iq: jax.Array, ik: jax.Array, block_size: int, q_pos=None) -> j
     return s.reshape(B, R, S, nb, block_size).max(axis=-1)
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_pos=None) -> jax.Array:
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, local_blocks: int = 1,
+                  q_pos=None) -> jax.Array:
     """docs/algorithm.md §3, literally: rank the visible blocks of each (query, group), keep top_k.
 
-    Ranking key, best first: the local block, then the sink blocks (ablation; lower id first),
-    then the block score, then the lower block id (ties). A block is selected when it is visible
-    (finite score, or forced) and fewer than top_k blocks rank above it.
+    Ranking key, best first: the local blocks (the query's own block and the local_blocks - 1 before
+    it; the paper: 1), then the sink blocks (ablation; lower id first), then the block score, then
+    the lower block id (ties). A block is selected when it is visible (finite score, or forced) and
+    fewer than top_k blocks rank above it.
     """
     bs = block_scores(iq, ik, block_size, q_pos)  # [B, R, S, nb]
     B, R, S, nb = bs.shape
     blk = jnp.arange(nb)
     local = (_positions(S, q_pos) // block_size)[:, None, :, None]  # [B|1, 1, S, 1] (-1: padding query)
     visible = blk <= local  # [B|1, 1, S, nb]; a block is visible iff it starts at or before the query
-    # Priority classes: 2 = local block, 1 = sink block, 0 = ranked by score.
-    prio = jnp.where(blk == local, 2, jnp.where(blk < sink_blocks, 1, 0))
+    # Priority classes: 2 = local block(s), 1 = sink block, 0 = ranked by score.
+    prio = jnp.where(blk > local - local_blocks, 2, jnp.where(blk < sink_blocks, 1, 0))
     prio = jnp.where(visible, prio, -1)  # invisible blocks rank last and are never selected
 
     # outranks[..., a, c]: block a ranks above block c.
@@ -77,8 +79,8 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
     sa, sc = bs[..., :, None], bs[..., None, :]
     ia, ic = blk[:, None], blk[None, :]
     score_wins = (pa == 0) & ((sa > sc) | ((sa == sc) & (ia < ic)))
-    sink_wins = (pa == 1) & (ia < ic)
-    outranks = (pa > pc) | ((pa == pc) & (sink_wins | score_wins))
+    forced_wins = (pa > 0) & (ia < ic)  # among forced blocks (local ones, sinks): lower id first
+    outranks = (pa > pc) | ((pa == pc) & (forced_wins | score_wins))
     rank = outranks.sum(axis=-2)  # [B, R, T, nb]: how many blocks rank above each block
     candidate = visible & ((prio > 0) | jnp.isfinite(bs))
     selected = candidate & (rank < top_k)  # [B, R, T, nb]

@@ -169,8 +169,8 @@ def dequantize_index_keys(ik, scale=None, block_size: int | None = None, dtype=j
 
 
 
-def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, q_chunk: int | None = None,
-                  q_pos=None):
+def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, local_blocks: int = 1,
+                  q_chunk: int | None = None, q_pos=None):
     B, T, R, Di = iq.shape
     nb = _num_blocks(ik.shape[1], block_size)
     kk = min(top_k, nb)
@@ -185,7 +185,7 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
         blk = jnp.arange(nb)
         local = (q_pos // block_size)[:, None, :, None]  # -1 for a padding query: nothing visible
         key = jnp.where(blk < jnp.minimum(sink_blocks, local + 1), forced_sink, bs)
-        key = jnp.where(blk == local, jnp.inf, key)
+        key = jnp.where((blk <= local) & (blk > local - local_blocks), jnp.inf, key)  # the local block(s)
         vals, ids = jax.lax.top_k(key, kk)  # stable: ties go to the lower block id
         ids = jnp.where(vals > NEG_INF, ids, -1)
         return ids.transpose(0, 2, 1, 3)  # [B, C, R, kk]

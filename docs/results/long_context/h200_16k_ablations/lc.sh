@@ -34,6 +34,7 @@ declare -A ARGS=(
   [top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 8"
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
+  [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
 )
 train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
   local dir=$1; shift
