@@ -7,6 +7,9 @@
 # base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# JAX's persistent compilation cache: a resumed run, or another run or evaluation of the same shapes and
+# config, loads its compiled programs instead of compiling them again (~15-30 s per program at 16K)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache}
 DEADLINE=$((SECONDS + ${1:-540})); shift
 mkdir -p $OUT/a runs
 left() { echo $((DEADLINE - SECONDS)); }
