@@ -74,6 +74,22 @@ def test_prefill_and_decode_match_the_full_forward(attention, n_dense, chunk):
         np.testing.assert_allclose(got[b, p:], full[b, p:], atol=2e-4, rtol=2e-4, err_msg=f"row {b}")
 
 
+def test_local_blocks_decode_like_the_full_forward():
+    """MSAConfig.local_blocks = 2 (top_k 3): prefill + decode route as the full forward does."""
+    model = make_model(msa=MSAConfig(block_size=8, top_k=3, index_dim=16, local_blocks=2))
+    B, T = 2, 45
+    toks = tokens(2, B, T)
+    full = np.asarray(model(jnp.asarray(toks), sparse=True)[0])
+    prompt_lens = [6, 19]
+    got = teacher_forced_logits(model, toks, prompt_lens)
+    for b in range(B):
+        p = prompt_lens[b] - 1
+        np.testing.assert_allclose(got[b, p:], full[b, p:], atol=2e-4, rtol=2e-4, err_msg=f"row {b}")
+    # and it is not the paper's routing (one local block) at these lengths
+    paper = make_model(msa=MSAConfig(block_size=8, top_k=3, index_dim=16))
+    assert np.abs(np.asarray(paper(jnp.asarray(toks), sparse=True)[0]) - full)[:, 24:].max() > 1e-3
+
+
 def test_bf16_decode_tracks_the_full_forward():
     model = make_model("msa", dtype="bfloat16")
     toks = tokens(2, 2, 33)
