@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import textwrap
 
 import numpy as np
 
@@ -355,7 +356,8 @@ def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pa
             ax.set_yticks(range(len(lengths)), [str(T) for T in lengths])
             ax.set_xlabel("needle depth")
             if j == 0:
-                ax.set_ylabel(f"{run}\ncontext length")
+                # a long run name wraps (vertical text: each line is a column) to stay beside its row
+                ax.set_ylabel("\n".join(textwrap.wrap(run, 14) + ["context length"]))
             if i == 0:
                 ax.set_title(f"{task} ({'exact match' if metric == 'accuracy' else 'answer bytes right'})")
     fig.tight_layout()

@@ -26,7 +26,7 @@ names = {"lc_16k_dense": "dense", "lc_16k_msa": "MSA from 2K dense", "lc_16k_cpt
          "lc16_scratch": "MSA from scratch", "lc16_index-lr-x10": "scratch, index lr x10",
          "lc16_top8": "scratch, top_k 8", "lc16_top32": "scratch, top_k 32", "lc16_warmup-200": "scratch, warmup 200",
          "lc16_kl-off": "MSA, KL off", "lc16_block64-top32": "scratch, 64 x 32", "lc16_block256-top8": "scratch, 256 x 8",
-         "lc16_index-nope": "scratch, index without RoPE"}
+         "lc16_index-nope": "scratch, index NoPE"}
 cells = []
 for d in evals:
     for r in json.load(open(d / "results.json"))["rows"]:
