@@ -162,7 +162,8 @@ def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool =
             q, k, _ = block.attn.qkv(h, positions)
             iq, ik = block.attn.index(h, positions)
             kw = dict(block_size=m.block_size, top_k=m.top_k, impl=cfg.impl)
-            entry = {"block_idx": ops.select_blocks(iq, ik, sink_blocks=m.sink_blocks, local_blocks=m.local_blocks, **kw)}
+            entry = {"block_idx": ops.select_blocks(iq, ik, sink_blocks=m.sink_blocks, local_blocks=m.local_blocks,
+                                                    **kw)}
             if with_recall:
                 entry["block_recall"], entry["score_recall"] = ops.selection_recall(q, k, entry["block_idx"], **kw)
             out.append(entry)

@@ -1,5 +1,5 @@
 """Constants and small helpers shared by the kernels: masking, base-2 exponentials, Triton limits,
-power-of-two sizes, the interpret-mode default."""
+power-of-two sizes, the interpret-mode default, the always-selected local blocks."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def pad_dim(d: int) -> int:
 def interpret_mode(interpret: bool | None) -> bool:
     """None: run in the Pallas interpreter unless the default backend is a GPU."""
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def local_block_ids(local, local_blocks: int):
+    """int32 [..., local_blocks]: the always-selected blocks of queries whose own block is `local`
+    [...] (-1: a padding query): local, local - 1, ..., local - local_blocks + 1, -1 below block 0."""
+    ids = local[..., None] - jnp.arange(local_blocks, dtype=jnp.int32)
+    return jnp.where((local[..., None] >= 0) & (ids >= 0), ids, -1).astype(jnp.int32)

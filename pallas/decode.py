@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from msa_jax.checks import check_block_idx, check_index, check_int, check_local_blocks, check_q_pos, check_qkv
-from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, next_pow2
+from pallas.common import KERNEL_DTYPES, LN2, LOG2E, MASK_VALUE, MIN_DOT, is_pow2, local_block_ids, next_pow2
 
 __all__ = [
     "decode_select_blocks",
@@ -287,8 +287,7 @@ def _finish_ids(ranked, local, top_k, local_blocks=1):
     """ranked [B, S, H, n] (-1: none) + local [B, S] (-1: padding query) and the local_blocks - 1
     blocks before it -> ascending ids, -1 last, width top_k."""
     B, S, H = ranked.shape[:3]
-    loc = jnp.where(local[:, :, None, None] >= 0, local[:, :, None, None] - jnp.arange(local_blocks), -1)
-    loc = jnp.broadcast_to(jnp.maximum(loc, -1), (B, S, H, local_blocks)).astype(jnp.int32)
+    loc = jnp.broadcast_to(local_block_ids(local, local_blocks)[:, :, None, :], (B, S, H, local_blocks))
     out = jnp.concatenate([ranked, loc], axis=-1)
     out = jnp.sort(jnp.where(out < 0, _INT_MAX, out), axis=-1)
     out = jnp.where(out == _INT_MAX, -1, out)

@@ -6,9 +6,8 @@ iq [B, T, H_kv, D_idx], ik [B, T, D_idx] (one dtype: bfloat16, float16 or float3
 group r): s_j = <iq[i, r], ik[j]> / sqrt(D_idx) (float32, j <= i), block score = max over the
 visible tokens of the block; selected: the local block i // block_size (and the local_blocks - 1 before
 it), then the sink blocks (lower id first), then the other visible blocks by score (ties: lower id),
-top_k in all. Returns int32
-[B, T, H_kv, top_k], ids ascending, -1 padding after: exactly `msa_jax.ops.reference.select_blocks`
-(given the same float32 scores).
+top_k in all. Returns int32 [B, T, H_kv, top_k], ids ascending, -1 padding after: exactly
+`msa_jax.ops.reference.select_blocks` (given the same float32 scores).
 
 Design: iq is viewed as [B, T*H_kv, D] (row t*H_kv + r), and one program owns block_q consecutive
 rows (all groups of block_q / H_kv tokens), so one key tile serves every group; row tiles launch in
@@ -18,8 +17,9 @@ inputs), the causal mask only on tiles that reach the diagonal, the per-block ro
 scale (after the max: bit-identical to the oracle's max of scaled scores), and keeps a streaming
 top-(top_k - local_blocks) in registers (values and ids; replace the worst slot on a STRICTLY greater
 score, so equal scores keep the lower id; sinks enter at +inf, the local blocks never enter). The
-wrapper adds the local blocks and sorts. Neither the [T, T] scores nor the block scores reach memory. The
-batch is split over several calls when an operand would reach 2**31 elements (int32 offsets).
+wrapper adds the local blocks and sorts. Neither the [T, T] scores nor the block scores reach
+memory. The batch is split over several calls when an operand would reach 2**31 elements (int32
+offsets).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from msa_jax.checks import check_index, check_int, check_local_blocks, check_pow2
-from pallas.common import INT32_LIMIT, MIN_DOT, cdiv, interpret_mode, next_pow2
+from pallas.common import INT32_LIMIT, MIN_DOT, cdiv, interpret_mode, local_block_ids, next_pow2
 
 __all__ = ["IndexTopkConfig", "select_blocks"]
 
@@ -148,9 +148,8 @@ def _select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int, loc
                    config: IndexTopkConfig, interpret: bool):
     B, T, H, D = iq.shape
     nb = cdiv(T, block_size)
-    # The local blocks i // block_size - [0, local_blocks) of each token (-1 before block 0).
-    local = (jnp.arange(T, dtype=jnp.int32) // block_size)[None, :, None, None] - jnp.arange(local_blocks)
-    local = jnp.broadcast_to(jnp.maximum(local, -1), (B, T, H, local_blocks))
+    local = local_block_ids(jnp.arange(T, dtype=jnp.int32) // block_size, local_blocks)  # [T, local_blocks]
+    local = jnp.broadcast_to(local[None, :, None, :], (B, T, H, local_blocks))
     n_slots = max(0, min(top_k - local_blocks, nb - local_blocks))  # non-local blocks that can ever be selected
 
     if n_slots == 0:  # only the local blocks are ever selected: nothing to rank
@@ -248,4 +247,5 @@ def select_blocks(iq, ik, *, block_size: int, top_k: int, sink_blocks: int = 0, 
     if T == 0:
         return jnp.zeros((B, 0, H, top_k), jnp.int32)
     return _select_blocks(iq, ik, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
-                          local_blocks=local_blocks, config=config.resolve(T, H, block_size), interpret=interpret_mode(interpret))
+                          local_blocks=local_blocks, config=config.resolve(T, H, block_size),
+                          interpret=interpret_mode(interpret))
