@@ -73,6 +73,8 @@ __all__ = [
 TARGET_ROWS = 128  # MMA rows per tile (BQ * G_pad) for 16-bit inputs
 PARTIAL_ELEMENTS = 2**30  # default cap on the partial buffer of one query chunk (elements)
 TILES_PER_UNIT = 16  # backward kernels: tiles one program handles for one KV block
+KV_TILE = 128  # K/V rows per block up to which the backward kernels keep the full M rows
+MAX_BWD_KV_TILE = 256  # the largest block the backward kernels take (shared memory; block 512 needs 260-460 KiB)
 COMBINE_ROWS, COMBINE_WARPS = 16, 8  # slot reduction kernel: output rows per program, warps (fastest at 128K on an H200)
 SLOT_UNROLL = 16  # slot loops: unrolled up to this many slots, a loop over groups of them beyond
 
@@ -174,14 +176,15 @@ class KVOuterConfig:
 
     block_q: query tokens per tile (a power of two; M = block_q * G_pad MMA rows). Default
       128 // G_pad, shrunk for short T, never below 16 // G_pad; float32 inputs: 64 // G_pad (main
-      forward), 32 // G_pad (main backward), half the default (KL).
+      forward), 32 // G_pad (main backward), half the default (KL); the backward kernels divide it
+      by block_size / 128 for blocks over 128 keys (shared memory; they take blocks up to 256).
     query_chunk: query tokens per kernel call (the per-slot partial buffer holds one chunk). Default:
       the largest balanced chunk whose partial buffer has <= 2**30 elements.
     tiles_per_unit: backward kernels, tiles one program handles for one KV block (default 16).
     tiles_per_program: main forward, consecutive tiles one program handles in a loop (default 1), so
       that Triton can pipeline the next tile's loads behind the current matmuls.
-    num_warps, num_stages: Triton compiler parameters (default 8 warps for M >= 128, else 4; 2
-      stages for the forward kernels, 1 for the backward kernels).
+    num_warps, num_stages: Triton compiler parameters (default 8 warps for M >= 128 or blocks over
+      128 keys, else 4; 2 stages for the forward kernels, 1 for the backward kernels).
     """
 
     block_q: int | None = None
@@ -213,6 +216,10 @@ class KVOuterConfig:
                 bq = default_block_q(sz.T, sz.G_pad, spec.f32_rows)
             elif f32:
                 bq = max(max(1, MIN_DOT // sz.G_pad), bq // 2)
+            if spec.units and sz.kv_tile > KV_TILE:
+                # the backward kernels' [M, kv_tile] tiles and [kv_tile, D] accumulators: at block 256 and M = 128
+                # the fused KL backward needs 228 KiB of shared memory (measured, Triton for sm_90), so M shrinks
+                bq = max(max(1, MIN_DOT // sz.G_pad), bq * KV_TILE // sz.kv_tile)
         if self.query_chunk is None:
             t_chunk = default_chunk(sz.T, sz.BH, sz.top_k, sz.n_blocks, bq, sz.G_pad, max(sz.D_pad, width))
             if t_chunk < 1:
@@ -244,10 +251,17 @@ class KVOuterConfig:
                 raise ValueError(f"block_size: the Triton kernel needs a power of two, got {sz.block_size}")
             if M < MIN_DOT:
                 raise ValueError(f"block_q * G_pad = {bq} * {sz.G_pad} < {MIN_DOT}: Triton dots need >= 16 rows")
+            if spec.units and sz.kv_tile > MAX_BWD_KV_TILE:
+                raise ValueError(
+                    f"block_size {sz.block_size}: the backward kernels hold a whole K/V block in shared memory "
+                    f"(227 KiB on an H100 / H200), which fits up to block_size {MAX_BWD_KV_TILE}"
+                )
         return Plan(
             interpret=interpret, block_q=bq, t_chunk=t_chunk, n_chunks=cdiv(sz.T, t_chunk), n_tiles=n_t,
             tiles_per_program=nt, tiles_per_unit=w, n_units=n_u,
-            num_warps=self.num_warps or (8 if M >= 128 else 4), num_stages=self.num_stages or spec.num_stages,
+            # 8 warps also for the smaller M of big blocks: their [kv_tile, D] accumulators spill less
+            num_warps=self.num_warps or (8 if M >= 128 or sz.kv_tile > KV_TILE else 4),
+            num_stages=self.num_stages or spec.num_stages,
         )
 
 
