@@ -42,12 +42,17 @@ declare -A ARGS=(
 train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
   local dir=$1; shift
   [ -e runs/$dir/DONE ] && return 0
-  local t=$(( $(left) - 15 ))
+  # SIGTERM 40 s before the deadline, SIGKILL 60 s later: a stop (finish the step, save, exit) took over 30 s
+  # once at 16K, and a killed run resumes from its previous checkpoint (up to ckpt-every steps lost)
+  local t=$(( $(left) - 40 )) t0=$SECONDS
   if [ $t -lt 90 ]; then echo "$dir: no time left ($t s)"; return 1; fi
-  timeout -s TERM -k 30 $t python3 experiments/train_lm.py $LC --run-dir runs/$dir "$@" >> $OUT/a/train_$dir.txt 2>&1
+  timeout -s TERM -k 60 $t python3 experiments/train_lm.py $LC --run-dir runs/$dir "$@" >> $OUT/a/train_$dir.txt 2>&1
   tail -c 300 $OUT/a/train_$dir.txt | tr '\r' '\n' | tail -2
   if grep -q "^done: step" $OUT/a/train_$dir.txt; then touch runs/$dir/DONE; return 0; fi
-  echo "$dir: stopped, resumes next call"; return 1
+  local el=$(( SECONDS - t0 ))
+  if [ $el -ge $t ]; then echo "$dir: stopped $(( el - t )) s after SIGTERM, resumes next call"
+  else echo "$dir: exited after $el s without finishing (an error? $OUT/a/train_$dir.txt)"; fi
+  return 1
 }
 ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), then itself
   local dir=$1 name=${1#lc16_}
