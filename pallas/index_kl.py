@@ -566,6 +566,11 @@ def main_and_index_kl_bwd(
     config = kvo.KVOuterConfig(block_q=block_q, query_chunk=query_chunk, tiles_per_unit=tiles_per_unit,
                                num_warps=num_warps, num_stages=num_stages)
     plan = config.resolve("bwd", sz, f32=jnp.float32 in (q.dtype, iq.dtype), interpret=interpret)
+    if not plan.interpret and sz.kv_tile > kvo.KV_TILE and max(sz.D_pad, pad_dim(iq.shape[3])) > 64:
+        # Triton for sm_90 (experiments/kernel_smem.py): 258-324 KiB at block 256 with D or D_idx 128, 194 KiB at 64
+        raise ValueError(f"block_size {block_size} with D {sz.D} / D_idx {iq.shape[3]}: the fused backward's tiles "
+                         "exceed the 227 KiB of shared memory of an H100 / H200 over 128-key blocks unless D and "
+                         "D_idx are <= 64; use the separate passes (sparse_attention_bwd, index_kl_sum)")
     return _main_and_index_kl_bwd(q, k, v, iq, ik, block_idx, kvo.positions(q_pos, sz.B, sz.T), out, lse, dout, dlse,
                                   g, block_size=block_size, plan=plan)
 

@@ -74,7 +74,7 @@ TARGET_ROWS = 128  # MMA rows per tile (BQ * G_pad) for 16-bit inputs
 PARTIAL_ELEMENTS = 2**30  # default cap on the partial buffer of one query chunk (elements)
 TILES_PER_UNIT = 16  # backward kernels: tiles one program handles for one KV block
 KV_TILE = 128  # K/V rows per block up to which the backward kernels keep the full M rows
-MAX_BWD_KV_TILE = 256  # the largest block the backward kernels take (shared memory; block 512 needs 260-460 KiB)
+MAX_BWD_KV_TILE = 256  # the largest block the backward kernels take (shared memory: block 512 needs 260-460 KiB)
 COMBINE_ROWS, COMBINE_WARPS = 16, 8  # slot reduction kernel: output rows per program, warps (fastest at 128K on an H200)
 SLOT_UNROLL = 16  # slot loops: unrolled up to this many slots, a loop over groups of them beyond
 
@@ -218,8 +218,10 @@ class KVOuterConfig:
                 bq = max(max(1, MIN_DOT // sz.G_pad), bq // 2)
             if spec.units and sz.kv_tile > KV_TILE:
                 # the backward kernels' [M, kv_tile] tiles and [kv_tile, D] accumulators: at block 256 and M = 128
-                # the fused KL backward needs 228 KiB of shared memory (measured, Triton for sm_90), so M shrinks
-                bq = max(max(1, MIN_DOT // sz.G_pad), bq * KV_TILE // sz.kv_tile)
+                # the fused KL backward needs 228 KiB of shared memory (Triton for sm_90, experiments/kernel_smem.py),
+                # at M = 64 162 KiB; with index rows over 64 wide (D_idx 128) it needs M = 32 (260 -> 204 KiB)
+                shrink = sz.kv_tile // KV_TILE * (2 if kernel == "kl_bwd" and width > 64 else 1)
+                bq = max(max(1, MIN_DOT // sz.G_pad), bq // shrink)
         if self.query_chunk is None:
             t_chunk = default_chunk(sz.T, sz.BH, sz.top_k, sz.n_blocks, bq, sz.G_pad, max(sz.D_pad, width))
             if t_chunk < 1:

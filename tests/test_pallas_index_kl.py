@@ -311,3 +311,29 @@ def test_lowers_to_triton_for_h100(B, T, H_kv, G, D, Di, bs, top_k, dtype, qc):
     for name in ("msa_index_kl_fwd", "msa_index_kl_bwd", "msa_kv_outer_reduce_units", "msa_index_kl_student",
                  "msa_index_kl_fused", "msa_sparse_attention_bwd_kl"):
         assert name in text
+
+
+@pytest.mark.parametrize("D, Di, fits", [(64, 64, True), (128, 64, False), (64, 128, False)])
+def test_fused_backward_refuses_blocks_it_cannot_fit(D, Di, fits):
+    """At block 256 the fused main + KL backward fits an H100 / H200's shared memory only with D and D_idx
+    <= 64 (Triton for sm_90: 194 KiB, against 258-324 KiB with either at 128): a clear error, at trace
+    time, instead of a failed launch; block 128 and the interpreter are not limited."""
+    S = jax.ShapeDtypeStruct
+    B, T, H_kv, G, top_k = 1, 1024, 2, 4, 4
+    q, k = S((B, T, H_kv * G, D), jnp.bfloat16), S((B, T, H_kv, D), jnp.bfloat16)
+    iq, ik = S((B, T, H_kv, Di), jnp.bfloat16), S((B, T, Di), jnp.bfloat16)
+    ids, lse, g = S((B, T, H_kv, top_k), jnp.int32), S((B, T, H_kv * G), jnp.float32), S((B, T, H_kv), jnp.float32)
+
+    def call(bs, interpret):
+        fn = lambda *a: main_and_index_kl_bwd(*a, block_size=bs, interpret=interpret)  # noqa: E731
+        return jax.eval_shape(fn, q, k, k, iq, ik, ids, q, lse, q, g)
+
+    call(256, True)
+    if fits:
+        triton_ir_for_h100(lambda *a: main_and_index_kl_bwd(*a, block_size=256, interpret=False),
+                           q, k, k, iq, ik, ids, q, lse, q, g)
+    else:
+        with pytest.raises(ValueError, match="shared memory"):
+            call(256, False)
+    triton_ir_for_h100(lambda *a: main_and_index_kl_bwd(*a, block_size=128, interpret=False),
+                       q, k, k, iq, ik, ids, q, lse, q, g)

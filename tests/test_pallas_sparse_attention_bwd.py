@@ -174,21 +174,23 @@ def test_bad_arguments():
         sparse_attention_bwd(q, k, v, ids, out, lse, out, block_size=16, block_q=2, interpret=False)
 
 
-@pytest.mark.parametrize("G, D", [(3, 64), (16, 128)])
-def test_backward_tiles_shrink_for_big_blocks(G, D):
-    """Blocks over 128 keys: the backward kernels (main and KL) take M / (block_size / 128) rows and keep
-    8 warps (at block 256, M = 128 the fused KL backward asked for 228 KiB of shared memory on an H200,
-    over its 227 KiB: Triton 3.5.1 for sm_90 gives 233,472 B, and 165,888 B at M = 64); the forward
-    kernels and blocks up to 128 keep their tiles; a block over 256 keys is refused for the backward."""
+@pytest.mark.parametrize("G, D, Di", [(3, 64, 64), (16, 128, 128), (4, 128, 64)])
+def test_backward_tiles_shrink_for_big_blocks(G, D, Di):
+    """Blocks over 128 keys: the backward kernels (main and KL) take M / (block_size / 128) rows, the KL's
+    half that again with D_idx over 64, and keep 8 warps (at block 256, M = 128 the fused KL backward asked
+    for 228 KiB of shared memory on an H200, over its 227 KiB: Triton 3.9.0 for sm_90 gives 233,472 B, and
+    165,888 B at M = 64; at D_idx 128 it needs M = 32, 204 KiB); the forward kernels and blocks up to 128
+    keys keep their tiles; a block over 256 keys is refused for the backward."""
     q, k, _ = qkv(0, 1, 4096, 2, G, D, jnp.bfloat16)
     G_pad = 1 << (G - 1).bit_length()
     for bs, rows in ((64, 128), (128, 128), (256, 64)):
         sz = kv_outer.sizes(q, k, jnp.zeros((1, 4096, 2, 4), jnp.int32), bs)
-        for kernel in ("bwd", "kl_bwd"):
-            plan = kv_outer.KVOuterConfig().resolve(kernel, sz, f32=False, interpret=False)
-            assert (plan.block_q * G_pad, plan.num_warps) == (rows, 8), (bs, kernel)
-        for kernel in ("fwd", "kl_fwd"):
-            plan = kv_outer.KVOuterConfig().resolve(kernel, sz, f32=False, interpret=False)
+        for kernel, width in (("bwd", None), ("kl_bwd", Di)):
+            plan = kv_outer.KVOuterConfig().resolve(kernel, sz, f32=False, width=width, interpret=False)
+            want = rows // 2 if kernel == "kl_bwd" and bs == 256 and Di > 64 else rows
+            assert (plan.block_q * G_pad, plan.num_warps) == (want, 8), (bs, kernel)
+        for kernel, width in (("fwd", None), ("kl_fwd", Di)):
+            plan = kv_outer.KVOuterConfig().resolve(kernel, sz, f32=False, width=width, interpret=False)
             assert (plan.block_q * G_pad, plan.num_warps) == (128, 8), (bs, kernel)
     sz = kv_outer.sizes(q, k, jnp.zeros((1, 4096, 2, 4), jnp.int32), 512)
     assert kv_outer.KVOuterConfig().resolve("fwd", sz, f32=False, interpret=False).block_q * G_pad == 128
