@@ -5,6 +5,8 @@
 # 16K (50 examples per cell, 8-example needle trace) as soon as it is trained, before the next named run.
 # Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed, a 16K run's
 # base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
+# PACK_CACHE=1: also return the compilation cache (jax_cache.tgz.NN under $OUT) for the next session: copy the
+# pieces into _gpu/ (git-ignored) and name _gpu in the device call's carry.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # JAX's persistent compilation cache: a resumed run, or another run or evaluation of the same shapes and
@@ -12,6 +14,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache}
 DEADLINE=$((SECONDS + ${1:-540})); shift
 mkdir -p $OUT/a runs
+# ... also across sessions: a cache packed by an earlier session's PACK_CACHE=1 (below), fetched and carried
+# in as _gpu/jax_cache.tgz.NN, is unpacked on a fresh machine (the 2K stages and the evaluations of a model
+# shape compile the same programs every session; a program whose code changed simply misses)
+if [ ! -d $JAX_COMPILATION_CACHE_DIR ] && ls _gpu/jax_cache.tgz.* > /dev/null 2>&1; then
+  mkdir -p $JAX_COMPILATION_CACHE_DIR && cat _gpu/jax_cache.tgz.* | tar xzf - -C $JAX_COMPILATION_CACHE_DIR \
+    && echo "compilation cache carried in: $(ls $JAX_COMPILATION_CACHE_DIR | wc -l) entries"
+fi
 left() { echo $((DEADLINE - SECONDS)); }
 # (a CPU dry run of this script: LC_EXTRA="<small model flags>" B2K=... S16=... EVAL=... bash _gpu/lc.sh ...)
 LC="--preset long-context --task-mix 1.0 --rope-theta 500000 --eval-batches 2 ${LC_EXTRA:-}"
@@ -78,4 +87,12 @@ for name in "$@"; do
   [ -e $mark ] || break
 done
 for d in runs/lc_2k runs/lc_2k_msa runs/lc_2k_msa_nope runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
+if [ -n "${PACK_CACHE:-}" ] && [ -d $JAX_COMPILATION_CACHE_DIR ]; then
+  # for the next session's carry: the newest entries up to CACHE_MB (default 44: the carry holds 64 MiB with
+  # the repository), in 15 MiB pieces (files come back up to 16 MiB each, 8 in all)
+  (cd $JAX_COMPILATION_CACHE_DIR && find . -type f -printf '%T@ %s %P\n' | sort -rn \
+     | awk -v max=$(( ${CACHE_MB:-44} * 1048576 )) '{ if (tot + $2 <= max) { tot += $2; print $3 } }' > /tmp/cache_list \
+     && tar czf - -T /tmp/cache_list | split -b 15M -d - $OUT/jax_cache.tgz.) \
+    && echo "compilation cache packed: $(wc -l < /tmp/cache_list) of $(find $JAX_COMPILATION_CACHE_DIR -type f | wc -l) files"
+fi
 cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
