@@ -39,6 +39,7 @@ import pytest  # noqa: E402
 
 from msa_jax import determinism  # noqa: E402
 from msa_jax.ops import reference  # noqa: E402
+from pallas import triton_smem  # noqa: E402
 
 # On a CPU the suite is mostly XLA compile time of small programs, which the tests run once: compile
 # them with little optimisation (about a third less time; the values are the same up to float
@@ -219,11 +220,8 @@ def check_attention(out, lse, ref_out, ref_lse, dtype):
 
 def triton_ir_for_h100(fn, *args) -> str:
     """Lower jit(fn) on abstract args for an abstract H100 (no GPU needed) through the Pallas Triton
-    lowering; returns the module text. Compiling the IR to PTX and running it still needs the GPU."""
-    ad = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=ad)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    lowering; returns the module text (`pallas.triton_smem` compiles the kernels' IR further)."""
+    return triton_smem.lower_for_h100(fn, *args)[0]
 
 
 def export_for_h100(f, *shapes):
