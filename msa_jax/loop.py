@@ -103,6 +103,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.at = None  # time.perf_counter() of the first signal (the stop's duration is reported from it)
 
     def __enter__(self):
         self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -114,6 +115,7 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.at = self.at or time.perf_counter()
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint and stopping "
               "(Ctrl-C again to abort at once)", flush=True)
 
@@ -380,7 +382,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     rows = log.rows() if is_main else []
     if step < tcfg.steps:
         if stop.requested:
-            say(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run again to resume.")
+            say(f"stopped at step {step}, {time.perf_counter() - stop.at:.1f}s after the signal; checkpoint saved in "
+                f"{ckpt.directory}. Run again to resume.")
             raise SystemExit(130)
         say(f"reached stop_at {step}; checkpoint saved in {ckpt.directory}. Run again with a later stop_at "
             "(or none) to continue.")

@@ -215,7 +215,7 @@ def test_sigterm_checkpoints_and_the_deterministic_rerun_is_bit_identical(full, 
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, output[-2000:]
-    assert "SIGTERM" in output and "Run again to resume" in output
+    assert "SIGTERM" in output and "s after the signal" in output and "Run again to resume" in output
     last = max(r["step"] for r in rows(run_dir))
     with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == last < STEPS
