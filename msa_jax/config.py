@@ -186,6 +186,7 @@ class RunConfig:
     sources: str = "stdlib,site-packages"
     task_mix: float = 0.0  # share of each batch's rows that are retrieval examples (msa_jax.retrieval)
     task_mix_tasks: str = "passkey,multikey,variable_tracking"  # comma list of the tasks mixed in
+    task_depth_power: float = 1.0  # the mixed-in needles' depths are u ** this (1: uniform; > 1: more far back)
     answer_weight: float = 1.0  # loss weight of the retrieval rows' answer bytes (1: the plain LM loss)
     # cadence and outputs
     eval_every: int = 25
@@ -216,11 +217,14 @@ class RunConfig:
         _require(self.attention in ATTENTION_KINDS, "attention", f"one of {ATTENTION_KINDS}", self.attention)
         if self.stop_at is not None:
             _non_negative_int("stop_at", self.stop_at)
-        from msa_jax import data  # numpy only: the batches' own check of the task mix
+        from msa_jax import data, retrieval  # numpy only: the batches' own checks of the task mix
 
         data.check_task_mix(self.task_mix, self.task_mix_tasks, self.seq_len)
         _require(isinstance(self.answer_weight, (int, float)) and not isinstance(self.answer_weight, bool)
                  and self.answer_weight >= 0, "answer_weight", "a number >= 0", self.answer_weight)
+        retrieval.check_depth_power(self.task_depth_power, "task_depth_power")
+        _require(self.task_depth_power == 1.0 or self.task_mix > 0, "task_depth_power",
+                 "1 unless task_mix > 0 (it draws the depths of the mixed-in retrieval rows)", self.task_depth_power)
         _require(self.answer_weight == 1.0 or self.task_mix > 0, "answer_weight",
                  "1 unless task_mix > 0 (it weights the answers of the mixed-in retrieval rows)", self.answer_weight)
         self.model_config(), self.train_config()  # validates every size

@@ -293,13 +293,14 @@ def check_task_mix(task_mix, tasks, seq_len: int) -> tuple[str, ...]:
 
 
 def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int, task_mix: float = 0.0,
-             tasks=tuple(retrieval.TASKS)) -> np.ndarray:
+             tasks=tuple(retrieval.TASKS), depth_power: float = 1.0) -> np.ndarray:
     """The training batch of step `step`: `int32 [batch_size, seq_len + 1]` random windows.
 
     With `task_mix` > 0, `task_rows_at(batch_size, task_mix, step)` rows (at random places) are
     replaced by retrieval examples of `tasks` exactly `seq_len + 1` long whose haystacks come from
-    `data` (`retrieval.training_rows`); the other rows are the windows of task_mix = 0.
-    A function of `(data, batch_size, seq_len, seed, step, task_mix, tasks)` only.
+    `data` (`retrieval.training_rows`, needle depths u ** depth_power); the other rows are the windows
+    of task_mix = 0. A function of `(data, batch_size, seq_len, seed, step, task_mix, tasks, depth_power)`
+    only.
     """
     _check_window(data, batch_size, seq_len)
     tasks = check_task_mix(task_mix, tasks, seq_len)
@@ -309,7 +310,7 @@ def batch_at(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step
     batch = data[idx].astype(np.int32)
     rows, trng = _task_rows(batch_size, task_mix, seed, step)
     if rows.size:
-        batch[rows] = retrieval.training_rows(data, rows.size, seq_len + 1, tasks, trng)
+        batch[rows] = retrieval.training_rows(data, rows.size, seq_len + 1, tasks, trng, depth_power=depth_power)
     return batch
 
 
@@ -344,20 +345,21 @@ class BatchIterator:
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, step: int = 0,
-                 task_mix: float = 0.0, tasks=tuple(retrieval.TASKS)):
+                 task_mix: float = 0.0, tasks=tuple(retrieval.TASKS), depth_power: float = 1.0):
         _check_window(data, batch_size, seq_len)
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step: expected an int >= 0, got {step!r}")
         self.tasks = check_task_mix(task_mix, tasks, seq_len)
         self.data, self.batch_size, self.seq_len = data, int(batch_size), int(seq_len)
         self.seed, self.step, self.task_mix = int(seed), int(step), float(task_mix)
+        self.depth_power = retrieval.check_depth_power(depth_power)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> np.ndarray:
         batch = batch_at(self.data, self.batch_size, self.seq_len, seed=self.seed, step=self.step,
-                         task_mix=self.task_mix, tasks=self.tasks)
+                         task_mix=self.task_mix, tasks=self.tasks, depth_power=self.depth_power)
         self.step += 1
         return batch
 
@@ -372,13 +374,14 @@ class BatchIterator:
     def state(self) -> dict:
         return dict(seed=self.seed, step=self.step, batch_size=self.batch_size, seq_len=self.seq_len,
                     n_tokens=int(self.data.size), fingerprint=self.fingerprint, task_mix=self.task_mix,
-                    tasks=list(self.tasks))
+                    tasks=list(self.tasks), depth_power=self.depth_power)
 
     @classmethod
     def from_state(cls, data: np.ndarray, state: dict) -> BatchIterator:
-        # states saved before task mixing existed have neither key: task_mix 0
+        # states saved before task mixing existed have neither key: task_mix 0; before depth_power: 1
         it = cls(data, state["batch_size"], state["seq_len"], seed=state["seed"], step=state["step"],
-                 task_mix=state.get("task_mix", 0.0), tasks=tuple(state.get("tasks", retrieval.TASKS)))
+                 task_mix=state.get("task_mix", 0.0), tasks=tuple(state.get("tasks", retrieval.TASKS)),
+                 depth_power=state.get("depth_power", 1.0))
         if int(state["n_tokens"]) != data.size or state["fingerprint"] != it.fingerprint:
             raise ValueError(
                 f"data: the iterator state was saved on another corpus ({state['n_tokens']} tokens, fingerprint "
@@ -389,11 +392,13 @@ class BatchIterator:
 
 
 def batches(data: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, start_step: int = 0,
-            task_mix: float = 0.0, tasks=tuple(retrieval.TASKS)) -> BatchIterator:
-    """`BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=..., tasks=...)`."""
+            task_mix: float = 0.0, tasks=tuple(retrieval.TASKS), depth_power: float = 1.0) -> BatchIterator:
+    """`BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=..., tasks=...,
+    depth_power=...)`."""
     if not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"start_step: expected an int >= 0, got {start_step!r}")
-    return BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=task_mix, tasks=tasks)
+    return BatchIterator(data, batch_size, seq_len, seed=seed, step=start_step, task_mix=task_mix, tasks=tasks,
+                         depth_power=depth_power)
 
 
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, n: int) -> list[np.ndarray]:

@@ -255,7 +255,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
                    else "(index branches fresh)" if is_msa else "(fresh optimizer)"))
         # haystacks of the mixed-in retrieval rows come from the training split too, never from val
         batches = data.BatchIterator(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=run.seed,
-                                     task_mix=run.task_mix, tasks=run.mix_tasks)
+                                     task_mix=run.task_mix, tasks=run.mix_tasks, depth_power=run.task_depth_power)
         if log.path.exists() and is_main:
             log.path.unlink()  # no checkpoint to continue from: start the log over
     if is_main:
@@ -271,6 +271,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             + (f", index LR x {tcfg.index_lr_scale:g}" if tcfg.index_lr_scale != 1.0 else ""))
     if run.task_mix:
         say(f"task mix: {run.task_mix:g} of the rows are retrieval examples ({', '.join(run.mix_tasks)}) at T={T}"
+            + (f"; needle depths u ** {run.task_depth_power:g}" if run.task_depth_power != 1.0 else "")
             + (f"; answer bytes weighted x {run.answer_weight:g} in the loss" if run.answer_weight != 1.0 else ""))
 
     schedule = lr_schedule(tcfg)

@@ -126,6 +126,9 @@ _FLAGS = (
                         "--seq-len (fresh needles, values and depths every batch, haystacks from the training "
                         "split; the loss is the plain LM loss); 0: code only"),
     ("task_mix_tasks", str, "comma list of the retrieval tasks mixed in: passkey, multikey, variable_tracking"),
+    ("task_depth_power", float, "with --task-mix: the needles' depths are u ** P for u uniform in [0, 1) (1: "
+                                "uniform; 2: mean depth 1/3, a third of the needles in the first 10%% of the "
+                                "context, the farthest from the question)"),
     ("answer_weight", float, "with --task-mix: the loss weight of each retrieval row's answer bytes (the LM loss "
                              "becomes the weighted mean; 1: the plain LM loss, 0: answers not trained on). At long "
                              "T the 5 answer bytes are a tiny share of a row's loss: e.g. 100 at T = 16K gives them "

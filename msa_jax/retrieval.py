@@ -384,17 +384,29 @@ def answer_targets(seq_len: int) -> tuple[int, int]:
     return seq_len - 1 - ANSWER_LEN, seq_len - 1
 
 
-def training_rows(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0) -> np.ndarray:
+def training_rows(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0, *,
+                  depth_power: float = 1.0) -> np.ndarray:
     """`int32 [n, context_len]` retrieval examples for training: each row a task drawn uniformly from
-    `tasks`, its needle at a uniformly random depth in [0, 1), fresh values and names, a haystack at
-    a random offset of `source`; everything drawn from `rng` in order (deterministic in its seed)."""
+    `tasks`, its needle at depth u ** depth_power for u uniform in [0, 1) (1: uniform depths; > 1 puts
+    more needles far back, depth 0 being the start of the context: mean depth 1 / (depth_power + 1)),
+    fresh values and names, a haystack at a random offset of `source`; everything drawn from `rng` in
+    order (deterministic in its seed; depth_power 1 gives the rows of uniform depths bit for bit)."""
     names = check_tasks(tasks, context_len)
+    depth_power = check_depth_power(depth_power)
     rng = _as_rng(rng)
     out = np.empty((n, context_len), np.int32)
     for i in range(n):
         task = names[int(rng.integers(len(names)))]
-        out[i] = _build(task, source, context_len, float(rng.random()), rng).tokens
+        out[i] = _build(task, source, context_len, float(rng.random()) ** depth_power, rng).tokens
     return out
+
+
+def check_depth_power(depth_power, name: str = "depth_power") -> float:
+    """depth_power as a float > 0 (the training depths' exponent, `training_rows`); ValueError otherwise."""
+    if (isinstance(depth_power, bool) or not isinstance(depth_power, (int, float, np.integer, np.floating))
+            or not 0.0 < float(depth_power) < float("inf")):
+        raise ValueError(f"{name}: expected a number > 0, got {depth_power!r}")
+    return float(depth_power)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,6 +99,41 @@ def test_task_mix_is_deterministic_in_seed_and_step_and_resumes(corpus):
                                   old_batch_at(corpus.train, 4, T, seed=7, step=2))
 
 
+def test_depth_power_puts_the_needles_far_back_and_resumes(corpus):
+    """task_depth_power P: needle depths u ** P (mean 1 / (P + 1): 0.5 uniform, 0.25 at P = 3); P = 1 gives
+    the uniform rows bit for bit; the iterator state keeps P (an older state resumes with 1)."""
+    n, L = 160, 512
+
+    def mean_depth(rows):  # where the pass-key needle starts, as a share of the haystack before the query
+        at = [r.astype(np.uint8).tobytes().index(b"# the pass key is ") / (L - 60) for r in rows]
+        return float(np.mean(at))
+
+    uniform = retrieval.training_rows(corpus.train, n, L, ("passkey",), rng=3)
+    np.testing.assert_array_equal(uniform, retrieval.training_rows(corpus.train, n, L, ("passkey",), rng=3,
+                                                                   depth_power=1.0))
+    far = retrieval.training_rows(corpus.train, n, L, ("passkey",), rng=3, depth_power=3.0)
+    assert abs(mean_depth(uniform) - 0.5) < 0.07 and abs(mean_depth(far) - 0.25) < 0.06
+    kw = dict(seed=7, task_mix=0.5, tasks=("passkey",), depth_power=2.0)
+    it = data.BatchIterator(corpus.train, 4, T, **kw)
+    next(it)
+    state = it.state()
+    assert state["depth_power"] == 2.0
+    np.testing.assert_array_equal(next(data.BatchIterator.from_state(corpus.train, state)), next(it))
+    np.testing.assert_array_equal(data.batch_at(corpus.train, 4, T, step=0, **kw),
+                                  next(data.BatchIterator(corpus.train, 4, T, **kw)))
+    assert not np.array_equal(data.batch_at(corpus.train, 4, T, step=0, **kw),
+                              data.batch_at(corpus.train, 4, T, step=0, **{**kw, "depth_power": 1.0}))
+    old = {k: v for k, v in state.items() if k != "depth_power"}
+    assert data.BatchIterator.from_state(corpus.train, old).depth_power == 1.0
+    assert parse("--task-mix", "1", "--task-depth-power", "2").task_depth_power == 2.0
+    for flags, match in ((("--task-mix", "1", "--task-depth-power", "0"), "task_depth_power: expected a number > 0"),
+                         (("--task-depth-power", "2"), "task_depth_power: expected 1 unless task_mix > 0")):
+        with pytest.raises(SystemExit, match=f"invalid configuration: {match}"):
+            parse(*flags)
+    with pytest.raises(ValueError, match="depth_power"):
+        retrieval.training_rows(corpus.train, 1, L, ("passkey",), depth_power=-1.0)
+
+
 def test_min_context_len_is_the_shortest_that_works_at_every_depth(corpus):
     for task in retrieval.TASKS:
         n = retrieval.min_context_len(task)

@@ -34,6 +34,7 @@ declare -A BASE=( [lc_2k]="--attention dense $B2K"
 # against msa, which starts from the 2K dense stage with the KL on).
 declare -A ARGS=(
   [dense]="--attention dense --init-from runs/lc_2k $S16"
+  [dense-far]="--attention dense --init-from runs/lc_2k $S16 --task-depth-power 2"  # 3x the needles in the first 10%
   [msa]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100"
   [scratch]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100"  # keeps the 2K-trained index
   [cpt]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50"  # converted from 16K dense
