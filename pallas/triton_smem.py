@@ -94,10 +94,11 @@ def compile_sm90(kernel: dict) -> dict:
                 spill_stores=int(spills.group(1)) if spills else None)
 
 
-def measure(fn, *args) -> list[dict]:
-    """Every Triton kernel jit(fn) launches on an H100 / H200, compiled for sm_90: name, num_warps,
-    num_stages, shared, registers, spill_stores."""
-    return [dict({k: v for k, v in kern.items() if k != "ttir"}, **compile_sm90(kern)) for kern in kernels(fn, *args)]
+def measure(fn, *args, skip=()) -> list[dict]:
+    """Every Triton kernel jit(fn) launches on an H100 / H200 (but those named in `skip`), compiled for
+    sm_90: name, num_warps, num_stages, shared, registers, spill_stores."""
+    return [dict({k: v for k, v in kern.items() if k != "ttir"}, **compile_sm90(kern))
+            for kern in kernels(fn, *args) if kern["name"] not in skip]
 
 
 def layer_kernels(*, heads: int, kv_heads: int, head_dim: int, index_dim: int, block_size: int, top_k: int,
@@ -144,7 +145,7 @@ def layer_kernels(*, heads: int, kv_heads: int, head_dim: int, index_dim: int, b
                             ("fused main + KL backward", fused_step, (q, k, k, iq, ik, ids, w)),
                             ("dense warmup KL", warmup_step, (q, k, iq, ik, w))):
         try:
-            rows += measure(fn, *args)
+            rows += measure(fn, *args, skip={r["name"] for r in rows})  # kernels shared by the steps: once
         except ValueError as e:  # a kernel's own limits (e.g. a block its backward does not take)
             refused.append(f"{label}: {e}")
     return rows, refused
