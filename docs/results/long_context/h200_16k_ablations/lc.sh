@@ -50,9 +50,10 @@ declare -A ARGS=(
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
   [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
 )
-train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
+train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 stopped by the deadline, 2 failed
   local dir=$1; shift
   [ -e runs/$dir/DONE ] && return 0
+  [ -e runs/$dir/FAILED ] && { echo "$dir: failed in an earlier call (runs/$dir/FAILED), not retried"; return 2; }
   # SIGTERM 40 s before the deadline, SIGKILL 60 s later: a stop (finish the step, save, exit) took over 30 s
   # once at 16K, and a killed run resumes from its previous checkpoint (up to ckpt-every steps lost)
   local t=$(( $(left) - 40 )) t0=$SECONDS
@@ -62,14 +63,15 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done
   if grep -q "^done: step" $OUT/a/train_$dir.txt; then touch runs/$dir/DONE; return 0; fi
   local el=$(( SECONDS - t0 ))
   if [ $el -ge $t ]; then echo "$dir: stopped $(( el - t )) s after SIGTERM, resumes next call"
-  else echo "$dir: exited after $el s without finishing (an error? $OUT/a/train_$dir.txt)"; fi
+  else echo "$dir: exited after $el s without finishing (an error? $OUT/a/train_$dir.txt)"
+    mkdir -p runs/$dir && touch runs/$dir/FAILED; return 2; fi
   return 1
 }
 ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), then itself
   local dir=$1 name=${1#lc16_}
   local args=${BASE[$dir]:-${ARGS[$name]}}
   local base=$(echo "$args" | sed -n 's/.*--init-from runs\/\([a-z0-9_-]*\).*/\1/p')
-  if [ -n "$base" ]; then ensure $base || return 1; fi
+  if [ -n "$base" ]; then ensure $base || return $?; fi
   train $dir $args
 }
 # Each run is evaluated as soon as it is trained (once per machine and EVAL), before the next one trains, so that
@@ -78,7 +80,10 @@ for name in "$@"; do
   [ -n "${ARGS[$name]:-}" ] || { echo "unknown run $name"; exit 2; }
 done
 for name in "$@"; do
-  ensure lc16_$name || break
+  # a run that failed (not one the deadline stopped) does not hold up the next named one
+  ensure lc16_$name; rc=$?
+  [ $rc = 2 ] && { echo "lc16_$name failed: on to the next run"; continue; }
+  [ $rc = 0 ] || break
   mark=runs/lc16_$name/eval_done_$(echo "$EVAL" | md5sum | cut -c1-8)
   [ -e $mark ] && continue
   if [ $(left) -lt 130 ]; then echo "eval lc16_$name: no time left"; break; fi
