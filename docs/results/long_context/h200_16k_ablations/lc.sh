@@ -3,8 +3,8 @@
 # (SIGTERM = checkpoint and exit) while the machine stays warm (runs/ survives), and a done run is
 # skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, each evaluated at
 # 16K (50 examples per cell, 8-example needle trace) as soon as it is trained, before the next named run.
-# Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below (bases are trained as needed, a 16K run's
-# base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
+# Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below, with optional suffixes (_sN: N steps at
+# 16K, _seedN: seed N; see args_of) (bases are trained as needed, a 16K run's base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 # PACK_CACHE=1: also return the compilation cache (jax_cache.tgz.NN under $OUT) for the next session: copy the
 # pieces into _gpu/ (git-ignored) and name _gpu in the device call's carry.
 set -u
@@ -67,9 +67,24 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 s
     mkdir -p runs/$dir && touch runs/$dir/FAILED; return 2; fi
   return 1
 }
+# A name may carry suffixes: NAME_sN trains N steps at 16K instead of S16's, NAME_seedN uses seed N (the
+# 16K stage's data order; its weights come from the base) for a rerun beside NAME, e.g. scratch_s600_seed1.
+# cpt_sN converts dense_sN (and keeps its own steps).
+args_of() {  # args_of NAME: the flags of a named run, or nothing for an unknown name
+  local name=$1 base=${1%%_*} extra="" dense=lc16_dense suf
+  [ -n "${ARGS[$base]:-}" ] || return 0
+  for suf in $(echo "${name#$base}" | tr '_' ' '); do
+    case $suf in
+      s[0-9]*) dense=lc16_dense_$suf; [ $base = cpt ] || extra="$extra --steps ${suf#s}";;
+      seed[0-9]*) extra="$extra --seed ${suf#seed}";;
+      *) return 0;;
+    esac
+  done
+  echo "${ARGS[$base]/runs\/lc16_dense /runs/$dense }$extra"
+}
 ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), then itself
   local dir=$1 name=${1#lc16_}
-  local args=${BASE[$dir]:-${ARGS[$name]}}
+  local args=${BASE[$dir]:-$(args_of $name)}
   local base=$(echo "$args" | sed -n 's/.*--init-from runs\/\([a-z0-9_-]*\).*/\1/p')
   if [ -n "$base" ]; then ensure $base || return $?; fi
   train $dir $args
@@ -77,7 +92,7 @@ ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), th
 # Each run is evaluated as soon as it is trained (once per machine and EVAL), before the next one trains, so that
 # a budget that ends mid-list loses at most the run in progress; a call that stops resumes both next time.
 for name in "$@"; do
-  [ -n "${ARGS[$name]:-}" ] || { echo "unknown run $name"; exit 2; }
+  [ -n "$(args_of $name)" ] || { echo "unknown run $name"; exit 2; }
 done
 for name in "$@"; do
   # a run that failed (not one the deadline stopped) does not hold up the next named one
