@@ -109,9 +109,11 @@ for name in "$@"; do
 done
 for d in runs/lc_2k runs/lc_2k_msa runs/lc_2k_msa_nope runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
 if [ -n "${PACK_CACHE:-}" ] && [ -d $JAX_COMPILATION_CACHE_DIR ]; then
-  # for the next session's carry: the newest entries up to CACHE_MB (default 40: the carry holds 64 MiB with
-  # the repository), in 15 MiB pieces (files come back up to 16 MiB each, 8 in all)
-  (cd $JAX_COMPILATION_CACHE_DIR && find . -type f -printf '%T@ %s %P\n' | sort -rn \
+  # for the next session's carry: up to CACHE_MB (default 40: the carry holds 64 MiB with the repository),
+  # the train steps first (the programs that take longest to compile, the 2K stages' too), then the newest
+  # other entries, in 15 MiB pieces (files come back up to 16 MiB each, 8 in all)
+  (cd $JAX_COMPILATION_CACHE_DIR && find . -type f -printf '%T@ %s %P\n' \
+     | awk '{ print ($3 ~ /train_step/ ? 1 : 0), $0 }' | sort -k1,1nr -k2,2nr | cut -d' ' -f2- \
      | awk -v max=$(( ${CACHE_MB:-40} * 1048576 )) '{ if (tot + $2 <= max) { tot += $2; print $3 } }' > /tmp/cache_list \
      && tar czf - -T /tmp/cache_list | split -b 15M -d - $OUT/jax_cache.tgz.) \
     && echo "compilation cache packed: $(wc -l < /tmp/cache_list) of $(find $JAX_COMPILATION_CACHE_DIR -type f | wc -l) files"
