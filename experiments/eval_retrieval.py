@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         batch_size=args.batch_size, on_row=lambda r: bar.update(),
                                         generate_fn=generate_fn if args.mode == "generate" else None):
                 rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
+        phases = dict(retrieval=time.perf_counter() - t0)  # seconds per phase, compilation included
 
         val = dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)
         n_val = cfg.eval_batches if args.val_batches is None else args.val_batches
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
                       f"layer: {', '.join(f'{u:.1f}' for u in mean[:, col])}; mean over layers by tile tokens: "
                       + ", ".join(f"{t}: {u:.1f}" for t, u in zip(tiles, mean[:, 2:].mean(0))))
+        phases["validation and recall"] = time.perf_counter() - t0 - sum(phases.values())
         traced = trace_lengths or ([cfg.seq_len] if cfg.seq_len >= retrieval.min_context_len("passkey") else [])
         if args.selection and traced:
             # Pass-key examples at the training length (or the lengths asked for): where the dense attention
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               seed=args.seed, name=name, figure_dir=out)
                                  for T in traced for d in trace_depths]
         val_rows.append(val)
-        print(f"  {time.perf_counter() - t0:.0f}s")
+        phases["needle traces"] = time.perf_counter() - t0 - sum(phases.values())
+        print(f"  {sum(phases.values()):.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + ")")
 
     table = plots.retrieval_table(rows, depths)
     byte_table = plots.retrieval_table(rows, depths, "byte_accuracy")
