@@ -4,7 +4,8 @@
 # skipped. Base stages at 2K (RoPE base 500,000), then 16K runs of 300 steps from them, each evaluated at
 # 16K (50 examples per cell, 8-example needle trace) as soon as it is trained, before the next named run.
 # Usage: bash lc.sh SECONDS RUN...   RUN: one of the names below, with optional suffixes (_sN: N steps at
-# 16K, _seedN: seed N; see args_of) (bases are trained as needed, a 16K run's base too: cpt trains dense first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
+# 16K, _seedN: seed N; see args_of). Bases are trained as needed, a 16K run's base too (cpt trains dense
+# first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 # PACK_CACHE=1: also return the compilation cache (jax_cache.tgz.NN under $OUT) for the next session: copy the
 # pieces into _gpu/ (git-ignored) and name _gpu in the device call's carry.
 set -u
