@@ -334,6 +334,146 @@ def retrieval_markdown(rows: list[dict], depths: list[float]) -> str:
     return "\n".join(lines)
 
 
+def differences_markdown(rows: list[dict], margin: float) -> str:
+    """Markdown table of `differences.compare` rows: each run's exact match against the baseline's,
+    the difference with its 95% interval, and the verdict against `margin`."""
+    pts = f"{100 * margin:g} points"
+    per_depth = any(r["depth"] is not None for r in rows)
+    lines = ["| run | baseline | task | length |" + (" depth |" if per_depth else "")
+             + f" n | run | baseline | difference [95% CI] | paired | verdict (-{pts}) | examples for +-{pts} |",
+             "|---|---|---|---|" + ("---|" if per_depth else "") + "---|---|---|---|---|---|---|"]
+    for r in rows:
+        n = str(r["n"]) if r["n"] == r["baseline_n"] else f"{r['n']} / {r['baseline_n']}"
+        paired = f"yes ({r['discordant']:.2f} differ)" if r["paired"] else "no"
+        depth = ("all" if r["depth"] is None else f"{r['depth']:g}") + " | " if per_depth else ""
+        lines.append(f"| {r['run']} | {r['baseline']} | {r['task']} | {r['context_len']} | {depth}{n} | "
+                     f"{r['accuracy']:.2f} | {r['baseline_accuracy']:.2f} | {100 * r['difference']:+.1f} "
+                     f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {paired} | {r['verdict']} | "
+                     f"{r['examples_needed']} |")
+    return "\n".join(lines)
+
+
+def spread_markdown(rows: list[dict], margin: float) -> str:
+    """Markdown table of `differences.spread` rows: reruns of one recipe, their accuracies, and how
+    much of their spread is the evaluation's sampling and how much training."""
+    lines = [f"| runs | task | length | n | accuracies | sd | sampling sd | between-run sd | a new run (95%) | "
+             f"runs per recipe for +-{100 * margin:g} points |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {', '.join(r['runs'])} | {r['task']} | {r['context_len']} | {r['n']} | "
+                     f"{' / '.join(f'{a:.2f}' for a in r['accuracies'])} | {100 * r['sd']:.1f} | "
+                     f"{100 * r['sampling_sd']:.1f} | {100 * r['between_sd']:.1f} | "
+                     f"[{r['new_run_low']:.2f}, {r['new_run_high']:.2f}] | {r['runs_needed']} |")
+    return "\n".join(lines)
+
+
+def recipes_markdown(rows: list[dict]) -> str:
+    """Markdown table of `differences.compare_recipes` rows: each recipe's runs against the baseline
+    recipe's, the difference of the means with its 95% interval from the run-to-run spread."""
+    per_depth = any(r.get("depth") is not None for r in rows)
+    lines = ["| recipe | baseline | metric | task | length |" + (" depth |" if per_depth else "")
+             + " runs | baseline runs | difference [95% CI] | df | verdict |",
+             "|---|---|---|---|---|" + ("---|" if per_depth else "") + "---|---|---|---|---|"]
+    for r in rows:
+        depth = ("–" if r.get("depth") is None else f"{r['depth']:g}") + " | " if per_depth else ""
+        bpb = r["metric"] == "val bits/byte"
+        fmt = (lambda v: f"{v:.3f}") if bpb else (lambda v: f"{v:.2f}")  # noqa: E731
+        unit = "%" if bpb else ""
+        diff = (f"{100 * r['difference']:+.1f}{unit} [{100 * r['ci_low']:+.1f}{unit}, {100 * r['ci_high']:+.1f}{unit}]")
+        lines.append(f"| {r['recipe']} | {r['baseline']} | {r['metric']} | {r['task'] or '–'} | "
+                     f"{r['context_len'] or '–'} | {depth}{' / '.join(map(fmt, r['values']))} | "
+                     f"{' / '.join(map(fmt, r['baseline_values']))} | {diff} | {r['df']:.1f} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def plot_recipes(cells: list[dict], recipes: dict[str, list[str]], path: pathlib.Path, title: str = "") -> bool:
+    """Every run's exact match (all depths pooled, 95% Wilson interval: the evaluation's sampling) by
+    recipe, one panel per (task, length) all runs share; shaded: where one more run of the first
+    recipe would land (95%, `differences.run_spread`; needs >= 2 runs of it). Shows whether the runs
+    of a recipe differ by more than their evaluations can tell, and where other recipes' runs fall
+    against that. False (nothing drawn) without matplotlib or shared cells."""
+    from msa_jax.differences import run_spread
+    from msa_jax.retrieval import wilson_interval
+
+    plt = pyplot()
+    runs = [r for rs in recipes.values() for r in rs]
+    by_run: dict[str, dict] = {}
+    for c in cells:
+        by_run.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    if plt is None or any(r not in by_run for r in runs):
+        return False
+    shared = set.intersection(*(set(by_run[r]) for r in runs))
+    panels = sorted({k[:2] for k in shared})
+    if not panels:
+        return False
+    first = next(iter(recipes.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.2, 0.42 * len(runs) + 1.2) * len(panels), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, (task, T) in zip(axes[0], panels):
+        keys = [k for k in shared if k[:2] == (task, T)]
+        counts = {r: (sum(by_run[r][k]["correct"] for k in keys), sum(by_run[r][k]["n"] for k in keys)) for r in runs}
+        if len(first) >= 2:
+            sp = run_spread([counts[r] for r in first])
+            ax.axhspan(sp["new_run_low"], sp["new_run_high"], color="gray", alpha=0.15, lw=0)
+            ax.axhline(sp["mean"], color="gray", lw=0.8, ls="--")
+        x = 0
+        for i, (name, rs) in enumerate(recipes.items()):
+            for r in rs:
+                k, n = counts[r]
+                lo, hi = wilson_interval(k, n)
+                ax.errorbar(x, k / n, yerr=[[k / n - lo], [hi - k / n]], fmt="o", ms=4, capsize=2, color=f"C{i % 10}",
+                            label=name if r == rs[0] else None)
+                x += 1
+        ax.set_xticks(range(len(runs)), runs, rotation=60, ha="right", fontsize=7)
+        ax.set(title=f"{task}, {T // 1024}K" if T % 1024 == 0 else f"{task}, {T}", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("exact match, all depths (95% CI)")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title or f"shaded: one more run of {next(iter(recipes))} (95%, from its runs' spread)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_differences(rows: list[dict], path: pathlib.Path, margin: float, title: str = "") -> bool:
+    """Forest plot of `differences.compare` rows (pooled over depths): one panel per task, one line
+    per (run, length), the difference from the baseline in exact-match points with its 95% interval,
+    the margin shaded. False (nothing drawn) without matplotlib or rows."""
+    plt = pyplot()
+    rows = [r for r in rows if r["depth"] is None]
+    if plt is None or not rows:
+        return False
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    keys = list(dict.fromkeys((r["run"], r["context_len"]) for r in rows))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    colors = {run: f"C{i % 10}" for i, run in enumerate(runs)}
+    lo = min(-100 * margin, *(100 * r["ci_low"] for r in rows))
+    hi = max(100 * margin, *(100 * r["ci_high"] for r in rows))
+    xlim = (max(lo - 5, -101), min(hi + 5, 101))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 1.6 + 0.3 * len(keys)), squeeze=False,
+                             sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        ax.axvspan(-100 * margin, 100 * margin, color="green", alpha=0.12, lw=0)
+        ax.axvline(0, color="gray", lw=0.8)
+        for y, (run, T) in enumerate(keys):
+            r = next((r for r in rows if (r["run"], r["context_len"], r["task"]) == (run, T, task)), None)
+            if r is not None:
+                d, lo, hi = (100 * r[k] for k in ("difference", "ci_low", "ci_high"))
+                ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o" if r["paired"] else "s", ms=4, capsize=2,
+                            color=colors[run], mfc=colors[run] if r["paired"] else "white")
+        ax.set(title=task, xlabel="exact match - baseline (points, 95% CI)", xlim=xlim)
+        ax.grid(alpha=0.3, axis="x")
+    base = rows[0]["baseline"]
+    axes[0, 0].set_yticks(range(len(keys)), [f"{run} {T // 1024}K" if T % 1024 == 0 else f"{run} {T}" for run, T in keys])
+    axes[0, 0].invert_yaxis()
+    fig.suptitle(title or f"against {base}; shaded: +-{100 * margin:g} points; filled: paired, open: unpaired",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_retrieval(rows: list[dict], runs: list[str], tasks: list[str], path: pathlib.Path,
                    metric: str = "accuracy") -> bool:
     """Heatmaps of `metric`: one row of panels per run, one column per task, depth x length."""

@@ -58,6 +58,7 @@ every training batch (`--task-mix`), with haystacks from the training split only
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import keyword
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -537,6 +538,12 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
+def examples_hash(tokens) -> str:
+    """A short hash of a cell's example tokens (int32 [n, T]): equal for two evaluations that scored the
+    same examples (same seed, task, length, depth, n and haystack corpus), whatever the model."""
+    return hashlib.sha1(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
 def default_lengths(train_len: int, shortest: int = 4096) -> list[int]:
     """Context lengths to evaluate a model trained at `train_len`: from `min(shortest, train_len)`,
     doubling, up to 2 x train_len (e.g. 16384 -> 4096, 8192, 16384, 32768; 512 -> 512, 1024)."""
@@ -569,9 +576,10 @@ def evaluate(
     (`generated_accuracy`; then logits_fn may be None).
 
     Returns rows `{"task", "context_len", "depth", "accuracy", "correct", "n", "ci_low", "ci_high",
-    "byte_accuracy"}` (exact-match accuracy = correct / n with its 95% Wilson interval, and the mean
-    share of answer bytes right, all in [0, 1]) in task-major, then context length, then depth
-    order. `task_kwargs` maps a task name to extra keyword arguments of that task (e.g.
+    "byte_accuracy", "outcomes", "examples"}` (exact-match accuracy = correct / n with its 95% Wilson
+    interval, and the mean share of answer bytes right, all in [0, 1]; each example's outcome as a
+    "0"/"1" string, and `examples_hash` of the cell's tokens: two models scored on the same examples
+    compare paired, `msa_jax.differences`) in task-major, then context length, then depth order. `task_kwargs` maps a task name to extra keyword arguments of that task (e.g.
     `{"multikey": {"n_keys": 8}}`). `on_row(row)` is called after each cell (a progress bar).
     """
     task_kwargs = task_kwargs or {}
@@ -584,6 +592,7 @@ def evaluate(
             for depth in depths:
                 if generate_fn is not None:
                     exs = make_examples(fn, source, T, depth, n, seed, **kw)
+                    tokens = np.stack([e.tokens for e in exs])
                     correct, byte_acc = generated_accuracy(generate_fn, exs, batch_size=batch_size)
                 else:
                     tokens, mask = make_batch(fn, source, T, depth, n, seed, **kw)
@@ -601,6 +610,9 @@ def evaluate(
                         "ci_low": lo,
                         "ci_high": hi,
                         "byte_accuracy": float(byte_acc.mean()),
+                        # per example, for paired comparisons of two models (msa_jax.differences)
+                        "outcomes": "".join("1" if c else "0" for c in correct),
+                        "examples": examples_hash(tokens),
                     }
                 )
                 if on_row is not None:

@@ -206,6 +206,28 @@ def test_evaluate_tiny_decoder_lm(source):
     assert all(r["accuracy"] == 1.0 and r["byte_accuracy"] == 1.0 for r in rows)
 
 
+def test_evaluate_outcomes_and_examples_hash(source):
+    """Rows carry each example's outcome and a hash of the examples: equal for two models scored on the
+    same examples (what pairs them in msa_jax.differences), different for other examples."""
+    tokens, mask = retrieval.make_batch("passkey", source, 256, 0.5, 4, seed=3)
+
+    def wrong_at(i):  # the oracle with example i's last answer digit wrong
+        def fn(t):
+            lg = oracle(t)
+            if t.shape[0] == len(tokens) and (t == tokens).all():
+                j = np.flatnonzero(mask[i])[-1]
+                lg[i, j] = np.roll(lg[i, j], 1)
+            return lg
+        return fn
+
+    a = retrieval.evaluate(wrong_at(1), source, ["passkey"], [256], [0.5], n=4, seed=3)[0]
+    b = retrieval.evaluate(wrong_at(2), source, ["passkey"], [256], [0.5], n=4, seed=3)[0]
+    assert a["outcomes"] == "1011" and b["outcomes"] == "1101" and a["correct"] == 3
+    assert a["examples"] == b["examples"] == retrieval.examples_hash(tokens)
+    other = retrieval.evaluate(oracle, source, ["passkey"], [256], [0.5], n=4, seed=4)[0]
+    assert other["outcomes"] == "1111" and other["examples"] != a["examples"]
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_errors(source, task):
     fn = retrieval.TASKS[task]
