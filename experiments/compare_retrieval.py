@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=RUN,RUN,...",
                    help="a recipe's runs (repeatable; the first recipe is the baseline): recipes compared with "
                         "the run-to-run spread as the noise")
+    p.add_argument("--paired-recipes", action="store_true",
+                   help="--recipe: the i-th run of every recipe started from the same point as the first recipe's "
+                        "i-th (e.g. one 2K stage per session, each recipe continued from it): intervals from the "
+                        "per-pair differences")
     p.add_argument("--bpb-margin", type=float, default=0.01, help="--recipe: the bits/byte margin, a share")
     p.add_argument("--out", default="runs/differences")
     p.add_argument("--title", default="")
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
             recipes[name] = [r for r in runs_of.split(",") if r]
         recipe_rows, recipe_depth_rows = ([differences.compare_recipes(cells, vals, recipes, next(iter(recipes)),
                                                                       margin=args.margin, bpb_margin=args.bpb_margin,
-                                                                      by_depth=d) for d in (False, True)]
+                                                                      by_depth=d, paired=args.paired_recipes)
+                                           for d in (False, True)]
                                           if recipes else ([], []))
         spreads = [row for group in args.spread
                    for row in differences.spread(cells, [r for r in group.split(",") if r], margin=args.margin)]
@@ -95,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{sp}")
     if recipe_rows:
         rm = plots.recipes_markdown(recipe_rows)
+        how = ("t on the differences of runs that share a start, pair by pair" if args.paired_recipes else
+               "Welch's t; a recipe of one run is read against the other's spread")
         (out / "recipes.md").write_text("Recipes (several runs each) against the first: the difference of their means, "
-                                        "with a 95% interval from the run-to-run spread (Welch's t; a recipe of one "
-                                        "run is read against the other's spread).\n\nAll depths pooled:\n\n"
+                                        f"with a 95% interval from the run-to-run spread ({how}).\n\nAll depths pooled:\n\n"
                                         f"{rm}\n\nPer depth:\n\n{plots.recipes_markdown(recipe_depth_rows)}\n")
         print(f"\n{rm}")
         plots.plot_recipes(cells, recipes, out / "recipes.png")

@@ -236,20 +236,31 @@ def spread(cells: Sequence[dict], runs: Sequence[str], *, margin: float = MARGIN
 
 
 def mean_difference_interval(x: Sequence[float], y: Sequence[float], level: float = 0.95, *,
-                             min_var: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float, float]:
+                             min_var: tuple[float, float] = (0.0, 0.0), paired: bool = False
+                             ) -> tuple[float, float, float, float]:
     """(difference, low, high, degrees of freedom) of mean(x) - mean(y), x and y one value per training
     run of two recipes: Welch's t interval when both have >= 2 runs; when one has a single run, the
     other's variance stands for both recipes' (the prediction interval of one more run of the other
     recipe, as `run_spread`'s). The spread between runs is the noise here, not the evaluation's
     sampling: a study of single runs has no such interval. min_var: floors of x's and y's per-run
     variance (e.g. one evaluation's sampling variance: three runs that happen to score alike do not
-    make a recipe exact)."""
+    make a recipe exact). paired: x[i] and y[i] share what the runs start from (e.g. a 2K stage
+    trained once per session, both recipes continued from it): the t interval of the mean of the
+    differences x[i] - y[i] (k - 1 degrees of freedom, variance at least the sum of the floors), which
+    removes what the pairs share from the noise."""
     from scipy.stats import t as student_t
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 1 or y.ndim != 1 or min(x.size, y.size) < 1 or max(x.size, y.size) < 2:
         raise ValueError(f"x, y: expected one value per run, >= 2 runs in one of them, got {x.size} and {y.size}")
     diff = float(x.mean() - y.mean())
+    if paired:
+        if x.size != y.size or x.size < 2:
+            raise ValueError(f"paired: expected as many runs in x as in y, >= 2, got {x.size} and {y.size}")
+        d = x - y
+        se, df = math.sqrt(max(d.var(ddof=1), sum(min_var)) / d.size), d.size - 1.0
+        half = float(student_t.ppf(0.5 + level / 2, df)) * se
+        return diff, diff - half, diff + half, df
     var = [max(v.var(ddof=1) if v.size > 1 else 0.0, floor) for v, floor in zip((x, y), min_var)]
     if min(x.size, y.size) == 1:
         many, v = (x, var[0]) if x.size > 1 else (y, var[1])
@@ -263,7 +274,8 @@ def mean_difference_interval(x: Sequence[float], y: Sequence[float], level: floa
 
 
 def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[str, Sequence[str]], baseline: str,
-                    *, margin: float = MARGIN, bpb_margin: float = 0.01, by_depth: bool = False) -> list[dict]:
+                    *, margin: float = MARGIN, bpb_margin: float = 0.01, by_depth: bool = False,
+                    paired: bool = False) -> list[dict]:
     """Recipes (groups of runs of one command: reruns, seeds) against the `baseline` recipe, with the
     run-to-run spread as the noise (`mean_difference_interval`): per (task, context length) the
     runs' exact match, all depths they share pooled, and the validation bits/byte where every run has
@@ -274,7 +286,9 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
     match; bits/byte: a share of the baseline's mean), "df", "verdict"}. The verdict: exact match as
     `verdict` at `margin`; bits/byte "within" when the interval's top is at most `bpb_margin` above
     the baseline (lower is better), "above" when all of it is more, else "unresolved". The exact
-    match's per-run variance is at least one evaluation's sampling variance."""
+    match's per-run variance is at least one evaluation's sampling variance. `paired`: the i-th run
+    of every recipe started from the same point as the baseline's i-th (one 2K stage per session,
+    each recipe continued from it): intervals from the per-pair differences."""
     if baseline not in recipes:
         raise ValueError(f"baseline: no recipe named {baseline!r} (recipes: {', '.join(recipes)})")
     by_run: dict[str, dict[tuple, dict]] = {}
@@ -291,6 +305,9 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
         if name == baseline:
             continue
         group = list(runs) + base
+        if paired and len(runs) != len(base):
+            raise ValueError(f"paired: recipe {name} has {len(runs)} runs, {baseline} {len(base)}; the i-th runs "
+                             "must share a start")
         if max(len(runs), len(base)) < 2:
             raise ValueError(f"recipe {name} against {baseline}: needs >= 2 runs in one of them")
         shared = set.intersection(*(set(by_run[r]) for r in group))
@@ -302,7 +319,7 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
             floors = tuple(float(np.mean([sum(_cell_var(by_run[r][k]) for k in keys)
                                           / sum(by_run[r][k]["n"] for k in keys) ** 2 for r in rs]))
                            for rs in (runs, base))
-            d, lo, hi, df = mean_difference_interval(xs, ys, min_var=floors)
+            d, lo, hi, df = mean_difference_interval(xs, ys, min_var=floors, paired=paired)
             lo, hi = max(lo, -1.0), min(hi, 1.0)  # a difference of two shares
             out.append(dict(recipe=name, baseline=baseline, metric="exact match", task=task, context_len=T,
                             depth=depth if by_depth else None,
@@ -310,7 +327,7 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
                             difference=d, ci_low=lo, ci_high=hi, df=df, verdict=verdict(lo, hi, margin)))
         if not by_depth and all(vals.get(r, {}).get("val_bpb") is not None for r in group):
             xs, ys = [vals[r]["val_bpb"] for r in runs], [vals[r]["val_bpb"] for r in base]
-            d, lo, hi, df = mean_difference_interval(xs, ys)
+            d, lo, hi, df = mean_difference_interval(xs, ys, paired=paired)
             m = float(np.mean(ys))
             lo, hi = lo / m, hi / m
             v = "within" if hi <= bpb_margin else "above" if lo > bpb_margin else "unresolved"

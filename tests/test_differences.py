@@ -210,6 +210,14 @@ def test_mean_difference_interval():
     assert lo < d - 0.1 and hi > d + 0.1
     with pytest.raises(ValueError, match=">= 2 runs"):
         dif.mean_difference_interval([0.1], [0.2])
+    # paired by a shared start: the per-pair differences' t interval, what the pairs share drops out
+    x, y = [0.64, 0.49, 0.52], [0.60, 0.44, 0.49]
+    d, lo, hi, df = dif.mean_difference_interval(x, y, paired=True)
+    ci = stats.ttest_rel(x, y).confidence_interval(0.95)
+    assert df == 2 and (lo, hi) == pytest.approx((ci.low, ci.high))
+    assert hi - lo < 0.5 * np.subtract(*dif.mean_difference_interval(x, y)[2:0:-1])
+    with pytest.raises(ValueError, match="paired"):
+        dif.mean_difference_interval(x, y[:2], paired=True)
 
 
 def test_compare_recipes():
@@ -240,6 +248,12 @@ def test_compare_recipes():
     del vals["x"]
     assert [r["metric"] for r in dif.compare_recipes(cells, vals, {"dense": ["d1", "d2"], "x": ["x"]}, "dense")] == [
         "exact match"]
+    pr = dif.compare_recipes(cells, vals, {"dense": ["d1", "d2"], "msa": ["m1", "m2"]}, "dense", paired=True)
+    xs = [pooled["m1"], pooled["m2"]]
+    ys = [pooled["d1"], pooled["d2"]]
+    assert pr[0]["difference"] == pytest.approx(np.mean(xs) - np.mean(ys)) and pr[0]["df"] == 1
+    with pytest.raises(ValueError, match="paired"):
+        dif.compare_recipes(cells, vals, {"dense": ["d1", "d2"], "msa": ["m1", "m2", "m3"]}, "dense", paired=True)
     with pytest.raises(ValueError, match="baseline"):
         dif.compare_recipes(cells, vals, {"dense": ["d1"]}, "msa")
     with pytest.raises(ValueError, match="not loaded"):
