@@ -24,9 +24,10 @@ rows, and the index's picks over every row past the training length.
 
 Output (under --out, default runs/retrieval):
   results.json          every (run, task, length, depth) cell (accuracy, correct, n, ci_low, ci_high,
-                        byte_accuracy), each run's validation metrics, per-layer recall and
-                        needle traces (val[...]["selections"], one per traced length and depth), and the
-                        runs' configs
+                        byte_accuracy, and each example's outcome with a hash of the examples, which
+                        experiments/compare_retrieval.py uses to compare two runs paired), each run's
+                        validation metrics, per-layer recall and needle traces (val[...]["selections"],
+                        one per traced length and depth), and the runs' configs
   results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
   heatmap_<run>.png     exact match, depth x length, one panel per task
   selection_<run>_depth<d>.png   MSA runs: the index branch's selection on one passkey example vs
