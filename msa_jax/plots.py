@@ -406,7 +406,7 @@ def plot_recipes(cells: list[dict], recipes: dict[str, list[str]], path: pathlib
     if not panels:
         return False
     first = next(iter(recipes.values()))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.2, 0.42 * len(runs) + 1.2) * len(panels), 3.6),
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.4, 0.42 * len(runs) + 1.2) * len(panels), 3.6),
                              squeeze=False, sharey=True)
     for ax, (task, T) in zip(axes[0], panels):
         keys = [k for k in shared if k[:2] == (task, T)]
