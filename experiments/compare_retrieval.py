@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                           recipes=recipe_rows, recipes_per_depth=recipe_depth_rows),
                                                      indent=1))
     (out / "differences.md").write_text(f"{head}\n\nAll depths pooled:\n\n{md}\n\nPer depth:\n\n{md_depth}\n")
+    differ = [r for r in pooled if r["examples_differ"]]
+    if differ:
+        print(f"note: {len(differ)} of {len(pooled)} comparisons are unpaired although both evaluations stored "
+              "outcomes: their examples differ (another --seed, or haystacks from another machine's corpus)",
+              file=sys.stderr)
     plotted = plots.plot_differences(pooled, out / "differences.png", args.margin, args.title)
     print(f"{head}\n\n{md}")
     if spreads:

@@ -125,7 +125,8 @@ def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None 
     examples counted once: the all-depths accuracy), or per depth with `by_depth`.
 
     Returns rows {"run", "baseline", "task", "context_len", "depth" (None when pooled), "n", "accuracy",
-    "baseline_accuracy", "difference" (run - baseline), "ci_low", "ci_high", "paired", "discordant"
+    "baseline_accuracy", "difference" (run - baseline), "ci_low", "ci_high", "paired", "examples_differ"
+    (both stored outcomes, but of other examples: another seed or corpus; compared unpaired), "discordant"
     (paired: the share of examples the two got differently, else None), "verdict" (`verdict` at
     `margin`), "examples_needed" (per model, for +-margin: paired from the measured discordance,
     else unpaired)}, in the order of `runs` (default: every run but the baseline, first seen first),
@@ -156,6 +157,9 @@ def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None 
             x = [(_outcomes(c), _outcomes(b)) for c, b in pairs]
             paired = all(o1 is not None and o2 is not None and o1.size == o2.size and c.get("examples")
                          and c.get("examples") == b.get("examples") for (o1, o2), (c, b) in zip(x, pairs))
+            # both stored outcomes, of other examples (another seed, or another machine's corpus)
+            differ = any(o1 is not None and o2 is not None and c.get("examples") != b.get("examples")
+                         for (o1, o2), (c, b) in zip(x, pairs))
             k1, n1 = sum(c["correct"] for c, _ in pairs), sum(c["n"] for c, _ in pairs)
             k2, n2 = sum(b["correct"] for _, b in pairs), sum(b["n"] for _, b in pairs)
             p1, p2 = k1 / n1, k2 / n2
@@ -171,7 +175,8 @@ def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None 
             s_disc = None if disc is None else (disc * n1 + 1) / (n1 + 2)
             out.append(dict(run=run, baseline=baseline, task=task, context_len=T, depth=depth, n=n1, baseline_n=n2,
                             accuracy=p1, baseline_accuracy=p2, difference=p1 - p2, ci_low=lo, ci_high=hi,
-                            paired=bool(paired), discordant=disc, verdict=verdict(lo, hi, margin),
+                            paired=bool(paired), examples_differ=bool(differ), discordant=disc,
+                            verdict=verdict(lo, hi, margin),
                             examples_needed=examples_needed(margin, s1, s2, discordant=s_disc)))
     order = {r: i for i, r in enumerate(runs)}
     out.sort(key=lambda r: (order[r["run"]], r["task"], r["context_len"], -1.0 if r["depth"] is None else r["depth"]))

@@ -125,9 +125,12 @@ def test_compare_pooled_paired_and_unpaired():
     per = dif.compare(base + msa, "dense", by_depth=True)
     assert [p["depth"] for p in per] == [0.0, 0.5, 1.0]
     assert per[0]["verdict"] == "below" and all(p["paired"] for p in per)
+    assert not any(p["examples_differ"] for p in per)
     msa[1]["examples"] = "other"
-    assert [p["paired"] for p in dif.compare(base + msa, "dense", by_depth=True)] == [True, False, True]
+    per = dif.compare(base + msa, "dense", by_depth=True)
+    assert [(p["paired"], p["examples_differ"]) for p in per] == [(True, False), (False, True), (True, False)]
     assert not dif.compare(base + msa, "dense")[0]["paired"]
+    assert not rows[1]["examples_differ"]  # no outcomes stored: unpaired, nothing differs
     # only the depths both have are compared
     short = [c for c in msa if c["depth"] != 1.0]
     assert dif.compare(base + short, "dense")[0]["n"] == 100
