@@ -37,7 +37,8 @@ import numpy as np
 from msa_jax.retrieval import Z95, wilson_interval
 
 __all__ = ["difference_interval", "paired_difference_interval", "examples_needed", "verdict", "compare",
-           "run_spread", "spread", "mean_difference_interval", "compare_recipes", "load_cells", "MARGIN"]
+           "run_spread", "spread", "mean_difference_interval", "compare_recipes", "cells_by_run", "pool",
+           "load_cells", "MARGIN"]
 
 MARGIN = 0.02  # the study's target: MSA within 2 exact-match points of dense
 
@@ -118,6 +119,27 @@ def _outcomes(cell: dict) -> np.ndarray | None:
     return None if got is None else np.frombuffer(got.encode(), np.uint8) == ord("1")
 
 
+def cells_by_run(cells: Iterable[dict]) -> dict[str, dict[tuple, dict]]:
+    """Rows of `retrieval.evaluate` with "run" as {run: {(task, context_len, depth): cell}}."""
+    out: dict[str, dict[tuple, dict]] = {}
+    for c in cells:
+        out.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    return out
+
+
+def pool(cells: Iterable[dict]) -> tuple[int, int, float]:
+    """(correct, n, sampling variance of correct / n) of cells pooled (e.g. one run's depths of a task
+    and length). The variance is stratified by cell (each cell's examples are a fixed share: sum_c n_c
+    p_c (1 - p_c) / N^2), with p_c = (k_c + 1) / (n_c + 2): 0 of 50 right is not a rate of exactly 0,
+    and its evaluation is not free of sampling error."""
+    k = n = 0
+    var = 0.0
+    for c in cells:
+        p = (c["correct"] + 1) / (c["n"] + 2)
+        k, n, var = k + c["correct"], n + c["n"], var + c["n"] * p * (1 - p)
+    return k, n, var / n ** 2 if n else 0.0
+
+
 def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None = None, margin: float = MARGIN,
             by_depth: bool = False) -> list[dict]:
     """Every run of `cells` (rows of `retrieval.evaluate` with "run", e.g. `load_cells`) against the
@@ -135,9 +157,7 @@ def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None 
     planned at rates shrunk towards 1/2, (k + 1) / (n + 2), so that 0 of 50 does not plan for none."""
     if not 0 < margin <= 1:
         raise ValueError(f"margin: expected a share in (0, 1], got {margin!r}")
-    by_run: dict[str, dict[tuple, dict]] = {}
-    for c in cells:
-        by_run.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    by_run = cells_by_run(cells)
     if baseline not in by_run:
         raise ValueError(f"baseline: no run named {baseline!r} (runs: {', '.join(by_run)})")
     runs = [r for r in by_run if r != baseline] if runs is None else list(runs)
@@ -160,8 +180,7 @@ def compare(cells: Sequence[dict], baseline: str, *, runs: Iterable[str] | None 
             # both stored outcomes, of other examples (another seed, or another machine's corpus)
             differ = any(o1 is not None and o2 is not None and c.get("examples") != b.get("examples")
                          for (o1, o2), (c, b) in zip(x, pairs))
-            k1, n1 = sum(c["correct"] for c, _ in pairs), sum(c["n"] for c, _ in pairs)
-            k2, n2 = sum(b["correct"] for _, b in pairs), sum(b["n"] for _, b in pairs)
+            (k1, n1, _), (k2, n2, _) = pool(c for c, _ in pairs), pool(b for _, b in pairs)
             p1, p2 = k1 / n1, k2 / n2
             if paired:
                 x1, x2 = np.concatenate([o for o, _ in x]), np.concatenate([o for _, o in x])
@@ -218,13 +237,10 @@ def run_spread(counts: Sequence[tuple[int, int]], margin: float = MARGIN, z: flo
 def spread(cells: Sequence[dict], runs: Sequence[str], *, margin: float = MARGIN) -> list[dict]:
     """`run_spread` of the named runs (reruns of one recipe) per (task, context length), all depths
     pooled, over the cells all of them have: rows {"task", "context_len", "runs", "accuracies", "n",
-    and run_spread's keys}. The sampling variance of a pooled accuracy is stratified by depth (each
-    depth's examples are a fixed share: sum_c n_c p_c (1 - p_c) / N^2 with p_c = (k_c + 1) / (n_c + 2),
+    and run_spread's keys}. The sampling variance of a pooled accuracy is stratified by depth (`pool`,
     averaged over the runs), smaller than the binomial one when the rate changes with the depth."""
     runs = list(runs)
-    by_run: dict[str, dict[tuple, dict]] = {}
-    for c in cells:
-        by_run.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    by_run = cells_by_run(cells)
     missing = [r for r in runs if r not in by_run]
     if len(runs) < 2 or missing:
         raise ValueError(f"runs: expected >= 2 loaded runs, got {runs!r}" + (f" ({', '.join(missing)} not loaded)"
@@ -233,10 +249,11 @@ def spread(cells: Sequence[dict], runs: Sequence[str], *, margin: float = MARGIN
     out = []
     for task, T in sorted({(t, T) for t, T, _ in shared}):
         keys = [k for k in shared if k[:2] == (task, T)]
-        counts = [(sum(by_run[r][k]["correct"] for k in keys), sum(by_run[r][k]["n"] for k in keys)) for r in runs]
-        var = np.mean([sum(_cell_var(by_run[r][k]) for k in keys) / n ** 2 for r, (_, n) in zip(runs, counts)])
+        pooled = [pool(by_run[r][k] for k in keys) for r in runs]
+        counts = [(k, n) for k, n, _ in pooled]
+        var = float(np.mean([v for _, _, v in pooled]))
         out.append(dict(task=task, context_len=T, runs=runs, accuracies=[k / n for k, n in counts],
-                        n=counts[0][1], **run_spread(counts, margin, sampling_var=float(var))))
+                        n=counts[0][1], **run_spread(counts, margin, sampling_var=var)))
     return out
 
 
@@ -296,9 +313,7 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
     each recipe continued from it): intervals from the per-pair differences."""
     if baseline not in recipes:
         raise ValueError(f"baseline: no recipe named {baseline!r} (recipes: {', '.join(recipes)})")
-    by_run: dict[str, dict[tuple, dict]] = {}
-    for c in cells:
-        by_run.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    by_run = cells_by_run(cells)
     for name, runs in recipes.items():
         missing = [r for r in runs if r not in by_run]
         if not runs or missing:
@@ -318,12 +333,10 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
         shared = set.intersection(*(set(by_run[r]) for r in group))
         for task, T, depth in sorted({k if by_depth else (*k[:2], -1.0) for k in shared}):
             keys = [k for k in shared if k[:2] == (task, T) and (not by_depth or k[2] == depth)]
-            acc = {r: sum(by_run[r][k]["correct"] for k in keys) / sum(by_run[r][k]["n"] for k in keys) for r in group}
-            xs, ys = [acc[r] for r in runs], [acc[r] for r in base]
+            pooled = {r: pool(by_run[r][k] for k in keys) for r in group}
+            xs, ys = [pooled[r][0] / pooled[r][1] for r in runs], [pooled[r][0] / pooled[r][1] for r in base]
             # at least one evaluation's sampling variance per run (stratified by depth)
-            floors = tuple(float(np.mean([sum(_cell_var(by_run[r][k]) for k in keys)
-                                          / sum(by_run[r][k]["n"] for k in keys) ** 2 for r in rs]))
-                           for rs in (runs, base))
+            floors = tuple(float(np.mean([pooled[r][2] for r in rs])) for rs in (runs, base))
             d, lo, hi, df = mean_difference_interval(xs, ys, min_var=floors, paired=paired)
             lo, hi = max(lo, -1.0), min(hi, 1.0)  # a difference of two shares
             out.append(dict(recipe=name, baseline=baseline, metric="exact match", task=task, context_len=T,
@@ -340,14 +353,6 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
                             values=xs, baseline_values=ys, mean=float(np.mean(xs)), baseline_mean=m, difference=d / m,
                             ci_low=lo, ci_high=hi, df=df, verdict=v))
     return out
-
-
-def _cell_var(cell: dict) -> float:
-    """n^2 x the variance of one cell's accuracy, n p (1 - p), at p = (k + 1) / (n + 2): 0 of 50 right
-    is not a rate of exactly 0, and its evaluation is not free of sampling error."""
-    n = cell["n"]
-    p = (cell["correct"] + 1) / (n + 2)
-    return n * p * (1 - p)
 
 
 def load_cells(specs: Iterable[str]) -> tuple[list[dict], list[str], dict[str, dict]]:

@@ -391,14 +391,12 @@ def plot_recipes(cells: list[dict], recipes: dict[str, list[str]], path: pathlib
     recipe would land (95%, `differences.run_spread`; needs >= 2 runs of it). Shows whether the runs
     of a recipe differ by more than their evaluations can tell, and where other recipes' runs fall
     against that. False (nothing drawn) without matplotlib or shared cells."""
-    from msa_jax.differences import run_spread
+    from msa_jax.differences import cells_by_run, pool, run_spread
     from msa_jax.retrieval import wilson_interval
 
     plt = pyplot()
     runs = [r for rs in recipes.values() for r in rs]
-    by_run: dict[str, dict] = {}
-    for c in cells:
-        by_run.setdefault(c["run"], {})[(c["task"], int(c["context_len"]), float(c["depth"]))] = c
+    by_run = cells_by_run(cells)
     if plt is None or any(r not in by_run for r in runs):
         return False
     shared = set.intersection(*(set(by_run[r]) for r in runs))
@@ -410,7 +408,7 @@ def plot_recipes(cells: list[dict], recipes: dict[str, list[str]], path: pathlib
                              squeeze=False, sharey=True)
     for ax, (task, T) in zip(axes[0], panels):
         keys = [k for k in shared if k[:2] == (task, T)]
-        counts = {r: (sum(by_run[r][k]["correct"] for k in keys), sum(by_run[r][k]["n"] for k in keys)) for r in runs}
+        counts = {r: pool(by_run[r][k] for k in keys)[:2] for r in runs}
         if len(first) >= 2:
             sp = run_spread([counts[r] for r in first])
             ax.axhspan(sp["new_run_low"], sp["new_run_high"], color="gray", alpha=0.15, lw=0)

@@ -158,6 +158,14 @@ def test_run_spread():
         dif.run_spread([(1, 2)])
 
 
+def test_pool():
+    cells = [dict(correct=0, n=50), dict(correct=50, n=50), dict(correct=10, n=20)]
+    k, n, var = dif.pool(cells)
+    p = [1 / 52, 51 / 52, 11 / 22]  # (k + 1) / (n + 2)
+    assert (k, n) == (60, 120)
+    assert var == pytest.approx((50 * p[0] * (1 - p[0]) + 50 * p[1] * (1 - p[1]) + 20 * p[2] * (1 - p[2])) / 120 ** 2)
+
+
 def test_spread_by_cells_is_stratified():
     """Pooled over depths where the rate moves from 0 to 1, the sampling error is far below the
     binomial one at the pooled rate: the depths' shares are fixed by design."""
