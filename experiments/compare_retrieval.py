@@ -6,7 +6,7 @@ one-run file). Cells scored on the same examples (the same --seed, lengths and c
 rows carry per-example outcomes) are compared paired, the others unpaired (`msa_jax.differences`).
 The verdict against the margin (default 2 points, the study's target for MSA against dense):
 "within" (the interval's lower end is at most 2 points below), "below" (all of it more than 2 points
-below), "unresolved"; and the examples per model an interval of +-2 points needs at these rates.
+below), "lower, unresolved" (below 0, not resolved against -2), "unresolved"; and the examples per model an interval of +-2 points needs at these rates.
 Those intervals are the evaluation's sampling error only; `--spread a,b,c` (runs of one recipe, e.g.
 reruns of one command) reports how much such runs differ beyond it, i.e. from training, and the runs
 per recipe that a margin between two recipes would need at that spread. `--recipe NAME=a,b,c`

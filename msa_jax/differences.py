@@ -33,6 +33,7 @@ import pathlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from msa_jax.retrieval import Z95, wilson_interval
 
@@ -226,8 +227,6 @@ def run_spread(counts: Sequence[tuple[int, int]], margin: float = MARGIN, z: flo
         sampling_var = mean * (1 - mean) / np.mean([n for _, n in counts])
     sampling = math.sqrt(sampling_var)
     between = math.sqrt(max(sd * sd - sampling * sampling, 0.0))
-    from scipy.stats import t as student_t
-
     half = float(student_t.ppf(0.975, len(counts) - 1)) * sd * math.sqrt(1 + 1 / len(counts))
     return dict(mean=mean, sd=sd, sampling_sd=sampling, between_sd=between,
                 runs_needed=max(1, math.ceil(2 * z * z * between * between / (margin * margin))),
@@ -270,8 +269,6 @@ def mean_difference_interval(x: Sequence[float], y: Sequence[float], level: floa
     trained once per session, both recipes continued from it): the t interval of the mean of the
     differences x[i] - y[i] (k - 1 degrees of freedom, variance at least the sum of the floors), which
     removes what the pairs share from the noise."""
-    from scipy.stats import t as student_t
-
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 1 or y.ndim != 1 or min(x.size, y.size) < 1 or max(x.size, y.size) < 2:
         raise ValueError(f"x, y: expected one value per run, >= 2 runs in one of them, got {x.size} and {y.size}")
