@@ -244,7 +244,7 @@ def spread(cells: Sequence[dict], runs: Sequence[str], *, margin: float = MARGIN
     if len(runs) < 2 or missing:
         raise ValueError(f"runs: expected >= 2 loaded runs, got {runs!r}" + (f" ({', '.join(missing)} not loaded)"
                                                                              if missing else ""))
-    shared = set.intersection(*(set(by_run[r]) for r in runs))
+    shared = sorted(set.intersection(*(set(by_run[r]) for r in runs)))  # sorted: sums in one order
     out = []
     for task, T in sorted({(t, T) for t, T, _ in shared}):
         keys = [k for k in shared if k[:2] == (task, T)]
@@ -327,7 +327,7 @@ def compare_recipes(cells: Sequence[dict], vals: dict[str, dict], recipes: dict[
                              "must share a start")
         if max(len(runs), len(base)) < 2:
             raise ValueError(f"recipe {name} against {baseline}: needs >= 2 runs in one of them")
-        shared = set.intersection(*(set(by_run[r]) for r in group))
+        shared = sorted(set.intersection(*(set(by_run[r]) for r in group)))
         for task, T, depth in sorted({k if by_depth else (*k[:2], -1.0) for k in shared}):
             keys = [k for k in shared if k[:2] == (task, T) and (not by_depth or k[2] == depth)]
             pooled = {r: pool(by_run[r][k] for k in keys) for r in group}

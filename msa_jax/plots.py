@@ -399,7 +399,7 @@ def plot_recipes(cells: list[dict], recipes: dict[str, list[str]], path: pathlib
     by_run = cells_by_run(cells)
     if plt is None or any(r not in by_run for r in runs):
         return False
-    shared = set.intersection(*(set(by_run[r]) for r in runs))
+    shared = sorted(set.intersection(*(set(by_run[r]) for r in runs)))  # sorted: sums in one order
     panels = sorted({k[:2] for k in shared})
     if not panels:
         return False
