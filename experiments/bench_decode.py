@@ -156,7 +156,7 @@ def bench_point(shape, B, L, dtype, fns, args, bandwidth):
 
 
 def breakdown(shape, B, L, q, k, v, iq, ik, idx, pos, args):
-    """ms of the index scan alone per n_splits, of its candidate merge (XLA), and of the main branch
+    """ms of the index selection (scan + merge kernels) per n_splits, of the merge kernel alone, and of the main branch
     with 4 and 16 splits (a tuning aid: reads pallas.decode's internals)."""
     from pallas import decode
 
@@ -168,12 +168,17 @@ def breakdown(shape, B, L, q, k, v, iq, ik, idx, pos, args):
         out[f"scan_splits_{n or 'default'}"] = guarded(
             "scan", lambda: dict(ms=timeit(f, iq, ik, pos, **tm, group=10)[0] * 1e3))
     n_def = decode.default_scan_splits(B, L // bs)
-    R = iq.shape[2]
-    vals = jax.random.normal(jax.random.key(0), (B, n_def, 16, 16), jnp.float32)
-    ids = jax.random.randint(jax.random.key(1), (B, n_def, 16, 16), 0, L // bs, jnp.int32)
-    merge = jax.jit(lambda v_, i_: decode._merge_candidates(v_[:, :, :R], i_[:, :, :R], top_k - 1))
-    out["merge_default_splits"] = guarded("merge", lambda: dict(ms=timeit(merge, vals, ids, **tm, group=10)[0] * 1e3,
-                                                                n_splits=n_def))
+    R = iq.shape[1] * iq.shape[2]  # rows: queries x groups
+    # the scan's candidates as the merge kernel reads them: [B, R_pad, S_pad, P], unique ids per row
+    shape_c = (B, 16, decode.next_pow2(n_def), 16)
+    vals = jax.random.normal(jax.random.key(0), shape_c, jnp.float32)
+    ids = jnp.broadcast_to(jnp.arange(shape_c[2] * 16, dtype=jnp.int32).reshape(shape_c[2:]), shape_c)
+    rows_pos = jnp.full((B, 16), L - 1, jnp.int32)
+    merge = jax.jit(lambda v_, i_, p_: decode._merge_call(
+        p_, v_, i_, R=R, n_splits=n_def, n_slots=top_k - 1, top_k=top_k, block_size=bs, local_blocks=1,
+        interpret=decode._resolve_interpret(None)))
+    out["merge_default_splits"] = guarded("merge", lambda: dict(
+        ms=timeit(merge, vals, ids, rows_pos, **tm, group=10)[0] * 1e3, n_splits=n_def))
     for n in (4, 16):
         f = jax.jit(functools.partial(decode.decode_sparse_attention, block_size=bs, n_splits=n))
         out[f"main_splits_{n}"] = guarded(

@@ -20,13 +20,17 @@ tile with row stride H_kv * D.
   no junk is read) ONCE for all S * H_kv rows (padded to >= 16), in a fori_loop over whole
   [block_size, D_idx] tiles: one dot, a row max, a streaming top-(top_k - local_blocks) over the
   non-local blocks (strictly-greater replacement in ascending id order = ties to the lower id; sinks
-  enter with +inf). Per-split candidates (f32 values, int32 ids) are merged in plain JAX (a
-  lexicographic sort by (-value, id)), then the local blocks are added, ids sorted, -1 padded.
+  enter with +inf). The per-split candidates (f32 values, int32 ids) are merged by a second kernel,
+  one program per (query, group) row: top_k - local_blocks rounds of "the best candidate below the
+  previous pick", then the picks sorted, the local blocks appended, -1 padding. No XLA sort: at batch
+  1 a decode step is a chain of small launches, and a multi-pass sort of a few thousand candidates
+  was a third of the selection's time (H200, 1M tokens).
 * Attention: flash-decoding, grid (B * S * H_kv, n_splits); a program holds the G heads of one
-  (query, group) (padded to >= 16 rows), walks a balanced share of the row's block list (selected
-  ids cleaned, deduplicated and sorted in the wrapper; dense: every visible block) with an online
-  softmax (only the last block may need the causal mask), and writes a float32 partial output and
-  LSE; splits are combined by their LSEs in plain JAX.
+  (query, group) (padded to >= 16 rows), walks a balanced share of the row's block list (the ids
+  cleaned in the kernel: out-of-range, -1 and repeated ids dropped, the rest visited in ascending
+  order by their rank; dense: every visible block) with an online softmax (only the last block may
+  need the causal mask), and writes a float32 partial output and LSE; splits are combined by their
+  LSEs in plain JAX.
 Operands whose flat element offsets would overflow the lowering's int32 offsets are split over
 batch chunks (see `_offsets_fit`); larger-than-4-GiB operands get 64-bit offsets and are not.
 """
@@ -249,7 +253,10 @@ def _scan_call(iq_rows, pos_rows, ik2, scale, *, d_real, block_size, n_blocks, n
     if scale is not None:
         in_specs.append(pl.BlockSpec(scale.shape, lambda t, p, b: (0,)))
         args.append(scale)
-    out_spec = pl.BlockSpec((None, None, block_r, n_pad_slots), lambda t, p, b: (b, p, t, 0))
+    # [Bc, R_pad, S_pad, P]: a row's candidates of every split contiguous for the merge kernel; splits
+    # padded to a power of two (the merge's tile), the pad never written (masked there)
+    s_pad = next_pow2(n_splits)
+    out_spec = pl.BlockSpec((None, block_r, None, n_pad_slots), lambda t, p, b: (b, t, p, 0))
     if num_warps is None:
         num_warps = 4 if block_r * block_size <= 16 * 128 else 8
     if num_stages is None:
@@ -259,28 +266,77 @@ def _scan_call(iq_rows, pos_rows, ik2, scale, *, d_real, block_size, n_blocks, n
         grid=(n_row_tiles, n_splits, Bc),  # row tiles innermost: they share the key tiles in L2
         in_specs=in_specs,
         out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((Bc, n_splits, R_pad, n_pad_slots), jnp.float32),
-                   jax.ShapeDtypeStruct((Bc, n_splits, R_pad, n_pad_slots), jnp.int32)],
+        out_shape=[jax.ShapeDtypeStruct((Bc, R_pad, s_pad, n_pad_slots), jnp.float32),
+                   jax.ShapeDtypeStruct((Bc, R_pad, s_pad, n_pad_slots), jnp.int32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="msa_decode_index_scan",
     )(*args)
 
 
-def _merge_candidates(vals, ids, n_slots):
-    """[B, n_splits, R, P] per-split candidates -> the best n_slots ids [B, R, n_slots] (-1: none).
+def _merge_kernel(pos_ref, vals_ref, ids_ref, out_ref, *, n_splits: int, n_slots: int, block_size: int,
+                  local_blocks: int, r_pad: int):
+    """One program: row r (a (query, group)) of sequence b. The splits' candidates -> the row's final ids.
 
-    Total order: value descending, then block id ascending (ties to the lower id), as one
-    lexicographic sort of (-value, id)."""
-    B, n_splits, R, P = vals.shape
-    valid = ids >= 0
-    neg = jnp.where(valid, -vals, _INF)  # +inf candidates (sinks) first; empty slots last
-    key = jnp.where(valid, ids, _INT_MAX)
-    neg = neg.transpose(0, 2, 1, 3).reshape(B, R, n_splits * P)
-    key = key.transpose(0, 2, 1, 3).reshape(B, R, n_splits * P)
-    neg, key = lax.sort((neg, key), dimension=-1, num_keys=2)
-    neg, key = neg[..., :n_slots], key[..., :n_slots]
-    return jnp.where(neg < _INF, key, -1)
+    pos_ref [Bc * r_pad] (whole); vals_ref f32 / ids_ref int32 [S_pad, P]: the row's candidates of every
+    split (rows s >= n_splits: padding, never written; ids < 0: empty slots); out_ref int32 [O_pad].
+    n_slots rounds, each picking the best candidate strictly below the previous pick in the total order
+    (value descending, then id ascending: ties to the lower id; ids are unique, so the order is strict
+    and no candidate is picked twice). The picks are non-local blocks below the first local block, so
+    the ascending result is the picks sorted, then the local blocks, then -1."""
+    r = pl.program_id(0)
+    b = pl.program_id(1)
+    pos = pos_ref[b * r_pad + r]
+    local = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)), -1)
+    first_local = local - (local_blocks - 1)
+
+    ids = ids_ref[...]
+    ok = (ids >= 0) & (lax.broadcasted_iota(jnp.int32, ids.shape, 0) < n_splits)
+    ids = jnp.where(ok, ids, _INT_MAX)
+    vals = jnp.where(ok, vals_ref[...], -_INF)
+    P = ids.shape[1]
+    slot = lax.broadcasted_iota(jnp.int32, (P,), 0)
+
+    def pick(k, carry):
+        pv, pid, picks = carry
+        below = ok & ((vals < pv) | ((vals == pv) & (ids > pid)))
+        bv = jnp.max(jnp.max(jnp.where(below, vals, -_INF), axis=1), axis=0)
+        bid = jnp.min(jnp.min(jnp.where(below & (vals == bv), ids, _INT_MAX), axis=1), axis=0)
+        return bv, bid, jnp.where(slot == k, bid, picks)  # none left: bid = INT_MAX, and so on
+
+    _, _, picks = lax.fori_loop(0, n_slots, pick, (jnp.float32(_INF), jnp.int32(-1),
+                                                   jnp.full((P,), _INT_MAX, jnp.int32)))
+    # ascending: a pick's place is the number of smaller picks (unique ids; INT_MAX = none, last)
+    real = picks < _INT_MAX
+    n_pick = jnp.sum(real.astype(jnp.int32))
+    rank = jnp.sum((picks[None, :] < picks[:, None]).astype(jnp.int32), axis=1)  # [P]
+    o = lax.broadcasted_iota(jnp.int32, out_ref.shape, 0)
+    at = (rank[None, :] == o[:, None]) & real[None, :]  # [O_pad, P]: pick i goes to place o
+    sorted_picks = jnp.sum(jnp.where(at, picks[None, :], 0), axis=1)
+    lo = jnp.maximum(first_local, 0)  # the local blocks lo .. local (none for a padding query)
+    n_local = jnp.where(pos >= 0, local - lo + 1, 0)
+    out_ref[...] = jnp.where(o < n_pick, sorted_picks, jnp.where(o < n_pick + n_local, lo + o - n_pick, -1))
+
+
+def _merge_call(pos_rows, vals, ids, *, R, n_splits, n_slots, top_k, block_size, local_blocks, interpret):
+    """pos_rows [Bc, R_pad]; vals, ids [Bc, R_pad, S_pad, P] (`_scan_call`) -> int32 [Bc, R, O_pad]:
+    per row the final selection (ascending, -1 padding) in its first top_k entries."""
+    Bc, r_pad, s_pad, P = vals.shape
+    o_pad = max(MIN_DOT, next_pow2(top_k))
+    kernel = functools.partial(_merge_kernel, n_splits=n_splits, n_slots=n_slots, block_size=block_size,
+                               local_blocks=local_blocks, r_pad=r_pad)
+    tile = pl.BlockSpec((None, None, s_pad, P), lambda r, b: (b, r, 0, 0))
+    flat = pos_rows.reshape(-1)
+    return pl.pallas_call(
+        kernel,
+        grid=(R, Bc),
+        in_specs=[pl.BlockSpec(flat.shape, lambda r, b: (0,)), tile, tile],
+        out_specs=pl.BlockSpec((None, None, o_pad), lambda r, b: (b, r, 0)),
+        out_shape=jax.ShapeDtypeStruct((Bc, R, o_pad), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=4 if s_pad * P <= 4096 else 8, num_stages=1),
+        interpret=interpret,
+        name="msa_decode_merge",
+    )(flat, vals, ids)
 
 
 def _finish_ids(ranked, local, top_k, local_blocks=1):
@@ -326,7 +382,7 @@ def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, l
     if n_splits is None:
         n_splits = default_scan_splits(min(_batch_chunk(B, per_batch), B), n_blocks,
                                        R_pad // block_r)
-    chunk = _batch_chunk(B, per_batch + [(n_splits * R_pad * n_pad_slots, 4)])  # + outputs
+    chunk = _batch_chunk(B, per_batch + [(next_pow2(n_splits) * R_pad * n_pad_slots, 4)])  # + candidates
 
     def call(sl):
         sc = None if scale_mode is None else sl(ik_scale).reshape(-1)
@@ -335,11 +391,11 @@ def _decode_select(iq, ik, q_pos, ik_scale, *, block_size, top_k, sink_blocks, l
             block_size=block_size, n_blocks=n_blocks, n_splits=n_splits, n_slots=n_slots,
             n_pad_slots=n_pad_slots, sink_blocks=sink_blocks, local_blocks=local_blocks, scale_mode=scale_mode,
             block_r=block_r, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-        return v, i
+        return (_merge_call(sl(pos_rows), v, i, R=R, n_splits=n_splits, n_slots=n_slots, top_k=top_k,
+                            block_size=block_size, local_blocks=local_blocks, interpret=interpret),)
 
-    vals, ids = _in_chunks(B, chunk, call)
-    ranked = _merge_candidates(vals[:, :, :R], ids[:, :, :R], n_slots)  # [B, R, n_slots]
-    return _finish_ids(ranked.reshape(B, S, H, n_slots), local, top_k, local_blocks)
+    (out,) = _in_chunks(B, chunk, call)  # [B, R, O_pad]
+    return out[..., :top_k].reshape(B, S, H, top_k)
 
 
 def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blocks: int = 0,
@@ -403,27 +459,36 @@ def decode_select_blocks(iq, ik, q_pos, *, block_size: int, top_k: int, sink_blo
 
 
 def _attn_kernel(pos_ref, *refs, dense: bool, S: int, n_kv: int, group: int, g_pad: int,
-                 block_size: int, n_blocks: int, n_splits: int, top_k: int, sm_scale: float,
-                 precision):
+                 block_size: int, n_blocks: int, n_splits: int, sm_scale: float, precision):
     """One program: (query b, s, group r) = program 0, split = program 1.
 
-    pos_ref [Bc * S]; sparse only: ids_ref [n_q * top_k] (cleaned ids: ascending, valid first),
-    cnt_ref [n_q] (valid ids per row); q_ref [group, D]; k_ref, v_ref [Bc * L, H_kv, D] (the
-    whole chunk: pages); o_ref [g_pad, D] f32, lse_ref [g_pad] f32.
+    pos_ref [Bc * S]; sparse only: ids_ref [K_pad] (the row's ids as given, -1 padded: any order,
+    repeats, -1 and ids past the query's block allowed); q_ref [group, D]; k_ref, v_ref
+    [Bc * L, H_kv, D] (the whole chunk: pages); o_ref [g_pad, D] f32, lse_ref [g_pad] f32.
     """
     if dense:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     else:
-        ids_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     i = pl.program_id(0)
     split = pl.program_id(1)
     b = lax.div(i, jnp.int32(S * n_kv))
     r = lax.rem(i, jnp.int32(n_kv))
     pos = pos_ref[lax.div(i, jnp.int32(n_kv))]
+    local = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)), -1)
     if dense:
-        n = jnp.where(pos >= 0, lax.div(jnp.maximum(pos, 0), jnp.int32(block_size)) + 1, 0)
+        n = local + 1
     else:
-        n = cnt_ref[i]
+        # Clean the ids here (a few [K_pad, K_pad] compares, no XLA sort): keep the first of each
+        # visible id, and visit the kept ones in ascending order, the j-th being the one of rank j.
+        raw = ids_ref[...]
+        kk = lax.broadcasted_iota(jnp.int32, raw.shape, 0)
+        valid = (raw >= 0) & (raw <= local)
+        repeat = (raw[None, :] == raw[:, None]) & valid[None, :] & (kk[None, :] < kk[:, None])
+        keep = valid & (jnp.sum(repeat.astype(jnp.int32), axis=1) == 0)
+        n = jnp.sum(keep.astype(jnp.int32))
+        smaller = keep[None, :] & (raw[None, :] < raw[:, None])
+        rank = jnp.where(keep, jnp.sum(smaller.astype(jnp.int32), axis=1), -1)
     j0 = lax.div(split * n, jnp.int32(n_splits))  # balanced share [j0, j1) of the row's blocks
     j1 = lax.div((split + 1) * n, jnp.int32(n_splits))
 
@@ -437,7 +502,7 @@ def _attn_kernel(pos_ref, *refs, dense: bool, S: int, n_kv: int, group: int, g_p
 
     def body(j, carry, *, masked):
         m, l, acc = carry
-        c = j if dense else ids_ref[i * top_k + j]
+        c = j if dense else jnp.sum(jnp.where(rank == j, raw, 0))
         page = _page(b, c, n_blocks)
         start = pl.multiple_of(page * block_size, block_size)
         k = k_ref[pl.ds(start, block_size), r, :]  # [block_size, D], row stride H_kv * D
@@ -468,21 +533,21 @@ def _attn_kernel(pos_ref, *refs, dense: bool, S: int, n_kv: int, group: int, g_p
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -_INF)
 
 
-def _attn_call(pos, ids, cnt, q3, k3, v3, *, d_real, dense, S, n_kv, group, block_size, n_blocks,
-               n_splits, top_k, interpret, num_warps, num_stages):
-    """pos [Bc*S]; ids [n_q*top_k], cnt [n_q] (sparse); q3 [n_q, G, D]; k3, v3 [Bc*L, H_kv, D]."""
+def _attn_call(pos, ids, q3, k3, v3, *, d_real, dense, S, n_kv, group, block_size, n_blocks,
+               n_splits, interpret, num_warps, num_stages):
+    """pos [Bc*S]; ids [n_q, K_pad] (sparse); q3 [n_q, G, D]; k3, v3 [Bc*L, H_kv, D]."""
     n_q, _, D = q3.shape
     g_pad = max(MIN_DOT, next_pow2(group))
     precision = lax.Precision.HIGHEST if q3.dtype == jnp.float32 else None
     kernel = functools.partial(
         _attn_kernel, dense=dense, S=S, n_kv=n_kv, group=group, g_pad=g_pad,
-        block_size=block_size, n_blocks=n_blocks, n_splits=n_splits, top_k=top_k,
+        block_size=block_size, n_blocks=n_blocks, n_splits=n_splits,
         sm_scale=d_real ** -0.5, precision=precision)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, p: (0,) * x.ndim)
     in_specs, args = [whole(pos)], [pos]
     if not dense:
-        in_specs += [whole(ids), whole(cnt)]
-        args += [ids, cnt]
+        in_specs.append(pl.BlockSpec((None, ids.shape[1]), lambda i, p: (i, 0)))
+        args.append(ids)
     in_specs += [pl.BlockSpec((None, group, D), lambda i, p: (i, 0, 0)), whole(k3), whole(v3)]
     args += [q3, k3, v3]
     if num_warps is None:
@@ -511,22 +576,9 @@ def _combine(o_part, lse_part):
     den = jnp.sum(w, axis=1)
     ok = den > 0.0
     den_safe = jnp.where(ok, den, 1.0)
-    out = jnp.einsum("nsg,nsgd->ngd", w / den_safe[:, None], o_part,
-                     precision=lax.Precision.HIGHEST)
+    # a weighted sum over the splits (elementwise f32: one reduction fusion, not a batched matmul)
+    out = jnp.sum((w / den_safe[:, None])[..., None] * o_part, axis=1)
     return out, jnp.where(ok, m + jnp.log(den_safe), -_INF)
-
-
-def _clean_ids(block_idx, local):
-    """ids outside [0, local] -> dropped, repeats dropped; ascending valid ids first.
-    Returns (ids [B, S, H, K] with 0 in unused slots, counts [B, S, H])."""
-    ids = block_idx.astype(jnp.int32)
-    loc = local[:, :, None, None]
-    ids = jnp.where((ids >= 0) & (ids <= loc), ids, _INT_MAX)
-    ids = jnp.sort(ids, axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], -1)
-    ids = jnp.sort(jnp.where(dup, _INT_MAX, ids), axis=-1)
-    valid = ids < _INT_MAX
-    return jnp.where(valid, ids, 0), valid.sum(-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -540,13 +592,14 @@ def _decode_attention(q, k, v, block_idx, q_pos, *, block_size, dense, n_splits,
     D_pad = _dim_pad(D)
     g_pad = max(MIN_DOT, next_pow2(G))
     pos = _clean_pos(q_pos, L)
-    local = jnp.where(pos >= 0, pos // block_size, -1)
     if dense:
-        top_k, ids, cnt = n_blocks, None, None
+        top_k, ids = n_blocks, None
     else:
         top_k = block_idx.shape[-1]
-        ids, cnt = _clean_ids(block_idx, local)
-        ids, cnt = ids.reshape(B, -1), cnt.reshape(B, -1)  # [B, S*H_kv*top_k], [B, S*H_kv]
+        k_pad = max(MIN_DOT, next_pow2(top_k))  # the kernel's id vector (a pad only for other top_k)
+        ids = block_idx.astype(jnp.int32).reshape(B, S * H_kv, top_k)
+        if k_pad != top_k:
+            ids = jnp.pad(ids, ((0, 0), (0, 0), (0, k_pad - top_k)), constant_values=-1)
     # D_pad != D: a padded copy of the cache (only for head dims that are not a power of two).
     q3 = _pad_last(q, D_pad).reshape(B, S * H_kv, G, D_pad)
     k3, v3 = _pad_last(k, D_pad), _pad_last(v, D_pad)
@@ -561,13 +614,11 @@ def _decode_attention(q, k, v, block_idx, q_pos, *, block_size, dense, n_splits,
 
     def call(sl):
         o, lse = _attn_call(
-            sl(pos).reshape(-1),
-            None if dense else sl(ids).reshape(-1), None if dense else sl(cnt).reshape(-1),
+            sl(pos).reshape(-1), None if dense else sl(ids).reshape(-1, ids.shape[-1]),
             sl(q3).reshape(-1, G, D_pad),
             sl(k3).reshape(-1, H_kv, D_pad), sl(v3).reshape(-1, H_kv, D_pad), d_real=D,
             dense=dense, S=S, n_kv=H_kv, group=G, block_size=block_size, n_blocks=n_blocks,
-            n_splits=n_splits, top_k=top_k, interpret=interpret, num_warps=num_warps,
-            num_stages=num_stages)
+            n_splits=n_splits, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
         return o, lse
 
     o_part, lse_part = _in_chunks(B, chunk, call)

@@ -303,6 +303,50 @@ def test_select_tie_rule_and_ordering_by_hand():
     np.testing.assert_array_equal(got, np.broadcast_to(want[None, :, None], got.shape))
 
 
+def test_merge_kernel_total_order_and_split_padding():
+    """The candidate merge alone, against a sort in numpy: integer values (ties across splits, won by
+    the lower id), sinks (+inf), empty slots (negative ids, -inf; the scan's pad slots: +inf), padding
+    queries, one or two local blocks. The splits are padded to a power of two and the pad is never
+    written: on a GPU it holds whatever memory held, so here it holds the most attractive candidates
+    (valid ids, huge values), which must never be picked."""
+    rng = np.random.default_rng(700)
+    B, R_pad, n_splits, s_pad, bs = 2, 16, 5, 8, 8  # splits padded to 8
+    for local_blocks, top_k in [(1, 4), (2, 6), (1, 9)]:
+        n_slots = top_k - local_blocks
+        P = max(2, 1 << (n_slots - 1).bit_length())  # the scan's slots: a power of two >= n_slots
+        pos = rng.integers(-1, 400, (B, R_pad)).astype(np.int32)
+        pos[:, :3] = [-1, 5, 399]  # a padding query, a query in block 0, the last block
+        vals = rng.integers(-3, 4, (B, R_pad, s_pad, P)).astype(np.float32)
+        ids = np.full((B, R_pad, s_pad, P), -1, np.int32)
+        want = np.full((B, R_pad, top_k), -1, np.int32)
+        for b in range(B):
+            for r in range(R_pad):
+                local = pos[b, r] // bs if pos[b, r] >= 0 else -1
+                first = local - (local_blocks - 1)
+                n_cand = min(max(first, 0), n_splits * P)
+                pool = rng.permutation(max(first, 0))[:n_cand]  # unique ids below the local blocks
+                slots = rng.permutation(n_splits * P)[:n_cand]
+                ids[b, r, slots // P, slots % P] = pool
+                empty = ids[b, r, :n_splits] < 0
+                ids[b, r, :n_splits][empty] = -1 - rng.integers(0, P, empty.sum())
+                vals[b, r, :n_splits][empty] = rng.choice([-np.inf, np.inf], empty.sum())
+                sinks = pool[pool < 2]
+                vals[b, r][np.isin(ids[b, r], sinks)] = np.inf
+                ids[b, r, n_splits:] = rng.integers(0, 50, (s_pad - n_splits, P))  # the unwritten pad
+                vals[b, r, n_splits:] = 1e30
+                cand = sorted((-vals[b, r, s, j], ids[b, r, s, j]) for s in range(n_splits) for j in range(P)
+                              if ids[b, r, s, j] >= 0)
+                picked = [int(i) for _, i in cand[:n_slots]]
+                loc = [c for c in range(first, local + 1) if c >= 0] if local >= 0 else []
+                row = sorted(picked) + loc
+                want[b, r, :len(row)] = row
+        R = R_pad - 2  # the merge's grid covers the real rows only
+        got = decode_mod._merge_call(jnp.asarray(pos), jnp.asarray(vals), jnp.asarray(ids), R=R,
+                                     n_splits=n_splits, n_slots=n_slots, top_k=top_k, block_size=bs,
+                                     local_blocks=local_blocks, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got)[..., :top_k], want[:, :R])
+
+
 # ------------------------------------------------------------------ (b) sparse attention
 
 
@@ -551,6 +595,7 @@ def test_batch_chunks_when_an_operand_would_overflow_int32_offsets(monkeypatch):
     iq = jnp.asarray(_rows(iq_full, q_pos))
     kw = dict(block_size=bs, top_k=3)
     ids = _messy_ids(rng, B, S, H, L, bs, 8, q_pos)
+    whole = _select(iq, ik, q_pos, n_splits=3, **kw)  # one chunk (and another n_splits: its own trace)
     # operands over 2**32 bytes get 64-bit offsets in the lowering: no chunks for them
     assert decode_mod._offsets_fit(3 * 2**30, 2) and not decode_mod._offsets_fit(3 * 2**30, 1)
     assert decode_mod._batch_chunk(20, [(2**27, 1)]) == 15  # float8 ik of 20 x 1M x 128
@@ -559,7 +604,8 @@ def test_batch_chunks_when_an_operand_would_overflow_int32_offsets(monkeypatch):
     # ik: L * D = 640 elements per sequence -> chunks of 2 + 1 sequences
     monkeypatch.setattr(decode_mod, "_INT32_ELEMS", 2 * L * D + 1)
     f_sel = functools.partial(_select, n_splits=2, **kw)
-    assert str(jax.make_jaxpr(f_sel)(iq, ik, q_pos)).count("pallas_call[") == 2
+    assert str(jax.make_jaxpr(f_sel)(iq, ik, q_pos)).count("pallas_call[") == 4  # scan + merge per chunk
+    np.testing.assert_array_equal(f_sel(iq, ik, q_pos), whole)
     # k: L * H * D = 1280, partial outputs 2048 elements per sequence -> 3 chunks of 1
     monkeypatch.setattr(decode_mod, "_INT32_ELEMS", 2 * L * H * D + 1)
     f_att = functools.partial(_sparse, block_size=bs, n_splits=2)
@@ -603,7 +649,8 @@ def test_select_lowers_to_triton(B, S, iq_dtype, ik_dtype, scale, block_size):
     f = lambda *a: decode_select_blocks(*a[:3], ik_scale=a[3] if len(a) > 3 else None,
                                         block_size=block_size, top_k=16, interpret=False)
     text = export_for_h100(f, *args)
-    assert "__gpu$xla.gpu.triton" in text and "msa_decode_index_scan" in text
+    assert "__gpu$xla.gpu.triton" in text and "msa_decode_index_scan" in text and "msa_decode_merge" in text
+    assert "sort" not in text  # the merge is a kernel: no XLA sort (a chain of launches at batch 1)
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -624,6 +671,7 @@ def test_attention_lowers_to_triton(dense, B, S, H_q, H_kv, dtype, bs):
         text = export_for_h100(f, *qkv, SD((B, S, H_kv, top_k), jnp.int32), SD((B, S), jnp.int32))
     name = "msa_decode_dense_attention" if dense else "msa_decode_sparse_attention"
     assert "__gpu$xla.gpu.triton" in text and name in text
+    assert "sort" not in text  # the ids are cleaned in the kernel
 
 
 def test_no_cache_relayout_outside_the_kernel():
