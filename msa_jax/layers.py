@@ -231,8 +231,10 @@ class MSAAttention(GQAAttention):
             # The main branch's LSE is the teacher's normaliser (§6.1): a fused KL reuses it.
             kl = ops.index_kl_loss(q, k, iq, ik, block_idx, lse=lse, **kw)
         else:
-            o = ops.dense_attention(q, k, v, q_pos=q_pos, impl=impl)
-            kl = ops.index_kl_loss(q, k, iq, ik, None, **kw)
+            # the dense attention's LSE is the full-support KL's teacher normaliser: the KL kernel then
+            # skips its own teacher pass (on a GPU cuDNN keeps it for its backward anyway)
+            o, lse = ops.dense_attention(q, k, v, return_lse=True, q_pos=q_pos, impl=impl)
+            kl = ops.index_kl_loss(q, k, iq, ik, None, lse=lse, **kw)
             block_idx = None
         aux = {"kl": (kl.astype(jnp.float32), 1.0)}  # every slice has as many queries
         if with_recall:

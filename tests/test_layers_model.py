@@ -346,8 +346,10 @@ def test_gradient_routing(sparse):
                 assert np.any(np.asarray(g)), f"{name}: zero grad at {path}"
 
 
-def test_msa_model_train_step_pallas_matches_xla():
-    """impl="pallas" (kernels in interpret mode off a GPU) gives the xla model's loss and update."""
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense_warmup"])
+def test_msa_model_train_step_pallas_matches_xla(sparse):
+    """impl="pallas" (kernels in interpret mode off a GPU) gives the xla model's loss and update, in
+    sparse steps and in dense-warmup steps (the full-support KL fed the dense attention's LSE)."""
     from msa_jax.config import TrainConfig
     from msa_jax.train import make_optimizer, train_step
 
@@ -359,7 +361,7 @@ def test_msa_model_train_step_pallas_matches_xla():
                           attention="msa", msa=MSAConfig(block_size=8, top_k=2, index_dim=16), impl=impl)
         model = DecoderLM(cfg, seed=0)
         opt = make_optimizer(model, tcfg)
-        metrics = train_step(model, opt, tokens, sparse=True, kl_weight=1.0)
+        metrics = train_step(model, opt, tokens, sparse=sparse, kl_weight=1.0)
         results[impl] = (metrics, nnx.state(model, nnx.Param))
     (mx, px), (mp, pp) = results["xla"], results["pallas"]
     for key in ("lm_loss", "kl", "grad_norm"):

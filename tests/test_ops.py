@@ -883,6 +883,39 @@ def test_index_kl_loss_given_lse(impl):
         ops.index_kl_loss(q, k, iq, ik, idx, block_size=cfg.bs, lse=lse[:, :, :1], impl=impl)
 
 
+@pytest.mark.parametrize("impl", ALL_IMPLS + ("auto",))
+def test_dense_attention_return_lse(impl):
+    """dense_attention(return_lse=True): the same output and the log-sum-exp over the causal support
+    (impl="auto" on a GPU: cuDNN's float32 softmax statistics, bf16 inputs), also for queries at
+    positions (pallas: the decode kernel's); as the full-support KL's lse it changes neither the KL
+    nor its gradients."""
+    cfg = CONFIGS["g2_4groups"]
+    dtype = jnp.bfloat16 if impl == "auto" else jnp.float32
+    q, k, v, iq, ik = make_inputs(cfg, seed=151, dtype=dtype)
+    out, lse = jops.dense_attention(q, k, v, return_lse=True, impl=impl)
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
+    plain = jops.dense_attention(q, k, v, impl=impl)
+    assert_close(out, plain, 1e-6 if dtype == jnp.float32 else 1e-2)
+    assert_close(lse, jnp_lse(q, k, causal_mask(cfg.B, cfg.T, cfg.Hkv)), 1e-5 if dtype == jnp.float32 else 2e-3)
+    rows = jnp.asarray([[cfg.T - 1, 0, 5], [3, -1, cfg.T // 2]], jnp.int32)[:cfg.B]  # -1: a padding query
+    at = jnp.take_along_axis(q, jnp.maximum(rows, 0)[:, :, None, None], axis=1)
+    _, lse_rows = ops.dense_attention(at, k, v, return_lse=True, q_pos=rows, impl=impl)
+    want = jnp.take_along_axis(lse, jnp.maximum(rows, 0)[:, :, None], axis=1)
+    real = np.asarray(rows >= 0)
+    assert_close(np.asarray(lse_rows)[real], np.asarray(want)[real], 1e-5 if dtype == jnp.float32 else 2e-3)
+    assert np.all(np.isneginf(np.asarray(lse_rows)[~real]))
+
+    def kl(lse_arg):
+        f = lambda iq, ik: ops.index_kl_loss(q, k, iq, ik, None, block_size=cfg.bs, lse=lse_arg, impl=impl)
+        return jax.value_and_grad(f, argnums=(0, 1))(iq, ik)
+
+    (v0, g0), (v1, g1) = kl(None), kl(lse)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert_close(v1, v0, tol)
+    for a, b in zip(g1, g0):
+        assert_close(a, b, tol)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sparse_attention_and_index_kl_without_the_value_keeps_the_gradients(impl):
     """sparse_attention_and_index_kl: with kl_value the two ops' out and KL; without, the same out, a

@@ -6,7 +6,8 @@
 - `index_kl_loss`: `pallas.index_kl.index_kl_sum` with the mean's weights (value and gradients in
   one teacher pass; teacher normalised by the main branch's LSE when given, else `teacher_lse`); the
   dense warmup (block_idx=None) runs `pallas.index_kl_full.index_kl_full_sum` (query-outer over the
-  full causal support, the teacher's LSE computed in its own pass unless given).
+  full causal support, the teacher's LSE computed in its own pass unless given: the MSA layer gives
+  the dense attention's).
 - `dense_attention`, `selection_recall`: the xla implementations (no kernels).
 - Queries at an offset (q_pos): the selection runs `pallas.decode`'s index scan (split top-k over
   an index-key cache, bf16 or fp8). The main branch and the KL run the KV-outer kernels above with
@@ -100,17 +101,17 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = 
     return (out, lse) if return_lse else out
 
 
-def dense_attention(q, k, v, *, q_pos=None):
+def dense_attention(q, k, v, *, return_lse: bool = False, q_pos=None):
     if q_pos is None or q.shape[1] > DECODE_MAX_QUERIES:  # no decode: the differentiable xla path
-        return xla.dense_attention(q, k, v, q_pos=q_pos)
+        return xla.dense_attention(q, k, v, return_lse=return_lse, q_pos=q_pos)
     L = k.shape[1]
     tile = 128  # the decode kernel's key tile: the largest power of two <= 128 dividing L, >= 16
     while tile > MIN_DOT and L % tile:
         tile //= 2
     fn = functools.partial(decode.decode_dense_attention, block_size=tile)
     k, v = _pages(k, tile), _pages(v, tile)
-    out, _ = kernel_shard_map(fn, q, k, v, q_pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=(_BTH_, _BTH))
-    return out
+    out, lse = kernel_shard_map(fn, q, k, v, q_pos, specs=(_BTH_,) * 3 + (_BT,), out_specs=(_BTH_, _BTH))
+    return (out, lse) if return_lse else out
 
 
 def _kl_weights(pos, q_pos, n_groups: int):

@@ -155,9 +155,11 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, return_lse: bool = 
     return (out, _lse(q, k, mask)) if return_lse else out
 
 
-def dense_attention(q, k, v, *, q_pos=None) -> jax.Array:
-    """Causal GQA softmax attention."""
-    return _attend(q, k, v, support_mask(None, q.shape[1], 1, q_pos, k.shape[1]))
+def dense_attention(q, k, v, *, return_lse: bool = False, q_pos=None):
+    """Causal GQA softmax attention (return_lse: and its log-sum-exp, as `sparse_attention`)."""
+    mask = support_mask(None, q.shape[1], 1, q_pos, k.shape[1])
+    out = _attend(q, k, v, mask)
+    return (out, _lse(q, k, mask)) if return_lse else out
 
 
 def index_kl_loss(q, k, iq, ik, block_idx, *, block_size: int, lse=None, q_pos=None) -> jax.Array:

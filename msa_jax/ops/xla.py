@@ -267,15 +267,16 @@ def sparse_attention(q, k, v, block_idx, *, block_size: int, q_chunk: int | None
     return jax.tree.map(lambda y: _unchunk(y, T), _map_chunks(body, T, C, q, block_idx, q_pos=q_pos))
 
 
-def dense_attention(q, k, v, *, q_chunk: int | None = None, q_pos=None):
+def dense_attention(q, k, v, *, return_lse: bool = False, q_chunk: int | None = None, q_pos=None):
     B, T, H_q, D = q.shape
     L = k.shape[1]
     C = _chunk_len(T, L, B * H_q * L, q_chunk)
     dt = k.dtype
     if q_pos is None:
         k, v = _f32_shared(k), _f32_shared(v)
-    body = lambda q_pos, q_c: _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(None, q_pos, L, 1), False)
-    return _unchunk(_map_chunks(body, T, C, q, q_pos=q_pos), T)
+    body = lambda q_pos, q_c: _attend(q_c, k.astype(dt), v.astype(dt), _key_mask(None, q_pos, L, 1), False,  # noqa: E731
+                                      return_lse)
+    return jax.tree.map(lambda y: _unchunk(y, T), _map_chunks(body, T, C, q, q_pos=q_pos))
 
 
 # ----------------------------------------------------------------------------- training signals

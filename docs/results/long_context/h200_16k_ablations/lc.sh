@@ -23,6 +23,14 @@ if [ ! -d $JAX_COMPILATION_CACHE_DIR ] && ls _gpu/jax_cache.tgz.* > /dev/null 2>
     && echo "compilation cache carried in: $(ls $JAX_COMPILATION_CACHE_DIR | wc -l) entries"
 fi
 left() { echo $((DEADLINE - SECONDS)); }
+# Once per machine, before any training: MSA's dense-warmup steps take the teacher's LSE from cuDNN's float32
+# softmax statistics (jax's private cuDNN wrapper, since 2026-12-05): check them against the xla path (~30 s)
+if [ ! -e runs/lse_checked ]; then
+  if python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k dense_attention_return_lse > $OUT/a/lse_check.txt 2>&1
+  then touch runs/lse_checked
+  else echo "the dense LSE check failed ($OUT/a/lse_check.txt): no training on this machine"; tail -20 $OUT/a/lse_check.txt
+       cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a; exit 2; fi
+fi
 # (a CPU dry run of this script: LC_EXTRA="<small model flags>" B2K=... S16=... EVAL=... bash _gpu/lc.sh ...)
 LC="--preset long-context --task-mix 1.0 --rope-theta 500000 --eval-batches 2 ${LC_EXTRA:-}"
 B2K=${B2K:-"--seq-len 2048 --batch-size 64 --steps 600 --eval-every 100 --ckpt-every 200"}
