@@ -22,7 +22,8 @@ a fixed random cotangent dout, so its gradient is exactly the attention backward
 Part 2, whole train steps (msa_jax.train.train_step: model fwd+bwd + AdamW) on synthetic tokens:
 the model of a run preset (--train-model; gpu-small for paper, tiny for cpu) at each --train-T, dense
 (attention="dense", impl="auto": cuDNN on a GPU) against MSA (attention="msa", sparse=True, each
-impl of --impls). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio.
+impl of --impls) and MSA's dense-warmup step (sparse=False: dense attention + the KL over the full
+causal support, "<impl> warmup"). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio.
 
     python experiments/bench_train.py --preset cpu      # tiny smoke run (interpret mode off a GPU)
     python experiments/bench_train.py --preset paper    # GPU: 64/4/128, T 8K .. 128K; train T 32K
@@ -287,15 +288,16 @@ def train_configs(args, cfg, dtype_name, attention, impl, T):
     return run.model_config(), run.train_config()
 
 
-def bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T):
-    """Median ms of train_step and tokens/s for one model (built, timed, dropped)."""
+def bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T, sparse=True):
+    """Median ms of train_step and tokens/s for one model (built, timed, dropped); sparse=False: an MSA
+    model's dense-warmup step (dense attention + the KL over the full causal support)."""
     from msa_jax.model import DecoderLM, count_params
     from msa_jax.train import make_optimizer, train_step
 
     mcfg, tcfg = train_configs(args, cfg, dtype_name, attention, impl, T)
     model = DecoderLM(mcfg, seed=0)
     opt = make_optimizer(model, tcfg)
-    sparse = attention == "msa"
+    sparse = sparse and attention == "msa"
     step = lambda: train_step(model, opt, tokens, sparse=sparse, kl_weight=mcfg.msa.kl_weight)  # noqa: E731
     t, n, first = timeit(step, reps=args.reps, budget=args.time_budget)
     m = jax.device_get(step())
@@ -318,8 +320,11 @@ def part2(args, cfg, dtype_name, impls, result, save):
         result["train_step"].append(res)
         log(f"part 2: train_step, T={T}, batch {B}, model {model_desc}")
         tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, mcfg.vocab_size, jnp.int32)
-        for name, attention, impl in [("dense", "dense", "auto")] + [(i, "msa", i) for i in impls]:
-            r = guarded(f"train_step {name}", lambda: bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T))
+        runs = [("dense", "dense", "auto", False)] + [(i, "msa", i, True) for i in impls]
+        runs += [(f"{i} warmup", "msa", i, False) for i in impls]  # the dense-warmup steps
+        for name, attention, impl, sparse in runs:
+            r = guarded(f"train_step {name}", lambda: bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T,
+                                                                       sparse))
             d = res["runs"].get("dense", {})
             if name != "dense" and r["status"] == "ok" and d.get("status") == "ok":
                 r["ratio"] = r["tokens_per_s"] / d["tokens_per_s"]
@@ -354,7 +359,7 @@ def print_tables(result):
     for ts in result.get("train_step", []):
         print(f"\n### Train step (T={ts['T']}, batch {ts['batch']}, model {ts['model']['preset']}, "
               f"{ts['model']['n_layers']} layers)\n")
-        print("| model | impl | ms / step | tokens/s | vs dense |")
+        print("| model | impl (warmup: dense attention + full KL) | ms / step | tokens/s | vs dense |")
         print("|---|---|---|---|---|")
         for name, r in ts["runs"].items():
             print(f"| {'dense' if name == 'dense' else 'msa'} | {'auto' if name == 'dense' else name} "
