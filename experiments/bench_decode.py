@@ -36,7 +36,7 @@ import numpy as np
 from msa_jax import ops, plots
 from msa_jax.bench import cell, copy_bandwidth, fmt, guarded, log, timeit
 from msa_jax.cache import quantize_index_keys
-from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS
+from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, HelpFormatter
 
 DEFAULTS = {
     "cpu": dict(batches=[1, 2], lengths=[256, 512], model="tiny", model_lengths=[256], new_tokens=8),
@@ -48,7 +48,7 @@ TARGETS = {"bf16": 8.0, "fp8": 12.0}  # docs/benchmarking.md, at 1M, batch 1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="cpu", help="head shapes (msa_jax.presets)")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the preset's)")
     p.add_argument("--lengths", type=int, nargs="+", help="cached context lengths (default: the preset's)")

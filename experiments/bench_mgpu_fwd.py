@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
 from msa_jax.bench import card_rates, floor_ms, guarded, inputs, log, support_pairs, timeit  # noqa: E402
-from msa_jax.presets import BENCH_SHAPES  # noqa: E402
+from msa_jax.presets import BENCH_SHAPES, HelpFormatter  # noqa: E402
 from pallas import kv_outer as kvo  # noqa: E402
 from pallas import mgpu_sparse_attention as mg  # noqa: E402
 from pallas import sparse_attention as sa  # noqa: E402
@@ -241,7 +241,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--seq-len", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--tiles-per-program", type=int, nargs="+", default=[16, 32],
                    help="mgpu: consecutive tiles per CTA (multiples of 4)")

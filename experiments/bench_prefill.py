@@ -39,14 +39,14 @@ import numpy as np
 from msa_jax import ops, plots
 from msa_jax.bench import (card_rates, flop_bound, inputs, main_fwd_kernel, profile_stages, skewed_selection, stage_floors,
                            support_pairs, timeit)
-from msa_jax.presets import BENCH_SHAPES
+from msa_jax.presets import BENCH_SHAPES, HelpFormatter
 
 SEQ_LENS = {"cpu": [128, 256], "paper": [2048, 8192, 32768, 131072, 524288, 1048576]}
 PAPER_SPEEDUP_1M = 14.2  # MSA paper, prefill at 1M on H800
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="cpu", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's lengths")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median); fewer where one run is long")

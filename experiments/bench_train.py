@@ -46,7 +46,7 @@ import numpy as np
 from msa_jax import ops, plots
 from msa_jax.bench import (card_rates, cell, fmt, guarded, inputs, is_oom, log, main_fwd_kernel, profile_stages,
                            stage_floors, support_pairs, timeit)
-from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config
+from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config, HelpFormatter
 
 # Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
 DEFAULTS = {
@@ -59,7 +59,7 @@ CHECK_TOL_F32 = 1e-3  # relative gradient error allowed in the float32 check (th
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="cpu", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="override the preset's lengths (part 1)")
     p.add_argument("--impls", nargs="+", choices=["pallas", "xla", "auto"], default=["pallas"],

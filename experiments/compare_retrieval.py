@@ -32,11 +32,12 @@ import pathlib
 import sys
 
 from msa_jax import differences, plots
+from msa_jax.presets import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("results", nargs="+", help="[LABEL=]PATH of eval_retrieval.py results (results.json or its folder)")
     p.add_argument("--baseline", default=None, help="the run the others are compared with (default: the first run)")
     p.add_argument("--runs", default=None, help="comma list: compare only these runs with the baseline (default: all)")

@@ -14,10 +14,11 @@ import argparse
 import sys
 
 from msa_jax import plots
+from msa_jax.presets import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="training run directories (train_lm.py --run-dir)")
     p.add_argument("--out", default="runs/compare", help="writes compare.png and compare.json here")
     p.add_argument("--title", default=None)

@@ -52,13 +52,14 @@ import sys
 import time
 
 from msa_jax import plots, retrieval
+from msa_jax.presets import HelpFormatter
 
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 UNION_TILES = (4, 8, 16, 32)  # query-outer tile sizes (tokens) whose block union the evaluation reports
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories of experiments/train_lm.py")
     p.add_argument("--tasks", default=",".join(retrieval.TASKS), help="comma list of " + ", ".join(retrieval.TASKS))
     p.add_argument("--lengths", default=None,

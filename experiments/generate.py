@@ -22,11 +22,11 @@ import sys
 
 from msa_jax.cache import INDEX_CACHE_DTYPES
 from msa_jax.config import IMPLS
-from msa_jax.presets import RUN_PRESETS
+from msa_jax.presets import RUN_PRESETS, HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("run_dir", nargs="?", help="training run directory (omit with --init random)")
     p.add_argument("--init", choices=("checkpoint", "random"), default="checkpoint",
                    help="random: a fresh model of --preset (for timing)")

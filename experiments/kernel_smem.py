@@ -19,10 +19,12 @@ import argparse
 import json
 import sys
 
+from msa_jax.presets import HelpFormatter
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--heads", type=int, default=12, help="query heads (the long-context preset's 12)")

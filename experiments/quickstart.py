@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a small dense and a small MSA byte-level LM on the Python stdlib sources (same seed, same "
         "batches) and compare loss, MSA selection recall and speed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=presets.HelpFormatter,
     )
     presets.add_run_arguments(p, attention=("dense", "msa", "both"), default_preset="quickstart",
                               default_attention="both")

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a byte-level dense or MSA LM on the installed Python code (stdlib + site-packages), "
         "with checkpoints, exact resume and a device mesh.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=presets.HelpFormatter,
     )
     presets.add_run_arguments(p)
     p.add_argument("--run-dir", default=None, help="output directory (default: runs/<preset>_<attention>)")

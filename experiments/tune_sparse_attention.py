@@ -6,6 +6,7 @@ selection (random inputs), and reports effective TFLOP/s (4 * H_q * D per visibl
 (query, key) pair). Writes --out/tune.json and prints the table, best first.
 
     python experiments/tune_sparse_attention.py --seq-len 131072
+    python experiments/tune_sparse_attention.py --preset cpu --seq-len 256 --block-q 8 --reps 1   # CPU smoke (interpreted)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from msa_jax import ops
 from msa_jax.bench import inputs, support_pairs, timeit
-from msa_jax.presets import BENCH_SHAPES
+from msa_jax.presets import BENCH_SHAPES, HelpFormatter
 from pallas import kv_outer
 from pallas.sparse_attention import sparse_attention_fwd
 
@@ -45,7 +46,8 @@ def time_parts(q, k, idx, bs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(BENCH_SHAPES), default="paper", help="head shapes (msa_jax.presets)")
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--block-q", type=int, nargs="+", default=[4, 8, 16])
@@ -58,6 +60,11 @@ def main(argv=None):
                    help="also time the reverse index and the combine of one query chunk alone (default tiles)")
     p.add_argument("--out", default="runs/tune_sparse_attention")
     args = p.parse_args(argv)
+    if jax.default_backend() != "gpu" and args.preset != "cpu":
+        # the paper heads at these lengths in the Pallas interpreter take hours: a GPU sweep only
+        print(f"no GPU (jax backend {jax.default_backend()!r}): this sweep times the kernel on a GPU; for an "
+              "interpreted smoke run on a CPU use --preset cpu --seq-len 256 --block-q 8 --reps 1. Nothing to do.")
+        return
     cfg, T = BENCH_SHAPES[args.preset], args.seq_len
     q, k, v, iq, ik = inputs(jax.random.key(T), cfg, T, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     bs = cfg["block_size"]

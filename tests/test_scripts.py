@@ -39,6 +39,25 @@ def test_scripts_import_no_script_and_edit_no_path():
 def test_help(script):
     out = run(script, "--help", timeout=120)
     assert "usage" in out and "--" in out
+    assert "(default: None)" not in out and "(default: True)" not in out, "a default that says nothing"
+    assert "ArgumentDefaultsHelpFormatter" not in (ROOT / "experiments" / script).read_text()  # the shared one
+
+
+def test_help_formatter_states_the_defaults_that_mean_something():
+    import argparse
+
+    from msa_jax.presets import HelpFormatter
+
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    p.add_argument("--steps", type=int, default=300)  # no help text: the default alone
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
+    p.add_argument("--seed", type=int, default=None, help="the preset's")  # None: nothing appended
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the plot")  # a switch: off unless given
+    p.add_argument("--out", default="runs/x", help="where (default: %(default)s, a folder)")  # stated once
+    text = " ".join(p.format_help().split())
+    assert "--steps STEPS (default: 300)" in text and "learning rate (default: 0.0003)" in text
+    assert "the preset's --no-plot" in text and "skip the plot --out" in text
+    assert text.count("runs/x") == 1 and "None" not in text
 
 
 def test_run_flags_cover_the_run_config():
