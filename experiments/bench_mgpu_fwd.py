@@ -225,7 +225,7 @@ def bench_length(T: int, args, rates, shape=None, interpret: bool = False) -> di
 
 def print_table(results: dict) -> None:
     ms = lambda m: f"{m['ms']:8.2f} ms" if m.get("status") == "ok" else f"{m.get('status', '-'):>11}"  # noqa: E731
-    print(f"\n{results['device']}  paper heads, bf16  (ms; TFLOP/s effective)")
+    print(f"\n{results['device']}  {results.get('heads', 'paper heads, bf16')}  (ms; TFLOP/s effective)")
     for r in results["rows"]:
         fl = r["tile_floor"]
         print(f"T={r['T']:>7}  triton {ms(r['triton'])}   tile kernel floor {fl['floor_ms']:.2f} ms ({fl['bound']})")
@@ -269,7 +269,11 @@ def main(argv=None):
         args.reps, args.budget, args.tiles_per_program = 1, 0.0, [4]
         row = bench_length(300, args, card_rates(), shape=SMOKE_SHAPE, interpret=True)
         print(json.dumps(row, indent=1))
-        print_table(dict(device="cpu (interpreted)", rows=[row]))
+        results = dict(device="cpu (interpreted)", heads=f"tiny heads {SMOKE_SHAPE}", rows=[row])
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print_table(results)
         runs = row["mgpu"] + row["mgpu_tile"] + [row["triton"], row["triton_tile"]]
         bad = [m for m in runs if m.get("status") != "ok"]
         if bad or any(m.get("flagged") for m in row["mgpu"]):

@@ -92,7 +92,7 @@ def main(argv=None):
     bs, topk = cfg["block_size"], cfg["top_k"]
     kw = dict(block_size=bs, top_k=topk)
     rates = card_rates()
-    print(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
+    print(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.3g} TFLOP/s (the floors' rates)")
     result = dict(device=device, jax=jax.__version__, dtype=dtype_name, config=cfg, checks=checks, rates=rates, rows=[],
                   main_fwd_kernel=main_fwd_kernel(cfg, dtype))
     print(f"main-branch forward tile kernel (impl pallas): {result['main_fwd_kernel']}")
@@ -159,7 +159,8 @@ def bench_length(cfg, T, dtype, args, fns, rates):
     # impl="auto": the Pallas kernels, or dense attention where every query selects all its blocks
     t, n, _ = timeit(auto_fn, q, k, v, iq, ik, **tm)
     row["auto"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n,
-                       path="dense" if ops.selects_every_block(T, bs, cfg["top_k"]) else "pallas")
+                       path="dense" if ops.selects_every_block(T, bs, cfg["top_k"])
+                       else ops._backend("auto", bs).__name__.rsplit(".", 1)[-1].removesuffix("_backend"))
     if T <= args.xla_max_T:
         t, n, _ = timeit(xla_fn, q, k, v, iq, ik, **tm)
         row["xla"] = dict(ms=t * 1e3, speedup=row["dense"]["ms"] / (t * 1e3), reps=n)
@@ -174,9 +175,9 @@ def print_table(result):
     for r in result["rows"]:
         a, b = r["main_indexer"], r["main_skewed"]
         xla = f"{r['xla']['speedup']:>6.2f}x" if "xla" in r else f"{'-':>7}"
-        print(f"{r['T']:>8} | {r['dense']['ms']:>9.2f} {r['dense']['tflops']:>5.0f} | {r['indexer']['ms']:>10.2f} "
-              f"{r['indexer']['tflops']:>5.0f} | {a['ms']:>8.2f} {a['tflops']:>5.0f} {a['speedup']:>6.2f}x | "
-              f"{b['ms']:>11.2f} {b['tflops']:>5.0f} {b['speedup']:>6.2f}x | {r['auto']['speedup']:>5.2f}x | {xla} | "
+        print(f"{r['T']:>8} | {r['dense']['ms']:>9.2f} {r['dense']['tflops']:>5.3g} | {r['indexer']['ms']:>10.2f} "
+              f"{r['indexer']['tflops']:>5.3g} | {a['ms']:>8.2f} {a['tflops']:>5.3g} {a['speedup']:>6.2f}x | "
+              f"{b['ms']:>11.2f} {b['tflops']:>5.3g} {b['speedup']:>6.2f}x | {r['auto']['speedup']:>5.2f}x | {xla} | "
               f"{r['flop_bound']:>4.1f}x | "
               + " ".join(f"{r['floors'][st]['floor_ms']:>{w}.3g}" for st, w in (("dense", 16), ("indexer", 7), ("main", 6))))
 

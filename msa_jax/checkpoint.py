@@ -33,6 +33,7 @@ import pathlib
 import shutil
 import warnings
 
+import absl.logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,16 +105,22 @@ class Checkpointer:
                 raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         else:
             _remove_unfinished_saves(self.directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep,
-            read_only=read_only,
-            create=not read_only,
-            # Done above instead: orbax's own cleanup runs in the background and can delete the
-            # temporary directory of a save of the same step started right after opening.
-            cleanup_tmp_directories=False,
-            enable_async_checkpointing=False,  # save returns only once the step is finalised
-        )
-        self._mngr = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        verbosity = absl.logging.get_verbosity()
+        if read_only:  # orbax warns about a read-only manager's settings (no saves, read-only directory): not news
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else keep,
+                read_only=read_only,
+                create=not read_only,
+                # Done above instead: orbax's own cleanup runs in the background and can delete the
+                # temporary directory of a save of the same step started right after opening.
+                cleanup_tmp_directories=False,
+                enable_async_checkpointing=False,  # save returns only once the step is finalised
+            )
+            self._mngr = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        finally:
+            absl.logging.set_verbosity(verbosity)
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict | None = None) -> None:
         """Write step `step`: model state, optimizer state (if given) and the JSON-serialisable `meta`.
@@ -335,9 +342,6 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str 
     the latest checkpoint). `impl` overrides the ops backend the run was trained with."""
     import dataclasses
 
-    import absl.logging
-
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax warns that a read-only manager is read-only
     ckpt_dir = checkpoint_dir(run_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (is it a training run directory?)")

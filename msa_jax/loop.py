@@ -369,6 +369,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
             if eval_now:
                 t0 = time.perf_counter()
                 last["val_bpb"] = do_eval(step)["val_bpb"]
+                post["val_bpb"] = f"{last['val_bpb']:.3f}"  # this evaluation's, not the previous one's
+                bar.set_postfix(post, refresh=False)
                 interval["excluded_s"] += time.perf_counter() - t0
             if save_now:
                 t0 = time.perf_counter()
