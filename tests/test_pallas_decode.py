@@ -618,10 +618,11 @@ def test_batch_chunks_when_an_operand_would_overflow_int32_offsets(monkeypatch):
 
 
 def test_default_splits():
-    # paper heads at 1M tokens, B = 1: 8192 blocks over 512 splits of 16
-    assert decode_mod.default_scan_splits(1, 8192) == 131  # ~132 splits of 63 blocks (no empty split)
-    assert decode_mod.default_scan_splits(64, 8192) == 131
+    # paper heads at 1M tokens, B = 1: 8192 blocks
+    assert decode_mod.default_scan_splits(1, 8192) == 128  # ~one per SM, a power of two (the merge's tile)
+    assert decode_mod.default_scan_splits(64, 8192) == 128
     assert decode_mod.default_scan_splits(1, 32) == 4  # >= 8 blocks per split
+    assert decode_mod.default_scan_splits(1, 100) == 8  # 13 -> 8
     assert decode_mod.default_attention_splits(4, 16) == 16  # sparse, B = S = 1, H_kv = 4
     assert decode_mod.default_attention_splits(4, 8192, 4) == 132  # dense at 1M
 
