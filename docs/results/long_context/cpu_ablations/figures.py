@@ -16,16 +16,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SEEDS = HERE.parent / "cpu_seeds"
 PAIRS = [(1, 1), (1, 11), (2, 2), (2, 12)]  # parent seed, conversion seed (run.sh's PAIRS)
-ARMS = {  # arm: (what it changes, keys each query reads of 128)
-    "base": ("block 16 x top 2, 200 warmup steps, KL on, RoPE index", 32),
-    "warmup-0": ("no dense warmup", 32),
-    "warmup-600": ("600 warmup steps", 32),
-    "top4": ("top_k 4 (block 16)", 64),
-    "block8-top2": ("block 8 x top 2", 16),
-    "block8-top4": ("block 8 x top 4", 32),
-    "block8-top8": ("block 8 x top 8", 64),
-    "kl-off": ("KL off (index branch never trained)", 32),
-    "index-nope": ("no RoPE on the index", 32),
+ARMS = {  # arm: (what it changes, keys each query reads of 128, blocks the index chooses: top_k - 1)
+    "base": ("block 16 x top 2, 200 warmup steps, KL on, RoPE index", 32, 1),
+    "warmup-0": ("no dense warmup", 32, 1),
+    "warmup-600": ("600 warmup steps", 32, 1),
+    "kl-off": ("KL off (index branch never trained)", 32, 1),
+    "index-nope": ("no RoPE on the index", 32, 1),
+    "block8-top2": ("block 8 x top 2", 16, 1),
+    "block32-top2": ("block 32 x top 2", 64, 1),
+    "top3": ("top_k 3 (block 16)", 48, 2),
+    "block8-top4": ("block 8 x top 4", 32, 3),
+    "top4": ("top_k 4 (block 16)", 64, 3),
+    "block8-top8": ("block 8 x top 8", 64, 7),
 }
 
 
@@ -65,7 +67,7 @@ def main():
             base = em["base"]
             for (p, _), v, b in zip(PAIRS, em[a], base):
                 axes[1].plot(100 * (v - b), yi, "o", color=colors[p], alpha=0.6)
-    axes[0].set_yticks(list(y), [f"{a} ({ARMS[a][1]})" for a in arms])
+    axes[0].set_yticks(list(y), [f"{a} ({ARMS[a][1]} keys, {ARMS[a][2]} chosen)" for a in arms])
     axes[0].set_xlabel("pass-key exact match (200 examples per run)")
     axes[0].set_title("runs (dots: parent 1 blue, 2 orange;\ngrey tick: the dense parent)", fontsize=10)
     axes[1].axvline(0, color="grey", lw=0.8)
@@ -83,12 +85,12 @@ def main():
     def ci(r):
         return f"{100 * r['difference']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
 
-    lines = ["| arm | keys read | exact match, 4 runs | mean | arm - base [95% CI] | arm - dense parent [95% CI] "
-             "| score recall | block recall |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | keys read | blocks chosen | exact match, 4 runs | mean | arm - base [95% CI] | arm - dense parent [95% CI] "
+             "| score recall | block recall |", "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         sr = sum(e["score_recall"] for e in ev[a]) / 4
         br = sum(e["block_recall"] for e in ev[a]) / 4
-        lines.append(f"| {a}: {ARMS[a][0]} | {ARMS[a][1]} | {' / '.join(f'{v:.2f}' for v in em[a])} "
+        lines.append(f"| {a}: {ARMS[a][0]} | {ARMS[a][1]} | {ARMS[a][2]} | {' / '.join(f'{v:.2f}' for v in em[a])} "
                      f"| {sum(em[a]) / 4:.3f} | {ci(vs_base[a]) if a != 'base' else '–'} "
                      f"| {ci(vs_dense[a]) if a in vs_dense else '–'} | {sr:.3f} | {br:.3f} |")
     lines.append(f"\nDense parents: {parent[1]:.3f} (seed 1), {parent[2]:.3f} (seed 2).")

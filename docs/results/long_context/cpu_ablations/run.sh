@@ -25,8 +25,11 @@ declare -A ARM=(
   [warmup-600]="--block-size 16 --top-k 2 --msa-warmup-steps 600 --steps 1400"
   [block8-top2]="--block-size 8 --top-k 2 --msa-warmup-steps 200 --steps 1000"
   [block8-top8]="--block-size 8 --top-k 8 --msa-warmup-steps 200 --steps 1000"
+  [top3]="--block-size 16 --top-k 3 --msa-warmup-steps 200 --steps 1000"
+  [block32-top2]="--block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
 )
-ORDER="base warmup-0 top4 kl-off block8-top4 index-nope warmup-600 block8-top2 block8-top8"  # most wanted first
+ORDER="base warmup-0 top4 kl-off block8-top4 index-nope warmup-600 block8-top2 block8-top8 top3 block32-top2"  # most
+# wanted first; the last two test what the others suggest: free choices (top_k - 1), not keys read, set exact match
 PAIRS="1:1 1:11 2:2 2:12"  # parent seed : conversion seed
 for s in 1 2; do  # the parents: ../cpu_seeds/run.sh's dense command (4000 steps, then --steps 8000)
   for n in 4000 8000; do
