@@ -48,8 +48,8 @@ for a in ${ARMS:-$ORDER}; do
   done
 done
 # the needle trace (index selection against the needle's block, per layer) for the base recipe's weakest run and
-# block 8 x top 4 from the same parent and conversion seed: where the base recipe's misses are
-for x in base_p1c11 block8-top4_p1c11; do
+# block 8 x top 4 and block 32 x top 2 from the same parent and conversion seed: where the base recipe's misses are
+for x in base_p1c11 block8-top4_p1c11 block32-top2_p1c11; do
   [ -f $R/trace_$x/results.json ] || python experiments/eval_retrieval.py $R/$x --tasks passkey --lengths 128 --n 40 \
     --batch-size 40 --val-batches 64 --selection-depths 0.75,1 --selection-examples 40 --out $R/trace_$x
   mkdir -p $O/trace_$x && cp $R/trace_$x/*.md $R/trace_$x/*.json $R/trace_$x/*.png $O/trace_$x/
