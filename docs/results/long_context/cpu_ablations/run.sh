@@ -29,7 +29,7 @@ declare -A ARM=(
   [block32-top2]="--block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
 )
 ORDER="base warmup-0 top4 kl-off block8-top4 index-nope warmup-600 block8-top2 block8-top8 top3 block32-top2"  # most
-# wanted first; the last two test what the others suggest: free choices (top_k - 1), not keys read, set exact match
+# wanted first; the last two were added to test "blocks chosen (top_k - 1), not keys read, set exact match" (it failed)
 PAIRS="1:1 1:11 2:2 2:12"  # parent seed : conversion seed
 for s in 1 2; do  # the parents: ../cpu_seeds/run.sh's dense command (4000 steps, then --steps 8000)
   for n in 4000 8000; do
@@ -50,6 +50,7 @@ done
 # the needle trace (index selection against the needle's block, per layer) for the base recipe's weakest run and
 # block 8 x top 4 and block 32 x top 2 from the same parent and conversion seed: where the base recipe's misses are
 for x in base_p1c11 block8-top4_p1c11 block32-top2_p1c11; do
+  [ -e $R/$x/DONE ] || continue  # an arm not (yet) run with ARMS=...
   [ -f $R/trace_$x/results.json ] || python experiments/eval_retrieval.py $R/$x --tasks passkey --lengths 128 --n 40 \
     --batch-size 40 --val-batches 64 --selection-depths 0.75,1 --selection-examples 40 --out $R/trace_$x
   mkdir -p $O/trace_$x && cp $R/trace_$x/*.md $R/trace_$x/*.json $R/trace_$x/*.png $O/trace_$x/
