@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CPU recipe at T = 512 (../cpu_seeds/'s 0.43M-parameter model), to put the 16K GPU study's regime on the CPU:
+# 32 blocks of 16 with top_k 4 read 12.5% of the blocks, as 16 of 128 do at 16K (at T = 128, ../cpu_ablations/
+# read 2 of 8, 25%). Like the GPU study (a 2K stage, then 16K), a T = 128 dense parent of ../cpu_seeds/ (seeds 1
+# and 2, step 8000) is trained on at T = 512: dense for 2000 steps (the dense model), then converted to MSA for
+# 1000 steps (200 dense warmup), beside the same 1000 steps dense (the equal-budget dense control). Parent 2 lost its retrieval in that stage (0.00 at T = 512; kept as a record),
+# so every arm converts parent 1 four times, with conversion seeds 1, 11, 21, 31 (the index branch's
+# initialisation and the data order), paired across arms. Every model is evaluated on the same 200 pass-key
+# examples per length (40 per depth) at 512 and 1024 (2x the training length).
+# Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
+# project's Python on PATH; ARMS="base" runs a subset of the arms.
+set -eu
+R=${RUNS:-runs/cpu_t512}
+P=${PARENTS:-runs/cpu_seeds}
+O=docs/results/long_context/cpu_t512
+COMMON="--preset tiny --task-mix 1.0 --task-mix-tasks passkey --seq-len 512 --batch-size 4 --d-model 128 --n-layers 2 \
+  --head-dim 32 --d-ff 384 --log-every 100"
+CONT="--lr 1e-3 --eval-every 500 --ckpt-every 250 --keep 1 --no-plot"  # every arm: 1000 steps on from dense512_p1
+MSA="--attention msa --n-dense-layers 1 --index-dim 32"
+EVAL="--tasks passkey --lengths 512,1024 --n 40 --batch-size 40 --no-selection --val-batches 64"
+# arm: its flags; every MSA arm reads 64 keys per query (4 blocks of 16, 2 of 32) over 800 sparse steps
+declare -A ARM=(
+  [dense]="--attention dense --steps 1000"
+  [base]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000"
+  [index-nope]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000 --no-index-rope"
+  [block32-top2]="$MSA --block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
+)
+ORDER="base dense index-nope"  # block32-top2: defined, not run yet (ARMS=block32-top2)
+PAIRS="1:1 1:11 1:21 1:31"  # parent seed : conversion seed
+eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
+  local x=$1
+  [ -f $R/eval_$x/results.json ] || python experiments/eval_retrieval.py $R/$x $EVAL --out $R/eval_$x
+  mkdir -p $O/eval_$x && cp $R/eval_$x/results.{json,md} $O/eval_$x/
+  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
+}
+for s in 1 2; do  # the dense models at T = 512, from the T = 128 parents
+  d=$R/dense512_p$s
+  [ -e $d/DONE ] || { python experiments/train_lm.py $COMMON --attention dense --keep 2 --seed $s --steps 2000 \
+    --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed$s --init-step 8000 --run-dir $d && touch $d/DONE; }
+  eval_once dense512_p$s
+done
+for a in ${ARMS:-$ORDER}; do
+  for pc in $PAIRS; do
+    s=${pc%:*} c=${pc#*:} x=${a}_p${s}c$c
+    [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $CONT ${ARM[$a]} --seed $c \
+      --init-from $R/dense512_p$s --init-step 2000 --run-dir $R/$x && touch $R/$x/DONE; }
+    eval_once $x
+  done
+done
+# the needle through the index branch for one base run, at the near, middle and far depths
+x=base_p1c11
+if [ -e $R/$x/DONE ]; then
+  [ -f $R/trace_$x/results.json ] || python experiments/eval_retrieval.py $R/$x --tasks passkey --lengths 512 --n 40 \
+    --batch-size 40 --val-batches 64 --selection-depths 0,0.5,1 --selection-examples 40 --out $R/trace_$x
+  mkdir -p $O/trace_$x && cp $R/trace_$x/*.md $R/trace_$x/*.json $R/trace_$x/*.png $O/trace_$x/
+fi
+# every MSA arm against the dense arm (same parent, seeds and steps: the i-th runs are paired), and against the base
+# arm; then the 1000 steps on against the parent they started from (the parent four times: one per conversion seed)
+runs() { for pc in $PAIRS; do echo -n "$O/eval_$1_p${pc%:*}c${pc#*:} "; done; }
+labels() { for pc in $PAIRS; do echo -n "$1_p${pc%:*}c${pc#*:},"; done | sed 's/,$//'; }
+DONE_ARMS=$(for a in $ORDER; do [ $(ls -d $O/eval_${a}_p* 2>/dev/null | wc -l) = 4 ] && echo $a; done)
+recipes() { for a in "$@"; do echo --recipe $a=$(labels $a); done; }
+MSA_ARMS=$(echo $DONE_ARMS | tr ' ' '\n' | grep -vx dense || true)
+if echo "$DONE_ARMS" | grep -qw dense && [ -n "$MSA_ARMS" ]; then
+  python experiments/compare_retrieval.py $(runs dense) $(for a in $MSA_ARMS; do runs $a; done) $(recipes dense $MSA_ARMS) \
+    --paired-recipes --out $O/against_dense > /dev/null
+fi
+if [ $(echo $MSA_ARMS | wc -w) -gt 1 ]; then
+  python experiments/compare_retrieval.py $(for a in $MSA_ARMS; do runs $a; done) $(recipes $MSA_ARMS) --paired-recipes \
+    --out $O/arms > /dev/null
+fi
+if [ -n "$DONE_ARMS" ]; then
+  python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
+    p1d=$O/eval_dense512_p1 $(for a in $DONE_ARMS; do runs $a; done) --recipe parent=p1a,p1b,p1c,p1d $(recipes $DONE_ARMS) \
+    --paired-recipes --out $O/against_parent > /dev/null
+fi
+exit 0
