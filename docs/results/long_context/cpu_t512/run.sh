@@ -24,9 +24,14 @@ declare -A ARM=(
   [base]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000"
   [index-nope]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000 --no-index-rope"
   [block32-top2]="$MSA --block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
+  [block8-top8]="$MSA --block-size 8 --top-k 8 --msa-warmup-steps 200 --steps 1000"
+  [warmup-0]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --steps 1000"
 )
-ORDER="base dense index-nope"  # block32-top2: defined, not run yet (ARMS=block32-top2)
+# base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
+# ablations, which pair with the first four
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0"
 PAIRS="1:1 1:11 1:21 1:31"  # parent seed : conversion seed
+MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
   local x=$1
   [ -f $R/eval_$x/results.json ] || python experiments/eval_retrieval.py $R/$x $EVAL --out $R/eval_$x
@@ -40,25 +45,28 @@ for s in 1 2; do  # the dense models at T = 512, from the T = 128 parents
   eval_once dense512_p$s
 done
 for a in ${ARMS:-$ORDER}; do
-  for pc in $PAIRS; do
+  pcs=$PAIRS; [ "${a%+}" = "$a" ] || { a=${a%+}; pcs=$MORE; }
+  for pc in $pcs; do
     s=${pc%:*} c=${pc#*:} x=${a}_p${s}c$c
     [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $CONT ${ARM[$a]} --seed $c \
       --init-from $R/dense512_p$s --init-step 2000 --run-dir $R/$x && touch $R/$x/DONE; }
     eval_once $x
   done
 done
-# the needle through the index branch for one base run, at the near, middle and far depths
-x=base_p1c11
-if [ -e $R/$x/DONE ]; then
+# the needle through the index branch at the near, middle and far depths: the weakest base run, and the runs of
+# the same seed that choose more (block 8 x 8) and fewer (block 32 x 2) blocks for the same 64 keys
+for x in base_p1c11 block8-top8_p1c11 block32-top2_p1c11; do
+  [ -e $R/$x/DONE ] || continue
   [ -f $R/trace_$x/results.json ] || python experiments/eval_retrieval.py $R/$x --tasks passkey --lengths 512 --n 40 \
     --batch-size 40 --val-batches 64 --selection-depths 0,0.5,1 --selection-examples 40 --out $R/trace_$x
   mkdir -p $O/trace_$x && cp $R/trace_$x/*.md $R/trace_$x/*.json $R/trace_$x/*.png $O/trace_$x/
-fi
+done
 # every MSA arm against the dense arm (same parent, seeds and steps: the i-th runs are paired), and against the base
 # arm; then the 1000 steps on against the parent they started from (the parent four times: one per conversion seed)
-runs() { for pc in $PAIRS; do echo -n "$O/eval_$1_p${pc%:*}c${pc#*:} "; done; }
-labels() { for pc in $PAIRS; do echo -n "$1_p${pc%:*}c${pc#*:},"; done | sed 's/,$//'; }
-DONE_ARMS=$(for a in $ORDER; do [ $(ls -d $O/eval_${a}_p* 2>/dev/null | wc -l) = 4 ] && echo $a; done)
+runs() { for pc in ${2:-$PAIRS}; do echo -n "$O/eval_$1_p${pc%:*}c${pc#*:} "; done; }
+labels() { for pc in ${2:-$PAIRS}; do echo -n "$1_p${pc%:*}c${pc#*:},"; done | sed 's/,$//'; }
+done4() { for pc in ${2:-$PAIRS}; do [ -f $O/eval_$1_p${pc%:*}c${pc#*:}/results.json ] || return 1; done; }
+DONE_ARMS=$(for a in $ORDER; do [ "${a%+}" = "$a" ] && done4 $a && echo $a; done || true)
 recipes() { for a in "$@"; do echo --recipe $a=$(labels $a); done; }
 MSA_ARMS=$(echo $DONE_ARMS | tr ' ' '\n' | grep -vx dense || true)
 if echo "$DONE_ARMS" | grep -qw dense && [ -n "$MSA_ARMS" ]; then
@@ -68,6 +76,12 @@ fi
 if [ $(echo $MSA_ARMS | wc -w) -gt 1 ]; then
   python experiments/compare_retrieval.py $(for a in $MSA_ARMS; do runs $a; done) $(recipes $MSA_ARMS) --paired-recipes \
     --out $O/arms > /dev/null
+fi
+# base against dense on all eight pairs
+if done4 base "$MORE" && done4 dense "$MORE"; then
+  python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE") $(runs base "$PAIRS $MORE") \
+    --recipe dense=$(labels dense "$PAIRS $MORE") --recipe base=$(labels base "$PAIRS $MORE") --paired-recipes \
+    --out $O/base_eight_pairs > /dev/null
 fi
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
