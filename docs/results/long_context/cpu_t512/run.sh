@@ -3,9 +3,10 @@
 # 32 blocks of 16 with top_k 4 read 12.5% of the blocks, as 16 of 128 do at 16K (at T = 128, ../cpu_ablations/
 # read 2 of 8, 25%). Like the GPU study (a 2K stage, then 16K), a T = 128 dense parent of ../cpu_seeds/ (seeds 1
 # and 2, step 8000) is trained on at T = 512: dense for 2000 steps (the dense model), then converted to MSA for
-# 1000 steps (200 dense warmup), beside the same 1000 steps dense (the equal-budget dense control). Parent 2 lost its retrieval in that stage (0.00 at T = 512; kept as a record),
-# so every arm converts parent 1 four times, with conversion seeds 1, 11, 21, 31 (the index branch's
-# initialisation and the data order), paired across arms. Every model is evaluated on the same 200 pass-key
+# 1000 steps (200 dense warmup), beside the same 1000 steps dense (the equal-budget dense control). Parent 2 lost
+# its retrieval in that stage (0.00 at T = 512; kept as a record), so every arm continues parent 1 four times,
+# with seeds 1, 11, 21, 31 (the index branch's initialisation and the data order), paired across arms; base and
+# dense four times more (MORE). Every model is evaluated on the same 200 pass-key
 # examples per length (40 per depth) at 512 and 1024 (2x the training length).
 # Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
 # project's Python on PATH; ARMS="base" runs a subset of the arms.
@@ -18,7 +19,7 @@ COMMON="--preset tiny --task-mix 1.0 --task-mix-tasks passkey --seq-len 512 --ba
 CONT="--lr 1e-3 --eval-every 500 --ckpt-every 250 --keep 1 --no-plot"  # every arm: 1000 steps on from dense512_p1
 MSA="--attention msa --n-dense-layers 1 --index-dim 32"
 EVAL="--tasks passkey --lengths 512,1024 --n 40 --batch-size 40 --no-selection --val-batches 64"
-# arm: its flags; every MSA arm reads 64 keys per query (4 blocks of 16, 2 of 32) over 800 sparse steps
+# arm: its flags; every MSA arm reads 64 keys per query (8 blocks of 8, 4 of 16 or 2 of 32)
 declare -A ARM=(
   [dense]="--attention dense --steps 1000"
   [base]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000"
