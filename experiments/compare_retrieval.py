@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     md = plots.differences_markdown(pooled, args.margin)
     md_depth = plots.differences_markdown(per_depth, args.margin)
+    # the verdict is one-sided (non-inferiority): "within" also covers a run resolved above its baseline
+    reading = (f"The verdict is one-sided: \"within\" when the interval's lower end is at most "
+               f"{100 * args.margin:g} points below 0 (a run above its baseline is within too), \"below\" when all "
+               f"of it is further below, else unresolved.")
     head = (f"Exact match against {baseline}, difference in points with its 95% interval (Newcombe's hybrid "
-            f"score interval; paired on the same examples where both evaluations stored them).")
+            f"score interval; paired on the same examples where both evaluations stored them). {reading}")
     (out / "differences.json").write_text(json.dumps(dict(baseline=baseline, margin=args.margin, sources=args.results,
                                                           pooled=pooled, per_depth=per_depth, spread=spreads,
                                                           recipes=recipe_rows, recipes_per_depth=recipe_depth_rows),
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         how = ("t on the differences of runs that share a start, pair by pair" if args.paired_recipes else
                "Welch's t; a recipe of one run is read against the other's spread")
         (out / "recipes.md").write_text("Recipes (several runs each) against the first: the difference of their means, "
-                                        f"with a 95% interval from the run-to-run spread ({how}).\n\nAll depths pooled:\n\n"
+                                        f"with a 95% interval from the run-to-run spread ({how}). {reading} Bits/byte: "
+                                        f"\"within\" when the interval's top is at most {100 * args.bpb_margin:g}% above the baseline's mean."
+                                        f"\n\nAll depths pooled:\n\n"
                                         f"{rm}\n\nPer depth:\n\n{plots.recipes_markdown(recipe_depth_rows)}\n")
         print(f"\n{rm}")
         plots.plot_recipes(cells, recipes, out / "recipes.png")

@@ -77,19 +77,22 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 s
   return 1
 }
 # A name may carry suffixes: NAME_sN trains N steps at 16K instead of S16's, NAME_seedN uses seed N (the
-# 16K stage's data order; its weights come from the base) for a rerun beside NAME, e.g. scratch_s600_seed1.
-# cpt_sN converts dense_sN (and keeps its own steps).
+# 16K stage's data order; its weights come from the base) for a rerun beside NAME, e.g. scratch_s600_seed1;
+# NAME_far draws the 16K needles' depths as dense-far does (--task-depth-power 2), e.g. scratch_far_s600.
+# cpt_sN converts dense_sN (and keeps its own steps), cpt_far_sN dense-far_sN.
 args_of() {  # args_of NAME: the flags of a named run, or nothing for an unknown name
-  local name=$1 base=${1%%_*} extra="" dense=lc16_dense suf
+  local name=$1 base=${1%%_*} extra="" far="" steps="" suf
   [ -n "${ARGS[$base]:-}" ] || return 0
   for suf in $(echo "${name#$base}" | tr '_' ' '); do
     case $suf in
-      s[0-9]*) dense=lc16_dense_$suf; [ $base = cpt ] || extra="$extra --steps ${suf#s}";;
+      s[0-9]*) steps=_$suf; [ $base = cpt ] || extra="$extra --steps ${suf#s}";;
       seed[0-9]*) extra="$extra --seed ${suf#seed}";;
+      far) far=-far; extra="$extra --task-depth-power 2";;  # as dense-far: 3x the needles in the first 10%
       *) return 0;;
     esac
   done
-  echo "${ARGS[$base]/runs\/lc16_dense /runs/$dense }$extra"
+  # cpt converts the dense run of its own recipe: cpt_far_s600 converts dense-far_s600
+  echo "${ARGS[$base]/runs\/lc16_dense /runs/lc16_dense$far$steps }$extra"
 }
 ensure() {  # ensure RUN_DIR: its base first (a 2K stage or another 16K run), then itself
   local dir=$1 name=${1#lc16_}
