@@ -19,7 +19,8 @@ COMMON="--preset tiny --task-mix 1.0 --task-mix-tasks passkey --seq-len 512 --ba
 CONT="--lr 1e-3 --eval-every 500 --ckpt-every 250 --keep 1 --no-plot"  # every arm: 1000 steps on from dense512_p1
 MSA="--attention msa --n-dense-layers 1 --index-dim 32"
 EVAL="--tasks passkey --lengths 512,1024 --n 40 --batch-size 40 --no-selection --val-batches 64"
-# arm: its flags; every MSA arm reads 64 keys per query (8 blocks of 8, 4 of 16 or 2 of 32)
+# arm: its flags; the MSA arms read 64 keys per query (8 blocks of 8, 4 of 16 or 2 of 32) except the top_k arms
+# (block 16 x top 2: 32 keys, x top 8: 128), which change the budget as 16K's top_k 8 / 32 do
 declare -A ARM=(
   [dense]="--attention dense --steps 1000"
   [base]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000"
@@ -27,10 +28,12 @@ declare -A ARM=(
   [block32-top2]="$MSA --block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
   [block8-top8]="$MSA --block-size 8 --top-k 8 --msa-warmup-steps 200 --steps 1000"
   [warmup-0]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --steps 1000"
+  [top2]="$MSA --block-size 16 --top-k 2 --msa-warmup-steps 200 --steps 1000"
+  [top8]="$MSA --block-size 16 --top-k 8 --msa-warmup-steps 200 --steps 1000"
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0"
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2"
 PAIRS="1:1 1:11 1:21 1:31"  # parent seed : conversion seed
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
