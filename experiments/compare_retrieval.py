@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                "Welch's t; a recipe of one run is read against the other's spread")
         (out / "recipes.md").write_text("Recipes (several runs each) against the first: the difference of their means, "
                                         f"with a 95% interval from the run-to-run spread ({how}). {reading} Bits/byte: "
-                                        f"\"within\" when the interval's top is at most {100 * args.bpb_margin:g}% above the baseline's mean."
-                                        f"\n\nAll depths pooled:\n\n"
+                                        f"\"within\" when the interval's top is at most {100 * args.bpb_margin:g}% "
+                                        f"above the baseline's mean.\n\nAll depths pooled:\n\n"
                                         f"{rm}\n\nPer depth:\n\n{plots.recipes_markdown(recipe_depth_rows)}\n")
         print(f"\n{rm}")
         plots.plot_recipes(cells, recipes, out / "recipes.png")
