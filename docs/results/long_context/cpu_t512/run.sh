@@ -48,6 +48,16 @@ for s in 1 2; do  # the dense models at T = 512, from the T = 128 parents
     --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed$s --init-step 8000 --run-dir $d && touch $d/DONE; }
   eval_once dense512_p$s
 done
+# MSA through the T = 512 stage itself, as the H200's MSA from the 2K dense stage (../h200_dense_bar/): from the
+# T = 128 parent, the same 2000 steps and seed as dense512_p1, which must first learn to retrieve at 512 (its
+# training probe: 0.75 at step 200, 1.00 from 300); the dense warmup ends before (20 steps) or after (400) that
+for w in ${FROM_PARENT_WARMUPS:-20 400}; do
+  x=msa512_w${w}_p1
+  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps $w \
+    --keep 2 --seed 1 --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed1 --init-step 8000 \
+    --run-dir $R/$x && touch $R/$x/DONE; }
+  eval_once $x
+done
 for a in ${ARMS:-$ORDER}; do
   pcs=$PAIRS; [ "${a%+}" = "$a" ] || { a=${a%+}; pcs=$MORE; }
   for pc in $pcs; do
@@ -86,6 +96,11 @@ if done4 base "$MORE" && done4 dense "$MORE"; then
   python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE") $(runs base "$PAIRS $MORE") \
     --recipe dense=$(labels dense "$PAIRS $MORE") --recipe base=$(labels base "$PAIRS $MORE") --paired-recipes \
     --out $O/base_eight_pairs > /dev/null
+fi
+# MSA through the T = 512 stage (both dense-warmup lengths) against dense512_p1: same parent, seed and steps
+if [ -f $O/eval_msa512_w20_p1/results.json ] && [ -f $O/eval_msa512_w400_p1/results.json ]; then
+  python experiments/compare_retrieval.py dense512_p1=$O/eval_dense512_p1 msa512_w20_p1=$O/eval_msa512_w20_p1 \
+    msa512_w400_p1=$O/eval_msa512_w400_p1 --out $O/from_parent > /dev/null
 fi
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \

@@ -51,6 +51,7 @@ declare -A ARGS=(
   [warmup-0]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 0"  # sparse from the first 16K step
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
   [index-lr-x3]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 3"
+  [msa-w400]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 400"  # sparse once dense has learned to retrieve at 16K
   [kl-off]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100 --kl-weight 0"  # index never trained: vs msa
   [block64-top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 64 --top-k 32"
   [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
