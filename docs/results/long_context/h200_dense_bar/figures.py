@@ -12,7 +12,7 @@ import pathlib
 from msa_jax import plots
 
 here = pathlib.Path(__file__).resolve().parent
-MODELS = {  # label: (results.json, style)
+MODELS = {  # label: (evaluation folder, colour, line style)
     "dense, far needles, 600 steps": (here / "eval_dense-far_s600", "C0", "o-"),
     "MSA from the same 2K stage, far, 600": (here / "eval_msa_far_s600", "C3", "s-"),
     "dense, 300 steps (final eval)": (here.parent / "h200_final_eval" / "eval_dense", "C0", "o:"),
