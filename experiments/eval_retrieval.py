@@ -27,7 +27,9 @@ Output (under --out, default runs/retrieval):
                         byte_accuracy, and each example's outcome with a hash of the examples, which
                         experiments/compare_retrieval.py uses to compare two runs paired), each run's
                         validation metrics, per-layer recall and needle traces (val[...]["selections"],
-                        one per traced length and depth), and the runs' configs
+                        one per traced length and depth), and the runs' configs; written after each
+                        phase too, with "partial" naming what is missing, so a stopped evaluation
+                        keeps the cells it finished
   results.md            the same as Markdown tables (exact match [95% CI] per depth, all depths pooled)
   heatmap_<run>.png     exact match, depth x length, one panel per task
   selection_<run>_depth<d>.png   MSA runs: the index branch's selection on one passkey example vs
@@ -149,6 +151,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def save(rows, val_rows, configs, partial=None) -> dict:
+        """Write results.json and results.md. Also called after each phase with `partial` saying what is
+        missing, so that an evaluation stopped midway (a GPU call's deadline) keeps the cells it finished."""
+        md = plots.retrieval_markdown(rows, depths)
+        results = dict(rows=rows, val=val_rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed,
+                       mode=args.mode, jax=jax.__version__, device=jax.devices()[0].device_kind,
+                       table=plots.retrieval_table(rows, depths),
+                       byte_table=plots.retrieval_table(rows, depths, "byte_accuracy"), markdown=md)
+        if partial:
+            results["partial"] = partial
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text((f"**Partial**: {partial} (the evaluation stopped).\n\n" if partial else "")
+                                        + f"Exact match ({args.mode} greedy), {args.n} examples per cell, "
+                                        f"[95% Wilson interval]:\n\n{md}\n\n{_val_markdown(val_rows)}\n")
+        return results
     one_device = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     rows, configs, names, val_rows = [], {}, [], []
     labels = plots.run_labels(args.runs)
@@ -176,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         generate_fn=generate_fn if args.mode == "generate" else None):
                 rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
         phases = dict(retrieval=time.perf_counter() - t0)  # seconds per phase, compilation included
+        save(rows, val_rows + [dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)], configs,
+             partial=f"{name}: validation and needle traces not done")
 
         val = dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)
         n_val = cfg.eval_batches if args.val_batches is None else args.val_batches
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         phases["validation and recall"] = time.perf_counter() - t0 - sum(phases.values())
         traced = trace_lengths or ([cfg.seq_len] if cfg.seq_len >= retrieval.min_context_len("passkey") else [])
         if args.selection and traced:
+            save(rows, val_rows + [val], configs, partial=f"{name}: needle traces not done")
             # Pass-key examples at the training length (or the lengths asked for): where the dense attention
             # of the answer's rows goes (the teacher an index branch learns from), and (MSA) whether the
             # index selected it; past the training length, how much of its selection lies at distances it
@@ -217,19 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         phases["needle traces"] = time.perf_counter() - t0 - sum(phases.values())
         print(f"  {sum(phases.values()):.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + ")")
 
-    table = plots.retrieval_table(rows, depths)
-    byte_table = plots.retrieval_table(rows, depths, "byte_accuracy")
-    md = plots.retrieval_markdown(rows, depths)
-    val_md = _val_markdown(val_rows)
-    print(f"\nexact match ({args.mode} greedy), {args.n} examples per cell:\n{table}")
-    print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{byte_table}")
-    print(f"\n{val_md}")
-    results = dict(rows=rows, val=val_rows, runs=configs, tasks=tasks, depths=depths, n=args.n, seed=args.seed,
-                   mode=args.mode, jax=jax.__version__, device=jax.devices()[0].device_kind, table=table,
-                   byte_table=byte_table, markdown=md)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(f"Exact match ({args.mode} greedy), {args.n} examples per cell, "
-                                    f"[95% Wilson interval]:\n\n{md}\n\n{val_md}\n")
+    results = save(rows, val_rows, configs)
+    print(f"\nexact match ({args.mode} greedy), {args.n} examples per cell:\n{results['table']}")
+    print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{results['byte_table']}")
+    print(f"\n{_val_markdown(val_rows)}")
     plotted = plots.plot_retrieval(rows, names, tasks, out / "retrieval.png")
     plots.plot_retrieval(rows, names, tasks, out / "retrieval_bytes.png", "byte_accuracy")
     for name in names:

@@ -372,6 +372,7 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert all((out / f"distance_{full.name}_T384_depth{d}.png").stat().st_size > 10_000 for d in (0, 1))
     assert not list(out.glob("distance_*_T256_*"))  # nothing is past the training length at it
     assert saved["markdown"] in (out / "results.md").read_text()
+    assert "partial" not in saved and "Partial" not in (out / "results.md").read_text()
     # Validation at the training length: the loop's own last evaluation, and its recall per layer.
     (val,) = saved["val"]
     last = [r for r in rows(full) if r["kind"] == "eval"][-1]
@@ -432,6 +433,33 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     assert (table[0]["peak_memory_gib"] is None) == (jax.default_backend() == "cpu")
     assert "| T | mesh | s/step | peak GiB/device |" in output
 
+
+
+def test_eval_retrieval_keeps_finished_cells_when_stopped(full, tmp_path, monkeypatch):
+    """A GPU call's deadline can stop an evaluation during its needle traces (the slowest phase): the
+    retrieval cells and the validation metrics it already has must be on disk, marked partial."""
+    import importlib.util
+
+    from msa_jax import needle_trace
+
+    spec = importlib.util.spec_from_file_location("eval_retrieval", ROOT / "experiments" / "eval_retrieval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt  # what SIGINT / the timeout's stop looks like mid-trace
+
+    monkeypatch.setattr(needle_trace, "needle_trace", stopped)
+    out = tmp_path / "ret"
+    with pytest.raises(KeyboardInterrupt):
+        script.main([str(full), "--tasks", "passkey", "--lengths", "256", "--depths", "0,1", "--n", "2",
+                     "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["depth"]) for r in saved["rows"]] == [("passkey", 0.0), ("passkey", 1.0)]
+    assert "needle traces not done" in saved["partial"] and saved["partial"] in (out / "results.md").read_text()
+    (val,) = saved["val"]
+    last = [r for r in rows(full) if r["kind"] == "eval"][-1]
+    np.testing.assert_allclose(val["val_bpb"], last["val_bpb"], rtol=1e-5)
 
 def test_generate_from_the_trained_checkpoint(full):
     """experiments/generate.py on the tiny trained run: it loads the checkpoint, streams the bytes,
