@@ -47,6 +47,8 @@ declare -A ARGS=(
   [msa]="--attention msa --init-from runs/lc_2k $S16 --msa-warmup-steps 100"
   [scratch]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100"  # keeps the 2K-trained index
   [cpt]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50"  # converted from 16K dense
+  # cpt_far_s600 lost its retrieval at its first sparse step, the index's KL still falling fast (../h200_dense_bar/)
+  [cpt-w200]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200"
   [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
   [warmup-0]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 0"  # sparse from the first 16K step
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
@@ -80,13 +82,13 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 s
 # A name may carry suffixes: NAME_sN trains N steps at 16K instead of S16's, NAME_seedN uses seed N (the
 # 16K stage's data order; its weights come from the base) for a rerun beside NAME, e.g. scratch_s600_seed1;
 # NAME_far draws the 16K needles' depths as dense-far does (--task-depth-power 2), e.g. scratch_far_s600.
-# cpt_sN converts dense_sN (and keeps its own steps), cpt_far_sN dense-far_sN.
+# cpt_sN converts dense_sN (and keeps its own steps), cpt_far_sN dense-far_sN; cpt-w200 likewise.
 args_of() {  # args_of NAME: the flags of a named run, or nothing for an unknown name
   local name=$1 base=${1%%_*} extra="" far="" steps="" suf
   [ -n "${ARGS[$base]:-}" ] || return 0
   for suf in $(echo "${name#$base}" | tr '_' ' '); do
     case $suf in
-      s[0-9]*) steps=_$suf; [ $base = cpt ] || extra="$extra --steps ${suf#s}";;
+      s[0-9]*) steps=_$suf; [ ${base%%-*} = cpt ] || extra="$extra --steps ${suf#s}";;
       seed[0-9]*) extra="$extra --seed ${suf#seed}";;
       far) far=-far; extra="$extra --task-depth-power 2";;  # as dense-far: 3x the needles in the first 10%
       *) return 0;;

@@ -5,7 +5,10 @@ by_depth.png: exact match at 16K against needle depth (95% Wilson intervals), on
 folder's dense and MSA models (600 steps at 16K, far needles) beside the 300-step dense and MSA-from-scratch
 models of ../h200_final_eval/. curves.png: along the 16K stage, validation bits/byte of both models of this
 folder, MSA's validation KL (its index branch against the main branch's attention: over every causal block
-in the dense warmup, over the selected blocks once sparse, so the two phases do not compare) and its recalls."""
+in the dense warmup, over the selected blocks once sparse, so the two phases do not compare) and its recalls.
+conversion.png: the training rows' exact match (every row is a retrieval example; 25-step means) along the
+rebuilt dense model's 600 steps at 16K (H100) and on through MSA converted from it (cpt_far_s600: 50
+dense-warmup steps, then sparse), with the converted model's KL."""
 import json
 import pathlib
 
@@ -66,4 +69,31 @@ ax_r.legend()
 fig.tight_layout()
 fig.savefig(here / "curves.png", dpi=110)
 plt.close(fig)
-print(f"wrote {here / 'by_depth.png'} and {here / 'curves.png'}")
+
+def means(rs, key, w=25):  # (last step, mean) over consecutive w-step windows
+    return [(rs[i + w - 1]["step"], sum(r[key] for r in rs[i:i + w]) / w) for i in range(0, len(rs) - w + 1, w)]
+
+
+dense = [r for r in rows(here / "metrics_lc16_dense-far_s600_h100.jsonl") if r["kind"] == "train"]
+cpt = [r for r in rows(here / "metrics_lc16_cpt_far_s600.jsonl") if r["kind"] == "train"]
+cpt = [dict(r, step=r["step"] + dense[-1]["step"]) for r in cpt]  # on from the dense model's last step
+fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4))
+for rs, label, color in ((dense, "dense (dense-far_s600, rebuilt)", "C0"), (cpt, "MSA converted from it (cpt)", "C2")):
+    for key, style in (("answer_exact", "o-"), ("answer_bytes", "o:")):
+        x, y = zip(*means(rs, key))
+        ax_l.plot(x, y, style, color=color, ms=3, label=f"{label}: {key.replace('_', ' ')}")
+x, y = zip(*means(cpt, "kl", 5))
+ax_r.plot(x, y, "o-", color="C2", ms=3)
+for ax in (ax_l, ax_r):
+    ax.axvline(dense[-1]["step"], color="grey", lw=0.8, ls="--")  # conversion
+    ax.axvline(dense[-1]["step"] + 50, color="grey", lw=0.8, ls=":")  # the converted model's first sparse step
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("step at 16K (dashed: converted to MSA; dotted: sparse from here)")
+ax_l.set(ylabel="training rows' answers (25-step means)", title="retrieval while training", ylim=(-0.02, 1.02))
+ax_l.legend(fontsize=7, loc="upper left")
+ax_r.set(ylabel="KL (nats, summed over MSA layers; 5-step means)", yscale="log", xlim=(dense[-1]["step"] - 5, None),
+         title="converted model: index vs main attention")
+fig.tight_layout()
+fig.savefig(here / "conversion.png", dpi=110)
+plt.close(fig)
+print(f"wrote {here / 'by_depth.png'}, {here / 'curves.png'} and {here / 'conversion.png'}")
