@@ -50,13 +50,19 @@ for s in 1 2; do  # the dense models at T = 512, from the T = 128 parents
 done
 # MSA through the T = 512 stage itself, as the H200's MSA from the 2K dense stage (../h200_dense_bar/): from the
 # T = 128 parent, the same 2000 steps and seed as dense512_p1, which must first learn to retrieve at 512 (its
-# training probe: 0.75 at step 200, 1.00 from 300); the dense warmup ends before (20 steps) or after (400) that
-for w in ${FROM_PARENT_WARMUPS:-20 400}; do
-  x=msa512_w${w}_p1
-  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps $w \
-    --keep 2 --seed 1 --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed1 --init-step 8000 \
-    --run-dir $R/$x && touch $R/$x/DONE; }
-  eval_once $x
+# training probe: 0.75 at step 200, 1.00 from 300); the dense warmup ends before (20 steps) or after (400) that.
+# Seeds 11 and 21 (fourth session; the stage's data order and the index's initialisation, parent 1 each time)
+# repeat the three with a dense run of their own seed: three pairs. Seed 1's runs keep their names (no _sN).
+FROM_PARENT_SEEDS=${FROM_PARENT_SEEDS:-1 11 21}
+for sd in $FROM_PARENT_SEEDS; do
+  sfx=; [ $sd = 1 ] || sfx=s$sd
+  for w in dense ${FROM_PARENT_WARMUPS:-20 400}; do
+    if [ $w = dense ]; then x=dense512_p1$sfx flags="--attention dense"
+    else x=msa512_w${w}_p1$sfx flags="$MSA --block-size 16 --top-k 4 --msa-warmup-steps $w"; fi
+    [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $flags --keep 2 --seed $sd --steps 2000 \
+      --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
+    eval_once $x
+  done
 done
 for a in ${ARMS:-$ORDER}; do
   pcs=$PAIRS; [ "${a%+}" = "$a" ] || { a=${a%+}; pcs=$MORE; }
@@ -97,10 +103,20 @@ if done4 base "$MORE" && done4 dense "$MORE"; then
     --recipe dense=$(labels dense "$PAIRS $MORE") --recipe base=$(labels base "$PAIRS $MORE") --paired-recipes \
     --out $O/base_eight_pairs > /dev/null
 fi
-# MSA through the T = 512 stage (both dense-warmup lengths) against dense512_p1: same parent, seed and steps
-if [ -f $O/eval_msa512_w20_p1/results.json ] && [ -f $O/eval_msa512_w400_p1/results.json ]; then
-  python experiments/compare_retrieval.py dense512_p1=$O/eval_dense512_p1 msa512_w20_p1=$O/eval_msa512_w20_p1 \
-    msa512_w400_p1=$O/eval_msa512_w400_p1 --out $O/from_parent > /dev/null
+# MSA through the T = 512 stage (both dense-warmup lengths) against dense from the same parent, seed and steps: pair
+# by pair over the seeds whose three runs are evaluated ("-" stands for seed 1's empty suffix)
+fp_done=$(for sd in $FROM_PARENT_SEEDS; do sfx=; [ $sd = 1 ] || sfx=s$sd
+  [ -f $O/eval_dense512_p1$sfx/results.json ] && [ -f $O/eval_msa512_w20_p1$sfx/results.json ] \
+    && [ -f $O/eval_msa512_w400_p1$sfx/results.json ] && echo -n "${sfx:--} "; done || true)
+if [ $(echo $fp_done | wc -w) -gt 0 ]; then
+  fp_runs=; fp_recipes=
+  for pre in dense512 msa512_w20 msa512_w400; do
+    labs=
+    for s in $fp_done; do x=${pre}_p1${s#-}; fp_runs="$fp_runs $x=$O/eval_$x"; labs="$labs,$x"; done
+    fp_recipes="$fp_recipes --recipe $pre=${labs#,}"
+  done
+  if [ $(echo $fp_done | wc -w) -gt 1 ]; then fp_recipes="$fp_recipes --paired-recipes"; else fp_recipes=; fi
+  python experiments/compare_retrieval.py $fp_runs $fp_recipes --out $O/from_parent > /dev/null
 fi
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
