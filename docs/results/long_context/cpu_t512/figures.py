@@ -24,6 +24,7 @@ ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the inde
     "block8-top8": ("block 8 x top 8", 64, 7),
     "block32-top2": ("block 32 x top 2", 64, 1),
     "warmup-0": ("no dense warmup", 64, 3),
+    "warmup-50": ("50 dense-warmup steps", 64, 3),
     "top8": ("top 8 (twice the budget)", 128, 7),
     "top2": ("top 2 (half the budget)", 32, 1),
 }

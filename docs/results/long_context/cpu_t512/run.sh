@@ -28,13 +28,14 @@ declare -A ARM=(
   [block32-top2]="$MSA --block-size 32 --top-k 2 --msa-warmup-steps 200 --steps 1000"
   [block8-top8]="$MSA --block-size 8 --top-k 8 --msa-warmup-steps 200 --steps 1000"
   [warmup-0]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --steps 1000"
+  [warmup-50]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --steps 1000"  # 5%, as the 16K conversion's 50 of 150
   [top2]="$MSA --block-size 16 --top-k 2 --msa-warmup-steps 200 --steps 1000"
   [top8]="$MSA --block-size 16 --top-k 8 --msa-warmup-steps 200 --steps 1000"
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2"
-PAIRS="1:1 1:11 1:21 1:31"  # parent seed : conversion seed
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50"
+PAIRS=${PAIRS:-"1:1 1:11 1:21 1:31"}  # parent seed : conversion seed (a subset: runs the arms on it only)
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
   local x=$1
