@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def save(rows, val_rows, configs, partial=None) -> dict:
+    def save(rows, val_rows, partial=None) -> dict:
         """Write results.json and results.md. Also called after each phase with `partial` saying what is
         missing, so that an evaluation stopped midway (a GPU call's deadline) keeps the cells it finished."""
         md = plots.retrieval_markdown(rows, depths)
@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
                                         generate_fn=generate_fn if args.mode == "generate" else None):
                 rows.append(dict(run=name, attention=cfg.attention, step=step, **r))
         phases = dict(retrieval=time.perf_counter() - t0)  # seconds per phase, compilation included
-        save(rows, val_rows + [dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)], configs,
-             partial=f"{name}: validation and needle traces not done")
-
         val = dict(run=name, attention=cfg.attention, step=step, seq_len=cfg.seq_len)
+        save(rows, val_rows + [val], partial=f"{name}: validation and needle traces not done")
+
         n_val = cfg.eval_batches if args.val_batches is None else args.val_batches
         if n_val:
             # the training loop's own evaluation, at the training length, on windows of unseen packages
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         phases["validation and recall"] = time.perf_counter() - t0 - sum(phases.values())
         traced = trace_lengths or ([cfg.seq_len] if cfg.seq_len >= retrieval.min_context_len("passkey") else [])
         if args.selection and traced:
-            save(rows, val_rows + [val], configs, partial=f"{name}: needle traces not done")
+            save(rows, val_rows + [val], partial=f"{name}: needle traces not done")
             # Pass-key examples at the training length (or the lengths asked for): where the dense attention
             # of the answer's rows goes (the teacher an index branch learns from), and (MSA) whether the
             # index selected it; past the training length, how much of its selection lies at distances it
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         phases["needle traces"] = time.perf_counter() - t0 - sum(phases.values())
         print(f"  {sum(phases.values()):.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + ")")
 
-    results = save(rows, val_rows, configs)
+    results = save(rows, val_rows)
     print(f"\nexact match ({args.mode} greedy), {args.n} examples per cell:\n{results['table']}")
     print(f"\nshare of answer bytes right (chance ~0.1 per digit):\n{results['byte_table']}")
     print(f"\n{_val_markdown(val_rows)}")
