@@ -1,5 +1,7 @@
 """Redraw this folder's figure and summary table from its committed files.
 
+warmup.png: the conversion's first sparse steps, per dense-warmup arm: the training rows' answers (exact, mean
+of the four runs) over the steps, and each run's final pass key against the index's KL at its last dense step.
 arms.png: per arm, pass-key exact match at 512 of its runs (the paired dense control's as grey ticks), the
 paired difference from the dense control with its 95% interval, the same for validation bits/byte (percent),
 and score recall. summary.md: the same numbers as a table. Run from the repository root:
@@ -16,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PAIRS = [1, 11, 21, 31]  # conversion seeds of run.sh's PAIRS (parent seed 1)
-MORE = [41, 51, 61, 71]  # run.sh's MORE: four more pairs of base and dense
+MORE = [41, 51, 61, 71]  # run.sh's MORE: four more pairs of these arms and dense
+EIGHT = ["base", "ilr10"]
 ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the index chooses: top_k - 1)
     "dense": ("dense attention (the equal-budget control)", 512, None),
     "base": ("block 16 x top 4, 200 warmup steps, KL on, RoPE index", 64, 3),
@@ -25,6 +28,9 @@ ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the inde
     "block32-top2": ("block 32 x top 2", 64, 1),
     "warmup-0": ("no dense warmup", 64, 3),
     "warmup-50": ("50 dense-warmup steps", 64, 3),
+    "warmup-50-ilr10": ("50 dense-warmup steps, index lr x10", 64, 3),
+    "ilr10": ("index lr x10, 200 warmup steps", 64, 3),
+    "warmup-0-ilr10": ("no dense warmup, index lr x10", 64, 3),
     "top8": ("top 8 (twice the budget)", 128, 7),
     "top2": ("top 2 (half the budget)", 32, 1),
 }
@@ -46,13 +52,12 @@ def main():
     have = lambda a, seeds: all((HERE / f"eval_{a}_p1c{s}").exists() for s in seeds)  # noqa: E731
     arms = [a for a in ARMS if have(a, PAIRS)]
     groups = [(a, PAIRS) for a in arms]
-    eight = have("base", PAIRS + MORE) and have("dense", PAIRS + MORE)
-    if eight:
-        groups.insert(2, ("base", PAIRS + MORE))
     vs_dense = recipe_rows("against_dense")
-    if eight:
-        vs_dense.update({(f"base x{len(PAIRS + MORE)}", m): r for (a, m), r in
-                         recipe_rows("base_eight_pairs").items() if a == "base"})
+    for a8 in EIGHT:  # the arms run on all eight pairs: a row of their own after their first four
+        if have(a8, PAIRS + MORE) and have("dense", PAIRS + MORE) and (HERE / f"{a8}_eight_pairs").exists():
+            groups.insert(groups.index((a8, PAIRS)) + 1, (a8, PAIRS + MORE))
+            vs_dense.update({(f"{a8} x{len(PAIRS + MORE)}", m): r for (a, m), r in
+                             recipe_rows(f"{a8}_eight_pairs").items() if a == a8})
 
     def label(a, seeds):
         return a if seeds is PAIRS else f"{a} x{len(seeds)}"
@@ -118,6 +123,44 @@ def main():
             f"| {ci(bpb_r, pct=True) if bpb_r else '–'} | "
             + ("– | – |" if a == "dense" else f"{mean('block_recall'):.3f} | {mean('score_recall'):.3f} |"))
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    warmup_figure()
+
+
+WARMUP_ARMS = {"warmup-0": 0, "warmup-0-ilr10": 0, "warmup-50": 50, "warmup-50-ilr10": 50, "base": 200, "ilr10": 200}  # arm: dense steps
+
+
+def warmup_figure():
+    arms = [a for a in WARMUP_ARMS if all((HERE / f"metrics_{a}_p1c{s}.jsonl").exists() for s in PAIRS)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for i, a in enumerate(arms):
+        color = f"C{i}"
+        rows = {s: [json.loads(x) for x in (HERE / f"metrics_{a}_p1c{s}.jsonl").read_text().splitlines()] for s in PAIRS}
+        train = {s: {r["step"]: r for r in rs if r["kind"] == "train"} for s, rs in rows.items()}
+        steps = sorted(set.intersection(*(set(t) for t in train.values())))
+        answers = [sum(train[s][t]["answer_exact"] for s in PAIRS) / len(PAIRS) for t in steps]
+        axes[0].plot(steps, answers, "-o", ms=3, color=color, label=f"{a} ({ARMS[a][0]})")
+        w = WARMUP_ARMS[a]
+        if w:
+            axes[0].axvline(w, color=color, lw=0.8, ls=":")
+            for s in PAIRS:  # KL at the last dense step (the committed metrics keep every 50th step)
+                axes[1].plot(train[s][w]["kl"], evaluation(a, s)[0], "o", color=color, alpha=0.8)
+    axes[0].set_xlabel("step of the conversion (dotted: the last dense-warmup step)")
+    axes[0].set_ylabel("training rows' answers exact (4 runs x 4 rows)")
+    axes[0].set_xlim(0, 1000)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title("answers through the switch to sparse", fontsize=10)
+    axes[1].set_xscale("log")
+    axes[1].set_xticks([0.2, 0.3, 0.5, 1, 2, 3], ["0.2", "0.3", "0.5", "1", "2", "3"])
+    axes[1].minorticks_off()
+    axes[1].set_xlabel("index KL to the main branch at the last dense step (nats)")
+    axes[1].set_ylabel("pass key at 512 after 1000 steps")
+    axes[1].set_title("what each run keeps against how far its index had learned", fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle("Converting a retrieving dense model at T = 512 (block 16 x top 4): the dense warmup and the index's "
+                 "learning rate", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(HERE / "warmup.png", dpi=110)
 
 
 if __name__ == "__main__":

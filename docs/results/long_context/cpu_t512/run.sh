@@ -5,11 +5,12 @@
 # and 2, step 8000) is trained on at T = 512: dense for 2000 steps (the dense model), then converted to MSA for
 # 1000 steps (200 dense warmup), beside the same 1000 steps dense (the equal-budget dense control). Parent 2 lost
 # its retrieval in that stage (0.00 at T = 512; kept as a record), so every arm continues parent 1 four times,
-# with seeds 1, 11, 21, 31 (the index branch's initialisation and the data order), paired across arms; base and
-# dense four times more (MORE). Every model is evaluated on the same 200 pass-key
+# with seeds 1, 11, 21, 31 (the index branch's initialisation and the data order), paired across arms; base,
+# dense and index lr x10 (ilr10) four times more (MORE). Every model is evaluated on the same 200 pass-key
 # examples per length (40 per depth) at 512 and 1024 (2x the training length).
 # Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
-# project's Python on PATH; ARMS="base" runs a subset of the arms.
+# project's Python on PATH; ARMS="base" runs a subset of the arms, STAGE_SEEDS="1" or FROM_PARENT_SEEDS="" (empty: none)
+# a subset of the T = 512 stage's runs.
 set -eu
 R=${RUNS:-runs/cpu_t512}
 P=${PARENTS:-runs/cpu_seeds}
@@ -31,10 +32,15 @@ declare -A ARM=(
   [warmup-50]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --steps 1000"  # 5%, as the 16K conversion's 50 of 150
   [top2]="$MSA --block-size 16 --top-k 2 --msa-warmup-steps 200 --steps 1000"
   [top8]="$MSA --block-size 16 --top-k 8 --msa-warmup-steps 200 --steps 1000"
+  # the index branch's learning rate x10 (fifth session): can a faster index stand in for a longer warmup (50 steps),
+  # what does it change with base's 200, and can it stand in for any warmup at all?
+  [warmup-50-ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --index-lr-scale 10 --steps 1000"
+  [ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --index-lr-scale 10 --steps 1000"
+  [warmup-0-ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --index-lr-scale 10 --steps 1000"
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50"
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+"
 PAIRS=${PAIRS:-"1:1 1:11 1:21 1:31"}  # parent seed : conversion seed (a subset: runs the arms on it only)
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
@@ -43,7 +49,7 @@ eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
   mkdir -p $O/eval_$x && cp $R/eval_$x/results.{json,md} $O/eval_$x/
   awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
 }
-for s in 1 2; do  # the dense models at T = 512, from the T = 128 parents
+for s in ${STAGE_SEEDS-1 2}; do  # the dense models at T = 512, from the T = 128 parents
   d=$R/dense512_p$s
   [ -e $d/DONE ] || { python experiments/train_lm.py $COMMON --attention dense --keep 2 --seed $s --steps 2000 \
     --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed$s --init-step 8000 --run-dir $d && touch $d/DONE; }
@@ -54,12 +60,15 @@ done
 # training probe: 0.75 at step 200, 1.00 from 300); the dense warmup ends before (20 steps) or after (400) that.
 # Seeds 11 and 21 (fourth session; the stage's data order and the index's initialisation, parent 1 each time)
 # repeat the three with a dense run of their own seed: three pairs. Seed 1's runs keep their names (no _sN).
-FROM_PARENT_SEEDS=${FROM_PARENT_SEEDS:-1 11 21}
+# 20-ilr10 (fifth session): the 20-step warmup with the index's learning rate x10, three seeds: does a faster
+# index let MSA learn the skill while sparse? FROM_PARENT_RUNS: a subset of these runs.
+FROM_PARENT_SEEDS=${FROM_PARENT_SEEDS-1 11 21}
 for sd in $FROM_PARENT_SEEDS; do
   sfx=; [ $sd = 1 ] || sfx=s$sd
-  for w in dense ${FROM_PARENT_WARMUPS:-20 400}; do
+  for w in ${FROM_PARENT_RUNS:-dense 20 400 20-ilr10}; do
     if [ $w = dense ]; then x=dense512_p1$sfx flags="--attention dense"
-    else x=msa512_w${w}_p1$sfx flags="$MSA --block-size 16 --top-k 4 --msa-warmup-steps $w"; fi
+    else x=msa512_w${w}_p1$sfx flags="$MSA --block-size 16 --top-k 4 --msa-warmup-steps ${w%-ilr10}"
+      [ $w = ${w%-ilr10} ] || flags="$flags --index-lr-scale 10"; fi
     [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $flags --keep 2 --seed $sd --steps 2000 \
       --eval-every 500 --ckpt-every 500 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
     eval_once $x
@@ -104,14 +113,31 @@ if done4 base "$MORE" && done4 dense "$MORE"; then
     --recipe dense=$(labels dense "$PAIRS $MORE") --recipe base=$(labels base "$PAIRS $MORE") --paired-recipes \
     --out $O/base_eight_pairs > /dev/null
 fi
+# index lr x10 on all eight pairs too (fifth session): against dense, and against base
+if done4 ilr10 "$MORE" && done4 dense "$MORE" && done4 base "$MORE"; then
+  python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE") $(runs ilr10 "$PAIRS $MORE") \
+    --recipe dense=$(labels dense "$PAIRS $MORE") --recipe ilr10=$(labels ilr10 "$PAIRS $MORE") --paired-recipes \
+    --out $O/ilr10_eight_pairs > /dev/null
+  python experiments/compare_retrieval.py $(runs base "$PAIRS $MORE") $(runs ilr10 "$PAIRS $MORE") \
+    --recipe base=$(labels base "$PAIRS $MORE") --recipe ilr10=$(labels ilr10 "$PAIRS $MORE") --paired-recipes \
+    --out $O/ilr10_against_base > /dev/null
+fi
+# the same dense warmups with the index's learning rate at 1x and x10, pair by pair
+for w in 50 0; do
+  if done4 warmup-$w && done4 warmup-$w-ilr10; then
+    python experiments/compare_retrieval.py $(runs warmup-$w) $(runs warmup-$w-ilr10) --recipe warmup-$w=$(labels warmup-$w) \
+      --recipe warmup-$w-ilr10=$(labels warmup-$w-ilr10) --paired-recipes --out $O/warmup$w-ilr10_against_1x > /dev/null
+  fi
+done
 # MSA through the T = 512 stage (both dense-warmup lengths) against dense from the same parent, seed and steps: pair
 # by pair over the seeds whose three runs are evaluated ("-" stands for seed 1's empty suffix)
 fp_done=$(for sd in $FROM_PARENT_SEEDS; do sfx=; [ $sd = 1 ] || sfx=s$sd
   [ -f $O/eval_dense512_p1$sfx/results.json ] && [ -f $O/eval_msa512_w20_p1$sfx/results.json ] \
     && [ -f $O/eval_msa512_w400_p1$sfx/results.json ] && echo -n "${sfx:--} "; done || true)
 if [ $(echo $fp_done | wc -w) -gt 0 ]; then
-  fp_runs=; fp_recipes=
-  for pre in dense512 msa512_w20 msa512_w400; do
+  fp_runs=; fp_recipes=; fp_ilr10=msa512_w20-ilr10
+  for s in $fp_done; do [ -f $O/eval_msa512_w20-ilr10_p1${s#-}/results.json ] || fp_ilr10=; done
+  for pre in dense512 msa512_w20 msa512_w400 $fp_ilr10; do
     labs=
     for s in $fp_done; do x=${pre}_p1${s#-}; fp_runs="$fp_runs $x=$O/eval_$x"; labs="$labs,$x"; done
     fp_recipes="$fp_recipes --recipe $pre=${labs#,}"

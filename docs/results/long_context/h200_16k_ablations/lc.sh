@@ -49,6 +49,8 @@ declare -A ARGS=(
   [cpt]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50"  # converted from 16K dense
   # cpt_far_s600 lost its retrieval at its first sparse step, the index's KL still falling fast (../h200_dense_bar/)
   [cpt-w200]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200"
+  # the CPU's answer at T = 512 (../cpu_t512/, warmup-50-ilr10): the index's learning rate x10 in the same 50 steps
+  [cpt-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50 --index-lr-scale 10"
   [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
   [warmup-0]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 0"  # sparse from the first 16K step
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
