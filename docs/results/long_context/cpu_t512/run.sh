@@ -9,8 +9,8 @@
 # dense and index lr x10 (ilr10) four times more (MORE). Every model is evaluated on the same 200 pass-key
 # examples per length (40 per depth) at 512 and 1024 (2x the training length).
 # Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
-# project's Python on PATH; ARMS="base" runs a subset of the arms, STAGE_SEEDS="1" or FROM_PARENT_SEEDS="" (empty: none)
-# a subset of the T = 512 stage's runs.
+# project's Python on PATH. Subsets: ARMS="base" (ARMS=" ": no arm), STAGE_SEEDS="1", FROM_PARENT_SEEDS="11" and
+# FROM_PARENT_RUNS="20-ilr10" (an empty STAGE_SEEDS or FROM_PARENT_SEEDS: none of those runs).
 set -eu
 R=${RUNS:-runs/cpu_t512}
 P=${PARENTS:-runs/cpu_seeds}
