@@ -28,6 +28,7 @@ ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the inde
     "block32-top2": ("block 32 x top 2", 64, 1),
     "warmup-0": ("no dense warmup", 64, 3),
     "warmup-50": ("50 dense-warmup steps", 64, 3),
+    "warmup-50-ilr3": ("50 dense-warmup steps, index lr x3", 64, 3),
     "warmup-50-ilr10": ("50 dense-warmup steps, index lr x10", 64, 3),
     "ilr10": ("index lr x10, 200 warmup steps", 64, 3),
     "warmup-0-ilr10": ("no dense warmup, index lr x10", 64, 3),
@@ -126,12 +127,13 @@ def main():
     warmup_figure()
 
 
-WARMUP_ARMS = {"warmup-0": 0, "warmup-0-ilr10": 0, "warmup-50": 50, "warmup-50-ilr10": 50, "base": 200, "ilr10": 200}  # arm: dense steps
+WARMUP_ARMS = {"warmup-0": 0, "warmup-0-ilr10": 0, "warmup-50": 50, "warmup-50-ilr3": 50,
+               "warmup-50-ilr10": 50, "base": 200, "ilr10": 200}  # arm: dense steps
 
 
 def warmup_figure():
     arms = [a for a in WARMUP_ARMS if all((HERE / f"metrics_{a}_p1c{s}.jsonl").exists() for s in PAIRS)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
     for i, a in enumerate(arms):
         color = f"C{i}"
         rows = {s: [json.loads(x) for x in (HERE / f"metrics_{a}_p1c{s}.jsonl").read_text().splitlines()] for s in PAIRS}
@@ -147,7 +149,6 @@ def warmup_figure():
     axes[0].set_xlabel("step of the conversion (dotted: the last dense-warmup step)")
     axes[0].set_ylabel("training rows' answers exact (4 runs x 4 rows)")
     axes[0].set_xlim(0, 1000)
-    axes[0].legend(fontsize=8, loc="lower right")
     axes[0].set_title("answers through the switch to sparse", fontsize=10)
     axes[1].set_xscale("log")
     axes[1].set_xticks([0.2, 0.3, 0.5, 1, 2, 3], ["0.2", "0.3", "0.5", "1", "2", "3"])
@@ -159,7 +160,8 @@ def warmup_figure():
         ax.grid(alpha=0.3)
     fig.suptitle("Converting a retrieving dense model at T = 512 (block 16 x top 4): the dense warmup and the index's "
                  "learning rate", fontsize=11)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3)  # below both panels
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     fig.savefig(HERE / "warmup.png", dpi=110)
 
 

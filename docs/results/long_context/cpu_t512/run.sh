@@ -37,10 +37,12 @@ declare -A ARM=(
   [warmup-50-ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --index-lr-scale 10 --steps 1000"
   [ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --index-lr-scale 10 --steps 1000"
   [warmup-0-ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --index-lr-scale 10 --steps 1000"
+  # sixth session: the dose between 1x and x10 with the 50-step warmup
+  [warmup-50-ilr3]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --index-lr-scale 3 --steps 1000"
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+"
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+ warmup-50-ilr3"
 PAIRS=${PAIRS:-"1:1 1:11 1:21 1:31"}  # parent seed : conversion seed (a subset: runs the arms on it only)
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
@@ -129,6 +131,11 @@ for w in 50 0; do
       --recipe warmup-$w-ilr10=$(labels warmup-$w-ilr10) --paired-recipes --out $O/warmup$w-ilr10_against_1x > /dev/null
   fi
 done
+# the dose with the 50-step warmup (sixth session): 1x, x3 and x10, pair by pair
+if done4 warmup-50 && done4 warmup-50-ilr3 && done4 warmup-50-ilr10; then
+  python experiments/compare_retrieval.py $(runs warmup-50) $(runs warmup-50-ilr3) $(runs warmup-50-ilr10) \
+    $(recipes warmup-50 warmup-50-ilr3 warmup-50-ilr10) --paired-recipes --out $O/warmup50_dose > /dev/null
+fi
 # MSA through the T = 512 stage (both dense-warmup lengths) against dense from the same parent, seed and steps: pair
 # by pair over the seeds whose three runs are evaluated ("-" stands for seed 1's empty suffix)
 fp_done=$(for sd in $FROM_PARENT_SEEDS; do sfx=; [ $sd = 1 ] || sfx=s$sd
