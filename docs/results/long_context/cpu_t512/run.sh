@@ -76,6 +76,44 @@ for sd in $FROM_PARENT_SEEDS; do
     eval_once $x
   done
 done
+# The H200's "scratch" recipe (a 2K MSA stage, whose 128 x 16 covers every block, before 16K) on the CPU (sixth session):
+# the T = 128 parent 1000 steps on as MSA with top 8 of its 8 blocks (dense attention, the index trained by the full
+# KL; msa128_full_p1), then the T = 512 stage from it as msa512_w20 (sparse from step 20, same seeds): does an index
+# trained beforehand let MSA learn to retrieve at 512 while sparse, where a fresh one (msa512_w20) never did?
+SCRATCH_SEEDS=${SCRATCH_SEEDS-1 11 21}
+if [ -n "$SCRATCH_SEEDS" ]; then
+  x=msa128_full_p1
+  [ -e $R/$x/DONE ] || { python experiments/train_lm.py ${COMMON/--seq-len 512 --batch-size 4/--seq-len 128 --batch-size 16} \
+    $MSA --block-size 16 --top-k 8 --msa-warmup-steps 0 --steps 1000 --lr 1e-3 --eval-every 500 --ckpt-every 250 \
+    --keep 1 --seed 1 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
+  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
+fi
+for sd in $SCRATCH_SEEDS; do
+  sfx=; [ $sd = 1 ] || sfx=s$sd
+  x=msa512_w20-scratch_p1$sfx
+  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps 20 \
+    --keep 2 --seed $sd --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $R/msa128_full_p1 --init-step 1000 \
+    --run-dir $R/$x && touch $R/$x/DONE; }
+  eval_once $x
+done
+# Its control: the same 1000 steps at T = 128 dense (dense128_more_p1), then msa512_w20 from it with a fresh index:
+# is it the trained index or the backbone's 1000 more steps?
+CONTROL_SEEDS=${CONTROL_SEEDS-1}
+if [ -n "$CONTROL_SEEDS" ]; then
+  x=dense128_more_p1
+  [ -e $R/$x/DONE ] || { python experiments/train_lm.py ${COMMON/--seq-len 512 --batch-size 4/--seq-len 128 --batch-size 16} \
+    --attention dense --steps 1000 --lr 1e-3 --eval-every 500 --ckpt-every 250 \
+    --keep 1 --seed 1 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
+  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
+fi
+for sd in $CONTROL_SEEDS; do
+  sfx=; [ $sd = 1 ] || sfx=s$sd
+  x=msa512_w20-more_p1$sfx
+  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps 20 \
+    --keep 2 --seed $sd --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $R/dense128_more_p1 --init-step 1000 \
+    --run-dir $R/$x && touch $R/$x/DONE; }
+  eval_once $x
+done
 for a in ${ARMS:-$ORDER}; do
   pcs=$PAIRS; [ "${a%+}" = "$a" ] || { a=${a%+}; pcs=$MORE; }
   for pc in $pcs; do
@@ -142,15 +180,31 @@ fp_done=$(for sd in $FROM_PARENT_SEEDS; do sfx=; [ $sd = 1 ] || sfx=s$sd
   [ -f $O/eval_dense512_p1$sfx/results.json ] && [ -f $O/eval_msa512_w20_p1$sfx/results.json ] \
     && [ -f $O/eval_msa512_w400_p1$sfx/results.json ] && echo -n "${sfx:--} "; done || true)
 if [ $(echo $fp_done | wc -w) -gt 0 ]; then
-  fp_runs=; fp_recipes=; fp_ilr10=msa512_w20-ilr10
+  fp_runs=; fp_recipes=; fp_ilr10=msa512_w20-ilr10 fp_scratch=msa512_w20-scratch
   for s in $fp_done; do [ -f $O/eval_msa512_w20-ilr10_p1${s#-}/results.json ] || fp_ilr10=; done
-  for pre in dense512 msa512_w20 msa512_w400 $fp_ilr10; do
+  for s in $fp_done; do [ -f $O/eval_msa512_w20-scratch_p1${s#-}/results.json ] || fp_scratch=; done
+  for pre in dense512 msa512_w20 msa512_w400 $fp_ilr10 $fp_scratch; do
     labs=
     for s in $fp_done; do x=${pre}_p1${s#-}; fp_runs="$fp_runs $x=$O/eval_$x"; labs="$labs,$x"; done
     fp_recipes="$fp_recipes --recipe $pre=${labs#,}"
   done
   if [ $(echo $fp_done | wc -w) -gt 1 ]; then fp_recipes="$fp_recipes --paired-recipes"; else fp_recipes=; fi
   python experiments/compare_retrieval.py $fp_runs $fp_recipes --out $O/from_parent > /dev/null
+fi
+# the trained index's runs (sixth session) against dense, MSA with a fresh index and its control, seed by seed
+sc_runs=; sc_recipes=
+for pre in dense512 msa512_w20 msa512_w20-more msa512_w20-scratch; do
+  labs=
+  for sd in 1 11 21; do
+    sfx=; [ $sd = 1 ] || sfx=s$sd
+    [ -f $O/eval_msa512_w20-scratch_p1$sfx/results.json ] && [ -f $O/eval_${pre}_p1$sfx/results.json ] || continue
+    sc_runs="$sc_runs ${pre}_p1$sfx=$O/eval_${pre}_p1$sfx"; labs="$labs,${pre}_p1$sfx"
+  done
+  # a recipe of two or more runs (the control has one: it is compared run by run)
+  [ $(echo ${labs#,} | tr ',' ' ' | wc -w) -gt 1 ] && sc_recipes="$sc_recipes --recipe $pre=${labs#,}"
+done
+if [ -n "$sc_runs" ]; then
+  python experiments/compare_retrieval.py $sc_runs $sc_recipes --paired-recipes --out $O/trained_index > /dev/null
 fi
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
