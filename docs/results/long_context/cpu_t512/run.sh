@@ -9,8 +9,9 @@
 # dense and index lr x10 (ilr10) four times more (MORE). Every model is evaluated on the same 200 pass-key
 # examples per length (40 per depth) at 512 and 1024 (2x the training length).
 # Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
-# project's Python on PATH. Subsets: ARMS="base" (ARMS=" ": no arm), STAGE_SEEDS="1", FROM_PARENT_SEEDS="11" and
-# FROM_PARENT_RUNS="20-ilr10" (an empty STAGE_SEEDS or FROM_PARENT_SEEDS: none of those runs).
+# project's Python on PATH. Subsets: ARMS="base" (ARMS=" ": no arm), STAGE_SEEDS="1", FROM_PARENT_SEEDS="11",
+# FROM_PARENT_RUNS="20-ilr10", SCRATCH_SEEDS="21" and CONTROL_SEEDS="11" (an empty STAGE_SEEDS, FROM_PARENT_SEEDS,
+# SCRATCH_SEEDS or CONTROL_SEEDS: none of those runs).
 set -eu
 R=${RUNS:-runs/cpu_t512}
 P=${PARENTS:-runs/cpu_seeds}
@@ -80,40 +81,27 @@ done
 # the T = 128 parent 1000 steps on as MSA with top 8 of its 8 blocks (dense attention, the index trained by the full
 # KL; msa128_full_p1), then the T = 512 stage from it as msa512_w20 (sparse from step 20, same seeds): does an index
 # trained beforehand let MSA learn to retrieve at 512 while sparse, where a fresh one (msa512_w20) never did?
-SCRATCH_SEEDS=${SCRATCH_SEEDS-1 11 21}
-if [ -n "$SCRATCH_SEEDS" ]; then
-  x=msa128_full_p1
-  [ -e $R/$x/DONE ] || { python experiments/train_lm.py ${COMMON/--seq-len 512 --batch-size 4/--seq-len 128 --batch-size 16} \
-    $MSA --block-size 16 --top-k 8 --msa-warmup-steps 0 --steps 1000 --lr 1e-3 --eval-every 500 --ckpt-every 250 \
-    --keep 1 --seed 1 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
-  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
-fi
-for sd in $SCRATCH_SEEDS; do
-  sfx=; [ $sd = 1 ] || sfx=s$sd
-  x=msa512_w20-scratch_p1$sfx
-  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps 20 \
-    --keep 2 --seed $sd --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $R/msa128_full_p1 --init-step 1000 \
-    --run-dir $R/$x && touch $R/$x/DONE; }
-  eval_once $x
-done
+short_then_512() {  # short_then_512 NAME128 NAME512 SEEDS FLAGS128...: the parent 1000 steps on at T = 128 with FLAGS128
+  # (seed 1), then the T = 512 stage from it as msa512_w20 (sparse from step 20) with each seed, evaluated
+  local x128=$1 x512=$2 seeds=$3 sd sfx x; shift 3
+  [ -n "$seeds" ] || return 0
+  [ -e $R/$x128/DONE ] || { python experiments/train_lm.py ${COMMON/--seq-len 512 --batch-size 4/--seq-len 128 --batch-size 16} \
+    "$@" --steps 1000 --lr 1e-3 --eval-every 500 --ckpt-every 250 --keep 1 --seed 1 --init-from $P/dense_seed1 \
+    --init-step 8000 --run-dir $R/$x128 && touch $R/$x128/DONE; }
+  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x128/metrics.jsonl > $O/metrics_$x128.jsonl
+  for sd in $seeds; do
+    sfx=; [ $sd = 1 ] || sfx=s$sd
+    x=${x512}_p1$sfx
+    [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps 20 \
+      --keep 2 --seed $sd --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $R/$x128 --init-step 1000 \
+      --run-dir $R/$x && touch $R/$x/DONE; }
+    eval_once $x
+  done
+}
+short_then_512 msa128_full_p1 msa512_w20-scratch "${SCRATCH_SEEDS-1 11 21}" $MSA --block-size 16 --top-k 8 --msa-warmup-steps 0
 # Its control: the same 1000 steps at T = 128 dense (dense128_more_p1), then msa512_w20 from it with a fresh index:
 # is it the trained index or the backbone's 1000 more steps?
-CONTROL_SEEDS=${CONTROL_SEEDS-1}
-if [ -n "$CONTROL_SEEDS" ]; then
-  x=dense128_more_p1
-  [ -e $R/$x/DONE ] || { python experiments/train_lm.py ${COMMON/--seq-len 512 --batch-size 4/--seq-len 128 --batch-size 16} \
-    --attention dense --steps 1000 --lr 1e-3 --eval-every 500 --ckpt-every 250 \
-    --keep 1 --seed 1 --init-from $P/dense_seed1 --init-step 8000 --run-dir $R/$x && touch $R/$x/DONE; }
-  awk '!/"kind": "train"/ || /"step": [0-9]*[05]0,/' $R/$x/metrics.jsonl > $O/metrics_$x.jsonl
-fi
-for sd in $CONTROL_SEEDS; do
-  sfx=; [ $sd = 1 ] || sfx=s$sd
-  x=msa512_w20-more_p1$sfx
-  [ -e $R/$x/DONE ] || { python experiments/train_lm.py $COMMON $MSA --block-size 16 --top-k 4 --msa-warmup-steps 20 \
-    --keep 2 --seed $sd --steps 2000 --eval-every 500 --ckpt-every 500 --init-from $R/dense128_more_p1 --init-step 1000 \
-    --run-dir $R/$x && touch $R/$x/DONE; }
-  eval_once $x
-done
+short_then_512 dense128_more_p1 msa512_w20-more "${CONTROL_SEEDS-1 11}" --attention dense
 for a in ${ARMS:-$ORDER}; do
   pcs=$PAIRS; [ "${a%+}" = "$a" ] || { a=${a%+}; pcs=$MORE; }
   for pc in $pcs; do
@@ -191,21 +179,21 @@ if [ $(echo $fp_done | wc -w) -gt 0 ]; then
   if [ $(echo $fp_done | wc -w) -gt 1 ]; then fp_recipes="$fp_recipes --paired-recipes"; else fp_recipes=; fi
   python experiments/compare_retrieval.py $fp_runs $fp_recipes --out $O/from_parent > /dev/null
 fi
-# the trained index's runs (sixth session) against dense, MSA with a fresh index and its control, seed by seed
-sc_runs=; sc_recipes=
-for pre in dense512 msa512_w20 msa512_w20-more msa512_w20-scratch; do
-  labs=
-  for sd in 1 11 21; do
-    sfx=; [ $sd = 1 ] || sfx=s$sd
-    [ -f $O/eval_msa512_w20-scratch_p1$sfx/results.json ] && [ -f $O/eval_${pre}_p1$sfx/results.json ] || continue
-    sc_runs="$sc_runs ${pre}_p1$sfx=$O/eval_${pre}_p1$sfx"; labs="$labs,${pre}_p1$sfx"
+# the trained index's runs (sixth session) against dense and MSA with a fresh index, pair by pair over the seeds that
+# have them (trained_index/), and the control against them over the control's seeds (trained_index_control/)
+compare_seeds() {  # compare_seeds OUT RECIPE...: the recipes' runs on every seed where all of them are evaluated
+  local out=$1 sd sfx pre ok rs= recs= labs; shift
+  local seeds=$(for sd in 1 11 21; do sfx=; [ $sd = 1 ] || sfx=s$sd; ok=1
+    for pre in "$@"; do [ -f $O/eval_${pre}_p1$sfx/results.json ] || ok=; done; [ -n "$ok" ] && echo -n "$sfx- "; done || true)
+  [ $(echo $seeds | wc -w) -gt 1 ] || return 0
+  for pre in "$@"; do
+    labs=; for sfx in $seeds; do x=${pre}_p1${sfx%-}; rs="$rs $x=$O/eval_$x"; labs="$labs,$x"; done
+    recs="$recs --recipe $pre=${labs#,}"
   done
-  # a recipe of two or more runs (the control has one: it is compared run by run)
-  [ $(echo ${labs#,} | tr ',' ' ' | wc -w) -gt 1 ] && sc_recipes="$sc_recipes --recipe $pre=${labs#,}"
-done
-if [ -n "$sc_runs" ]; then
-  python experiments/compare_retrieval.py $sc_runs $sc_recipes --paired-recipes --out $O/trained_index > /dev/null
-fi
+  python experiments/compare_retrieval.py $rs $recs --paired-recipes --out $O/$out > /dev/null
+}
+compare_seeds trained_index dense512 msa512_w20 msa512_w20-scratch
+compare_seeds trained_index_control dense512 msa512_w20-more msa512_w20-scratch
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
     p1d=$O/eval_dense512_p1 $(for a in $DONE_ARMS; do runs $a; done) --recipe parent=p1a,p1b,p1c,p1d $(recipes $DONE_ARMS) \
