@@ -168,10 +168,9 @@ fp_done=$(for sd in $FROM_PARENT_SEEDS; do sfx=; [ $sd = 1 ] || sfx=s$sd
   [ -f $O/eval_dense512_p1$sfx/results.json ] && [ -f $O/eval_msa512_w20_p1$sfx/results.json ] \
     && [ -f $O/eval_msa512_w400_p1$sfx/results.json ] && echo -n "${sfx:--} "; done || true)
 if [ $(echo $fp_done | wc -w) -gt 0 ]; then
-  fp_runs=; fp_recipes=; fp_ilr10=msa512_w20-ilr10 fp_scratch=msa512_w20-scratch
+  fp_runs=; fp_recipes=; fp_ilr10=msa512_w20-ilr10  # the trained index's runs: trained_index/, below
   for s in $fp_done; do [ -f $O/eval_msa512_w20-ilr10_p1${s#-}/results.json ] || fp_ilr10=; done
-  for s in $fp_done; do [ -f $O/eval_msa512_w20-scratch_p1${s#-}/results.json ] || fp_scratch=; done
-  for pre in dense512 msa512_w20 msa512_w400 $fp_ilr10 $fp_scratch; do
+  for pre in dense512 msa512_w20 msa512_w400 $fp_ilr10; do
     labs=
     for s in $fp_done; do x=${pre}_p1${s#-}; fp_runs="$fp_runs $x=$O/eval_$x"; labs="$labs,$x"; done
     fp_recipes="$fp_recipes --recipe $pre=${labs#,}"
