@@ -5,7 +5,8 @@ Run directory:
   metrics.jsonl   one JSON object per line: a "train" row per step (step, loss = LM loss in
                   nats/byte, kl, lr, grad_norm, index_grad_norm, tokens_per_s, sparse, total_loss)
                   and an "eval" row per evaluation (step, sparse, val_loss, val_bpb, val_kl,
-                  block_recall, score_recall, eval_s)
+                  block_recall, score_recall, eval_s; with a task mix val_answer_bytes,
+                  val_answer_exact and, for MSA, val_needle_selected[_layers]: `evaluate`)
   loss.png        train / val loss, KL and recall curves (redrawn at every eval)
   summary.json    written when the run reaches its last step
   checkpoints/    Orbax checkpoints: params, optimizer, step, data iterator state, seed, config
@@ -39,6 +40,7 @@ import platform
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -47,6 +49,7 @@ from msa_jax import bench, data, determinism, plots, retrieval, sharding
 from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
 from msa_jax.config import RunConfig
 from msa_jax.model import DecoderLM, count_params
+from msa_jax.needle_trace import probe_needle_selected
 from msa_jax.train import (lr_schedule, make_optimizer, param_names, sharded_eval_step, sharded_train_step,
                            use_sparse)
 
@@ -124,10 +127,14 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe=None) -> dict:
+def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe: Probe | None = None,
+             block_size: int | None = None) -> dict:
     """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model).
-    probe: batches of retrieval rows (`retrieval_probe`): + the share of their answer bytes and of
-    whole answers predicted right (teacher-forced greedy), val_answer_bytes and val_answer_exact."""
+    probe: retrieval rows (`retrieval_probe`): + the share of their answer bytes and of whole answers
+    predicted right (teacher-forced greedy), val_answer_bytes and val_answer_exact; for an MSA model
+    (block_size given, no context axis) also whether its index routes those answers to the needle:
+    val_needle_selected (mean over the MSA layers of `needle_trace.probe_needle_selected`, the rows'
+    mean) and val_needle_selected_layers (per MSA layer)."""
     totals: dict[str, float] = {}
     for batch in eval_set:
         m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, with_recall=is_msa))
@@ -139,12 +146,19 @@ def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe=None) -
                score_recall=out.get("score_recall"))
     if probe:
         counts: dict[str, float] = {}
-        for batch in probe:
+        routed = is_msa and block_size is not None and mesh.shape["context"] == 1
+        hits = []
+        for batch, needles in zip(probe.batches, probe.needles):
             rows = np.ones(batch.shape[0], bool)
             m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, answer_rows=rows))
             for k in ANSWER_COUNTS:
                 counts[k] = counts.get(k, 0.0) + float(m[k])
+            if routed:
+                hits.append(probe_needle_selected(model, batch, needles, block_size, sparse=sparse, mesh=mesh))
         row.update(answer_rates(counts, "val_"))
+        if hits:
+            per_layer = np.concatenate(hits, axis=1).mean(axis=1)  # [MSA layers]
+            row.update(val_needle_selected=float(per_layer.mean()), val_needle_selected_layers=per_layer.tolist())
     return row
 
 
@@ -161,12 +175,22 @@ def answer_rates(counts: dict, prefix: str = "") -> dict:
             f"{prefix}answer_exact": rate("answer_rows_right", "answer_rows")}
 
 
-def retrieval_probe(run: RunConfig, source, batch_size: int, n_batches: int) -> list[np.ndarray]:
+class Probe(NamedTuple):
+    """The training loop's retrieval probe: batches int32 [batch_size, seq_len + 1] of retrieval rows
+    and, per batch, where each row's queried needle is, needles int [batch_size, 2] ([start, end))."""
+    batches: list[np.ndarray]
+    needles: list[np.ndarray]
+
+
+def retrieval_probe(run: RunConfig, source, batch_size: int, n_batches: int) -> Probe:
     """Fixed validation batches of retrieval rows for the training loop's evaluations (a run with a
-    task mix): `n_batches` x `batch_size` rows of the mixed tasks at the training length, haystacks
-    from `source` (the validation split), the answer at the end of each row as in training."""
-    rows = retrieval.training_rows(source, n_batches * batch_size, run.seq_len + 1, run.mix_tasks, rng=run.seed + 1)
-    return list(rows.reshape(n_batches, batch_size, run.seq_len + 1))
+    task mix): `n_batches` x `batch_size` rows of the mixed tasks at the training length (uniform
+    depths), haystacks from `source` (the validation split), the answer at the end of each row as in
+    training, and their needles' positions."""
+    exs = retrieval.training_examples(source, n_batches * batch_size, run.seq_len + 1, run.mix_tasks, rng=run.seed + 1)
+    rows = np.stack([ex.tokens for ex in exs]).astype(np.int32)
+    needles = np.array([(ex.needle_pos, ex.needle_pos + len(ex.needle)) for ex in exs], np.int64)
+    return Probe(list(rows.reshape(n_batches, batch_size, -1)), list(needles.reshape(n_batches, batch_size, 2)))
 
 
 def check_resume(saved: RunConfig, run: RunConfig) -> list[str]:
@@ -285,7 +309,8 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
     def do_eval(step: int) -> dict:
         t0 = time.perf_counter()
         sparse = bool(is_msa and use_sparse(step - 1, mcfg.msa))  # the mode of the step just taken
-        row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse, probe=probe))
+        row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse, probe=probe,
+                                                      block_size=mcfg.msa.block_size if is_msa else None))
         row["eval_s"] = time.perf_counter() - t0
         log.write([row])
         if run.plot and is_main:

@@ -144,14 +144,16 @@ def split_params(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
     return nnx.state(model, INDEX_PARAMS, MAIN_PARAMS)
 
 
-def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool = False) -> list[dict | None]:
+def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool = False,
+                     sparse: bool = True) -> list[dict | None]:
     """What each MSA layer's index branch selects on `tokens` [B, T] (one device, no mesh).
 
     Returns one entry per layer: None for a dense layer; for an MSA layer {"block_idx": int32
     [B, T, H_kv, top_k]} (the blocks its main branch attends to with top-k routing on), plus
     "block_recall" and "score_recall" (`ops.selection_recall`, per layer: the model's aux only has
-    their mean) when `with_recall`. The layers run their usual sparse forward in between; jit it
-    (`nnx.jit`) for long sequences."""
+    their mean) when `with_recall`. The layers run their usual forward in between (`sparse=False`: the
+    dense warmup's, so the selections are those the index would make in the model as it is trained
+    then); jit it (`nnx.jit`) for long sequences."""
     cfg, m = model.cfg, model.cfg.msa
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = model._embed(tokens)
@@ -169,7 +171,7 @@ def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool =
             out.append(entry)
         else:
             out.append(None)
-        x, _ = block(x, positions, sparse=True)
+        x, _ = block(x, positions, sparse=sparse)
     return out
 
 

@@ -30,6 +30,53 @@ def _jitted():
             nnx.jit(layer_block_mass, static_argnames="n_rows"))
 
 
+@functools.cache
+def _probe_hits():
+    """The batched needle selection of `probe_needle_selected`, jitted once."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from msa_jax.model import layer_selections
+
+    @nnx.jit(static_argnames="sparse")
+    def hits(model, rows, first, last, *, sparse):
+        lo, hi = retrieval.answer_targets(rows.shape[1] - 1)  # the input rows predicting the answer
+        out = []
+        for s in layer_selections(model, rows[:, :-1], sparse=sparse):
+            if s is not None:
+                ids = s["block_idx"][:, lo:hi]  # [B, answer rows, H_kv, top_k], -1 = none
+                hit = (ids >= first[:, None, None, None]) & (ids <= last[:, None, None, None])
+                out.append(hit.any(-1).mean(axis=(1, 2), dtype=jnp.float32))
+        return jnp.stack(out)
+
+    return hits
+
+
+def probe_needle_selected(model, rows: np.ndarray, needles: np.ndarray, block_size: int, *, sparse: bool = True,
+                          mesh=None) -> np.ndarray:
+    """Whether the index routes a retrieval row's answer to its needle, for a batch of training rows
+    (`retrieval.training_examples`, int [B, seq_len + 1], the answer at the end) with their queried
+    needles `needles` int [B, 2] ([start, end) in the row): float [MSA layers, B], per row the share of
+    (query row predicting an answer byte, KV group) whose selected blocks include one of the needle's
+    (`retrieval.needle_selected`, batched and on the device). sparse: the forward the layers run in
+    between (False: the dense warmup's). mesh: one without a `context` axis; the rows are split over
+    its batch axes (B a multiple of data * fsdp)."""
+    import jax
+
+    rows, needles = np.asarray(rows), np.asarray(needles)
+    first, last = needles[:, 0] // block_size, (needles[:, 1] - 1) // block_size
+    hits = _probe_hits()
+    if mesh is None:
+        return np.asarray(hits(model, rows, first, last, sparse=sparse))
+    from msa_jax import sharding
+
+    if mesh.shape["context"] > 1:
+        raise ValueError(f"probe_needle_selected: a mesh with a context axis is not supported ({dict(mesh.shape)})")
+    with jax.set_mesh(mesh):
+        return np.asarray(jax.device_get(hits(model, sharding.shard_batch(rows, mesh), sharding.shard_rows(first, mesh),
+                                              sharding.shard_rows(last, mesh), sparse=sparse)))
+
+
 def needle_trace(model, cfg, source: np.ndarray, T: int, depth: float, *, examples: int = 8, seed: int = 0,
                  name: str = "", figure_dir: str | pathlib.Path | None = None) -> dict:
     """Trace `examples` pass-key examples of context length T with the needle at `depth` (haystacks from

@@ -80,6 +80,9 @@ def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
         ev = [r for r in evals if r.get("val_answer_bytes") is not None]
         ax.plot([r["step"] for r in ev], [r["val_answer_bytes"] for r in ev], "o-", label="answer bytes right (val)")
         ax.plot([r["step"] for r in ev], [r["val_answer_exact"] for r in ev], "s-", label="whole answer right (val)")
+        ns = [r for r in ev if r.get("val_needle_selected") is not None]  # MSA: the index routes the answer there
+        if ns:
+            ax.plot([r["step"] for r in ns], [r["val_needle_selected"] for r in ns], "^:", label="needle selected (val)")
         ax.set(xlabel="step", ylim=(0, 1.02), title="retrieval rows (teacher-forced)")
         ax.grid(alpha=0.3)
         ax.legend()

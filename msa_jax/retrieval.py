@@ -392,13 +392,22 @@ def training_rows(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0, *
     more needles far back, depth 0 being the start of the context: mean depth 1 / (depth_power + 1)),
     fresh values and names, a haystack at a random offset of `source`; everything drawn from `rng` in
     order (deterministic in its seed; depth_power 1 gives the rows of uniform depths bit for bit)."""
+    out = np.empty((n, context_len), np.int32)
+    for i, ex in enumerate(training_examples(source, n, context_len, tasks, rng, depth_power=depth_power)):
+        out[i] = ex.tokens
+    return out
+
+
+def training_examples(source, n: int, context_len: int, tasks=tuple(TASKS), rng=0, *,
+                      depth_power: float = 1.0) -> list[RetrievalExample]:
+    """The `training_rows` examples themselves (same draws, same order), e.g. for where their needles are."""
     names = check_tasks(tasks, context_len)
     depth_power = check_depth_power(depth_power)
     rng = _as_rng(rng)
-    out = np.empty((n, context_len), np.int32)
-    for i in range(n):
+    out = []
+    for _ in range(n):
         task = names[int(rng.integers(len(names)))]
-        out[i] = _build(task, source, context_len, float(rng.random()) ** depth_power, rng).tokens
+        out.append(_build(task, source, context_len, float(rng.random()) ** depth_power, rng))
     return out
 
 

@@ -456,7 +456,55 @@ def test_answer_counts_score_the_retrieval_rows_like_answer_accuracy(corpus):
     assert float(c["answer_bytes_right"]) == rows.sum() * (hi - lo) - 1
     assert loop.answer_rates({k: 0.0 for k in loop.ANSWER_COUNTS}) == {"answer_bytes": None, "answer_exact": None}
     probe = loop.retrieval_probe(run, corpus.val, 4, 2)
-    assert len(probe) == 2 and probe[0].shape == (4, T + 1) and all(is_task_row(r) for b in probe for r in b)
+    assert len(probe.batches) == 2 and probe.batches[0].shape == (4, T + 1)
+    assert all(is_task_row(r) for b in probe.batches for r in b)
+
+
+def test_probe_needle_selected_is_needle_selected_per_row_and_layer(corpus):
+    """The loop's probe knows where each row's needle is (its bytes are there), and
+    probe_needle_selected equals retrieval.needle_selected of layer_selections' choice at the answer
+    rows, per MSA layer and row, in either mode, with or without a mesh; a needle inside the answer's
+    own (always selected, local) block scores exactly 1; evaluate reports it for MSA only."""
+    import jax
+
+    from msa_jax import loop, sharding
+    from msa_jax.model import DecoderLM, layer_selections
+    from msa_jax.needle_trace import probe_needle_selected
+
+    run = presets.run_config("tiny", attention="msa", seq_len=T, batch_size=4, task_mix=1.0, block_size=16, top_k=3,
+                             n_dense_layers=0)
+    probe = loop.retrieval_probe(run, corpus.val, 4, 2)
+    exs = retrieval.training_examples(corpus.val, 8, T + 1, run.mix_tasks, rng=run.seed + 1)
+    np.testing.assert_array_equal(np.concatenate(probe.batches), np.stack([ex.tokens for ex in exs]))
+    for rows, needles in zip(probe.batches, probe.needles):
+        for r, (a, b) in zip(rows, needles):
+            assert b - a >= 5 and is_task_row(r) and bytes(r[a:b].astype(np.uint8)) in r.astype(np.uint8).tobytes()
+    ex = exs[0]
+    np.testing.assert_array_equal(probe.needles[0][0], (ex.needle_pos, ex.needle_pos + len(ex.needle)))
+    model = DecoderLM(run.model_config(), seed=2)
+    lo, hi = retrieval.answer_targets(T)
+    rows, needles = probe.batches[1], probe.needles[1]
+    got_by_mode = {}
+    for sparse in (True, False):
+        got = got_by_mode[sparse] = probe_needle_selected(model, rows, needles, 16, sparse=sparse)
+        sels = [s["block_idx"] for s in layer_selections(model, jax.numpy.asarray(rows[:, :-1]), sparse=sparse)]
+        want = [[retrieval.needle_selected(np.asarray(s)[i], tuple(needles[i]), (lo, hi), 16) for i in range(4)]
+                for s in sels]
+        assert got.shape == (2, 4)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.array_equal(got_by_mode[True], got_by_mode[False])  # layer 1's input differs between modes
+    mesh = sharding.make_mesh("data=1")
+    np.testing.assert_allclose(probe_needle_selected(model, rows, needles, 16, sparse=False, mesh=mesh), got)
+    local = np.tile([[T - 20, T - 15]], (4, 1))  # the answer rows' own block (T - 18 .. T - 2 lie in 15)
+    assert (lo // 16, (hi - 1) // 16) == (15, 15)
+    np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4)))
+    far = np.tile([[0, 2]], (4, 1))
+    assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4)))
+    row = loop.evaluate(model, [rows], mesh, is_msa=True, sparse=True, probe=probe, block_size=16)
+    per_layer = np.concatenate([probe_needle_selected(model, b, n, 16) for b, n in zip(*probe)], 1).mean(1)
+    np.testing.assert_allclose(row["val_needle_selected_layers"], per_layer, atol=1e-6)
+    assert row["val_needle_selected"] == pytest.approx(per_layer.mean())
+    assert "val_needle_selected" not in loop.evaluate(model, [rows], mesh, is_msa=False, sparse=True, probe=probe)
 
 
 @pytest.mark.parametrize("attention", ["msa", "dense"])
