@@ -36,6 +36,6 @@ for x in ${ROUTING_RUNS:-warmup-50_p1c1 warmup-50-ilr3_p1c1 warmup-50-ilr10_p1c1
   [ $x = warmup-50_p1c1 ] && STOP=600
   [ -e $d/STOPPED_$STOP ] || { python experiments/train_lm.py ${RUN[$x]} --eval-every 10 --eval-batches 8 \
     --stop-at $STOP --run-dir $d && touch $d/STOPPED_$STOP; }
-  cp $d/metrics.jsonl $O/metrics_$x.jsonl
+  awk '!/"kind": "train"/ || /"step": [0-9]*0,/' $d/metrics.jsonl > $O/metrics_$x.jsonl  # train rows: every 10th
 done
 python $O/figures.py
