@@ -6,7 +6,7 @@ Run directory:
                   nats/byte, kl, lr, grad_norm, index_grad_norm, tokens_per_s, sparse, total_loss)
                   and an "eval" row per evaluation (step, sparse, val_loss, val_bpb, val_kl,
                   block_recall, score_recall, eval_s; with a task mix val_answer_bytes,
-                  val_answer_exact and, for MSA, val_needle_selected[_layers]: `evaluate`)
+                  val_answer_exact and, for MSA, val_needle_selected[_layers, _groups]: `evaluate`)
   loss.png        train / val loss, KL and recall curves (redrawn at every eval)
   summary.json    written when the run reaches its last step
   checkpoints/    Orbax checkpoints: params, optimizer, step, data iterator state, seed, config
@@ -132,9 +132,10 @@ def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe: Probe 
     """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model).
     probe: retrieval rows (`retrieval_probe`): + the share of their answer bytes and of whole answers
     predicted right (teacher-forced greedy), val_answer_bytes and val_answer_exact; for an MSA model
-    (block_size given, no context axis) also whether its index routes those answers to the needle:
-    val_needle_selected (mean over the MSA layers of `needle_trace.probe_needle_selected`, the rows'
-    mean) and val_needle_selected_layers (per MSA layer)."""
+    (block_size given, no context axis) also whether its index routes those answers to the needle
+    (`needle_trace.probe_needle_selected`, the rows' mean): val_needle_selected (mean over the MSA
+    layers and KV groups), val_needle_selected_layers (per MSA layer) and val_needle_selected_groups
+    (per MSA layer, per KV group: often one group does the retrieving)."""
     totals: dict[str, float] = {}
     for batch in eval_set:
         m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, with_recall=is_msa))
@@ -157,8 +158,9 @@ def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe: Probe 
                 hits.append(probe_needle_selected(model, batch, needles, block_size, sparse=sparse, mesh=mesh))
         row.update(answer_rates(counts, "val_"))
         if hits:
-            per_layer = np.concatenate(hits, axis=1).mean(axis=1)  # [MSA layers]
-            row.update(val_needle_selected=float(per_layer.mean()), val_needle_selected_layers=per_layer.tolist())
+            groups = np.concatenate(hits, axis=1).mean(axis=1)  # [MSA layers, H_kv]
+            row.update(val_needle_selected=float(groups.mean()), val_needle_selected_layers=groups.mean(1).tolist(),
+                       val_needle_selected_groups=groups.round(4).tolist())
     return row
 
 

@@ -46,7 +46,7 @@ def _probe_hits():
             if s is not None:
                 ids = s["block_idx"][:, lo:hi]  # [B, answer rows, H_kv, top_k], -1 = none
                 hit = (ids >= first[:, None, None, None]) & (ids <= last[:, None, None, None])
-                out.append(hit.any(-1).mean(axis=(1, 2), dtype=jnp.float32))
+                out.append(hit.any(-1).mean(axis=1, dtype=jnp.float32))  # [B, H_kv]
         return jnp.stack(out)
 
     return hits
@@ -56,9 +56,9 @@ def probe_needle_selected(model, rows: np.ndarray, needles: np.ndarray, block_si
                           mesh=None) -> np.ndarray:
     """Whether the index routes a retrieval row's answer to its needle, for a batch of training rows
     (`retrieval.training_examples`, int [B, seq_len + 1], the answer at the end) with their queried
-    needles `needles` int [B, 2] ([start, end) in the row): float [MSA layers, B], per row the share of
-    (query row predicting an answer byte, KV group) whose selected blocks include one of the needle's
-    (`retrieval.needle_selected`, batched and on the device). sparse: the forward the layers run in
+    needles `needles` int [B, 2] ([start, end) in the row): float [MSA layers, B, H_kv], per row and KV
+    group the share of the query rows predicting an answer byte whose selected blocks include one of
+    the needle's (its mean over the groups is `retrieval.needle_selected`; batched, on the device). sparse: the forward the layers run in
     between (False: the dense warmup's). mesh: one without a `context` axis; the rows are split over
     its batch axes (B a multiple of data * fsdp)."""
     import jax

@@ -490,20 +490,25 @@ def test_probe_needle_selected_is_needle_selected_per_row_and_layer(corpus):
         sels = [s["block_idx"] for s in layer_selections(model, jax.numpy.asarray(rows[:, :-1]), sparse=sparse)]
         want = [[retrieval.needle_selected(np.asarray(s)[i], tuple(needles[i]), (lo, hi), 16) for i in range(4)]
                 for s in sels]
-        assert got.shape == (2, 4)
-        np.testing.assert_allclose(got, want, atol=1e-6)
+        assert got.shape == (2, 4, run.model_config().n_kv_heads)
+        np.testing.assert_allclose(got.mean(-1), want, atol=1e-6)
+        for g in range(run.model_config().n_kv_heads):  # each group alone: its slice of the selection
+            want_g = [[retrieval.needle_selected(np.asarray(s)[i][:, g:g + 1], tuple(needles[i]), (lo, hi), 16)
+                       for i in range(4)] for s in sels]
+            np.testing.assert_allclose(got[..., g], want_g, atol=1e-6)
     assert not np.array_equal(got_by_mode[True], got_by_mode[False])  # layer 1's input differs between modes
     mesh = sharding.make_mesh("data=1")
     np.testing.assert_allclose(probe_needle_selected(model, rows, needles, 16, sparse=False, mesh=mesh), got)
     local = np.tile([[T - 20, T - 15]], (4, 1))  # the answer rows' own block (T - 18 .. T - 2 lie in 15)
     assert (lo // 16, (hi - 1) // 16) == (15, 15)
-    np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4)))
+    np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4, run.model_config().n_kv_heads)))
     far = np.tile([[0, 2]], (4, 1))
-    assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4)))
+    assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4, run.model_config().n_kv_heads)))
     row = loop.evaluate(model, [rows], mesh, is_msa=True, sparse=True, probe=probe, block_size=16)
-    per_layer = np.concatenate([probe_needle_selected(model, b, n, 16) for b, n in zip(*probe)], 1).mean(1)
-    np.testing.assert_allclose(row["val_needle_selected_layers"], per_layer, atol=1e-6)
-    assert row["val_needle_selected"] == pytest.approx(per_layer.mean())
+    groups = np.concatenate([probe_needle_selected(model, b, n, 16) for b, n in zip(*probe)], 1).mean(1)
+    np.testing.assert_allclose(row["val_needle_selected_groups"], groups, atol=1e-4)
+    np.testing.assert_allclose(row["val_needle_selected_layers"], groups.mean(1), atol=1e-6)
+    assert row["val_needle_selected"] == pytest.approx(groups.mean())
     assert "val_needle_selected" not in loop.evaluate(model, [rows], mesh, is_msa=False, sparse=True, probe=probe)
 
 
