@@ -51,6 +51,8 @@ declare -A ARGS=(
   [cpt-w200]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200"
   # the CPU's answer at T = 512 (../cpu_t512/, warmup-50-ilr10): the index's learning rate x10 in the same 50 steps
   [cpt-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50 --index-lr-scale 10"
+  # the CPU's routing (../cpu_routing/): 200 warmup steps at x10 route the answers before the switch, 50 do not
+  [cpt-w200-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200 --index-lr-scale 10"
   [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
   [warmup-0]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 0"  # sparse from the first 16K step
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
