@@ -25,9 +25,10 @@ PANELS = {  # panel title: {run: (label, switch step = the dense warmup's length
         "warmup-50-ilr3_p1c1": ("index lr x3", 50),
         "warmup-50-ilr10_p1c1": ("index lr x10", 50),
     },
-    "converted from the T = 512 dense model\n(200 dense-warmup steps: the base recipe)": {
+    "converted from the T = 512 dense model\n(200 dense-warmup steps: the base recipe; red: 400)": {
         "base_p1c1": ("index lr 1x", 200),
         "ilr10_p1c1": ("index lr x10", 200),
+        "ilr10-mix25_p1c1": ("x10, 1/4 of the rows retrieval", 400),
     },
     "the T = 512 stage from the T = 128 parent\n(sparse from step 20)": {
         "msa512_w20_p1": ("fresh index", 20),
@@ -35,7 +36,7 @@ PANELS = {  # panel title: {run: (label, switch step = the dense warmup's length
     },
 }
 COLORS = {"index lr 1x": "C0", "index lr x3": "C1", "index lr x10": "C2", "fresh index": "C0",
-          "index trained at T = 128 first": "C1"}
+          "index trained at T = 128 first": "C1", "x10, 1/4 of the rows retrieval": "C3"}
 STEPS = [10, 50, 60, 100, 150, 200, 210, 250, 300, 400, 500, 600]
 
 
@@ -67,11 +68,12 @@ def main():
                     label=f"{label}: needle selected (group {g})")
             ax.plot(x, [r["val_answer_exact"] for r in ev], ":", color=color, lw=1.5, label=f"{label}: answers right")
             ax.axvline(switch, color="gray", ls="--", lw=1)
-            sparse = [r for r in ev if r["step"] > switch]
+            sparse = [r for r in ev if r["step"] > switch] or None
             stage = "T = 512 stage" in title
-            scatter.plot([r["val_needle_selected_groups"][0][g] for r in sparse], [r["val_answer_exact"] for r in sparse],
-                         "x" if stage else "o" if switch == 50 else "s", color=color, ms=4, alpha=0.7,
-                         label=f"T = 512 stage, {label}" if stage else f"{label}, {switch} warmup steps")
+            if sparse:
+                scatter.plot([r["val_needle_selected_groups"][0][g] for r in sparse], [r["val_answer_exact"] for r in sparse],
+                             "x" if stage else "o" if switch == 50 else "s", color=color, ms=4, alpha=0.7,
+                             label=f"T = 512 stage, {label}" if stage else f"{label}, {switch} warmup steps")
             at = {r["step"]: r for r in ev}
             cells = [f"{at[s]['val_needle_selected_groups'][0][g]:.2f} ({at[s]['val_needle_selected']:.2f}) / "
                      f"{at[s]['val_answer_exact']:.2f}" if s in at else "" for s in STEPS]

@@ -51,8 +51,9 @@ declare -A ARGS=(
   [cpt-w200]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200"
   # the CPU's answer at T = 512 (../cpu_t512/, warmup-50-ilr10): the index's learning rate x10 in the same 50 steps
   [cpt-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps ${CPT_STEPS:-150} --msa-warmup-steps 50 --index-lr-scale 10"
-  # the CPU's routing (../cpu_routing/): 200 warmup steps at x10 route the answers before the switch, 50 do not
-  [cpt-w200-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps 400 --msa-warmup-steps 200 --index-lr-scale 10"
+  # the CPU's routing (../cpu_routing/): 200 warmup steps at x10 route the answers before the switch at T = 512, 50 do
+  # not, and fewer answer rows in the KL (16K: 5 of 16,384) take longer: 400 here
+  [cpt-w400-ilr10]="--attention msa --init-from runs/lc16_dense $S16 --steps 600 --msa-warmup-steps 400 --index-lr-scale 10"
   [warmup-200]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 200"
   [warmup-0]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 0"  # sparse from the first 16K step
   [index-lr-x10]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --index-lr-scale 10"
