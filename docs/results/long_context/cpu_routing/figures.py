@@ -25,10 +25,11 @@ PANELS = {  # panel title: {run: (label, switch step = the dense warmup's length
         "warmup-50-ilr3_p1c1": ("index lr x3", 50),
         "warmup-50-ilr10_p1c1": ("index lr x10", 50),
     },
-    "converted from the T = 512 dense model\n(200 dense-warmup steps: the base recipe; red: 400; thin: seed 11)": {
+    "converted from the T = 512 dense model\n(200 dense-warmup steps: the base recipe; red, purple: 400; thin: seed 11)": {
         "base_p1c1": ("index lr 1x", 200),
         "ilr10_p1c1": ("index lr x10", 200),
         "ilr10-mix25_p1c1": ("x10, 1/4 of the rows retrieval", 400),
+        "base-mix25_p1c1": ("1x, 1/4 of the rows retrieval", 400),
         "ilr10_p1c11": ("index lr x10, seed 11", 200),
         "ilr10-mix25_p1c11": ("x10, 1/4 of the rows retrieval, seed 11", 400),
     },
@@ -39,7 +40,7 @@ PANELS = {  # panel title: {run: (label, switch step = the dense warmup's length
 }
 COLORS = {"index lr 1x": "C0", "index lr x3": "C1", "index lr x10": "C2", "fresh index": "C0",
           "index trained at T = 128 first": "C1", "x10, 1/4 of the rows retrieval": "C3",
-          "index lr x10, seed 11": "C2", "x10, 1/4 of the rows retrieval, seed 11": "C3"}
+          "1x, 1/4 of the rows retrieval": "C4", "index lr x10, seed 11": "C2", "x10, 1/4 of the rows retrieval, seed 11": "C3"}
 STEPS = [10, 50, 60, 100, 150, 200, 210, 250, 300, 400, 500, 600]
 
 

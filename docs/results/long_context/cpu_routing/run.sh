@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Is retrieval lost at MSA's switch to sparse attention because the index does not route the answer to the
-# needle? The first 400 steps (one run: 600) of eight ../cpu_t512/ runs again (and two new runs), each evaluated every 10 steps with the training
+# needle? The first 400 steps (one run: 600) of eight ../cpu_t512/ runs again (and three new runs), each evaluated every 10 steps with the training
 # probe's needle routing (val_needle_selected: the share of answer rows and KV groups whose selected blocks hold
 # the needle, mean over the MSA layer(s); in the dense warmup, the choice the index would make) beside its answers
 # (val_answer_exact). Same flags, seeds and parents as the committed runs: on the CPU the steps are bit-identical
@@ -8,7 +8,8 @@
 # and --stop-at differ.
 #   conversions of the T = 512 dense model (dense512_p1) with a 50-step warmup, index lr 1x / x3 / x10 (seed 1),
 #   and with the base recipe's 200 warmup steps, index lr 1x / x10 (base_p1c1, ilr10_p1c1), and x10 with a quarter
-#   of the rows retrieval examples, dense throughout (ilr10-mix25_p1c1, a new run), both also with seed 11;
+#   of the rows retrieval examples, dense throughout (ilr10-mix25_p1c1, a new run), both also with seed 11, and
+#   the quarter at 1x (base-mix25_p1c1, new);
 #   the T = 512 stage from the T = 128 parent, sparse from step 20: a fresh index (msa512_w20) and one trained
 #   at T = 128 first (msa512_w20-scratch, from msa128_full_p1).
 # Idempotent (a stopped run is skipped, an interrupted one resumes). Run from the repository root with the
@@ -34,6 +35,7 @@ declare -A RUN=(
   # is the warmup slow because the answer rows are few? ilr10 with a quarter of the rows retrieval examples (the
   # rest plain code windows: a quarter of the answer rows in the KL) and a warmup as long as the run (400 steps)
   [ilr10-mix25_p1c1]="${CONV/--msa-warmup-steps 50/--msa-warmup-steps 400} --index-lr-scale 10 --task-mix 0.25"
+  [base-mix25_p1c1]="${CONV/--msa-warmup-steps 50/--msa-warmup-steps 400} --task-mix 0.25"  # and at 1x
   # the same pair with seed 11 (../cpu_t512/'s pair 1:11)
   [ilr10_p1c11]="${CONV/--msa-warmup-steps 50/--msa-warmup-steps 200} --index-lr-scale 10 --seed 11"
   [ilr10-mix25_p1c11]="${CONV/--msa-warmup-steps 50/--msa-warmup-steps 400} --index-lr-scale 10 --task-mix 0.25 --seed 11"
@@ -42,7 +44,7 @@ declare -A RUN=(
 )
 mkdir -p $O
 for x in ${ROUTING_RUNS:-warmup-50_p1c1 warmup-50-ilr3_p1c1 warmup-50-ilr10_p1c1 msa512_w20_p1 msa512_w20-scratch_p1 \
-    base_p1c1 ilr10_p1c1 ilr10-mix25_p1c1 ilr10_p1c11 ilr10-mix25_p1c11}; do
+    base_p1c1 ilr10_p1c1 ilr10-mix25_p1c1 ilr10_p1c11 ilr10-mix25_p1c11 base-mix25_p1c1}; do
   d=$R/routing_$x STOP=400
   [ $x = warmup-50_p1c1 ] && STOP=600
   [ -e $d/STOPPED_$STOP ] || { python experiments/train_lm.py ${RUN[$x]} --eval-every 10 --eval-batches 8 \
