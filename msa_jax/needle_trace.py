@@ -58,9 +58,9 @@ def probe_needle_selected(model, rows: np.ndarray, needles: np.ndarray, block_si
     (`retrieval.training_examples`, int [B, seq_len + 1], the answer at the end) with their queried
     needles `needles` int [B, 2] ([start, end) in the row): float [MSA layers, B, H_kv], per row and KV
     group the share of the query rows predicting an answer byte whose selected blocks include one of
-    the needle's (its mean over the groups is `retrieval.needle_selected`; batched, on the device). sparse: the forward the layers run in
-    between (False: the dense warmup's). mesh: one without a `context` axis; the rows are split over
-    its batch axes (B a multiple of data * fsdp)."""
+    the needle's (its mean over the groups is `retrieval.needle_selected`; batched, on the device).
+    sparse: the forward the layers run in between (False: the dense warmup's). mesh: one without a
+    `context` axis; the rows are split over its batch axes (B a multiple of data * fsdp)."""
     import jax
 
     rows, needles = np.asarray(rows), np.asarray(needles)

@@ -484,15 +484,16 @@ def test_probe_needle_selected_is_needle_selected_per_row_and_layer(corpus):
     model = DecoderLM(run.model_config(), seed=2)
     lo, hi = retrieval.answer_targets(T)
     rows, needles = probe.batches[1], probe.needles[1]
+    h_kv = run.model_config().n_kv_heads
     got_by_mode = {}
     for sparse in (True, False):
         got = got_by_mode[sparse] = probe_needle_selected(model, rows, needles, 16, sparse=sparse)
         sels = [s["block_idx"] for s in layer_selections(model, jax.numpy.asarray(rows[:, :-1]), sparse=sparse)]
         want = [[retrieval.needle_selected(np.asarray(s)[i], tuple(needles[i]), (lo, hi), 16) for i in range(4)]
                 for s in sels]
-        assert got.shape == (2, 4, run.model_config().n_kv_heads)
+        assert got.shape == (2, 4, h_kv)
         np.testing.assert_allclose(got.mean(-1), want, atol=1e-6)
-        for g in range(run.model_config().n_kv_heads):  # each group alone: its slice of the selection
+        for g in range(h_kv):  # each group alone: its slice of the selection
             want_g = [[retrieval.needle_selected(np.asarray(s)[i][:, g:g + 1], tuple(needles[i]), (lo, hi), 16)
                        for i in range(4)] for s in sels]
             np.testing.assert_allclose(got[..., g], want_g, atol=1e-6)
@@ -501,9 +502,9 @@ def test_probe_needle_selected_is_needle_selected_per_row_and_layer(corpus):
     np.testing.assert_allclose(probe_needle_selected(model, rows, needles, 16, sparse=False, mesh=mesh), got)
     local = np.tile([[T - 20, T - 15]], (4, 1))  # the answer rows' own block (T - 18 .. T - 2 lie in 15)
     assert (lo // 16, (hi - 1) // 16) == (15, 15)
-    np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4, run.model_config().n_kv_heads)))
+    np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4, h_kv)))
     far = np.tile([[0, 2]], (4, 1))
-    assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4, run.model_config().n_kv_heads)))
+    assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4, h_kv)))
     row = loop.evaluate(model, [rows], mesh, is_msa=True, sparse=True, probe=probe, block_size=16)
     groups = np.concatenate([probe_needle_selected(model, b, n, 16) for b, n in zip(*probe)], 1).mean(1)
     np.testing.assert_allclose(row["val_needle_selected_groups"], groups, atol=1e-4)
