@@ -33,14 +33,15 @@ PANELS = {  # panel title: {run: (label, switch step = the dense warmup's length
         "ilr10_p1c11": ("index lr x10, seed 11", 200),
         "ilr10-mix25_p1c11": ("x10, 1/4 of the rows retrieval, seed 11", 400),
     },
-    "the T = 512 stage from the T = 128 parent\n(sparse from step 20)": {
+    "the T = 512 stage from the T = 128 parent\n(sparse from step 20; green: from 400)": {
         "msa512_w20_p1": ("fresh index", 20),
         "msa512_w20-scratch_p1": ("index trained at T = 128 first", 20),
+        "msa512_w400_p1": ("fresh index, 400 warmup steps", 400),
     },
 }
 COLORS = {"index lr 1x": "C0", "index lr x3": "C1", "index lr x10": "C2", "fresh index": "C0",
           "index trained at T = 128 first": "C1", "x10, 1/4 of the rows retrieval": "C3",
-          "1x, 1/4 of the rows retrieval": "C4", "index lr x10, seed 11": "C2", "x10, 1/4 of the rows retrieval, seed 11": "C3"}
+          "1x, 1/4 of the rows retrieval": "C4", "fresh index, 400 warmup steps": "C2", "index lr x10, seed 11": "C2", "x10, 1/4 of the rows retrieval, seed 11": "C3"}
 STEPS = [10, 50, 60, 100, 150, 200, 210, 250, 300, 400, 500, 600]
 
 
@@ -56,7 +57,7 @@ def evals(run):
 
 
 def main():
-    fig, grid = plt.subplots(2, 2, figsize=(14, 11.5), layout="constrained")
+    fig, grid = plt.subplots(2, 2, figsize=(16.5, 12), layout="constrained")
     axes = grid.ravel()
     scatter = axes[-1]  # every sparse-phase evaluation: answers against the retrieving group's routing
     table = ["| run | retrieving group | " + " | ".join(f"step {s}" for s in STEPS) + " |",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Is retrieval lost at MSA's switch to sparse attention because the index does not route the answer to the
-# needle? The first 400 steps (one run: 600) of eight ../cpu_t512/ runs again (and three new runs), each evaluated every 10 steps with the training
+# needle? The first 400 steps (one run: 600, one 500) of nine ../cpu_t512/ runs again (and three new runs), each evaluated every 10 steps with the training
 # probe's needle routing (val_needle_selected: the share of answer rows and KV groups whose selected blocks hold
 # the needle, mean over the MSA layer(s); in the dense warmup, the choice the index would make) beside its answers
 # (val_answer_exact). Same flags, seeds and parents as the committed runs: on the CPU the steps are bit-identical
@@ -11,7 +11,8 @@
 #   of the rows retrieval examples, dense throughout (ilr10-mix25_p1c1, a new run), both also with seed 11, and
 #   the quarter at 1x (base-mix25_p1c1, new);
 #   the T = 512 stage from the T = 128 parent, sparse from step 20: a fresh index (msa512_w20) and one trained
-#   at T = 128 first (msa512_w20-scratch, from msa128_full_p1).
+#   at T = 128 first (msa512_w20-scratch, from msa128_full_p1), and a fresh index with 400 warmup steps (msa512_w400,
+#   to step 500).
 # Idempotent (a stopped run is skipped, an interrupted one resumes). Run from the repository root with the
 # project's Python on PATH, after ../cpu_t512/run.sh has made the parents (runs/cpu_t512/dense512_p1,
 # runs/cpu_t512/msa128_full_p1; runs/cpu_seeds/dense_seed1). ROUTING_RUNS: a subset. Each run stops at step 400 but
@@ -41,12 +42,15 @@ declare -A RUN=(
   [ilr10-mix25_p1c11]="${CONV/--msa-warmup-steps 50/--msa-warmup-steps 400} --index-lr-scale 10 --task-mix 0.25 --seed 11"
   [msa512_w20_p1]="$STAGE --init-from $P/dense_seed1 --init-step 8000"
   [msa512_w20-scratch_p1]="$STAGE --init-from $R/msa128_full_p1 --init-step 1000"
+  # the fresh index with a warmup that outlasts dense's learning to retrieve at 512 (its probe: 0.75 at step 200)
+  [msa512_w400_p1]="${STAGE/--msa-warmup-steps 20/--msa-warmup-steps 400} --init-from $P/dense_seed1 --init-step 8000"
 )
 mkdir -p $O
 for x in ${ROUTING_RUNS:-warmup-50_p1c1 warmup-50-ilr3_p1c1 warmup-50-ilr10_p1c1 msa512_w20_p1 msa512_w20-scratch_p1 \
-    base_p1c1 ilr10_p1c1 ilr10-mix25_p1c1 ilr10_p1c11 ilr10-mix25_p1c11 base-mix25_p1c1}; do
+    base_p1c1 ilr10_p1c1 ilr10-mix25_p1c1 ilr10_p1c11 ilr10-mix25_p1c11 base-mix25_p1c1 msa512_w400_p1}; do
   d=$R/routing_$x STOP=400
   [ $x = warmup-50_p1c1 ] && STOP=600
+  [ $x = msa512_w400_p1 ] && STOP=500
   [ -e $d/STOPPED_$STOP ] || { python experiments/train_lm.py ${RUN[$x]} --eval-every 10 --eval-batches 8 \
     --stop-at $STOP --run-dir $d && touch $d/STOPPED_$STOP; }
   awk '!/"kind": "train"/ || /"step": [0-9]*0,/' $d/metrics.jsonl > $O/metrics_$x.jsonl  # train rows: every 10th
