@@ -146,7 +146,8 @@ def split_params(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
 
 def layer_selections(model: DecoderLM, tokens: jax.Array, *, with_recall: bool = False,
                      sparse: bool = True) -> list[dict | None]:
-    """What each MSA layer's index branch selects on `tokens` [B, T] (one device, no mesh).
+    """What each MSA layer's index branch selects on `tokens` [B, T] (one device, or under `jax.set_mesh` with
+    the batch split as `needle_trace.probe_needle_selected` does).
 
     Returns one entry per layer: None for a dense layer; for an MSA layer {"block_idx": int32
     [B, T, H_kv, top_k]} (the blocks its main branch attends to with top-k routing on), plus
