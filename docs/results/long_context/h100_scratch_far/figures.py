@@ -1,0 +1,95 @@
+"""The figures of this folder from its committed evaluation and metrics files (run from the repository root):
+python docs/results/long_context/h100_scratch_far/figures.py
+
+by_depth.png: exact match at 16K against needle depth (95% Wilson intervals), one panel per task: MSA from
+the 2K MSA stage with far needles (600 steps, and 300 steps with 200 of dense warmup) beside the dense and
+MSA models of ../h200_dense_bar/ (600 steps, far needles, from one 2K dense stage).
+routing.png: along the 16K stage, (left) whether the index branch selects the needle's block for the
+answer rows of the training-time retrieval probe (val_needle_selected: 16 validation rows), the mean over
+MSA layers and KV groups and the one (layer, group) that routes best, against a uniform choice of 15 of the
+~127 visible non-local blocks; (middle) the share per MSA layer and KV group at the last step; (right)
+the training rows' answers (50-step means), the dense model's too."""
+import json
+import pathlib
+
+import numpy as np
+
+from msa_jax import plots
+
+here = pathlib.Path(__file__).resolve().parent
+bar = here.parent / "h200_dense_bar"
+TASKS = ["passkey", "multikey", "variable_tracking"]
+MODELS = {  # label: (evaluation folder, metrics file, colour, line style)
+    "dense, far, 600 steps (H200)": (bar / "eval_dense-far_s600", bar / "metrics_lc16_dense-far_s600.jsonl", "C0", "o-"),
+    "MSA from the 2K dense stage, far, 600 (H200)": (bar / "eval_msa_far_s600", bar / "metrics_lc16_msa_far_s600.jsonl",
+                                                     "C3", "s:"),
+    "MSA from the 2K MSA stage, far, 600 (H100)": (here / "eval_scratch_far_s600",
+                                                   here / "metrics_lc16_scratch_far_s600.jsonl", "C1", "s-"),
+    "the same, 300 steps, 200 warmup (H100)": (here / "eval_warmup-200_far", here / "metrics_lc16_warmup-200_far.jsonl",
+                                               "C2", "^-"),
+}
+CHANCE = 15 / 127  # the needle's block among the non-local blocks visible to the answer rows (~16K back)
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def means(rs, key, w=50):  # (last step, mean) over consecutive w-step windows
+    return [(rs[i + w - 1]["step"], sum(r[key] for r in rs[i:i + w]) / w) for i in range(0, len(rs) - w + 1, w)]
+
+
+plt = plots.pyplot()
+fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.6), sharey=True)
+for label, (folder, _, color, style) in MODELS.items():
+    cells = [r for r in json.load(open(folder / "results.json"))["rows"] if r["context_len"] == 16384]
+    for ax, task in zip(axes, TASKS):
+        sub = sorted((r for r in cells if r["task"] == task), key=lambda r: r["depth"])
+        acc = np.array([r["accuracy"] for r in sub])
+        err = [acc - [r["ci_low"] for r in sub], [r["ci_high"] for r in sub] - acc]
+        ax.errorbar([r["depth"] for r in sub], acc, yerr=err, fmt=style, color=color, capsize=3, label=label)
+for ax, task in zip(axes, TASKS):
+    ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context)", ylim=(-0.03, 1.03))
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel("exact match (50 examples per point)")
+fig.tight_layout(rect=(0, 0.08, 1, 1))
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+fig.savefig(here / "by_depth.png", dpi=110)
+plt.close(fig)
+
+fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
+last = {}
+for label, (_, metrics, color, _) in MODELS.items():
+    rs = rows(metrics)
+    evals = [r for r in rs if r["kind"] == "eval" and "val_needle_selected_groups" in r]
+    if evals:
+        steps = [r["step"] for r in evals]
+        groups = np.array([r["val_needle_selected_groups"] for r in evals])  # [evals, MSA layers, KV groups]
+        layer, group = np.unravel_index(groups[-1].argmax(), groups[-1].shape)
+        ax_l.plot(steps, groups.mean(axis=(1, 2)), "o--", color=color, label=f"{label}: mean")
+        ax_l.plot(steps, groups[:, layer, group], "o-", color=color,
+                  label=f"{label}: layer {layer + 1} group {group} (best at the end)")
+        last[label] = (steps[-1], groups[-1])
+    train = [r for r in rs if r["kind"] == "train"]
+    x, y = zip(*means(train, "answer_exact"))
+    ax_r.plot(x, y, "o-", color=color, ms=3, label=label)
+ax_l.axhline(CHANCE, color="grey", lw=1, ls=":", label=f"uniform choice ({CHANCE:.2f})")
+ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needle", ylim=(0, 1),
+         title="routing during training (16 probe rows)")
+ax_l.legend(fontsize=6.5, loc="upper left")
+label, (step, g) = next(iter((k, v) for k, v in last.items() if "600 (H100)" in k))
+im = ax_m.imshow(g, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+for (i, j), v in np.ndenumerate(g):
+    ax_m.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
+ax_m.set(xticks=range(g.shape[1]), yticks=range(g.shape[0]), yticklabels=[str(i + 1) for i in range(g.shape[0])],
+         xlabel="KV group", ylabel="MSA layer", title=f"needle selected, step {step}: MSA from the 2K MSA stage")
+fig.colorbar(im, ax=ax_m, fraction=0.05)
+ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
+         title="retrieval while training (every row a retrieval example)")
+ax_r.legend(fontsize=6.5, loc="upper left")
+for ax in (ax_l, ax_r):
+    ax.grid(alpha=0.3)
+fig.tight_layout()
+fig.savefig(here / "routing.png", dpi=110)
+plt.close(fig)
+print(f"wrote {here / 'by_depth.png'} and {here / 'routing.png'}")
