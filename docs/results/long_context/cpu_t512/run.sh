@@ -9,7 +9,7 @@
 # dense and index lr x10 (ilr10) four times more (MORE). Every model is evaluated on the same 200 pass-key
 # examples per length (40 per depth) at 512 and 1024 (2x the training length).
 # Idempotent: a finished run is skipped, an interrupted one resumes. Run from the repository root with the
-# project's Python on PATH. Subsets: ARMS="base" (ARMS=" ": no arm), STAGE_SEEDS="1", FROM_PARENT_SEEDS="11",
+# project's Python on PATH. SHORT_LENGTHS=1 also evaluates dense and ilr10 (eight pairs) at T = 128 and 256. Subsets: ARMS="base" (ARMS=" ": no arm), STAGE_SEEDS="1", FROM_PARENT_SEEDS="11",
 # FROM_PARENT_RUNS="20-ilr10", SCRATCH_SEEDS="21" and CONTROL_SEEDS="11" (an empty STAGE_SEEDS, FROM_PARENT_SEEDS,
 # SCRATCH_SEEDS or CONTROL_SEEDS: none of those runs).
 set -eu
@@ -193,6 +193,22 @@ compare_seeds() {  # compare_seeds OUT RECIPE...: the recipes' runs on every see
 }
 compare_seeds trained_index dense512 msa512_w20 msa512_w20-scratch
 compare_seeds trained_index_control dense512 msa512_w20-more msa512_w20-scratch
+# the index lr x10 recipe and dense at the shorter lengths too (seventh session; the issue's "every length up to the
+# training length"): the same eight pairs evaluated at T = 128 and 256, paired on the same examples
+SHORT="--tasks passkey --lengths 128,256 --n 40 --batch-size 40 --no-selection --val-batches 64"
+if [ -n "${SHORT_LENGTHS:-}" ]; then
+  for a in dense ilr10; do for pc in $PAIRS $MORE; do
+    x=${a}_p${pc%:*}c${pc#*:}
+    [ -e $R/$x/DONE ] || continue
+    [ -f $R/short_$x/results.json ] || python experiments/eval_retrieval.py $R/$x $SHORT --out $R/short_$x
+    mkdir -p $O/short_$x && cp $R/short_$x/results.{json,md} $O/short_$x/
+  done; done
+  if [ $(ls -d $O/short_dense_p* $O/short_ilr10_p* 2>/dev/null | wc -l) = 16 ]; then
+    python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE" | sed "s#/eval_#/short_#g") \
+      $(runs ilr10 "$PAIRS $MORE" | sed "s#/eval_#/short_#g") --recipe dense=$(labels dense "$PAIRS $MORE") \
+      --recipe ilr10=$(labels ilr10 "$PAIRS $MORE") --paired-recipes --out $O/ilr10_short_lengths > /dev/null
+  fi
+fi
 if [ -n "$DONE_ARMS" ]; then
   python experiments/compare_retrieval.py p1a=$O/eval_dense512_p1 p1b=$O/eval_dense512_p1 p1c=$O/eval_dense512_p1 \
     p1d=$O/eval_dense512_p1 $(for a in $DONE_ARMS; do runs $a; done) --recipe parent=p1a,p1b,p1c,p1d $(recipes $DONE_ARMS) \

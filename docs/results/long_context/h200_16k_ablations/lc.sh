@@ -64,6 +64,8 @@ declare -A ARGS=(
   [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
   [top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 8"
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
+  # with the dense bar's recipe next (../h100_scratch_far/: the RoPE index routes the far needles at chance):
+  # index-nope_far_s600 and index-nope-local2_far_s600, one 2K stage for both (~1,300 s on an H100)
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
   [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
 )
