@@ -47,7 +47,7 @@ import numpy as np
 
 from msa_jax import bench, data, determinism, plots, retrieval, sharding
 from msa_jax.checkpoint import Checkpointer, checkpoint_dir, load_dense_into_msa
-from msa_jax.config import RunConfig
+from msa_jax.config import MSAConfig, RunConfig
 from msa_jax.model import DecoderLM, count_params
 from msa_jax.needle_trace import probe_needle_selected
 from msa_jax.train import (lr_schedule, make_optimizer, param_names, sharded_eval_step, sharded_train_step,
@@ -128,14 +128,15 @@ class StopFlag:
 
 
 def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe: Probe | None = None,
-             block_size: int | None = None) -> dict:
+             msa: MSAConfig | None = None) -> dict:
     """Mean validation metrics over the fixed windows, in the given mode (recall for an MSA model).
     probe: retrieval rows (`retrieval_probe`): + the share of their answer bytes and of whole answers
     predicted right (teacher-forced greedy), val_answer_bytes and val_answer_exact; for an MSA model
-    (block_size given, no context axis) also whether its index routes those answers to the needle
+    (its MSAConfig given, no context axis) also whether its index routes those answers to the needle
     (`needle_trace.probe_needle_selected`, the rows' mean): val_needle_selected (mean over the MSA
-    layers and KV groups), val_needle_selected_layers (per MSA layer) and val_needle_selected_groups
-    (per MSA layer, per KV group: often one group does the retrieving)."""
+    layers and KV groups), val_needle_selected_layers (per MSA layer), val_needle_selected_groups
+    (per MSA layer, per KV group: often one group does the retrieving) and val_needle_selected_chance
+    (what a selection blind to content would give: `retrieval.uniform_needle_selected`)."""
     totals: dict[str, float] = {}
     for batch in eval_set:
         m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, with_recall=is_msa))
@@ -147,20 +148,25 @@ def evaluate(model, eval_set, mesh, *, is_msa: bool, sparse: bool, probe: Probe 
                score_recall=out.get("score_recall"))
     if probe:
         counts: dict[str, float] = {}
-        routed = is_msa and block_size is not None and mesh.shape["context"] == 1
-        hits = []
+        routed = is_msa and msa is not None and mesh.shape["context"] == 1
+        hits, chance = [], []
         for batch, needles in zip(probe.batches, probe.needles):
             rows = np.ones(batch.shape[0], bool)
             m = jax.device_get(sharded_eval_step(model, batch, mesh=mesh, sparse=sparse, answer_rows=rows))
             for k in ANSWER_COUNTS:
                 counts[k] = counts.get(k, 0.0) + float(m[k])
             if routed:
-                hits.append(probe_needle_selected(model, batch, needles, block_size, sparse=sparse, mesh=mesh))
+                hits.append(probe_needle_selected(model, batch, needles, msa.block_size, sparse=sparse, mesh=mesh))
+                answer = retrieval.answer_targets(batch.shape[1] - 1)  # the query rows predicting the answer
+                chance += [retrieval.uniform_needle_selected(tuple(n), answer, msa.block_size, msa.top_k,
+                                                             local_blocks=msa.local_blocks,
+                                                             sink_blocks=msa.sink_blocks) for n in needles]
         row.update(answer_rates(counts, "val_"))
         if hits:
             groups = np.concatenate(hits, axis=1).mean(axis=1)  # [MSA layers, H_kv]
             row.update(val_needle_selected=float(groups.mean()), val_needle_selected_layers=groups.mean(1).tolist(),
-                       val_needle_selected_groups=groups.round(4).tolist())
+                       val_needle_selected_groups=groups.round(4).tolist(),
+                       val_needle_selected_chance=float(np.mean(chance)))
     return row
 
 
@@ -312,7 +318,7 @@ def train_and_evaluate(run: RunConfig, run_dir: str | pathlib.Path, *, progress:
         t0 = time.perf_counter()
         sparse = bool(is_msa and use_sparse(step - 1, mcfg.msa))  # the mode of the step just taken
         row = dict(kind="eval", step=step, **evaluate(model, eval_set, mesh, is_msa=is_msa, sparse=sparse, probe=probe,
-                                                      block_size=mcfg.msa.block_size if is_msa else None))
+                                                      msa=mcfg.msa if is_msa else None))
         row["eval_s"] = time.perf_counter() - t0
         log.write([row])
         if run.plot and is_main:

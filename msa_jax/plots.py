@@ -82,10 +82,17 @@ def plot_run(rows: list[dict], path: pathlib.Path, title: str) -> bool:
         ax.plot([r["step"] for r in ev], [r["val_answer_exact"] for r in ev], "s-", label="whole answer right (val)")
         ns = [r for r in ev if r.get("val_needle_selected") is not None]  # MSA: the index routes the answer there
         if ns:
-            ax.plot([r["step"] for r in ns], [r["val_needle_selected"] for r in ns], "^:", label="needle selected (val)")
+            x = [r["step"] for r in ns]
+            ax.plot(x, [r["val_needle_selected"] for r in ns], "^:", label="needle selected (val, mean)")
+            if ns[-1].get("val_needle_selected_groups") is not None:  # often one (layer, KV group) retrieves
+                ax.plot(x, [np.max(r["val_needle_selected_groups"]) for r in ns], "v:",
+                        label="needle selected (val, best layer and group)")
+            if ns[-1].get("val_needle_selected_chance") is not None:
+                ax.axhline(ns[-1]["val_needle_selected_chance"], color="gray", ls="-.", lw=1,
+                           label="needle selected by a uniform choice")
         ax.set(xlabel="step", ylim=(0, 1.02), title="retrieval rows (teacher-forced)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     if has_msa:
         switch = next((r["step"] for r in train if r.get("sparse")), None)
         for a in axes[0]:

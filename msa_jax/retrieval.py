@@ -652,6 +652,29 @@ def needle_selected(block_idx, needle: tuple[int, int], rows: tuple[int, int], b
     return float(((ids >= first) & (ids <= last)).any(-1).mean())
 
 
+def uniform_needle_selected(needle: tuple[int, int], rows: tuple[int, int], block_size: int, top_k: int, *,
+                            local_blocks: int = 1, sink_blocks: int = 0) -> float:
+    """What `needle_selected` would be for a selection blind to content: per query row in [rows[0],
+    rows[1]) the forced blocks (the local ones, then the sinks, as `ops.reference.select_blocks` ranks
+    them) and the remaining top_k slots drawn uniformly from the other visible blocks; -> the share of
+    rows whose selection includes a block of the needle's tokens [needle[0], needle[1]) (its chance)."""
+    first, last = needle[0] // block_size, (needle[1] - 1) // block_size
+    shares = []
+    for q in range(*rows):
+        n = q // block_size + 1  # visible blocks 0 .. q // block_size
+        forced = set(range(max(0, n - local_blocks), n))
+        forced |= set(range(min(sink_blocks, n)))
+        forced = set(sorted(forced, key=lambda b: (b < n - local_blocks, b))[:top_k])  # locals first, then sinks
+        needles = set(range(first, min(last, n - 1) + 1))
+        if not needles or needles & forced:
+            shares.append(float(bool(needles)))
+            continue
+        free, pool = max(0, top_k - len(forced)), n - len(forced)
+        miss = math.comb(pool - len(needles), free) / math.comb(pool, free) if free < pool else 0.0
+        shares.append(1.0 - miss)
+    return float(np.mean(shares))
+
+
 def selected_beyond(block_idx, rows: tuple[int, int], distance: int, block_size: int) -> tuple[float, float]:
     """How much of the selection for query rows [rows[0], rows[1]) (`block_idx` int [T, H_kv, top_k] of
     one sequence, -1 = none) lies wholly `distance` or more tokens back: every key of the block at a

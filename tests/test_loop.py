@@ -324,6 +324,24 @@ def test_init_from_dense_converts_then_warms_up_and_extends_the_length(tmp_path)
     np.testing.assert_allclose(first["loss"], float(m["lm_loss"]), rtol=1e-5)
 
 
+def test_a_task_mix_run_logs_the_probe_and_the_index_routing(tmp_path):
+    """With a task mix, each evaluation of an MSA run scores the retrieval probe and the index's routing of
+    its answers to the needle, in the dense warmup (step 2) and once sparse (step 4), beside what a uniform
+    choice would route, and loss.png draws them."""
+    train(tmp_path, steps=4, eval_every=2, task_mix=1.0, plot=True)
+    evals = [r for r in rows(tmp_path) if r["kind"] == "eval"]
+    assert [(r["step"], r["sparse"]) for r in evals] == [(2, False), (4, True)]
+    cfg = run_config("tiny", **SIZES).model_config()
+    n_msa = cfg.n_layers - cfg.n_dense_layers
+    for r in evals:
+        assert 0 <= r["val_answer_exact"] <= r["val_answer_bytes"] <= 1
+        assert np.shape(r["val_needle_selected_groups"]) == (n_msa, cfg.n_kv_heads)
+        assert r["val_needle_selected"] == pytest.approx(np.mean(r["val_needle_selected_groups"]), abs=1e-3)
+        assert 0 < r["val_needle_selected_chance"] < 1  # 256 tokens, block 32 x top 4
+    assert evals[0]["val_needle_selected_chance"] == evals[1]["val_needle_selected_chance"]  # one fixed probe
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
 def test_resume_refuses_a_different_run(full, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(full, run_dir)

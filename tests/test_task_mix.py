@@ -221,6 +221,34 @@ def test_retrieval_by_length_pools_depths_per_length(tmp_path, monkeypatch):
                                          tmp_path / "one.png")  # one length: nothing to draw
 
 
+def test_uniform_needle_selected_is_the_rate_of_a_selection_blind_to_content():
+    # Closed forms. 16K, block 128 x top 16, a one-block needle far back, rows near the end: 15 free slots
+    # among 127 non-local blocks. In the local block, or with top_k >= the visible blocks: always.
+    assert retrieval.uniform_needle_selected((1000, 1010), (16370, 16380), 128, 16) == pytest.approx(15 / 127)
+    assert retrieval.uniform_needle_selected((16300, 16310), (16370, 16380), 128, 16) == 1.0
+    assert retrieval.uniform_needle_selected((40, 50), (100, 110), 16, 8) == 1.0  # 7 blocks visible
+    assert retrieval.uniform_needle_selected((200, 210), (100, 110), 16, 4) == 0.0  # the needle comes later
+    # A needle over two blocks (2, 3), row 120 (block 7 local, 7 others): 1 - C(5, 3) / C(7, 3) = 5/7; a sink
+    # block takes a slot and a candidate (1 - C(4, 2) / C(6, 2) = 3/5), and a needle in it is always selected.
+    assert retrieval.uniform_needle_selected((40, 60), (120, 121), 16, 4) == pytest.approx(5 / 7)
+    assert retrieval.uniform_needle_selected((40, 60), (120, 121), 16, 4, sink_blocks=1) == pytest.approx(3 / 5)
+    assert retrieval.uniform_needle_selected((3, 9), (120, 121), 16, 4, sink_blocks=1) == 1.0
+    assert retrieval.uniform_needle_selected((3, 9), (120, 121), 16, 4, local_blocks=2) == pytest.approx(2 / 6)
+    # The oracle's selection over random keys is blind to content (iid block maxima): its needle rate over many
+    # draws is this chance, for a needle over two blocks and answer rows spanning a block boundary.
+    from msa_jax.ops import reference
+
+    rng = np.random.default_rng(5)
+    B, T, H_kv, D, bs, k = 400, 256, 2, 8, 16, 4
+    iq = rng.standard_normal((B, T, H_kv, D)).astype(np.float32)
+    ik = rng.standard_normal((B, T, D)).astype(np.float32)
+    for sink in (0, 1):
+        ids = np.asarray(reference.select_blocks(iq, ik, block_size=bs, top_k=k, sink_blocks=sink))
+        rate = np.mean([retrieval.needle_selected(ids[b], (40, 60), (236, 250), bs) for b in range(B)])
+        chance = retrieval.uniform_needle_selected((40, 60), (236, 250), bs, k, sink_blocks=sink)
+        assert abs(rate - chance) < 0.05, (sink, rate, chance)  # ~0.017 sampling error (800 draws)
+
+
 def test_needle_selection_numbers_and_figure(tmp_path):
     # T = 64, blocks of 8: the needle is in block 2, the answer rows are 60..63.
     ids = np.full((64, 2, 2), -1)
@@ -505,11 +533,16 @@ def test_probe_needle_selected_is_needle_selected_per_row_and_layer(corpus):
     np.testing.assert_array_equal(probe_needle_selected(model, rows, local, 16), np.ones((2, 4, h_kv)))
     far = np.tile([[0, 2]], (4, 1))
     assert not np.array_equal(probe_needle_selected(model, rows, far, 16), np.ones((2, 4, h_kv)))
-    row = loop.evaluate(model, [rows], mesh, is_msa=True, sparse=True, probe=probe, block_size=16)
+    msa = run.model_config().msa
+    assert msa.block_size == 16
+    row = loop.evaluate(model, [rows], mesh, is_msa=True, sparse=True, probe=probe, msa=msa)
     groups = np.concatenate([probe_needle_selected(model, b, n, 16) for b, n in zip(*probe)], 1).mean(1)
     np.testing.assert_allclose(row["val_needle_selected_groups"], groups, atol=1e-4)
     np.testing.assert_allclose(row["val_needle_selected_layers"], groups.mean(1), atol=1e-6)
     assert row["val_needle_selected"] == pytest.approx(groups.mean())
+    chance = np.mean([retrieval.uniform_needle_selected(tuple(n), (lo, hi), 16, msa.top_k)
+                      for n in np.concatenate(probe.needles)])
+    assert row["val_needle_selected_chance"] == pytest.approx(chance) and 0 < chance < 1
     assert "val_needle_selected" not in loop.evaluate(model, [rows], mesh, is_msa=False, sparse=True, probe=probe)
 
 
