@@ -662,9 +662,8 @@ def uniform_needle_selected(needle: tuple[int, int], rows: tuple[int, int], bloc
     shares = []
     for q in range(*rows):
         n = q // block_size + 1  # visible blocks 0 .. q // block_size
-        forced = set(range(max(0, n - local_blocks), n))
-        forced |= set(range(min(sink_blocks, n)))
-        forced = set(sorted(forced, key=lambda b: (b < n - local_blocks, b))[:top_k])  # locals first, then sinks
+        forced = set(range(max(0, n - local_blocks), n))  # the local blocks, then the sinks in the slots left
+        forced |= set([b for b in range(min(sink_blocks, n)) if b not in forced][:top_k - len(forced)])
         needles = set(range(first, min(last, n - 1) + 1))
         if not needles or needles & forced:
             shares.append(float(bool(needles)))
