@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: each run's latest)")
     p.add_argument("--impl", default=None, help="override the ops backend the runs were trained with")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="MSA runs: select this many blocks per query and group instead of the trained top_k (an "
+                        "inference-time ablation; no weight changes). The run's label gets -top<k>")
+    p.add_argument("--sink-blocks", type=int, default=None,
+                   help="MSA runs: always select the context's first N blocks, counted in top_k (inference-time "
+                        "ablation, e.g. 1: is a needle in the first block missed only by the index?). Label: -sink<N>")
+    p.add_argument("--local-blocks", type=int, default=None,
+                   help="MSA runs: always-selected blocks ending at the query's own (inference-time ablation). "
+                        "Label: -local<N>")
     p.add_argument("--mode", choices=("teacher-forced", "generate"), default="teacher-forced",
                    help="score teacher-forced next-byte predictions, or answers the model generates itself")
     p.add_argument("--index-cache-dtype", default=None, help="--mode generate: bfloat16, float32 or float8_e4m3fn")
@@ -132,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
                              f"(a passkey example's shortest context), got {args.selection_lengths!r}")
         trace_lengths = [int(x) for x in got]
 
+    # inference-time routing of the MSA runs (checkpoint.ROUTING_FIELDS), and the label suffix that says so
+    routing = {k: v for k, v in dict(top_k=args.top_k, sink_blocks=args.sink_blocks,
+                                     local_blocks=args.local_blocks).items() if v is not None}
+    suffix = "".join(f"-{dict(top_k='top', sink_blocks='sink', local_blocks='local')[k]}{v}" for k, v in routing.items())
+
     import jax
     import numpy as np
     from flax import nnx
@@ -172,13 +186,17 @@ def main(argv: list[str] | None = None) -> dict:
     labels = plots.run_labels(args.runs)
     for run, name in zip(map(pathlib.Path, args.runs), labels):
         try:
-            model, cfg, step = load_run(run, args.step, impl=args.impl)
+            model, cfg, step = load_run(run, args.step, impl=args.impl, routing=routing)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
+        except ValueError as e:  # e.g. --local-blocks above top_k
+            raise SystemExit(f"{run}: {e}") from None
+        msa_routing = routing if cfg.attention == "msa" else {}  # a dense run has nothing to route
+        name = name + suffix if msa_routing else name
         names.append(name)
         is_msa = cfg.attention == "msa"
         msa_layers = [i for i in range(cfg.n_layers) if cfg.model_config().is_msa_layer(i)]
-        configs[name] = dict(config=cfg.to_dict(), step=step)
+        configs[name] = dict(config=cfg.to_dict(), step=step, **({"routing_override": msa_routing} if msa_routing else {}))
         corpus = data.load_corpus(cfg.max_bytes, sources=tuple(cfg.sources.split(",")))
         Ts = lengths or retrieval.default_lengths(cfg.seq_len)
         print(f"{name}: {cfg.attention} model at step {step} (trained at T={cfg.seq_len}); haystacks from "

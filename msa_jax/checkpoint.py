@@ -337,10 +337,20 @@ def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str | None = None):
+ROUTING_FIELDS = ("top_k", "sink_blocks", "local_blocks")  # MSA fields that change the selection, not the weights
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str | None = None,
+             routing: dict | None = None):
     """(model, run config, step) of a training run directory, weights restored from `step` (default:
-    the latest checkpoint). `impl` overrides the ops backend the run was trained with."""
+    the latest checkpoint). `impl` overrides the ops backend the run was trained with; `routing` the
+    top-k selection's fields of ROUTING_FIELDS, e.g. {"sink_blocks": 1}: an inference-time ablation of
+    an MSA model trained with other routing (the returned config holds them; a dense run ignores them)."""
     import dataclasses
+
+    routing = dict(routing or {})
+    if set(routing) - set(ROUTING_FIELDS):
+        raise ValueError(f"routing: expected fields among {ROUTING_FIELDS}, got {sorted(routing)}")
 
     ckpt_dir = checkpoint_dir(run_dir)
     if not ckpt_dir.is_dir():
@@ -352,6 +362,8 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None, *, impl: str 
         run = RunConfig.from_dict(_newest_meta(ckpt, steps)["config"])  # the same model at every step
         if impl:
             run = dataclasses.replace(run, impl=impl)
+        if routing and run.attention == "msa":
+            run = dataclasses.replace(run, **routing)  # validated with the rest of the config
         model = DecoderLM(run.model_config(), seed=run.seed)
         if step is None:
             step, _ = ckpt.restore_latest(model)  # skips damaged steps with a warning

@@ -181,6 +181,7 @@ class RunConfig:
     index_lr_scale: float = 1.0  # index branch LR / backbone LR (0: the index branch never changes)
     index_rope: bool = True  # the main q/k's partial RoPE on the index queries and keys too (False: content only)
     local_blocks: int = 1  # always-selected blocks ending at the query's own, of the top_k (paper: 1)
+    sink_blocks: int = 0  # always-selected leading blocks, of the top_k (paper: none; an ablation)
     # data
     max_bytes: int | None = 4_000_000
     sources: str = "stdlib,site-packages"
@@ -242,7 +243,7 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         msa = MSAConfig(block_size=self.block_size, top_k=self.top_k, index_dim=self.index_dim,
                         kl_weight=self.kl_weight, warmup_steps=self.warmup_steps, index_rope=self.index_rope,
-                        local_blocks=self.local_blocks)
+                        local_blocks=self.local_blocks, sink_blocks=self.sink_blocks)
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_ff=self.d_ff,
                            attention=self.attention, n_dense_layers=self.n_dense_layers, msa=msa, impl=self.impl,

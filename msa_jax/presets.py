@@ -74,6 +74,8 @@ LONG_CONTEXT_ABLATIONS: dict[str, dict] = {
     "index-nope": dict(index_rope=False),  # does the index branch's RoPE keep it from far blocks?
     # index-nope found far needles and missed near ones: does keeping the block before the local one fix that?
     "index-nope-local2": dict(index_rope=False, local_blocks=2),
+    # at 16K it missed only needles in the context's first block: does always keeping that block fix it?
+    "index-nope-sink1": dict(index_rope=False, sink_blocks=1),
 }
 
 BENCH_SHAPES: dict[str, dict] = {
@@ -109,6 +111,8 @@ _FLAGS = (
     ("top_k", int, "MSA: blocks per query and group, the local block included"),
     ("local_blocks", int, "MSA: always-selected blocks ending at the query's own, counted in --top-k (the paper: 1; "
                           "2 also keeps the block before it, an ablation)"),
+    ("sink_blocks", int, "MSA: always-selected leading blocks, counted in --top-k after the local ones (the paper: "
+                         "0; 1 keeps the context's first block, an ablation)"),
     ("index_dim", int, "MSA: index head dim"),
     ("d_model", int, None),
     ("n_layers", int, None),

@@ -367,6 +367,49 @@ def test_load_run_restores_the_trained_model(full):
         load_run(full / "nothing")
 
 
+def test_load_run_overrides_the_routing_only(full):
+    """An inference-time routing ablation: same weights, the selection the overrides ask for."""
+    from flax import nnx
+
+    from msa_jax.model import layer_selections
+
+    model, cfg, _ = load_run(full)
+    sunk, sunk_cfg, _ = load_run(full, routing=dict(sink_blocks=1, top_k=2))
+    assert (sunk_cfg.sink_blocks, sunk_cfg.top_k) == (1, 2) and (cfg.sink_blocks, cfg.top_k) == (0, 4)
+    assert sunk.cfg.msa.sink_blocks == 1 and sunk.cfg.msa.top_k == 2
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), nnx.state(model, nnx.Param), nnx.state(sunk, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    tokens = jax.random.randint(jax.random.key(7), (2, 256), 0, 256)
+    for plain, forced in zip(layer_selections(model, tokens), layer_selections(sunk, tokens)):
+        idx, fidx = np.asarray(plain["block_idx"]), np.asarray(forced["block_idx"])  # [B, T, H_kv, top_k]
+        assert fidx.shape[-1] == 2 and (fidx == 0).any(-1).all()  # block 0 in every selection
+        local = (np.arange(256) // 32)[None, :, None, None]
+        assert ((fidx == local).any(-1)).all()  # and the local block
+        assert not (idx[:, 128:] == 0).any(-1).all()  # the trained routing does not always pick block 0
+    with pytest.raises(ValueError, match="routing"):
+        load_run(full, routing=dict(d_model=8))
+    with pytest.raises(ValueError, match="local_blocks"):
+        load_run(full, routing=dict(local_blocks=3, top_k=2))
+
+
+def test_eval_retrieval_routing_override_cli(full, tmp_path):
+    out = tmp_path / "sink"
+    proc = run_script("eval_retrieval.py", [str(full), "--tasks", "passkey", "--lengths", "256", "--depths", "0",
+                                            "--n", "1", "--val-batches", "0", "--selection-depths", "0",
+                                            "--sink-blocks", "1", "--out", str(out)])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    name = f"{full.name}-sink1"  # the label says the routing is not the trained one
+    assert {r["run"] for r in saved["rows"]} == {name} and saved["runs"][name]["routing_override"] == {"sink_blocks": 1}
+    assert saved["runs"][name]["config"]["sink_blocks"] == 1
+    (trace,) = saved["val"][0]["selections"]  # depth 0: the needle is in block 0, which every query now selects
+    assert set(trace["needle_selected"].values()) == {1.0}
+    proc = run_script("eval_retrieval.py", [str(full), "--local-blocks", "9", "--out", str(out)])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0 and "local_blocks" in output
+
+
 def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
     out = tmp_path / "ret"
     proc = run_script("eval_retrieval.py", [str(full), "--lengths", "256,384", "--depths", "0,1", "--n", "2",

@@ -64,10 +64,13 @@ declare -A ARGS=(
   [block256-top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --block-size 256 --top-k 8"
   [top8]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 8"
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
-  # with the dense bar's recipe next (../h100_scratch_far/: the RoPE index routes the far needles at chance):
-  # index-nope_far_s600 and index-nope-local2_far_s600, one 2K stage for both (~1,300 s on an H100)
+  # with the dense bar's recipe (../h100_scratch_far/: the RoPE index routes the far needles at chance), the
+  # RoPE-free index (../h100_index_nope_far/: within 11 points of dense, all of it lost in the context's first
+  # block). Next: its rerun evaluated with EVAL="... --sink-blocks 1" (the first block forced at inference), and
+  # index-nope-sink1_far_s600 (forced while training too); one 2K stage for all (280 s on an H100)
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
   [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
+  [index-nope-sink1]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --sink-blocks 1"
 )
 train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 stopped by the deadline, 2 failed
   local dir=$1; shift
