@@ -1,0 +1,134 @@
+"""The figures of this folder from its committed evaluation and metrics files (run from the repository root):
+python docs/results/long_context/h100_index_nope_far/figures.py
+
+by_depth.png: exact match at 16K against needle depth (95% Wilson intervals), one panel per task: MSA with
+the RoPE-free index (both stages as MSA, the dense bar's recipe; its depth-0.02-0.15 cells from the second
+evaluation) beside ../h200_dense_bar/'s dense and MSA-from-dense models and ../h100_scratch_far/'s MSA with
+the RoPE index. The inset x axis is not to scale: the first tenth of the context is stretched.
+by_length.png: the RoPE-free model at 4K, 16K and 32K (the training length: 16K) per depth, dense at 16K.
+routing.png: along the 16K stage, (left) whether the index selects the needle's block for the answer rows of
+the training-time retrieval probe (val_needle_selected, 16 validation rows), the mean over the 28 (MSA layer,
+KV group) cells and the best cell, for the RoPE-free and the RoPE index, against a uniform choice (0.151 on
+this probe); (middle) the RoPE-free index's share per cell at step 600; (right) the training rows' answers
+(50-step means), dense's too."""
+import json
+import pathlib
+
+import numpy as np
+
+from msa_jax import plots
+
+here = pathlib.Path(__file__).resolve().parent
+bar, scratch = here.parent / "h200_dense_bar", here.parent / "h100_scratch_far"
+TASKS = ["passkey", "multikey", "variable_tracking"]
+NOPE = "MSA, RoPE-free index, far, 600 (H100)"
+MODELS = {  # label: (evaluation folders, metrics file, colour, line style)
+    "dense, far, 600 steps (H200)": ([bar / "eval_dense-far_s600"], bar / "metrics_lc16_dense-far_s600.jsonl", "C0", "o-"),
+    "MSA from the 2K dense stage, far, 600 (H200)": ([bar / "eval_msa_far_s600"], bar / "metrics_lc16_msa_far_s600.jsonl",
+                                                     "C3", "s:"),
+    "MSA from the 2K MSA stage (RoPE index), far, 600 (H100)": ([scratch / "eval_scratch_far_s600"],
+                                                                scratch / "metrics_lc16_scratch_far_s600.jsonl", "C1", "s--"),
+    NOPE: ([here / "eval_index-nope_far_s600", here / "eval_index-nope_far_s600_near0"],
+           here / "metrics_lc16_index-nope_far_s600.jsonl", "C2", "D-"),
+}
+CHANCE = 0.151  # retrieval.uniform_needle_selected over the probe's 16 needles (both runs log it or share the probe)
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def cells(folders, length):
+    """{(task, depth): row} of the evaluations' cells at one length (the first folder wins a shared depth)."""
+    out = {}
+    for folder in reversed(folders):
+        for r in json.load(open(folder / "results.json"))["rows"]:
+            if r["context_len"] == length:
+                out[(r["task"], r["depth"])] = r
+    return out
+
+
+def draw(ax, by_key, task, x_of, **kw):
+    sub = sorted((r for (t, _), r in by_key.items() if t == task), key=lambda r: r["depth"])
+    acc = np.array([r["accuracy"] for r in sub])
+    err = [acc - [r["ci_low"] for r in sub], [r["ci_high"] for r in sub] - acc]
+    ax.errorbar([x_of(r["depth"]) for r in sub], acc, yerr=err, capsize=3, **kw)
+
+
+def stretch(d):  # the first tenth of the context over half the axis
+    return d * 5 if d <= 0.1 else 0.5 + (d - 0.1) / 0.9 * 0.5
+
+
+TICKS = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
+plt = plots.pyplot()
+fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.6), sharey=True)
+for label, (folders, _, color, style) in MODELS.items():
+    by_key = cells(folders, 16384)
+    for ax, task in zip(axes, TASKS):
+        draw(ax, by_key, task, stretch, fmt=style, color=color, label=label)
+for ax, task in zip(axes, TASKS):
+    ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context; first tenth stretched)",
+           ylim=(-0.03, 1.03), xticks=[stretch(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel("exact match (50 examples per point)")
+fig.tight_layout(rect=(0, 0.08, 1, 1))
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+fig.savefig(here / "by_depth.png", dpi=110)
+plt.close(fig)
+
+fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.4), sharey=True)
+dense16 = cells(MODELS["dense, far, 600 steps (H200)"][0], 16384)
+other = here / "eval_index-nope_far_s600_4k_32k"
+for length, folders, color in ((4096, [other], "C9"), (16384, [here / "eval_index-nope_far_s600"], "C2"),
+                               (32768, [other], "C5")):
+    by_key = cells(folders, length)
+    for ax, task in zip(axes, TASKS):
+        draw(ax, by_key, task, float, fmt="D-", color=color, label=f"RoPE-free index, {length // 1024}K")
+for ax, task in zip(axes, TASKS):
+    draw(ax, dense16, task, float, fmt="o:", color="C0", label="dense, 16K")
+    ax.set(title=task, xlabel="needle depth", ylim=(-0.03, 1.03))
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel("exact match (50 examples per point)")
+fig.tight_layout(rect=(0, 0.08, 1, 1))
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+fig.savefig(here / "by_length.png", dpi=110)
+plt.close(fig)
+
+fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
+last = None
+for label, (_, metrics, color, _) in MODELS.items():
+    rs = rows(metrics)
+    evals = [r for r in rs if r["kind"] == "eval" and "val_needle_selected_groups" in r]
+    if evals:
+        steps = [r["step"] for r in evals]
+        groups = np.array([r["val_needle_selected_groups"] for r in evals])  # [evals, MSA layers, KV groups]
+        layer, group = np.unravel_index(groups[-1].argmax(), groups[-1].shape)
+        ax_l.plot(steps, groups.mean(axis=(1, 2)), "o--", color=color, label=f"{label}: mean")
+        ax_l.plot(steps, groups[:, layer, group], "o-", color=color,
+                  label=f"{label}: layer {layer + 1} group {group} (best at the end)")
+        if label == NOPE:
+            last = (steps[-1], groups[-1])
+    train = [r for r in rs if r["kind"] == "train"]
+    x = [train[i + 49]["step"] for i in range(0, len(train) - 49, 50)]
+    y = [np.mean([r["answer_exact"] for r in train[i:i + 50]]) for i in range(0, len(train) - 49, 50)]
+    ax_r.plot(x, y, "o-", color=color, ms=3, label=label)
+ax_l.axhline(CHANCE, color="grey", lw=1, ls=":", label=f"uniform choice ({CHANCE:.2f})")
+ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needle", ylim=(0, 1.02),
+         title="routing during training (16 probe rows)")
+ax_l.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.01, 0.9))
+step, g = last
+im = ax_m.imshow(g, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+for (i, j), v in np.ndenumerate(g):
+    ax_m.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
+ax_m.set(xticks=range(g.shape[1]), yticks=range(g.shape[0]), yticklabels=[str(i + 1) for i in range(g.shape[0])],
+         xlabel="KV group", ylabel="MSA layer", title=f"needle selected, step {step}: RoPE-free index")
+fig.colorbar(im, ax=ax_m, fraction=0.05)
+ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
+         title="retrieval while training (every row a retrieval example)")
+ax_r.legend(fontsize=6.5, loc="upper left")
+for ax in (ax_l, ax_r):
+    ax.grid(alpha=0.3)
+fig.tight_layout()
+fig.savefig(here / "routing.png", dpi=110)
+plt.close(fig)
+print(f"wrote {here / 'by_depth.png'}, {here / 'by_length.png'} and {here / 'routing.png'}")
