@@ -581,6 +581,19 @@ def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0,
     return fig
 
 
+def routing_grid(ax, groups, *, title: str = ""):
+    """Draw a training evaluation's `val_needle_selected_groups` ([MSA layers, KV groups] shares of the
+    probe's answer rows whose index selects the needle's block) on `ax` as an annotated heatmap, MSA
+    layers numbered from 1; returns the image (for a colorbar)."""
+    g = np.asarray(groups, dtype=float)
+    im = ax.imshow(g, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(g):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
+    ax.set(xticks=range(g.shape[1]), yticks=range(g.shape[0]), yticklabels=[str(i + 1) for i in range(g.shape[0])],
+           xlabel="KV group", ylabel="MSA layer", title=title)
+    return im
+
+
 def needle_selection_figure(block_idx: list, *, layers: list[int], block_size: int, needle: tuple[int, int],
                             answer: tuple[int, int], title: str = "", detail_layer: int | None = None):
     """What the index branch selected on one retrieval example, against where the needle is.

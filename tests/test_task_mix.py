@@ -324,6 +324,17 @@ def test_block_scores_figure_marks_the_picked_blocks(tmp_path):
     assert (tmp_path / "blocks.png").stat().st_size > 5000
 
 
+def test_routing_grid_shows_each_layer_and_group():
+    plt = plots.pyplot()
+    fig, ax = plt.subplots()
+    g = np.array([[0.1, 0.9], [0.5, 0.25], [1.0, 0.0]])  # 3 MSA layers x 2 KV groups
+    im = plots.routing_grid(ax, g.tolist(), title="step 600")
+    np.testing.assert_array_equal(im.get_array(), g)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in g.ravel())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"] and ax.get_title() == "step 600"
+    plt.close(fig)
+
+
 def test_no_index_rope_flag_reaches_the_index_branch():
     assert parse().index_rope and parse().model_config().msa.index_rope
     run = parse("--attention", "msa", "--no-index-rope")

@@ -59,6 +59,14 @@ def stretch(d):  # the first tenth of the context over half the axis
     return d * 5 if d <= 0.1 else 0.5 + (d - 0.1) / 0.9 * 0.5
 
 
+def finish(fig, axes, name):  # one panel per task, the legend below them
+    axes[0].set_ylabel("exact match (50 examples per point)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.savefig(here / name, dpi=110)
+    plt.close(fig)
+
+
 TICKS = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
 plt = plots.pyplot()
 fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.6), sharey=True)
@@ -70,11 +78,7 @@ for ax, task in zip(axes, TASKS):
     ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context; first tenth stretched)",
            ylim=(-0.03, 1.03), xticks=[stretch(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
     ax.grid(alpha=0.3)
-axes[0].set_ylabel("exact match (50 examples per point)")
-fig.tight_layout(rect=(0, 0.08, 1, 1))
-fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
-fig.savefig(here / "by_depth.png", dpi=110)
-plt.close(fig)
+finish(fig, axes, "by_depth.png")
 
 fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.4), sharey=True)
 dense16 = cells(MODELS["dense, far, 600 steps (H200)"][0], 16384)
@@ -88,11 +92,7 @@ for ax, task in zip(axes, TASKS):
     draw(ax, dense16, task, float, fmt="o:", color="C0", label="dense, 16K")
     ax.set(title=task, xlabel="needle depth", ylim=(-0.03, 1.03))
     ax.grid(alpha=0.3)
-axes[0].set_ylabel("exact match (50 examples per point)")
-fig.tight_layout(rect=(0, 0.08, 1, 1))
-fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
-fig.savefig(here / "by_length.png", dpi=110)
-plt.close(fig)
+finish(fig, axes, "by_length.png")
 
 fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
 last = None
@@ -117,11 +117,7 @@ ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needl
          title="routing during training (16 probe rows)")
 ax_l.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.01, 0.9))
 step, g = last
-im = ax_m.imshow(g, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-for (i, j), v in np.ndenumerate(g):
-    ax_m.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
-ax_m.set(xticks=range(g.shape[1]), yticks=range(g.shape[0]), yticklabels=[str(i + 1) for i in range(g.shape[0])],
-         xlabel="KV group", ylabel="MSA layer", title=f"needle selected, step {step}: RoPE-free index")
+im = plots.routing_grid(ax_m, g, title=f"needle selected, step {step}: RoPE-free index")
 fig.colorbar(im, ax=ax_m, fraction=0.05)
 ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
          title="retrieval while training (every row a retrieval example)")

@@ -81,11 +81,7 @@ ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needl
          title="routing during training (16 probe rows)")
 ax_l.legend(fontsize=6.5, loc="upper left")
 label, (step, g) = next(iter((k, v) for k, v in last.items() if "600 (H100)" in k))
-im = ax_m.imshow(g, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-for (i, j), v in np.ndenumerate(g):
-    ax_m.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
-ax_m.set(xticks=range(g.shape[1]), yticks=range(g.shape[0]), yticklabels=[str(i + 1) for i in range(g.shape[0])],
-         xlabel="KV group", ylabel="MSA layer", title=f"needle selected, step {step}: MSA from the 2K MSA stage")
+im = plots.routing_grid(ax_m, g, title=f"needle selected, step {step}: MSA from the 2K MSA stage")
 fig.colorbar(im, ax=ax_m, fraction=0.05)
 ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
          title="retrieval while training (every row a retrieval example)")
