@@ -581,6 +581,23 @@ def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0,
     return fig
 
 
+def routing_curves(ax, rows: list[dict], *, label: str, color=None):
+    """Draw on `ax` a run's routing along training from its metrics rows (`metrics.jsonl`): the mean of
+    `val_needle_selected_groups` over the (MSA layer, KV group) cells (dashed) and the cell that routes
+    best at the last evaluation (solid). Returns (last step, its [layers, groups] array), None when
+    the run logged no routing (dense, or before the metric existed)."""
+    evals = [r for r in rows if r["kind"] == "eval" and r.get("val_needle_selected_groups") is not None]
+    if not evals:
+        return None
+    steps = [r["step"] for r in evals]
+    groups = np.array([r["val_needle_selected_groups"] for r in evals], dtype=float)  # [evals, layers, groups]
+    layer, group = np.unravel_index(groups[-1].argmax(), groups[-1].shape)
+    ax.plot(steps, groups.mean(axis=(1, 2)), "o--", color=color, label=f"{label}: mean")
+    ax.plot(steps, groups[:, layer, group], "o-", color=color,
+            label=f"{label}: layer {layer + 1} group {group} (best at the end)")
+    return steps[-1], groups[-1]
+
+
 def routing_grid(ax, groups, *, title: str = ""):
     """Draw a training evaluation's `val_needle_selected_groups` ([MSA layers, KV groups] shares of the
     probe's answer rows whose index selects the needle's block) on `ax` as an annotated heatmap, MSA

@@ -335,6 +335,20 @@ def test_routing_grid_shows_each_layer_and_group():
     plt.close(fig)
 
 
+def test_routing_curves_draw_the_mean_and_the_best_cell_at_the_end():
+    plt = plots.pyplot()
+    fig, ax = plt.subplots()
+    rows = [dict(kind="train", step=1), dict(kind="eval", step=10, val_needle_selected_groups=[[0.9, 0.1], [0.2, 0.0]]),
+            dict(kind="eval", step=20, val_needle_selected_groups=[[0.3, 0.1], [0.2, 0.8]])]
+    step, last = plots.routing_curves(ax, rows, label="run")
+    assert step == 20 and last.tolist() == [[0.3, 0.1], [0.2, 0.8]]
+    mean, best = ax.get_lines()
+    assert mean.get_ydata().tolist() == pytest.approx([0.3, 0.35]) and best.get_ydata().tolist() == [0.0, 0.8]
+    assert "layer 2 group 1" in best.get_label()  # the best cell at the last evaluation, layers from 1
+    assert plots.routing_curves(ax, [dict(kind="eval", step=5, val_bpb=1.0)], label="dense") is None
+    plt.close(fig)
+
+
 def test_no_index_rope_flag_reaches_the_index_branch():
     assert parse().index_rope and parse().model_config().msa.index_rope
     run = parse("--attention", "msa", "--no-index-rope")

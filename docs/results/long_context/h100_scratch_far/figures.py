@@ -64,15 +64,9 @@ fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict
 last = {}
 for label, (_, metrics, color, _) in MODELS.items():
     rs = rows(metrics)
-    evals = [r for r in rs if r["kind"] == "eval" and "val_needle_selected_groups" in r]
-    if evals:
-        steps = [r["step"] for r in evals]
-        groups = np.array([r["val_needle_selected_groups"] for r in evals])  # [evals, MSA layers, KV groups]
-        layer, group = np.unravel_index(groups[-1].argmax(), groups[-1].shape)
-        ax_l.plot(steps, groups.mean(axis=(1, 2)), "o--", color=color, label=f"{label}: mean")
-        ax_l.plot(steps, groups[:, layer, group], "o-", color=color,
-                  label=f"{label}: layer {layer + 1} group {group} (best at the end)")
-        last[label] = (steps[-1], groups[-1])
+    end = plots.routing_curves(ax_l, rs, label=label, color=color)
+    if end is not None:
+        last[label] = end
     train = [r for r in rs if r["kind"] == "train"]
     x, y = zip(*means(train, "answer_exact"))
     ax_r.plot(x, y, "o-", color=color, ms=3, label=label)
