@@ -598,6 +598,44 @@ def routing_curves(ax, rows: list[dict], *, label: str, color=None):
     return steps[-1], groups[-1]
 
 
+def routing_figure(runs: dict[str, tuple[list[dict], str]], path: pathlib.Path, *, grid: str, chance: float | None,
+                   x_label: str = "step", window: int = 50) -> bool:
+    """A task-mix study's routing along training, three panels, from each run's metrics rows
+    (`{label: (rows, colour)}`): (left) `routing_curves` of every MSA run, with a uniform choice's rate
+    (`chance`, e.g. the runs' `val_needle_selected_chance`); (middle) `routing_grid` of run `grid` at its
+    last evaluation; (right) the training rows' whole answers right, means over `window` steps (dense runs
+    too). Writes `path`; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
+    last = {}
+    for label, (rows, color) in runs.items():
+        end = routing_curves(ax_l, rows, label=label, color=color)
+        if end is not None:
+            last[label] = end
+        train = [r for r in rows if r["kind"] == "train" and r.get("answer_exact") is not None]
+        ends = range(window - 1, len(train), window)
+        ax_r.plot([train[i]["step"] for i in ends], [np.mean([r["answer_exact"] for r in train[i - window + 1:i + 1]])
+                                                     for i in ends], "o-", color=color, ms=3, label=label)
+    if chance is not None:
+        ax_l.axhline(chance, color="grey", lw=1, ls=":", label=f"uniform choice ({chance:.2f})")
+    ax_l.set(xlabel=x_label, ylabel="answer rows whose index selects the needle", ylim=(0, 1.02),
+             title="routing during training (the probe's rows)")
+    ax_l.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.01, 0.9))
+    step, g = last[grid]
+    fig.colorbar(routing_grid(ax_m, g, title=f"needle selected, step {step}: {grid}"), ax=ax_m, fraction=0.05)
+    ax_r.set(xlabel=x_label, ylabel=f"training rows' answers exact ({window}-step means)", ylim=(-0.02, 1.02),
+             title="retrieval while training")
+    ax_r.legend(fontsize=6.5, loc="upper left")
+    for ax in (ax_l, ax_r):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def routing_grid(ax, groups, *, title: str = ""):
     """Draw a training evaluation's `val_needle_selected_groups` ([MSA layers, KV groups] shares of the
     probe's answer rows whose index selects the needle's block) on `ax` as an annotated heatmap, MSA

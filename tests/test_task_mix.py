@@ -349,6 +349,15 @@ def test_routing_curves_draw_the_mean_and_the_best_cell_at_the_end():
     plt.close(fig)
 
 
+def test_routing_figure_draws_every_run(tmp_path):
+    msa = [dict(kind="train", step=s, answer_exact=s / 4) for s in (1, 2, 3, 4)] + [
+        dict(kind="eval", step=4, val_needle_selected_groups=[[0.5, 0.25]])]
+    dense = [dict(kind="train", step=s, answer_exact=1.0) for s in (1, 2, 3, 4)] + [dict(kind="eval", step=4, val_bpb=1.0)]
+    assert plots.routing_figure({"msa": (msa, "C1"), "dense": (dense, "C0")}, tmp_path / "r.png", grid="msa",
+                                chance=0.15, window=2)
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
 def test_no_index_rope_flag_reaches_the_index_branch():
     assert parse().index_rope and parse().model_config().msa.index_rope
     run = parse("--attention", "msa", "--no-index-rope")

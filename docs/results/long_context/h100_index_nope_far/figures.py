@@ -4,7 +4,7 @@ python docs/results/long_context/h100_index_nope_far/figures.py
 by_depth.png: exact match at 16K against needle depth (95% Wilson intervals), one panel per task: MSA with
 the RoPE-free index (both stages as MSA, the dense bar's recipe; its depth-0.02-0.15 cells from the second
 evaluation) beside ../h200_dense_bar/'s dense and MSA-from-dense models and ../h100_scratch_far/'s MSA with
-the RoPE index. The inset x axis is not to scale: the first tenth of the context is stretched.
+the RoPE index. The x axis is not to scale: the first tenth of the context is stretched.
 by_length.png: the RoPE-free model at 4K, 16K and 32K (the training length: 16K) per depth, dense at 16K.
 routing.png: along the 16K stage, (left) whether the index selects the needle's block for the answer rows of
 the training-time retrieval probe (val_needle_selected, 16 validation rows), the mean over the 28 (MSA layer,
@@ -94,30 +94,6 @@ for ax, task in zip(axes, TASKS):
     ax.grid(alpha=0.3)
 finish(fig, axes, "by_length.png")
 
-fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
-last = None
-for label, (_, metrics, color, _) in MODELS.items():
-    rs = rows(metrics)
-    end = plots.routing_curves(ax_l, rs, label=label, color=color)
-    if label == NOPE:
-        last = end
-    train = [r for r in rs if r["kind"] == "train"]
-    x = [train[i + 49]["step"] for i in range(0, len(train) - 49, 50)]
-    y = [np.mean([r["answer_exact"] for r in train[i:i + 50]]) for i in range(0, len(train) - 49, 50)]
-    ax_r.plot(x, y, "o-", color=color, ms=3, label=label)
-ax_l.axhline(CHANCE, color="grey", lw=1, ls=":", label=f"uniform choice ({CHANCE:.2f})")
-ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needle", ylim=(0, 1.02),
-         title="routing during training (16 probe rows)")
-ax_l.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.01, 0.9))
-step, g = last
-im = plots.routing_grid(ax_m, g, title=f"needle selected, step {step}: RoPE-free index")
-fig.colorbar(im, ax=ax_m, fraction=0.05)
-ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
-         title="retrieval while training (every row a retrieval example)")
-ax_r.legend(fontsize=6.5, loc="upper left")
-for ax in (ax_l, ax_r):
-    ax.grid(alpha=0.3)
-fig.tight_layout()
-fig.savefig(here / "routing.png", dpi=110)
-plt.close(fig)
+plots.routing_figure({label: (rows(metrics), color) for label, (_, metrics, color, _) in MODELS.items()},
+                     here / "routing.png", grid=NOPE, chance=CHANCE, x_label="step at 16K")
 print(f"wrote {here / 'by_depth.png'}, {here / 'by_length.png'} and {here / 'routing.png'}")

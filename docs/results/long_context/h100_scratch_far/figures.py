@@ -19,11 +19,12 @@ from msa_jax import plots
 here = pathlib.Path(__file__).resolve().parent
 bar = here.parent / "h200_dense_bar"
 TASKS = ["passkey", "multikey", "variable_tracking"]
+SCRATCH = "MSA from the 2K MSA stage, far, 600 (H100)"
 MODELS = {  # label: (evaluation folder, metrics file, colour, line style)
     "dense, far, 600 steps (H200)": (bar / "eval_dense-far_s600", bar / "metrics_lc16_dense-far_s600.jsonl", "C0", "o-"),
     "MSA from the 2K dense stage, far, 600 (H200)": (bar / "eval_msa_far_s600", bar / "metrics_lc16_msa_far_s600.jsonl",
                                                      "C3", "s:"),
-    "MSA from the 2K MSA stage, far, 600 (H100)": (here / "eval_scratch_far_s600",
+    SCRATCH: (here / "eval_scratch_far_s600",
                                                    here / "metrics_lc16_scratch_far_s600.jsonl", "C1", "s-"),
     "the same, 300 steps, 200 warmup (H100)": (here / "eval_warmup-200_far", here / "metrics_lc16_warmup-200_far.jsonl",
                                                "C2", "^-"),
@@ -36,10 +37,6 @@ CHANCE = 0.151
 
 def rows(path):
     return [json.loads(line) for line in open(path)]
-
-
-def means(rs, key, w=50):  # (last step, mean) over consecutive w-step windows
-    return [(rs[i + w - 1]["step"], sum(r[key] for r in rs[i:i + w]) / w) for i in range(0, len(rs) - w + 1, w)]
 
 
 plt = plots.pyplot()
@@ -60,29 +57,6 @@ fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fon
 fig.savefig(here / "by_depth.png", dpi=110)
 plt.close(fig)
 
-fig, (ax_l, ax_m, ax_r) = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1.2, 1, 1.2]))
-last = {}
-for label, (_, metrics, color, _) in MODELS.items():
-    rs = rows(metrics)
-    end = plots.routing_curves(ax_l, rs, label=label, color=color)
-    if end is not None:
-        last[label] = end
-    train = [r for r in rs if r["kind"] == "train"]
-    x, y = zip(*means(train, "answer_exact"))
-    ax_r.plot(x, y, "o-", color=color, ms=3, label=label)
-ax_l.axhline(CHANCE, color="grey", lw=1, ls=":", label=f"uniform choice ({CHANCE:.2f})")
-ax_l.set(xlabel="step at 16K", ylabel="answer rows whose index selects the needle", ylim=(0, 1),
-         title="routing during training (16 probe rows)")
-ax_l.legend(fontsize=6.5, loc="upper left")
-label, (step, g) = next(iter((k, v) for k, v in last.items() if "600 (H100)" in k))
-im = plots.routing_grid(ax_m, g, title=f"needle selected, step {step}: MSA from the 2K MSA stage")
-fig.colorbar(im, ax=ax_m, fraction=0.05)
-ax_r.set(xlabel="step at 16K", ylabel="training rows' answers exact (50-step means)", ylim=(-0.02, 1.02),
-         title="retrieval while training (every row a retrieval example)")
-ax_r.legend(fontsize=6.5, loc="upper left")
-for ax in (ax_l, ax_r):
-    ax.grid(alpha=0.3)
-fig.tight_layout()
-fig.savefig(here / "routing.png", dpi=110)
-plt.close(fig)
+plots.routing_figure({label: (rows(metrics), color) for label, (_, metrics, color, _) in MODELS.items()},
+                     here / "routing.png", grid=SCRATCH, chance=CHANCE, x_label="step at 16K")
 print(f"wrote {here / 'by_depth.png'} and {here / 'routing.png'}")
