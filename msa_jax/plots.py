@@ -598,11 +598,12 @@ def routing_curves(ax, rows: list[dict], *, label: str, color=None):
     return steps[-1], groups[-1]
 
 
-def routing_figure(runs: dict[str, tuple[list[dict], str]], path: pathlib.Path, *, grid: str, chance: float | None,
-                   x_label: str = "step", window: int = 50) -> bool:
+def routing_figure(runs: dict[str, tuple[list[dict], str]], path: pathlib.Path, *, grid: str,
+                   chance: float | dict[str, float] | None, x_label: str = "step", window: int = 50) -> bool:
     """A task-mix study's routing along training, three panels, from each run's metrics rows
     (`{label: (rows, colour)}`): (left) `routing_curves` of every MSA run, with a uniform choice's rate
-    (`chance`, e.g. the runs' `val_needle_selected_chance`); (middle) `routing_grid` of run `grid` at its
+    (`chance`, e.g. the runs' `val_needle_selected_chance`; a `{label: rate}` dict draws one line per run in
+    its colour, for runs whose forced blocks differ); (middle) `routing_grid` of run `grid` at its
     last evaluation; (right) the training rows' whole answers right, means over `window` steps (dense runs
     too). Writes `path`; False without matplotlib."""
     plt = pyplot()
@@ -618,7 +619,10 @@ def routing_figure(runs: dict[str, tuple[list[dict], str]], path: pathlib.Path, 
         ends = range(window - 1, len(train), window)
         ax_r.plot([train[i]["step"] for i in ends], [np.mean([r["answer_exact"] for r in train[i - window + 1:i + 1]])
                                                      for i in ends], "o-", color=color, ms=3, label=label)
-    if chance is not None:
+    if isinstance(chance, dict):
+        for label, rate in chance.items():
+            ax_l.axhline(rate, color=runs[label][1], lw=1, ls=":", label=f"uniform choice, {label} ({rate:.2f})")
+    elif chance is not None:
         ax_l.axhline(chance, color="grey", lw=1, ls=":", label=f"uniform choice ({chance:.2f})")
     ax_l.set(xlabel=x_label, ylabel="answer rows whose index selects the needle", ylim=(0, 1.02),
              title="routing during training (the probe's rows)")

@@ -356,6 +356,11 @@ def test_routing_figure_draws_every_run(tmp_path):
     assert plots.routing_figure({"msa": (msa, "C1"), "dense": (dense, "C0")}, tmp_path / "r.png", grid="msa",
                                 chance=0.15, window=2)
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    # one uniform-choice line per run where their forced blocks differ; a label not among the runs is refused
+    assert plots.routing_figure({"msa": (msa, "C1"), "dense": (dense, "C0")}, tmp_path / "c.png", grid="msa",
+                                chance={"msa": 0.14}, window=2)
+    with pytest.raises(KeyError):
+        plots.routing_figure({"msa": (msa, "C1")}, tmp_path / "x.png", grid="msa", chance={"other": 0.1}, window=2)
 
 
 def test_no_index_rope_flag_reaches_the_index_branch():

@@ -1,0 +1,103 @@
+"""The figures of this folder from its committed evaluation and metrics files (run from the repository root):
+python docs/results/long_context/h100_index_nope_sink1/figures.py
+
+by_depth.png: exact match at 16K against needle depth (95% Wilson intervals), one panel per task: MSA with the
+RoPE-free index and the context's first block forced into every selection (trained and evaluated so; its
+depth-0.002-0.05 cells from the second evaluation), the same model evaluated without the forced block
+(`--sink-blocks 0`), ../h100_index_nope_far/'s RoPE-free run without it, and ../h200_dense_bar/'s dense model.
+The x axis is not to scale: the first tenth of the context is stretched.
+by_length.png: the sink model at 4K, 16K and 32K (the training length: 16K) per depth, dense at 16K.
+routing.png: along the 16K stage, (left) whether the index selects the needle's block for the answer rows of
+the training-time retrieval probe (val_needle_selected, 16 validation rows), the mean over the 28 (MSA layer,
+KV group) cells and the best cell, against a uniform choice among the blocks not forced in (0.151 without the
+sink, 0.142 with it); (middle) the sink model's share per cell at step 600; (right) the training rows'
+answers (50-step means), dense's too."""
+import json
+import pathlib
+
+import numpy as np
+
+from msa_jax import plots
+
+here = pathlib.Path(__file__).resolve().parent
+bar, nope = here.parent / "h200_dense_bar", here.parent / "h100_index_nope_far"
+TASKS = ["passkey", "multikey", "variable_tracking"]
+DENSE = "dense, far, 600 steps (H200)"
+NOPE = "MSA, RoPE-free index, far, 600 (H100, last session)"
+SINK = "MSA, RoPE-free index + first block forced, far, 600 (H100)"
+MODELS = {  # label: (evaluation folders, metrics file, colour, line style)
+    DENSE: ([bar / "eval_dense-far_s600"], bar / "metrics_lc16_dense-far_s600.jsonl", "C0", "o-"),
+    NOPE: ([nope / "eval_index-nope_far_s600", nope / "eval_index-nope_far_s600_near0"],
+           nope / "metrics_lc16_index-nope_far_s600.jsonl", "C2", "D:"),
+    SINK: ([here / "eval_index-nope-sink1_far_s600", here / "eval_index-nope-sink1_far_s600_near0"],
+           here / "metrics_lc16_index-nope-sink1_far_s600.jsonl", "C4", "s-"),
+}
+UNFORCED = "the sink model evaluated without the forced block"
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def cells(folders, length):
+    """{(task, depth): row} of the evaluations' cells at one length (the first folder wins a shared depth)."""
+    out = {}
+    for folder in reversed(folders):
+        for r in json.load(open(folder / "results.json"))["rows"]:
+            if r["context_len"] == length:
+                out[(r["task"], r["depth"])] = r
+    return out
+
+
+def draw(ax, by_key, task, x_of, **kw):
+    sub = sorted((r for (t, _), r in by_key.items() if t == task), key=lambda r: r["depth"])
+    acc = np.array([r["accuracy"] for r in sub])
+    err = [acc - [r["ci_low"] for r in sub], [r["ci_high"] for r in sub] - acc]
+    ax.errorbar([x_of(r["depth"]) for r in sub], acc, yerr=err, capsize=3, **kw)
+
+
+def stretch(d):  # the first tenth of the context over half the axis
+    return d * 5 if d <= 0.1 else 0.5 + (d - 0.1) / 0.9 * 0.5
+
+
+def finish(fig, axes, name):  # one panel per task, the legend below them
+    axes[0].set_ylabel("exact match (50 examples per point)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+    fig.savefig(here / name, dpi=110)
+    plt.close(fig)
+
+
+TICKS = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
+plt = plots.pyplot()
+fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.8), sharey=True)
+for label, (folders, _, color, style) in MODELS.items():
+    by_key = cells(folders, 16384)
+    for ax, task in zip(axes, TASKS):
+        draw(ax, by_key, task, stretch, fmt=style, color=color, label=label)
+unforced = cells([here / "eval_index-nope-sink1_far_s600_sink0"], 16384)
+for ax, task in zip(axes, TASKS):
+    draw(ax, unforced, task, stretch, fmt="x--", color="C4", alpha=0.6, label=UNFORCED)
+    ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context; first tenth stretched)",
+           ylim=(-0.03, 1.03), xticks=[stretch(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
+    ax.grid(alpha=0.3)
+finish(fig, axes, "by_depth.png")
+
+fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.4), sharey=True)
+other = here / "eval_index-nope-sink1_far_s600_4k_32k"
+for length, folders, color in ((4096, [other], "C9"), (16384, [here / "eval_index-nope-sink1_far_s600"], "C4"),
+                               (32768, [other], "C5")):
+    by_key = cells(folders, length)
+    for ax, task in zip(axes, TASKS):
+        draw(ax, by_key, task, float, fmt="s-", color=color, label=f"RoPE-free index + first block, {length // 1024}K")
+for ax, task in zip(axes, TASKS):
+    draw(ax, cells(MODELS[DENSE][0], 16384), task, float, fmt="o:", color="C0", label="dense, 16K")
+    ax.set(title=task, xlabel="needle depth", ylim=(-0.03, 1.03))
+    ax.grid(alpha=0.3)
+finish(fig, axes, "by_length.png")
+
+metrics = {label: (rows(m), color) for label, (_, m, color, _) in MODELS.items()}
+chance = {label: next(r["val_needle_selected_chance"] for r in metrics[label][0] if "val_needle_selected_chance" in r)
+          for label in (NOPE, SINK)}
+plots.routing_figure(metrics, here / "routing.png", grid=SINK, chance=chance, x_label="step at 16K")
+print(f"wrote {here / 'by_depth.png'}, {here / 'by_length.png'} and {here / 'routing.png'}")
