@@ -7,7 +7,7 @@
 # 16K, _seedN: seed N; see args_of). Bases are trained as needed, a 16K run's base too (cpt trains dense
 # first). EVAL overrides the evaluation's flags (e.g. the 4K / 16K / 32K one).
 # PACK_CACHE=1: also return the compilation cache (jax_cache.tgz.NN under $OUT) for the next session: copy the
-# pieces into _gpu/ (git-ignored) and name _gpu in the device call's carry.
+# pieces into _gpu/ (git-ignored) and name in the device call's carry those that fit (e.g. _gpu/jax_cache.tgz.00).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # JAX's persistent compilation cache: a resumed run, or another run or evaluation of the same shapes and
@@ -18,9 +18,11 @@ mkdir -p $OUT/a runs
 # ... also across sessions: a cache packed by an earlier session's PACK_CACHE=1 (below), fetched and carried
 # in as _gpu/jax_cache.tgz.NN, is unpacked on a fresh machine (the 2K stages and the evaluations of a model
 # shape compile the same programs every session; a program whose code changed simply misses)
+# Each piece is a whole archive, so any subset of them can be carried (the carry's 64 MiB limit).
 if [ ! -d $JAX_COMPILATION_CACHE_DIR ] && ls _gpu/jax_cache.tgz.* > /dev/null 2>&1; then
-  mkdir -p $JAX_COMPILATION_CACHE_DIR && cat _gpu/jax_cache.tgz.* | tar xzf - -C $JAX_COMPILATION_CACHE_DIR \
-    && echo "compilation cache carried in: $(ls $JAX_COMPILATION_CACHE_DIR | wc -l) entries"
+  mkdir -p $JAX_COMPILATION_CACHE_DIR
+  for f in _gpu/jax_cache.tgz.*; do tar xzf $f -C $JAX_COMPILATION_CACHE_DIR || echo "$f: not unpacked"; done
+  echo "compilation cache carried in: $(find $JAX_COMPILATION_CACHE_DIR -type f | wc -l) files"
 fi
 left() { echo $((DEADLINE - SECONDS)); }
 # Once per machine, before any training: MSA's dense-warmup steps take the teacher's LSE from cuDNN's float32
@@ -66,8 +68,9 @@ declare -A ARGS=(
   [top32]="--attention msa --init-from runs/lc_2k_msa $S16 --msa-warmup-steps 100 --top-k 32"
   # with the dense bar's recipe (../h100_scratch_far/: the RoPE index routes the far needles at chance), the
   # RoPE-free index (../h100_index_nope_far/: within 11 points of dense, all of it lost in the context's first
-  # block). Next: its rerun evaluated with EVAL="... --sink-blocks 1" (the first block forced at inference), and
-  # index-nope-sink1_far_s600 (forced while training too); one 2K stage for all (280 s on an H100)
+  # block), and with that block forced (../h100_index_nope_sink1/: dense's level, one run, from another run of
+  # the same 2K stage that ended 1% apart). Next: index-nope_far_s600_seed1 and index-nope-sink1_far_s600_seed1
+  # in one call list (one shared 2K stage: a paired second seed of each), then index-nope-local2_far_s600
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
   [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
   [index-nope-sink1]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --sink-blocks 1"
@@ -134,13 +137,16 @@ for name in "$@"; do
 done
 for d in runs/lc_2k runs/lc_2k_msa runs/lc_2k_msa_nope runs/lc16_*; do [ -d $d ] && cp $d/metrics.jsonl $OUT/a/metrics_$(basename $d).jsonl && cp $d/config.json $OUT/a/config_$(basename $d).json; done
 if [ -n "${PACK_CACHE:-}" ] && [ -d $JAX_COMPILATION_CACHE_DIR ]; then
-  # for the next session's carry: up to CACHE_MB (default 40: the carry holds 64 MiB with the repository),
+  # for the next session's carry: up to CACHE_MB (default 40; the carry holds 64 MiB with the repository),
   # the train steps first (the programs that take longest to compile, the 2K stages' too), then the newest
-  # other entries, in 15 MiB pieces (files come back up to 16 MiB each, 8 in all)
+  # other entries, in pieces of at most 14 MiB of files, each a whole archive (files come back up to 16 MiB
+  # each, 8 in all): carry as many pieces as fit beside the repository, the first ones first
   (cd $JAX_COMPILATION_CACHE_DIR && find . -type f -printf '%T@ %s %P\n' \
      | awk '{ print ($3 ~ /train_step/ ? 1 : 0), $0 }' | sort -k1,1nr -k2,2nr | cut -d' ' -f2- \
-     | awk -v max=$(( ${CACHE_MB:-40} * 1048576 )) '{ if (tot + $2 <= max) { tot += $2; print $3 } }' > /tmp/cache_list \
-     && tar czf - -T /tmp/cache_list | split -b 15M -d - $OUT/jax_cache.tgz.) \
+     | awk -v max=$(( ${CACHE_MB:-40} * 1048576 )) '{ if (tot + $2 <= max) { tot += $2; print $2, $3 } }' > /tmp/cache_list \
+     && rm -f /tmp/cache_part.* && awk -v piece=$(( 14 * 1048576 )) \
+       '{ if (tot + $1 > piece && tot > 0) { n++; tot = 0 } tot += $1; print $2 > sprintf("/tmp/cache_part.%02d", n) }' /tmp/cache_list \
+     && for f in /tmp/cache_part.*; do tar czf $OUT/jax_cache.tgz.${f##*.} -T $f; done) \
     && echo "compilation cache packed: $(wc -l < /tmp/cache_list) of $(find $JAX_COMPILATION_CACHE_DIR -type f | wc -l) files"
 fi
 cd $OUT && tar czf a$(date +%s).tgz a && rm -rf a
