@@ -24,6 +24,8 @@ ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the inde
     "dense": ("dense attention (the equal-budget control)", 512, None),
     "base": ("block 16 x top 4, 200 warmup steps, KL on, RoPE index", 64, 3),
     "index-nope": ("no RoPE on the index", 64, 3),
+    "index-nope-local2": ("no RoPE on the index, the previous block forced too", 64, 2),
+    "index-nope-sink1": ("no RoPE on the index, the first block forced", 64, 2),
     "block8-top8": ("block 8 x top 8", 64, 7),
     "block32-top2": ("block 32 x top 2", 64, 1),
     "warmup-0": ("no dense warmup", 64, 3),

@@ -40,10 +40,15 @@ declare -A ARM=(
   [warmup-0-ilr10]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 0 --index-lr-scale 10 --steps 1000"
   # sixth session: the dose between 1x and x10 with the 50-step warmup
   [warmup-50-ilr3]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 50 --index-lr-scale 3 --steps 1000"
+  # ninth session: the RoPE-free index's bits/byte cost (+1.7%, its score recall 0.81): is it the nearby blocks
+  # a position-blind index stops choosing? The block before the local one forced in (2 of the 4 then chosen);
+  # and the context's first block forced, as the H100's 16K index-nope-sink1 run (one of the 3 choices spent)
+  [index-nope-local2]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000 --no-index-rope --local-blocks 2"
+  [index-nope-sink1]="$MSA --block-size 16 --top-k 4 --msa-warmup-steps 200 --steps 1000 --no-index-rope --sink-blocks 1"
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+ warmup-50-ilr3"
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+ warmup-50-ilr3 index-nope-local2 index-nope-sink1"
 PAIRS=${PAIRS:-"1:1 1:11 1:21 1:31"}  # parent seed : conversion seed (a subset: runs the arms on it only)
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
