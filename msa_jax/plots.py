@@ -552,6 +552,33 @@ def retrieval_by_length(rows: list[dict], runs: list[str], tasks: list[str], pat
     return True
 
 
+def eval_cells(folders, context_len: int) -> dict[tuple[str, float], dict]:
+    """{(task, depth): row} of `eval_retrieval.py` evaluations (folders holding results.json) at one
+    context length: e.g. a main evaluation and one near the start of the context, merged. Where two
+    folders have the same cell the first wins."""
+    out = {}
+    for folder in reversed(list(folders)):
+        for r in json.loads((pathlib.Path(folder) / "results.json").read_text())["rows"]:
+            if r["context_len"] == context_len:
+                out[(r["task"], r["depth"])] = r
+    return out
+
+
+def stretch_depth(depth: float, head: float = 0.1) -> float:
+    """An x position for a needle depth that spreads the context's first `head` over half the axis
+    (depths 0-0.1 hold most of the interesting cells when needles are drawn near the start)."""
+    return depth / head * 0.5 if depth <= head else 0.5 + (depth - head) / (1 - head) * 0.5
+
+
+def exact_match_by_depth(ax, cells: dict[tuple[str, float], dict], task: str, x_of=float, **kw):
+    """Draw one task's exact match against needle depth with its 95% intervals on `ax` (cells from
+    `eval_cells`; `x_of` maps a depth to x, e.g. `stretch_depth`; kw go to `errorbar`)."""
+    sub = sorted((r for (t, _), r in cells.items() if t == task), key=lambda r: r["depth"])
+    acc = np.array([r["accuracy"] for r in sub])
+    err = [acc - [r["ci_low"] for r in sub], [r["ci_high"] for r in sub] - acc]
+    return ax.errorbar([x_of(r["depth"]) for r in sub], acc, yerr=err, capsize=3, **kw)
+
+
 def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0, title: str = ""):
     """One (sequence, KV group) in three panels, queries down, KV blocks across: the index branch's
     block scores (max-pooled index scores, `ops.reference.block_scores`), the blocks `select_blocks`

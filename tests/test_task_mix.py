@@ -349,6 +349,31 @@ def test_routing_curves_draw_the_mean_and_the_best_cell_at_the_end():
     plt.close(fig)
 
 
+def test_eval_cells_merge_folders_and_the_depth_plot_draws_their_intervals(tmp_path):
+    def results(folder, rows):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"rows": rows}))
+        return folder
+
+    def row(depth, acc, length=16384, task="passkey"):
+        return dict(task=task, context_len=length, depth=depth, accuracy=acc, ci_low=acc - 0.1, ci_high=acc + 0.05)
+
+    main = results(tmp_path / "main", [row(0.0, 0.2), row(0.5, 0.9), row(0.5, 0.1, length=4096)])
+    near = results(tmp_path / "near", [row(0.0, 0.7), row(0.02, 0.8), row(0.02, 0.3, task="multikey")])
+    cells = plots.eval_cells([main, near], 16384)  # the first folder wins a shared cell; one length only
+    assert {k: r["accuracy"] for k, r in cells.items()} == {("passkey", 0.0): 0.2, ("passkey", 0.5): 0.9,
+                                                            ("passkey", 0.02): 0.8, ("multikey", 0.02): 0.3}
+    assert [plots.stretch_depth(d) for d in (0.0, 0.05, 0.1, 0.55, 1.0)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    plt = plots.pyplot()
+    fig, ax = plt.subplots()
+    bars = plots.exact_match_by_depth(ax, cells, "passkey", plots.stretch_depth)
+    x, y = bars.lines[0].get_data()  # sorted by depth, the errors from the rows' intervals
+    assert list(x) == pytest.approx([0, 0.1, 0.7222], abs=1e-4) and list(y) == [0.2, 0.8, 0.9]
+    (segments,) = bars.lines[2]
+    assert [tuple(s[:, 1]) for s in segments.get_segments()] == pytest.approx([(0.1, 0.25), (0.7, 0.85), (0.8, 0.95)])
+    plt.close(fig)
+
+
 def test_routing_figure_draws_every_run(tmp_path):
     msa = [dict(kind="train", step=s, answer_exact=s / 4) for s in (1, 2, 3, 4)] + [
         dict(kind="eval", step=4, val_needle_selected_groups=[[0.5, 0.25]])]

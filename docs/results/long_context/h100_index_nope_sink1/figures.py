@@ -15,8 +15,6 @@ answers (50-step means), dense's too."""
 import json
 import pathlib
 
-import numpy as np
-
 from msa_jax import plots
 
 here = pathlib.Path(__file__).resolve().parent
@@ -39,27 +37,6 @@ def rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-def cells(folders, length):
-    """{(task, depth): row} of the evaluations' cells at one length (the first folder wins a shared depth)."""
-    out = {}
-    for folder in reversed(folders):
-        for r in json.load(open(folder / "results.json"))["rows"]:
-            if r["context_len"] == length:
-                out[(r["task"], r["depth"])] = r
-    return out
-
-
-def draw(ax, by_key, task, x_of, **kw):
-    sub = sorted((r for (t, _), r in by_key.items() if t == task), key=lambda r: r["depth"])
-    acc = np.array([r["accuracy"] for r in sub])
-    err = [acc - [r["ci_low"] for r in sub], [r["ci_high"] for r in sub] - acc]
-    ax.errorbar([x_of(r["depth"]) for r in sub], acc, yerr=err, capsize=3, **kw)
-
-
-def stretch(d):  # the first tenth of the context over half the axis
-    return d * 5 if d <= 0.1 else 0.5 + (d - 0.1) / 0.9 * 0.5
-
-
 def finish(fig, axes, name):  # one panel per task, the legend below them
     axes[0].set_ylabel("exact match (50 examples per point)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -72,14 +49,15 @@ TICKS = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
 plt = plots.pyplot()
 fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.8), sharey=True)
 for label, (folders, _, color, style) in MODELS.items():
-    by_key = cells(folders, 16384)
+    by_key = plots.eval_cells(folders, 16384)
     for ax, task in zip(axes, TASKS):
-        draw(ax, by_key, task, stretch, fmt=style, color=color, label=label)
-unforced = cells([here / "eval_index-nope-sink1_far_s600_sink0"], 16384)
+        plots.exact_match_by_depth(ax, by_key, task, plots.stretch_depth, fmt=style, color=color, label=label)
+unforced = plots.eval_cells([here / "eval_index-nope-sink1_far_s600_sink0"], 16384)
 for ax, task in zip(axes, TASKS):
-    draw(ax, unforced, task, stretch, fmt="x--", color="C4", alpha=0.6, label=UNFORCED)
+    plots.exact_match_by_depth(ax, unforced, task, plots.stretch_depth, fmt="x--", color="C4", alpha=0.6,
+                               label=UNFORCED)
     ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context; first tenth stretched)",
-           ylim=(-0.03, 1.03), xticks=[stretch(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
+           ylim=(-0.03, 1.03), xticks=[plots.stretch_depth(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
     ax.grid(alpha=0.3)
 finish(fig, axes, "by_depth.png")
 
@@ -87,11 +65,13 @@ fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.4), sharey=True)
 other = here / "eval_index-nope-sink1_far_s600_4k_32k"
 for length, folders, color in ((4096, [other], "C9"), (16384, [here / "eval_index-nope-sink1_far_s600"], "C4"),
                                (32768, [other], "C5")):
-    by_key = cells(folders, length)
+    by_key = plots.eval_cells(folders, length)
     for ax, task in zip(axes, TASKS):
-        draw(ax, by_key, task, float, fmt="s-", color=color, label=f"RoPE-free index + first block, {length // 1024}K")
+        plots.exact_match_by_depth(ax, by_key, task, float, fmt="s-", color=color,
+                                   label=f"RoPE-free index + first block, {length // 1024}K")
+dense16 = plots.eval_cells(MODELS[DENSE][0], 16384)
 for ax, task in zip(axes, TASKS):
-    draw(ax, cells(MODELS[DENSE][0], 16384), task, float, fmt="o:", color="C0", label="dense, 16K")
+    plots.exact_match_by_depth(ax, dense16, task, float, fmt="o:", color="C0", label="dense, 16K")
     ax.set(title=task, xlabel="needle depth", ylim=(-0.03, 1.03))
     ax.grid(alpha=0.3)
 finish(fig, axes, "by_length.png")
