@@ -370,7 +370,7 @@ def test_eval_cells_merge_folders_and_the_depth_plot_draws_their_intervals(tmp_p
     x, y = bars.lines[0].get_data()  # sorted by depth, the errors from the rows' intervals
     assert list(x) == pytest.approx([0, 0.1, 0.7222], abs=1e-4) and list(y) == [0.2, 0.8, 0.9]
     (segments,) = bars.lines[2]
-    assert [tuple(s[:, 1]) for s in segments.get_segments()] == pytest.approx([(0.1, 0.25), (0.7, 0.85), (0.8, 0.95)])
+    np.testing.assert_allclose([s[:, 1] for s in segments.get_segments()], [[0.1, 0.25], [0.7, 0.85], [0.8, 0.95]])
     plt.close(fig)
 
 
