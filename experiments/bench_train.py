@@ -23,7 +23,10 @@ Part 2, whole train steps (msa_jax.train.train_step: model fwd+bwd + AdamW) on s
 the model of a run preset (--train-model; gpu-small for paper, tiny for cpu) at each --train-T, dense
 (attention="dense", impl="auto": cuDNN on a GPU) against MSA (attention="msa", sparse=True, each
 impl of --impls) and MSA's dense-warmup step (sparse=False: dense attention + the KL over the full
-causal support, "<impl> warmup"). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio.
+causal support, "<impl> warmup"). Reported: ms per step, tokens/s and the MSA/dense tokens/s ratio;
+with --profile also each step's kernels (the whole step's GPU time per kernel: where MSA's step goes).
+--no-attention skips part 1 (and its gradient checks) for a train-step-only run, e.g. the 16K study's
+model: --no-attention --train-model long-context --train-T 16384 --train-batch 8 --train-dense-layers 1.
 
     python experiments/bench_train.py --preset cpu      # tiny smoke run (interpret mode off a GPU)
     python experiments/bench_train.py --preset paper    # GPU: 64/4/128, T 8K .. 128K; train T 32K
@@ -44,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msa_jax import ops, plots
-from msa_jax.bench import (card_rates, cell, fmt, guarded, inputs, is_oom, log, main_fwd_kernel, profile_stages,
-                           stage_floors, support_pairs, timeit)
+from msa_jax.bench import (PROFILE_TOP, card_rates, cell, fmt, guarded, inputs, is_oom, kernel_profile, log,
+                           main_fwd_kernel, profile_stages, stage_floors, support_pairs, timeit, top_kernels)
 from msa_jax.presets import BENCH_SHAPES, RUN_PRESETS, run_config, HelpFormatter
 
 # Per head-shape preset: part 1's lengths, part 2's sequence length and model preset.
@@ -70,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, f32 off it")
     p.add_argument("--check-T", type=int, default=None,
                    help="tokens of the gradient checks (default: (top_k + 2) * block_size, so the selection is sparse)")
+    p.add_argument("--no-attention", dest="attention", action="store_false",
+                   help="skip part 1 (attention by length) and its gradient checks")
     p.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip part 2")
     p.add_argument("--train-T", type=int, nargs="+", help="sequence lengths of part 2 (default: the preset's)")
     p.add_argument("--train-batch", type=int, default=1, help="batch size of part 2")
@@ -79,7 +84,8 @@ def parse_args(argv=None):
                    help="leading dense layers of the MSA model in part 2 (0: every layer MSA; a dense layer of an "
                         "impl=pallas model runs the xla dense attention, not cuDNN)")
     p.add_argument("--profile", action="store_true",
-                   help="part 1: also trace the indexer, main fwd+bwd and KL fwd+bwd once per length: time per kernel")
+                   help="also trace the kernels: part 1 the indexer, main fwd+bwd and KL fwd+bwd once per length, "
+                        "part 2 each whole train step; time per kernel")
     p.add_argument("--out", default="runs/bench_train")
     return p.parse_args(argv)
 
@@ -290,7 +296,8 @@ def train_configs(args, cfg, dtype_name, attention, impl, T):
 
 def bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T, sparse=True):
     """Median ms of train_step and tokens/s for one model (built, timed, dropped); sparse=False: an MSA
-    model's dense-warmup step (dense attention + the KL over the full causal support)."""
+    model's dense-warmup step (dense attention + the KL over the full causal support). With --profile,
+    "profile": the step's PROFILE_TOP largest kernels (ms per step) and "profile_sum_ms" all of them."""
     from msa_jax.model import DecoderLM, count_params
     from msa_jax.train import make_optimizer, train_step
 
@@ -302,8 +309,14 @@ def bench_train_step(args, cfg, dtype_name, attention, impl, tokens, T, sparse=T
     t, n, first = timeit(step, reps=args.reps, budget=args.time_budget)
     m = jax.device_get(step())
     B, T = tokens.shape[0], tokens.shape[1] - 1
-    return dict(ms=t * 1e3, tokens_per_s=B * T / t, reps=n, first_s=first, params=int(count_params(model)),
-                loss=float(m["lm_loss"]), kl=float(m["kl"]))
+    out = dict(ms=t * 1e3, tokens_per_s=B * T / t, reps=n, first_s=first, params=int(count_params(model)),
+               loss=float(m["lm_loss"]), kl=float(m["kl"]))
+    if args.profile:
+        times = kernel_profile(step)
+        out.update(profile=dict(list(times.items())[:PROFILE_TOP]), profile_sum_ms=sum(times.values()))
+        log(f"train_step {attention} {impl} sparse={sparse}: kernels, ms per step (sum {out['profile_sum_ms']:.1f}, "
+            f"wall {out['ms']:.1f})\n{top_kernels(times, n=15)}")
+    return out
 
 
 def part2(args, cfg, dtype_name, impls, result, save):
@@ -422,15 +435,18 @@ def main(argv=None):
 
     print(f"device: {device} | jax {jax.__version__} | {dtype_name} | impls {impls} | {cfg}", flush=True)
     result["rates"] = rates = card_rates()
+    if not args.attention:  # part 2 only
+        cfg["seq_lens"] = []
     result["main_fwd_kernel"] = main_fwd_kernel(cfg, dtype)
     result["main_bwd_kernel"] = main_fwd_kernel(cfg, dtype, which="bwd")
     log(f"main-branch tile kernels (impl pallas): forward {result['main_fwd_kernel']}, "
         f"backward {result['main_bwd_kernel']}")
     log(f"card: copy {rates['copy_gb_s']:.0f} GB/s, bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (the floors' rates)")
-    result["grad_check"] = guarded("f32 gradient check", lambda: check_grads_f32(cfg, impls, args.check_T))
-    log(f"gradient check (f32, T={args.check_T}), max relative error: "
-        + json.dumps({k: v.get("max_rel_err", v.get("error")) if isinstance(v, dict) else v
-                     for k, v in result["grad_check"].items()}))
+    if args.attention:
+        result["grad_check"] = guarded("f32 gradient check", lambda: check_grads_f32(cfg, impls, args.check_T))
+        log(f"gradient check (f32, T={args.check_T}), max relative error: "
+            + json.dumps({k: v.get("max_rel_err", v.get("error")) if isinstance(v, dict) else v
+                         for k, v in result["grad_check"].items()}))
     save()
 
     dense = dense_fn()
@@ -456,8 +472,10 @@ def main(argv=None):
         part2(args, cfg, dtype_name, impls, result, save)
     save()
     print_tables(result)
-    if plot(result, out / "speedup.png"):
+    if result["attention"] and plot(result, out / "speedup.png"):
         print(f"\nwrote {out / 'results.json'} and {out / 'speedup.png'} ({result['wall_s']:.0f} s)", flush=True)
+    else:
+        print(f"\nwrote {out / 'results.json'} ({result['wall_s']:.0f} s)", flush=True)
     return result
 
 
