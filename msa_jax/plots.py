@@ -579,6 +579,37 @@ def exact_match_by_depth(ax, cells: dict[tuple[str, float], dict], task: str, x_
     return ax.errorbar([x_of(r["depth"]) for r in sub], acc, yerr=err, capsize=3, **kw)
 
 
+def exact_match_by_depth_figure(series: dict[str, tuple[dict, dict]], tasks: list[str], path: pathlib.Path, *,
+                                title: str = "{task}", stretch: bool = True, legend_cols: int = 2,
+                                figsize=(15, 4.8)) -> bool:
+    """One panel per task, each series' exact match against needle depth with its 95% intervals
+    (`{label: (cells, errorbar kwargs)}`, cells from `eval_cells`); stretch: the context's first tenth
+    over half of each axis (`stretch_depth`); the legend below the panels. Writes `path`; False without
+    matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=figsize, sharey=True, squeeze=False)
+    x_of = stretch_depth if stretch else float
+    for label, (cells, kw) in series.items():
+        for ax, task in zip(axes[0], tasks):
+            exact_match_by_depth(ax, cells, task, x_of, label=label, **kw)
+    for ax, task in zip(axes[0], tasks):
+        ax.set(title=title.format(task=task), ylim=(-0.03, 1.03),
+               xlabel="needle depth (0: start of the context; first tenth stretched)" if stretch else "needle depth")
+        if stretch:
+            ticks = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
+            ax.set_xticks([stretch_depth(t) for t in ticks], [f"{t:g}" for t in ticks])
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("exact match (50 examples per point)")
+    rows = -(-len(series) // legend_cols)
+    fig.tight_layout(rect=(0, 0.035 + 0.035 * rows, 1, 1))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=legend_cols, fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def selection_figure(scores, block_idx, mass, *, batch: int = 0, group: int = 0, title: str = ""):
     """One (sequence, KV group) in three panels, queries down, KV blocks across: the index branch's
     block scores (max-pooled index scores, `ops.reference.block_scores`), the blocks `select_blocks`

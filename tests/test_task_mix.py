@@ -374,6 +374,23 @@ def test_eval_cells_merge_folders_and_the_depth_plot_draws_their_intervals(tmp_p
     plt.close(fig)
 
 
+def test_exact_match_by_depth_figure_draws_every_series_per_task(tmp_path, monkeypatch):
+    cells = {(t, d): dict(task=t, depth=d, accuracy=0.5, ci_low=0.4, ci_high=0.6)
+             for t in ("passkey", "multikey") for d in (0.0, 0.05, 0.5, 1.0)}
+    drawn = []
+    real = plots.exact_match_by_depth
+    monkeypatch.setattr(plots, "exact_match_by_depth", lambda ax, c, task, x_of, **kw: drawn.append(
+        (task, kw["label"], x_of(0.05))) or real(ax, c, task, x_of, **kw))
+    series = {"a": (cells, dict(fmt="o-")), "b": (cells, dict(fmt="s:", color="C3"))}
+    assert plots.exact_match_by_depth_figure(series, ["passkey", "multikey"], tmp_path / "d.png", title="{task} at 16K")
+    assert sorted(drawn) == [("multikey", "a", 0.25), ("multikey", "b", 0.25), ("passkey", "a", 0.25),
+                             ("passkey", "b", 0.25)]  # every series on every task, the first tenth stretched
+    drawn.clear()
+    assert plots.exact_match_by_depth_figure(series, ["passkey"], tmp_path / "l.png", stretch=False)
+    assert drawn == [("passkey", "a", 0.05), ("passkey", "b", 0.05)]
+    assert (tmp_path / "d.png").stat().st_size > 10_000 and (tmp_path / "l.png").exists()
+
+
 def test_routing_figure_draws_every_run(tmp_path):
     msa = [dict(kind="train", step=s, answer_exact=s / 4) for s in (1, 2, 3, 4)] + [
         dict(kind="eval", step=4, val_needle_selected_groups=[[0.5, 0.25]])]

@@ -36,41 +36,18 @@ def rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-def finish(fig, axes, name):  # one panel per task, the legend below them
-    axes[0].set_ylabel("exact match (50 examples per point)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
-    fig.savefig(here / name, dpi=110)
-    plt.close(fig)
+depth = {label: (plots.eval_cells(folders, 16384), dict(fmt=style, color=color))
+         for label, (folders, _, color, style) in MODELS.items()}
+plots.exact_match_by_depth_figure(depth, TASKS, here / "by_depth.png", title="{task} at 16K", legend_cols=4,
+                                  figsize=(15, 4.6))
 
-
-TICKS = [0, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1]
-plt = plots.pyplot()
-fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.6), sharey=True)
-for label, (folders, _, color, style) in MODELS.items():
-    by_key = plots.eval_cells(folders, 16384)
-    for ax, task in zip(axes, TASKS):
-        plots.exact_match_by_depth(ax, by_key, task, plots.stretch_depth, fmt=style, color=color, label=label)
-for ax, task in zip(axes, TASKS):
-    ax.set(title=f"{task} at 16K", xlabel="needle depth (0: start of the context; first tenth stretched)",
-           ylim=(-0.03, 1.03), xticks=[plots.stretch_depth(t) for t in TICKS], xticklabels=[f"{t:g}" for t in TICKS])
-    ax.grid(alpha=0.3)
-finish(fig, axes, "by_depth.png")
-
-fig, axes = plt.subplots(1, len(TASKS), figsize=(15, 4.4), sharey=True)
-dense16 = plots.eval_cells(MODELS["dense, far, 600 steps (H200)"][0], 16384)
 other = here / "eval_index-nope_far_s600_4k_32k"
-for length, folders, color in ((4096, [other], "C9"), (16384, [here / "eval_index-nope_far_s600"], "C2"),
-                               (32768, [other], "C5")):
-    by_key = plots.eval_cells(folders, length)
-    for ax, task in zip(axes, TASKS):
-        plots.exact_match_by_depth(ax, by_key, task, float, fmt="D-", color=color,
-                                   label=f"RoPE-free index, {length // 1024}K")
-for ax, task in zip(axes, TASKS):
-    plots.exact_match_by_depth(ax, dense16, task, float, fmt="o:", color="C0", label="dense, 16K")
-    ax.set(title=task, xlabel="needle depth", ylim=(-0.03, 1.03))
-    ax.grid(alpha=0.3)
-finish(fig, axes, "by_length.png")
+length = {f"RoPE-free index, {n // 1024}K": (plots.eval_cells(folders, n), dict(fmt="D-", color=color))
+          for n, folders, color in ((4096, [other], "C9"), (16384, [here / "eval_index-nope_far_s600"], "C2"),
+                                    (32768, [other], "C5"))}
+length["dense, 16K"] = (plots.eval_cells(MODELS["dense, far, 600 steps (H200)"][0], 16384), dict(fmt="o:", color="C0"))
+plots.exact_match_by_depth_figure(length, TASKS, here / "by_length.png", stretch=False, legend_cols=4,
+                                  figsize=(15, 4.4))
 
 plots.routing_figure({label: (rows(metrics), color) for label, (_, metrics, color, _) in MODELS.items()},
                      here / "routing.png", grid=NOPE, chance=CHANCE, x_label="step at 16K")
