@@ -69,7 +69,8 @@ def main():
         ax.plot(d, np.array(rates[arm]["index"])[d], "o-", color=color, label=f"{label}: index")
         ax.plot(d, np.array(rates[arm][TOP])[d], "x:", color=color, alpha=0.7,
                 label=f"{label}: its attention's top {out[arm]['top_k']}")
-    ax.set(xlabel="distance in blocks of 16 (1: the block before the local one)", ylabel="share of (row, group) cases",
+    ax.set(xlabel="distance in blocks of 16 (1: the block before the local one)",
+           ylabel="share of (row, group) cases",
            title=f"blocks chosen by distance, validation code, T = 512 ({args.windows} windows; seed 1 of each arm)",
            ylim=(0, 1.02))
     ax.grid(alpha=0.3)
