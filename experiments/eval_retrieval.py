@@ -11,7 +11,9 @@ caches, `msa_jax.generate`). An MSA model is evaluated with top-k routing on. De
 4096 (or the training length, if shorter), doubling, up to 2x the training length. For each run it
 also measures, at the training length, the validation loss in bits/byte (`--val-batches` windows of
 unseen packages, as the training loop's evaluation does) and, for MSA, the block / score recall of
-every MSA layer; and traces passkey examples at the training length (or `--selection-lengths`) at one
+every MSA layer and, on the last 256 rows of each validation window's first sequence, how often each
+layer's index and its own dense attention's top-k pick the block d back (`selection_by_distance`,
+per layer {index, attention's top-k}: a position-blind index picks the near blocks less); and traces passkey examples at the training length (or `--selection-lengths`) at one
 or more needle depths (`--selection-depths`): where each layer's dense attention and (MSA) index
 branch put the answer's rows against where the needle is, with a picture of the first example's
 selection per length and depth. Past the training length the trace also gives, per layer, the share
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     from msa_jax.checkpoint import load_run
     from msa_jax.generate import generate
     from msa_jax.model import layer_selections
-    from msa_jax.needle_trace import needle_trace
+    from msa_jax.needle_trace import INDEX, TOP_K, needle_trace, selection_by_distance_on
 
     @nnx.jit
     def forward(model, tokens):
@@ -240,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  distinct blocks selected by {tile} consecutive tokens (top_k {cfg.top_k} each), per MSA "
                       f"layer: {', '.join(f'{u:.1f}' for u in mean[:, col])}; mean over layers by tile tokens: "
                       + ", ".join(f"{t}: {u:.1f}" for t, u in zip(tiles, mean[:, 2:].mean(0))))
+                by_d = val["selection_by_distance"] = selection_by_distance_on(
+                    model, cfg, np.stack([b[0, :-1] for b in eval_set]))
+                near = lambda c: np.array([r[c][1:4] for r in by_d.values()], float).mean(0)  # noqa: E731
+                print("  the blocks 1 / 2 / 3 back chosen (mean over MSA layers): index "
+                      + " / ".join(f"{v:.2f}" for v in near(INDEX)) + f", its attention's top {cfg.top_k} "
+                      + " / ".join(f"{v:.2f}" for v in near(TOP_K)))
         phases["validation and recall"] = time.perf_counter() - t0 - sum(phases.values())
         traced = trace_lengths or ([cfg.seq_len] if cfg.seq_len >= retrieval.min_context_len("passkey") else [])
         if args.selection and traced:

@@ -164,3 +164,39 @@ def needle_trace(model, cfg, source: np.ndarray, T: int, depth: float, *, exampl
         if far:
             res["selected_beyond"] = per_layer(msa_layers, np.mean(beyond, axis=0))
     return res
+
+
+INDEX, TOP_K = "index", "attention's top-k"  # the curves of `selection_by_distance_on`
+
+
+def selection_by_distance_on(model, cfg, windows, *, rows: int = 256, max_distance: int = 16) -> dict:
+    """Which blocks each MSA layer chooses on ordinary text, by distance: for `windows` int [N, T] (e.g.
+    validation code, T <= the model's length) and the last `rows` query rows of each (the ones that see
+    the most blocks), per distance d < max_distance in blocks (0: the query's own block) the share of
+    (row, KV group) cases whose selection holds the block d back (INDEX), and the same for the top_k
+    blocks of the layer's own dense attention by mass (TOP_K: what the KL teaches;
+    `retrieval.top_k_by_distance`). -> {layer: {INDEX: [rate per d], TOP_K: [...]}} (MSA layers only).
+    A position-blind index shows as an INDEX curve flatter than TOP_K."""
+    import jax.numpy as jnp
+
+    _, selections, mass_fn = _jitted()
+    windows = np.asarray(windows)
+    T, bs, k = windows.shape[1], cfg.block_size, cfg.top_k
+    rows = min(rows, T)
+    span = (T - rows, T)
+    counts = {}  # (layer, curve) -> [picks, visible]
+    for w in windows:
+        tokens = jnp.asarray(w[None].astype(np.int32))
+        masses = mass_fn(model, tokens, span[0], n_rows=rows)
+        for layer, s in enumerate(selections(model, tokens)):
+            if s is None:
+                continue
+            for curve, (picks, visible) in (
+                    (INDEX, retrieval.selection_by_distance(np.asarray(s["block_idx"])[0], span, bs)),
+                    (TOP_K, retrieval.top_k_by_distance(np.asarray(masses[layer])[0], span, bs, k))):
+                c = counts.setdefault((layer, curve), [0, 0])
+                c[0], c[1] = c[0] + picks[:max_distance], c[1] + visible[:max_distance]
+    out = {}
+    for (layer, curve), (picks, visible) in sorted(counts.items()):
+        out.setdefault(str(layer), {})[curve] = [round(float(p) / v, 6) if v else None for p, v in zip(picks, visible)]
+    return out

@@ -448,6 +448,14 @@ def test_eval_retrieval_and_compare_runs_cli(full, tmp_path):
         assert {4, 8, 16, 32, p["union_tile_tokens"]} == set(unions) and unions[p["union_tile_tokens"]] == p["block_union"]
         assert all(1 <= unions[t] <= t * top_k for t in unions)
         assert [unions[t] for t in sorted(unions)] == sorted(unions.values())  # wider tiles read more blocks
+    # on validation code, the blocks each MSA layer's index and its attention's top-k choose, by distance
+    by_d = val["selection_by_distance"]
+    assert set(by_d) == {"0", "1"} and "the blocks 1 / 2 / 3 back chosen" in output
+    for curves in by_d.values():
+        assert set(curves) == {"index", "attention's top-k"}
+        assert all(x is None or 0 <= x <= 1 for c in curves.values() for x in c)
+        assert curves["index"][0] == 1.0 and curves["attention's top-k"][0] > 0  # the local block: always selected
+        assert sum(curves["index"][1:]) > 0  # the index chooses blocks further back too
     # one needle trace per --selection-lengths x --selection-depths
     assert [(t["context_len"], t["depth"]) for t in val["selections"]] == [(256, 0.0), (256, 1.0), (384, 0.0), (384, 1.0)]
     n_layers = json.loads((full / "config.json").read_text())["n_layers"]
