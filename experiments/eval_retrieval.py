@@ -15,8 +15,9 @@ every MSA layer and, on the last 256 rows of each validation window's first sequ
 layer's index and its own dense attention's top-k pick the block d back (`selection_by_distance`,
 per layer {index, attention's top-k}: a position-blind index picks the near blocks less); and traces
 passkey examples at the training length (or `--selection-lengths`) at one or more needle depths
-(`--selection-depths`): where each layer's dense attention and (MSA) index branch put the answer's rows against where the needle is, with a picture of the first example's
-selection per length and depth. Past the training length the trace also gives, per layer, the share
+(`--selection-depths`): where each layer's dense attention and (MSA) index branch put the answer's
+rows against where the needle is, with a picture of the first example's selection per length and
+depth. Past the training length the trace also gives, per layer, the share
 of the answer's dense attention mass and of its top-k blocks at distances the model never trained on
 (`attention_mass_beyond`, `attention_top_k_beyond`), and per MSA layer the share of the index's
 selected blocks there (`selected_beyond`), beside a uniform choice's (`beyond_uniform`). It also
