@@ -48,7 +48,7 @@ declare -A ARM=(
 )
 # base and dense first (four pairs each), then four more pairs of the two (the headline's interval), then the
 # ablations, which pair with the first four
-ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+ warmup-50-ilr3 index-nope-local2 index-nope-sink1"
+ORDER="base dense index-nope base+ dense+ block8-top8 block32-top2 warmup-0 top8 top2 warmup-50 warmup-50-ilr10 ilr10 warmup-0-ilr10 ilr10+ warmup-50-ilr3 index-nope-local2 index-nope-sink1 index-nope-local2+"
 PAIRS=${PAIRS:-"1:1 1:11 1:21 1:31"}  # parent seed : conversion seed (a subset: runs the arms on it only)
 MORE="1:41 1:51 1:61 1:71"  # "arm+": the same arm with these four pairs
 eval_once() {  # eval_once RUN: the shared evaluation, then the committed copies
@@ -154,6 +154,12 @@ if done4 ilr10 "$MORE" && done4 dense "$MORE" && done4 base "$MORE"; then
   python experiments/compare_retrieval.py $(runs base "$PAIRS $MORE") $(runs ilr10 "$PAIRS $MORE") \
     --recipe base=$(labels base "$PAIRS $MORE") --recipe ilr10=$(labels ilr10 "$PAIRS $MORE") --paired-recipes \
     --out $O/ilr10_against_base > /dev/null
+fi
+# the RoPE-free index with the previous block forced on all eight pairs too (2026-12-06): against dense
+if done4 index-nope-local2 "$MORE" && done4 dense "$MORE"; then
+  python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE") $(runs index-nope-local2 "$PAIRS $MORE") \
+    --recipe dense=$(labels dense "$PAIRS $MORE") --recipe index-nope-local2=$(labels index-nope-local2 "$PAIRS $MORE") \
+    --paired-recipes --out $O/local2_eight_pairs > /dev/null
 fi
 # the same dense warmups with the index's learning rate at 1x and x10, pair by pair
 for w in 50 0; do
