@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PAIRS = [1, 11, 21, 31]  # conversion seeds of run.sh's PAIRS (parent seed 1)
 MORE = [41, 51, 61, 71]  # run.sh's MORE: four more pairs of these arms and dense
-EIGHT = ["base", "ilr10"]
+EIGHT = ["base", "ilr10", "index-nope-local2"]
 ARMS = {  # arm: (what it changes, keys each query reads of 512, blocks the index chooses: top_k - 1)
     "dense": ("dense attention (the equal-budget control)", 512, None),
     "base": ("block 16 x top 4, 200 warmup steps, KL on, RoPE index", 64, 3),

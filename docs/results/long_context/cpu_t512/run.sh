@@ -159,7 +159,7 @@ fi
 if done4 index-nope-local2 "$MORE" && done4 dense "$MORE"; then
   python experiments/compare_retrieval.py $(runs dense "$PAIRS $MORE") $(runs index-nope-local2 "$PAIRS $MORE") \
     --recipe dense=$(labels dense "$PAIRS $MORE") --recipe index-nope-local2=$(labels index-nope-local2 "$PAIRS $MORE") \
-    --paired-recipes --out $O/local2_eight_pairs > /dev/null
+    --paired-recipes --out $O/index-nope-local2_eight_pairs > /dev/null
 fi
 # the same dense warmups with the index's learning rate at 1x and x10, pair by pair
 for w in 50 0; do
