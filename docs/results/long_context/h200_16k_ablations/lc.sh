@@ -71,7 +71,9 @@ declare -A ARGS=(
   # block), and with that block forced (../h100_index_nope_sink1/: dense's level, one run, from another run of
   # the same 2K stage that ended 1% apart). Next, from one shared 2K stage (paired): index-nope-local2-sink1_far_s600
   # (on the CPU the previous block took the RoPE-free index's loss gap from +1.7% to +0.4%, score recall 0.81 to
-  # 0.93: ../cpu_t512/) and index-nope-sink1_far_s600_seed1 (the sink run's second seed)
+  # 0.93: ../cpu_t512/) and index-nope-sink1_far_s600_seed1 (the sink run's second seed). The first of them
+  # (../h100_index_nope_local2_sink1/): dense's bits/byte and pass key, variable tracking 6 points below, score
+  # recall 0.885; next its second seed, index-nope-local2-sink1_far_s600_seed1
   [index-nope]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope"  # both stages
   [index-nope-local2]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --local-blocks 2"  # 2K: every block seen anyway
   [index-nope-sink1]="--attention msa --init-from runs/lc_2k_msa_nope $S16 --msa-warmup-steps 100 --no-index-rope --sink-blocks 1"
@@ -82,10 +84,12 @@ train() {  # train RUN_DIR ARGS...: until done or the deadline; 0 when done, 1 s
   [ -e runs/$dir/DONE ] && return 0
   [ -e runs/$dir/FAILED ] && { echo "$dir: failed in an earlier call (runs/$dir/FAILED), not retried"; return 2; }
   # SIGTERM 40 s before the deadline, SIGKILL 60 s later: a stop (finish the step, save, exit) took over 30 s
-  # once at 16K, and a killed run resumes from its previous checkpoint (up to ckpt-every steps lost)
+  # once at 16K, and a killed run resumes from its previous checkpoint (up to ckpt-every steps lost).
+  # --foreground: the signal goes to the trainer only; sent to its process group it killed a ptxas compiling
+  # an evaluation's kernel (exit code 15), and the run stopped without its checkpoint (../h100_index_nope_local2_sink1/)
   local t=$(( $(left) - 40 )) t0=$SECONDS
   if [ $t -lt 90 ]; then echo "$dir: no time left ($t s)"; return 1; fi
-  timeout -s TERM -k 60 $t python3 experiments/train_lm.py $LC --run-dir runs/$dir "$@" >> $OUT/a/train_$dir.txt 2>&1
+  timeout --foreground -s TERM -k 60 $t python3 experiments/train_lm.py $LC --run-dir runs/$dir "$@" >> $OUT/a/train_$dir.txt 2>&1
   tail -c 300 $OUT/a/train_$dir.txt | tr '\r' '\n' | tail -2
   if grep -q "^done: step" $OUT/a/train_$dir.txt; then touch runs/$dir/DONE; return 0; fi
   local el=$(( SECONDS - t0 ))
